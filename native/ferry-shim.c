@@ -1,0 +1,251 @@
+// ferry-shim: the parent of one task incarnation.
+//
+// Ferry runs every task under a shim so that the task's exit is recorded even when no Ferry
+// process is alive, and also after CRIU restored the task (criu restore -d exits and the restored
+// tree reparents to us because we are a child subreaper).
+//
+//   ferry-shim run     DIR INCARNATION HOSTNAME CWD -- CMD [ARGS...]
+//   ferry-shim restore DIR INCARNATION PIDFILE      -- CRIU restore ... -d --pidfile PIDFILE
+//
+// Reports "ok <host pid of the task root>" or "err <reason>" on fd 3, then waits for the task
+// root and writes DIR/exit-INCARNATION.json. The task root is a small init (pid 1 of the task's
+// PID namespace) that forwards signals to the command and reaps orphans.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#ifndef CLONE_NEWTIME
+#define CLONE_NEWTIME 0x00000080
+#endif
+
+static int status_fd = 3;
+
+static void report(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void report(const char *fmt, ...) {
+  char buf[512];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+  va_end(ap);
+  if (n < 0) return;
+  if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
+  buf[n++] = '\n';
+  if (status_fd >= 0) {
+    (void)!write(status_fd, buf, (size_t)n);
+    close(status_fd);
+    status_fd = -1;
+  }
+}
+
+static void close_from(int lowfd) {
+  if (syscall(SYS_close_range, (unsigned)lowfd, ~0U, 0) == 0) return;
+  for (int fd = lowfd; fd < 4096; fd++) close(fd);
+}
+
+// ---- the task's init (pid 1 of its PID namespace) -------------------------------------------
+static volatile pid_t main_child = -1;
+
+static void forward(int sig) {
+  if (main_child > 0) kill(main_child, sig);
+}
+
+static void run_init(const char *hostname, const char *cwd, int logfd, char **argv) {
+  setsid();  // CRIU needs the session leader inside the task's PID namespace
+  if (unshare(CLONE_NEWUTS | CLONE_NEWIPC) != 0) {
+    dprintf(logfd, "ferry: cannot create UTS/IPC namespaces: %s\n", strerror(errno));
+    _exit(125);
+  }
+  if (hostname[0]) (void)sethostname(hostname, strlen(hostname));
+  pid_t c = fork();
+  if (c < 0) _exit(125);
+  if (c == 0) {
+    int devnull = open("/dev/null", O_RDONLY);
+    if (devnull < 0 || dup2(devnull, 0) < 0 || dup2(logfd, 1) < 0 || dup2(logfd, 2) < 0) _exit(125);
+    close_from(3);
+    sigset_t none;
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    if (cwd[0] && chdir(cwd) != 0) {
+      fprintf(stderr, "ferry: cannot enter working directory %s: %s\n", cwd, strerror(errno));
+      _exit(126);
+    }
+    execvp(argv[0], argv);
+    fprintf(stderr, "ferry: cannot execute %s: %s\n", argv[0], strerror(errno));
+    _exit(errno == ENOENT ? 127 : 126);
+  }
+  main_child = c;
+  // The init keeps no file of the host open: only /dev/null, so a checkpoint has nothing of ours
+  // to describe.
+  int devnull = open("/dev/null", O_RDWR);
+  dup2(devnull, 0);
+  dup2(devnull, 1);
+  dup2(devnull, 2);
+  close_from(3);
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = forward;
+  int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+  for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) sigaction(sigs[i], &sa, NULL);
+  for (;;) {
+    int st;
+    pid_t p = waitpid(-1, &st, 0);
+    if (p < 0) {
+      if (errno == EINTR) continue;
+      _exit(125);
+    }
+    if (p == c) {
+      if (WIFEXITED(st)) _exit(WEXITSTATUS(st));
+      _exit(128 + WTERMSIG(st));
+    }
+  }
+}
+
+// ---- shim ---------------------------------------------------------------------------------------
+static void write_exit(const char *dir, const char *inc, pid_t root, int st) {
+  char tmp[4200], path[4096];
+  snprintf(path, sizeof path, "%s/exit-%s.json", dir, inc);
+  snprintf(tmp, sizeof tmp, "%s.tmp", path);
+  FILE *f = fopen(tmp, "w");
+  if (!f) return;
+  if (WIFEXITED(st))
+    fprintf(f, "{\"incarnation\":%s,\"pid\":%d,\"exitCode\":%d}\n", inc, (int)root, WEXITSTATUS(st));
+  else
+    fprintf(f, "{\"incarnation\":%s,\"pid\":%d,\"signal\":%d}\n", inc, (int)root, WTERMSIG(st));
+  fflush(f);
+  fsync(fileno(f));
+  fclose(f);
+  rename(tmp, path);
+}
+
+static int wait_root(const char *dir, const char *inc, pid_t root) {
+  for (;;) {
+    int st;
+    pid_t p = waitpid(-1, &st, 0);
+    if (p < 0) {
+      if (errno == EINTR) continue;
+      // The root is not our child (should not happen): we cannot learn its exit.
+      return 1;
+    }
+    if (p == root) {
+      write_exit(dir, inc, root, st);
+      return 0;
+    }
+  }
+}
+
+static void detach_stdio(const char *dir) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/shim.log", dir);
+  int devnull = open("/dev/null", O_RDONLY);
+  int log = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (devnull >= 0) dup2(devnull, 0);
+  if (log >= 0) {
+    dup2(log, 1);
+    dup2(log, 2);
+  }
+  if (devnull > 2) close(devnull);
+  if (log > 2) close(log);
+}
+
+static int usage(void) {
+  fprintf(stderr,
+          "usage: ferry-shim run DIR INCARNATION HOSTNAME CWD -- CMD [ARGS...]\n"
+          "       ferry-shim restore DIR INCARNATION PIDFILE -- CRIU-COMMAND...\n");
+  return 2;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 2) return usage();
+  int is_run = strcmp(argv[1], "run") == 0;
+  int is_restore = strcmp(argv[1], "restore") == 0;
+  int fixed = is_run ? 6 : 5;  // args up to and including "--"
+  if ((!is_run && !is_restore) || argc < fixed + 2 || strcmp(argv[fixed], "--") != 0) return usage();
+  const char *dir = argv[2], *inc = argv[3];
+  char **cmd = argv + fixed + 1;
+  if (fcntl(status_fd, F_GETFD) < 0) status_fd = -1;
+  else fcntl(status_fd, F_SETFD, FD_CLOEXEC);
+
+  signal(SIGPIPE, SIG_IGN);
+  setsid();
+  if (prctl(PR_SET_CHILD_SUBREAPER, 1) != 0) {
+    report("err cannot become child subreaper: %s", strerror(errno));
+    return 1;
+  }
+  detach_stdio(dir);
+
+  if (is_run) {
+    const char *hostname = argv[4], *cwd = argv[5];
+    char logpath[4096];
+    snprintf(logpath, sizeof logpath, "%s/task.log", dir);
+    int logfd = open(logpath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0640);
+    if (logfd < 0) {
+      report("err cannot open %s: %s", logpath, strerror(errno));
+      return 1;
+    }
+    // New PID and time namespaces apply to our children: the init below is pid 1 and its clocks
+    // can be carried to another host by CRIU without jumping.
+    if (unshare(CLONE_NEWPID | CLONE_NEWTIME) != 0) {
+      report("err cannot create PID/time namespaces: %s", strerror(errno));
+      return 1;
+    }
+    pid_t root = fork();
+    if (root < 0) {
+      report("err fork: %s", strerror(errno));
+      return 1;
+    }
+    if (root == 0) {
+      int fl = fcntl(logfd, F_GETFD);
+      fcntl(logfd, F_SETFD, fl & ~FD_CLOEXEC);
+      run_init(hostname, cwd, logfd, cmd);
+    }
+    close(logfd);
+    report("ok %d", (int)root);
+    return wait_root(dir, inc, root);
+  }
+
+  const char *pidfile = argv[4];
+  pid_t criu = fork();
+  if (criu < 0) {
+    report("err fork: %s", strerror(errno));
+    return 1;
+  }
+  if (criu == 0) {
+    close_from(3);
+    execvp(cmd[0], cmd);
+    fprintf(stderr, "ferry-shim: cannot execute %s: %s\n", cmd[0], strerror(errno));
+    _exit(127);
+  }
+  int st;
+  while (waitpid(criu, &st, 0) < 0) {
+    if (errno != EINTR) {
+      report("err waitpid: %s", strerror(errno));
+      return 1;
+    }
+  }
+  if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+    if (WIFEXITED(st)) report("err criu exited with code %d", WEXITSTATUS(st));
+    else report("err criu killed by signal %d", WTERMSIG(st));
+    return 1;
+  }
+  FILE *f = fopen(pidfile, "r");
+  int root = 0;
+  if (!f || fscanf(f, "%d", &root) != 1 || root <= 0) {
+    report("err criu wrote no pid to %s", pidfile);
+    if (f) fclose(f);
+    return 1;
+  }
+  fclose(f);
+  report("ok %d", root);
+  return wait_root(dir, inc, (pid_t)root);
+}

@@ -1,0 +1,100 @@
+// ferry-workload: a task for Ferry's tests, demo and benchmark.
+//
+//   ferry-workload [--mib N] [--dirty MIB_PER_S] [--interval-ms MS]
+//
+// Allocates N MiB of incompressible data and appends a heartbeat line to stdout every interval:
+//   hb SEQ MONOTONIC_NS REALTIME_NS
+// Pages are dirtied at the given rate by rewriting their own bytes (content and checksum stay the
+// same, so a test can compare checksums while the pages still count as written). SIGUSR1 makes it
+// print "sum HEX" of its memory.
+#define _GNU_SOURCE
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t want_sum = 0;
+static void on_usr1(int sig) { (void)sig; want_sum = 1; }
+
+static uint64_t now_ns(clockid_t c) {
+  struct timespec ts;
+  clock_gettime(c, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t checksum(const uint64_t *p, size_t words) {
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < words; i++) h = (h ^ p[i]) * 1099511628211ull;
+  return h;
+}
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#include <stdarg.h>
+static void say(const char *fmt, ...) {
+  char buf[256];
+  va_list ap;
+  va_start(ap, fmt);
+  int n = vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (n > 0) (void)!write(1, buf, (size_t)n);
+}
+
+int main(int argc, char **argv) {
+  long mib = 64, dirty = 0, interval_ms = 10;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!strcmp(argv[i], "--mib")) mib = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--dirty")) dirty = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--interval-ms")) interval_ms = atol(argv[i + 1]);
+    else {
+      fprintf(stderr, "ferry-workload: unknown option %s\n", argv[i]);
+      return 2;
+    }
+  }
+  if (mib < 0 || dirty < 0 || interval_ms <= 0) {
+    fprintf(stderr, "ferry-workload: sizes and rates must be positive\n");
+    return 2;
+  }
+  size_t bytes = (size_t)mib << 20;
+  size_t words = bytes / 8, pages = bytes / 4096;
+  uint64_t *mem = NULL;
+  if (bytes) {
+    mem = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) {
+      perror("ferry-workload: mmap");
+      return 1;
+    }
+    uint64_t x = 0x9E3779B97F4A7C15ull ^ (uint64_t)getpid() ^ now_ns(CLOCK_REALTIME);
+    for (size_t i = 0; i < words; i++) {  // xorshift64*: incompressible
+      x ^= x >> 12; x ^= x << 25; x ^= x >> 27;
+      mem[i] = x * 0x2545F4914F6CDD1Dull;
+    }
+  }
+  signal(SIGUSR1, on_usr1);
+  say("ready %ld %016llx\n", mib, (unsigned long long)checksum(mem, words));
+
+  double pages_per_tick = pages ? (double)dirty * 256.0 * (double)interval_ms / 1000.0 : 0;
+  double owed = 0;
+  size_t next_page = 0;
+  uint64_t seq = 0;
+  struct timespec tick = {interval_ms / 1000, (interval_ms % 1000) * 1000000L};
+  for (;;) {
+    say("hb %llu %llu %llu\n", (unsigned long long)seq++, (unsigned long long)now_ns(CLOCK_MONOTONIC),
+        (unsigned long long)now_ns(CLOCK_REALTIME));
+    if (want_sum) {
+      want_sum = 0;
+      say("sum %016llx\n", (unsigned long long)checksum(mem, words));
+    }
+    owed += pages_per_tick;
+    while (owed >= 1.0) {
+      volatile uint64_t *w = mem + next_page * 512;
+      *w = *w;  // a write of the same value: the page is dirty, the checksum unchanged
+      next_page = (next_page + 1) % pages;
+      owed -= 1.0;
+    }
+    nanosleep(&tick, NULL);
+  }
+}

@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Ferry set-up for Debian 12 (run as root). Idempotent: a second run only checks and prints.
+#   - Debian packages Ferry uses (iproute2, rsync, util-linux, nftables, CRIU build deps)
+#   - CRIU >= 4.2: the criu on PATH if it is new enough and `criu check` passes, otherwise built
+#     from Debian unstable's source package into $FERRY_CACHE (default /var/cache/ferry)
+#   - the pipe sysctls CRIU's lazy pages need where root lacks CAP_SYS_RESOURCE
+#   - npm ci and the build (skip with --no-node)
+set -euo pipefail
+
+say() { printf 'ferry-setup: %s\n' "$*"; }
+die() { printf 'ferry-setup: error: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (CRIU and namespaces need it); re-run with sudo"
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${FERRY_CACHE:-/var/cache/ferry}
+confdir=${FERRY_CONFIG_DIR:-/etc/ferry}
+want_node=1
+for a in "$@"; do
+  case "$a" in
+    --no-node) want_node=0 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    *) die "unknown option '$a' (known: --no-node, --help)" ;;
+  esac
+done
+
+export DEBIAN_FRONTEND=noninteractive
+
+# ---- Debian packages -------------------------------------------------------------------------
+runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates)
+build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
+  python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
+  libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils)
+
+missing_pkgs() {
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || printf '%s\n' "$p"
+  done
+}
+
+apt_updated=0
+apt_install() {
+  local miss
+  mapfile -t miss < <(missing_pkgs "$@")
+  if [ ${#miss[@]} -eq 0 ]; then return 0; fi
+  if [ $apt_updated = 0 ]; then
+    say "apt-get update"
+    apt-get update -qq
+    apt_updated=1
+  fi
+  say "installing Debian packages: ${miss[*]}"
+  apt-get install -y -qq --no-install-recommends "${miss[@]}" >/dev/null
+}
+
+apt_install "${runtime_pkgs[@]}"
+say "runtime packages present: ${runtime_pkgs[*]}"
+
+# ---- CRIU ------------------------------------------------------------------------------------
+version_ge_42() { # "4.2.1" -> true when >= 4.2
+  local v=$1 major minor
+  major=${v%%.*}; minor=${v#*.}; minor=${minor%%.*}
+  [ "$major" -gt 4 ] || { [ "$major" -eq 4 ] && [ "$minor" -ge 2 ]; }
+}
+criu_version() { "$1" --version 2>/dev/null | sed -n 's/^Version: *\([0-9][0-9.]*\).*/\1/p' | head -n1; }
+criu_good() { # path -> 0 when version >= 4.2 and criu check passes
+  local bin=$1 v
+  [ -x "$bin" ] || return 1
+  v=$(criu_version "$bin"); [ -n "$v" ] || return 1
+  version_ge_42 "$v" || return 1
+  "$bin" check >/dev/null 2>&1
+}
+
+criu_bin=""
+if command -v criu >/dev/null 2>&1 && criu_good "$(command -v criu)"; then
+  criu_bin=$(command -v criu)
+  say "using criu on PATH: $criu_bin ($(criu_version "$criu_bin"))"
+else
+  for cand in "$cache"/criu-*/criu; do
+    if [ -x "$cand" ] && criu_good "$cand"; then criu_bin=$cand; fi
+  done
+  if [ -n "$criu_bin" ]; then
+    say "using cached criu: $criu_bin ($(criu_version "$criu_bin"))"
+  else
+    if command -v criu >/dev/null 2>&1; then
+      say "criu on PATH ($(criu_version "$(command -v criu)")) is older than 4.2 or fails 'criu check'; building 4.2+"
+    else
+      say "no criu on PATH; building CRIU >= 4.2 from Debian unstable's source package"
+    fi
+    apt_install "${build_pkgs[@]}"
+    srclist=/etc/apt/sources.list.d/ferry-criu-src.sources
+    if [ ! -f "$srclist" ]; then
+      # deb-src only: a deb entry for sid would mix releases on this machine.
+      cat >"$srclist" <<SRC
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: unstable
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+      say "added deb-src entry for Debian unstable: $srclist"
+    fi
+    say "apt-get update (with the unstable source index)"
+    apt-get -o Acquire::Check-Valid-Until=false update -qq
+    srcver=$(apt-cache showsrc criu 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -n1)
+    [ -n "$srcver" ] || die "no CRIU source package found in Debian unstable; check network access to Debian's mirror"
+    upver=${srcver%%-*}; upver=${upver#*:}
+    version_ge_42 "$upver" || die "Debian unstable offers CRIU $upver, older than 4.2"
+    work=$(mktemp -d /tmp/ferry-criu-build.XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    say "fetching CRIU $srcver source"
+    # The .debian.tar.xz may be missing on the mirror snapshot; the orig tarball is what we build.
+    (cd "$work" && apt-get -o Acquire::Check-Valid-Until=false source --download-only "criu=$srcver" >/dev/null 2>&1) || true
+    tarball=$(ls "$work"/criu_"$upver".orig.tar.* 2>/dev/null | head -n1)
+    [ -n "$tarball" ] || die "could not download criu_${upver}.orig tarball; check the deb-src entry in $srclist"
+    tar -C "$work" -xf "$tarball"
+    srcdir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
+    say "building CRIU $upver (make -j$(nproc) criu)"
+    make -C "$srcdir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
+    mkdir -p "$cache/criu-$upver"
+    install -m 0755 "$srcdir/criu/criu" "$cache/criu-$upver/criu"
+    criu_bin="$cache/criu-$upver/criu"
+    criu_good "$criu_bin" || die "built $criu_bin but 'criu check' fails: run '$criu_bin check' to see why"
+    say "built and installed $criu_bin"
+  fi
+fi
+mkdir -p "$confdir"
+conf="$confdir/config.json"
+if [ ! -f "$conf" ] || ! grep -q "\"criu\": *\"$criu_bin\"" "$conf"; then
+  printf '{\n  "criu": "%s"\n}\n' "$criu_bin" >"$conf"
+  say "wrote $conf (criu: $criu_bin)"
+else
+  say "$conf already names $criu_bin"
+fi
+
+# ---- pipe sysctls for lazy pages -------------------------------------------------------------
+capeff=$(sed -n 's/^CapEff:[[:space:]]*//p' /proc/self/status)
+if [ $(( (16#$capeff >> 24) & 1 )) -eq 0 ]; then  # bit 24 = CAP_SYS_RESOURCE
+  cur_max=$(sysctl -n fs.pipe-max-size)
+  cur_soft=$(sysctl -n fs.pipe-user-pages-soft)
+  if [ "$cur_max" -lt 4194304 ] || [ "$cur_soft" -ne 0 ]; then
+    sysctl -q -w fs.pipe-max-size=4194304 fs.pipe-user-pages-soft=0
+    say "root lacks CAP_SYS_RESOURCE: raised fs.pipe-max-size to 4 MiB and set fs.pipe-user-pages-soft=0 for CRIU lazy pages"
+  else
+    say "pipe sysctls already fit CRIU lazy pages"
+  fi
+else
+  say "root has CAP_SYS_RESOURCE: pipe sysctls left alone"
+fi
+
+# ---- Node ------------------------------------------------------------------------------------
+if [ $want_node = 1 ]; then
+  command -v node >/dev/null 2>&1 || die "Node.js 20 is not installed; install it, then re-run"
+  cd "$repo"
+  if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    say "npm ci"
+    npm ci --no-audit --no-fund --loglevel=error
+  else
+    say "node_modules up to date"
+  fi
+  say "building Ferry"
+  npm run --silent build
+  say "workload program"
+  make -s -C "$repo/workload" >/dev/null
+fi
+say "done"

@@ -1,0 +1,138 @@
+// Commands about tasks on one host: run, ps, logs, stop, rm, checkpoint, restore, doctor.
+import type { Command } from 'commander';
+import { doctor } from '../doctor/doctor.js';
+import { FerryError } from '../errors.js';
+import { describeState, type TaskRecord } from '../runtime/task-store.js';
+import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
+import { formatDuration, table } from './format.js';
+
+function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
+  const eq = value.indexOf('=');
+  if (eq <= 0) throw new FerryError('USAGE', `--env takes KEY=VALUE, got '${value}'`);
+  return { ...prev, [value.slice(0, eq)]: value.slice(eq + 1) };
+}
+
+function taskSummary(t: TaskRecord) {
+  return {
+    name: t.name,
+    state: t.state,
+    status: describeState(t),
+    pid: t.pid ?? null,
+    incarnation: t.incarnation,
+    command: t.command,
+    createdAt: t.createdAt,
+    exit: t.exit ?? null,
+    origin: t.origin ?? null,
+    checkpoint: t.checkpoint ?? null,
+  };
+}
+
+export function registerTaskCommands(program: Command): void {
+  program
+    .command('doctor')
+    .description('check CRIU and the kernel features Ferry uses on this host')
+    .option('--json', 'print the report as JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      const report = await doctor(configFor(cmd));
+      if (opts.json) printJson(report);
+      else {
+        const mark = { ok: 'ok  ', missing: 'FAIL', warn: 'warn' } as const;
+        process.stdout.write(`CRIU: ${report.criu.path} (from ${report.criu.source}) version ${report.criu.version ?? 'unknown'}, criu check: ${report.criu.check}\n`);
+        for (const c of report.checks) {
+          process.stdout.write(`[${mark[c.status]}] ${c.name}: ${c.detail} — ${c.effect}${c.fix && c.status !== 'ok' ? `\n       fix: ${c.fix}` : ''}\n`);
+        }
+        process.stdout.write(report.canCheckpoint ? 'This host can checkpoint and restore tasks.\n' : 'This host cannot checkpoint tasks: fix the FAIL lines above.\n');
+      }
+      if (!report.canCheckpoint) process.exitCode = 1;
+    });
+
+  program
+    .command('run')
+    .description('start a task in its own PID, UTS, IPC and time namespaces')
+    .option('--name <name>', 'task name (default: command name and a random suffix)')
+    .option('--cwd <dir>', 'working directory of the task')
+    .option('--env <KEY=VALUE>', 'environment variable for the task (repeatable)', collectEnv, {})
+    .option('--json', 'print the task as JSON')
+    .argument('<command...>', 'command and arguments, after --')
+    .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; json?: boolean }, cmd: Command) => {
+      const rt = runtimeFor(cmd);
+      const t = await rt.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}) });
+      if (opts.json) printJson(taskSummary(t));
+      else process.stdout.write(`${t.name}\n`);
+    });
+
+  program
+    .command('ps')
+    .description('list the tasks on this host')
+    .option('--json', 'print the tasks as JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      const tasks = await runtimeFor(cmd).list();
+      if (opts.json) return printJson(tasks.map(taskSummary));
+      process.stdout.write(
+        table(
+          ['NAME', 'STATUS', 'PID', 'AGE', 'COMMAND'],
+          tasks.map((t) => [t.name, describeState(t), t.pid ? String(t.pid) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
+        ),
+      );
+    });
+
+  program
+    .command('logs')
+    .description("print a task's output")
+    .option('-f, --follow', 'keep printing while the task runs')
+    .argument('<task>')
+    .action(async (task: string, opts: { follow?: boolean }, cmd: Command) => {
+      await runtimeFor(cmd).logs(task, process.stdout, { follow: !!opts.follow, signal: interruptSignal() });
+    });
+
+  program
+    .command('stop')
+    .description('stop a task: SIGTERM, then SIGKILL after the grace period')
+    .option('-t, --time <seconds>', 'grace period before SIGKILL', '10')
+    .option('--json', 'print the final state as JSON')
+    .argument('<task>')
+    .action(async (task: string, opts: { time: string; json?: boolean }, cmd: Command) => {
+      const grace = Number(opts.time);
+      if (!Number.isFinite(grace) || grace < 0) throw new FerryError('USAGE', `--time takes a number of seconds, got '${opts.time}'`);
+      const t = await runtimeFor(cmd).stop(task, { graceMs: grace * 1000, signal: interruptSignal() });
+      if (opts.json) printJson(taskSummary(t));
+      else process.stdout.write(`${t.name}: ${describeState(t)}\n`);
+    });
+
+  program
+    .command('rm')
+    .description("remove a stopped task and its files")
+    .option('-f, --force', 'stop the task first if it runs')
+    .argument('<task>')
+    .action(async (task: string, opts: { force?: boolean }, cmd: Command) => {
+      await runtimeFor(cmd).remove(task, { force: !!opts.force });
+    });
+
+  program
+    .command('checkpoint')
+    .description('dump a running task to images on this host (the task stops unless --leave-running)')
+    .option('--leave-running', 'keep the task running after the dump')
+    .option('--json', 'print the result as JSON')
+    .argument('<task>')
+    .action(async (task: string, opts: { leaveRunning?: boolean; json?: boolean }, cmd: Command) => {
+      const t = await runtimeFor(cmd).checkpoint(task, { leaveRunning: !!opts.leaveRunning, signal: interruptSignal() });
+      if (opts.json) return printJson(taskSummary(t));
+      const s = t.checkpoint?.stats;
+      process.stdout.write(
+        `${t.name}: checkpointed in ${t.checkpoint?.durationMs} ms` +
+          (s ? ` (frozen ${(s.frozenTimeUs / 1000).toFixed(0)} ms, ${s.pagesWritten} pages written)` : '') +
+          (opts.leaveRunning ? ', still running\n' : '\n'),
+      );
+    });
+
+  program
+    .command('restore')
+    .description('restore a checkpointed task on this host')
+    .option('--json', 'print the result as JSON')
+    .argument('<task>')
+    .action(async (task: string, opts: { json?: boolean }, cmd: Command) => {
+      const t = await runtimeFor(cmd).restore(task, { signal: interruptSignal() });
+      if (opts.json) return printJson(taskSummary(t));
+      process.stdout.write(`${t.name}: running again as pid ${t.pid} (restore took ${t.checkpoint?.restore?.durationMs} ms)\n`);
+    });
+}

@@ -1,0 +1,190 @@
+// Typed access to the criu binary. Every run goes through exec/run.ts; failures become
+// FerryError('CRIU_FAILED') carrying the first error lines of CRIU's own log and a hint.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { access, constants, mkdir } from 'node:fs/promises';
+import { join } from 'node:path';
+import { FerryError } from '../errors.js';
+import { commandLine, run, terminateGroup, type RunResult } from '../exec/run.js';
+import { hintFor, readErrorLines } from './log.js';
+import { readDumpStats, type DumpStats } from './stats.js';
+
+export const MIN_CRIU = [4, 2] as const;
+
+export interface CriuVersion {
+  text: string;
+  major: number;
+  minor: number;
+  patch: number;
+}
+
+export function parseVersion(out: string): CriuVersion | undefined {
+  const m = /Version:\s*(\d+)\.(\d+)(?:\.(\d+))?/.exec(out);
+  if (!m) return undefined;
+  return { text: `${m[1]}.${m[2]}${m[3] ? `.${m[3]}` : ''}`, major: +m[1]!, minor: +m[2]!, patch: +(m[3] ?? 0) };
+}
+
+export function isSupported(v: CriuVersion): boolean {
+  return v.major > MIN_CRIU[0] || (v.major === MIN_CRIU[0] && v.minor >= MIN_CRIU[1]);
+}
+
+/** Options common to dump and restore of Ferry tasks. */
+const COMMON = ['--file-locks', '--tcp-close'];
+
+export interface DumpOptions {
+  pid: number;
+  imagesDir: string;
+  leaveRunning?: boolean;
+  /** Stream pages to a `criu page-server` instead of writing them here. */
+  pageServer?: { address: string; port: number };
+  /** Leave pages in place and serve them to the destination's lazy-pages daemon. */
+  lazyPages?: { address: string; port: number };
+  /** Runs at CRIU's hook points (post-dump holds the frozen task). */
+  actionScript?: string;
+  env?: NodeJS.ProcessEnv;
+  signal?: AbortSignal;
+  timeoutMs?: number;
+}
+
+export interface DumpResult {
+  durationMs: number;
+  stats: DumpStats | undefined;
+}
+
+export class Criu {
+  constructor(readonly bin: string) {}
+
+  async version(signal?: AbortSignal): Promise<CriuVersion> {
+    if (this.bin.includes('/')) await access(this.bin, constants.X_OK).catch(() => Promise.reject(missing(this.bin)));
+    let r: RunResult;
+    try {
+      r = await run(this.bin, ['--version'], { signal, timeoutMs: 10_000, reject: false });
+    } catch (e) {
+      if (e instanceof FerryError && e.code === 'PROGRAM_FAILED') throw missing(this.bin);
+      throw e;
+    }
+    const v = parseVersion(r.stdout + r.stderr);
+    if (!v) throw new FerryError('CRIU_MISSING', `${this.bin} does not report a CRIU version`, { hint: 'run scripts/bootstrap.sh to build CRIU >= 4.2' });
+    return v;
+  }
+
+  /** Throws unless this CRIU is present and new enough. */
+  async ensureUsable(signal?: AbortSignal): Promise<CriuVersion> {
+    const v = await this.version(signal);
+    if (!isSupported(v)) {
+      throw new FerryError('CRIU_TOO_OLD', `CRIU ${v.text} at ${this.bin} is too old: Ferry needs ${MIN_CRIU.join('.')} or newer on this kernel`, {
+        hint: 'run scripts/bootstrap.sh to build CRIU >= 4.2 and point Ferry at it',
+      });
+    }
+    return v;
+  }
+
+  async check(opts: { signal?: AbortSignal; all?: boolean } = {}): Promise<{ ok: boolean; output: string }> {
+    const r = await run(this.bin, ['check', ...(opts.all ? ['--all'] : [])], { signal: opts.signal, timeoutMs: 60_000, reject: false });
+    const output = (r.stdout + r.stderr).trim();
+    return { ok: r.exitCode === 0, output };
+  }
+
+  async dump(o: DumpOptions): Promise<DumpResult> {
+    await mkdir(o.imagesDir, { recursive: true });
+    const args = ['dump', '-t', String(o.pid), '-D', o.imagesDir, '-o', 'dump.log', '-v4', ...COMMON];
+    if (o.leaveRunning) args.push('--leave-running');
+    if (o.pageServer) args.push('--page-server', '--address', o.pageServer.address, '--port', String(o.pageServer.port));
+    if (o.lazyPages) args.push('--lazy-pages', '--address', o.lazyPages.address, '--port', String(o.lazyPages.port));
+    if (o.actionScript) args.push('--action-script', o.actionScript);
+    const r = await run(this.bin, args, { signal: o.signal, timeoutMs: o.timeoutMs, env: o.env, reject: false });
+    if (r.exitCode !== 0) throw await this.failure('dump', r, join(o.imagesDir, 'dump.log'));
+    return { durationMs: r.durationMs, stats: await readDumpStats(o.imagesDir) };
+  }
+
+  /** The argv of a detached restore; the task shim runs it so it becomes the restored tree's parent. */
+  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; logName?: string }): string[] {
+    const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON];
+    if (o.lazyPages) args.push('--lazy-pages');
+    return [this.bin, ...args];
+  }
+
+  async cpuinfoDump(dir: string, signal?: AbortSignal): Promise<void> {
+    await mkdir(dir, { recursive: true });
+    const r = await run(this.bin, ['cpuinfo', 'dump', '-D', dir, '-o', 'cpuinfo.log'], { signal, timeoutMs: 30_000, reject: false });
+    if (r.exitCode !== 0) throw await this.failure('cpuinfo dump', r, join(dir, 'cpuinfo.log'));
+  }
+
+  async cpuinfoCheck(dir: string, signal?: AbortSignal): Promise<void> {
+    const r = await run(this.bin, ['cpuinfo', 'check', '-D', dir, '-o', 'cpuinfo-check.log'], { signal, timeoutMs: 30_000, reject: false });
+    if (r.exitCode !== 0) {
+      const lines = await readErrorLines(join(dir, 'cpuinfo-check.log'));
+      throw new FerryError('PRECHECK', `CPU of the destination is not compatible with the source: ${lines[0] ?? 'criu cpuinfo check failed'}`, {
+        details: lines,
+        hint: 'pick a destination with the same or a newer CPU feature set',
+      });
+    }
+  }
+
+  /** A `criu page-server` receiving pages into dir; resolves once it listens. */
+  pageServer(o: { imagesDir: string; address: string; port: number; lazy?: boolean }): ServerHandle {
+    const args = ['page-server', '-D', o.imagesDir, '--address', o.address, '--port', String(o.port), '-o', 'page-server.log', '-v4'];
+    return this.server(args, join(o.imagesDir, 'page-server.log'));
+  }
+
+  /** `criu lazy-pages`: fetches pages from the source's page server on fault and in the background. */
+  lazyPages(o: { imagesDir: string; address: string; port: number }): ServerHandle {
+    const args = ['lazy-pages', '--page-server', '--address', o.address, '--port', String(o.port), '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
+    return this.server(args, join(o.imagesDir, 'lazy-pages.log'));
+  }
+
+  private server(args: string[], logPath: string): ServerHandle {
+    const child = spawn(this.bin, args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
+    let stderr = '';
+    child.stderr?.on('data', (c: Buffer) => {
+      if (stderr.length < 16_384) stderr += c.toString();
+    });
+    const exited = new Promise<number | null>((resolve) => {
+      child.once('error', () => resolve(-1));
+      child.once('close', (code) => resolve(code));
+    });
+    const command = commandLine(this.bin, args);
+    return {
+      child,
+      command,
+      exited,
+      async wait(): Promise<void> {
+        const code = await exited;
+        if (code !== 0) {
+          const lines = await readErrorLines(logPath);
+          throw new FerryError('CRIU_FAILED', `${args[0]} failed (exit ${code}): ${lines[0] ?? stderr.trim().split('\n').pop() ?? 'no log'}`, {
+            details: lines,
+            hint: hintFor(lines),
+          } as { details: string[]; hint?: string });
+        }
+      },
+      stop(): void {
+        terminateGroup(child, 500);
+      },
+    };
+  }
+
+  private async failure(what: string, r: RunResult, logPath: string): Promise<FerryError> {
+    const lines = await readErrorLines(logPath);
+    const first = lines[0] ?? (r.stderr.trim().split('\n').pop() || `exit code ${r.exitCode}`);
+    const hint = hintFor(lines);
+    return new FerryError('CRIU_FAILED', `criu ${what} failed: ${first}`, {
+      details: [...lines, `command: ${r.command}`, `log: ${logPath}`],
+      ...(hint ? { hint } : {}),
+    });
+  }
+}
+
+export interface ServerHandle {
+  child: ChildProcess;
+  command: string;
+  exited: Promise<number | null>;
+  /** Resolves when the server exits with 0; throws with CRIU's log otherwise. */
+  wait(): Promise<void>;
+  stop(): void;
+}
+
+function missing(bin: string): FerryError {
+  return new FerryError('CRIU_MISSING', `CRIU not found at ${bin}`, {
+    hint: 'run scripts/bootstrap.sh, or set FERRY_CRIU to a CRIU >= 4.2 binary',
+  });
+}

@@ -1,0 +1,46 @@
+// Reading CRIU's log: the first real error lines (the RLIMIT_NOFILE complaint is printed by every
+// run where root lacks CAP_SYS_RESOURCE and means nothing) and a hint where the cause is known.
+import { readFile } from 'node:fs/promises';
+
+const HARMLESS = [/rlimit: Can't setup RLIMIT_NOFILE/];
+
+const HINTS: Array<[RegExp, string]> = [
+  [/File has bad size|bad size/i, 'a file the task had open changed after the checkpoint; restore from a fresh checkpoint or keep the file unchanged'],
+  [/Can't lookup mount=/, 'the task holds a file from another mount namespace; start it with `ferry run` so it owns only its own descriptors'],
+  [/Can't fork for \d+: File exists/, "the task's PIDs are taken on this host; tasks started with `ferry run` have their own PID namespace and do not clash"],
+  [/Can't get 1:16 opt|SO_PASSCRED/, 'this CRIU is too old for the kernel; run scripts/bootstrap.sh to build CRIU >= 4.2'],
+  [/tee: .*Operation not permitted|page-pipe/, 'raise fs.pipe-max-size to 4194304 and set fs.pipe-user-pages-soft=0 (scripts/bootstrap.sh does it)'],
+  [/soft.dirty|MemTrack|track.mem|BUG at criu\/mem\.c/i, 'the kernel has no soft-dirty tracking; use stop-copy or post-copy instead of pre-dump'],
+  [/Address already in use/, 'a port the task listens on is taken on this host; stop whatever holds it'],
+  [/Connection refused|Can't connect to server/, 'the page server or lazy-pages peer is not reachable'],
+  [/Unsupported link .* kind|doesn't have a proper root mount/, "criu was run outside the task's mount/network namespace; run it where the task runs"],
+  [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],
+  [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
+  [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],
+];
+
+export function errorLines(log: string, max = 5): string[] {
+  const out: string[] = [];
+  for (const line of log.split('\n')) {
+    if (!/\bError\b/.test(line)) continue;
+    if (HARMLESS.some((r) => r.test(line))) continue;
+    // "(00.038277) Error (criu/util.c:1534): message" -> "message"
+    const msg = line.replace(/^\s*\(\s*[\d.]+\)\s*/, '').replace(/^(?:\d+: )?Error \([^)]*\):\s*/, '').trim();
+    if (msg && !out.includes(msg)) out.push(msg);
+    if (out.length >= max) break;
+  }
+  return out;
+}
+
+export function hintFor(lines: readonly string[]): string | undefined {
+  for (const [re, hint] of HINTS) if (lines.some((l) => re.test(l))) return hint;
+  return undefined;
+}
+
+export async function readErrorLines(logPath: string, max = 5): Promise<string[]> {
+  try {
+    return errorLines(await readFile(logPath, 'utf8'), max);
+  } catch {
+    return [];
+  }
+}

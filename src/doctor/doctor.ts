@@ -1,0 +1,167 @@
+// `ferry doctor`: can this host checkpoint, and which of Ferry's modes does its kernel allow?
+import { readFileSync } from 'node:fs';
+import type { FerryConfig } from '../config.js';
+import { Criu, isSupported } from '../criu/driver.js';
+import { FerryError } from '../errors.js';
+import { run } from '../exec/run.js';
+
+export type CheckStatus = 'ok' | 'missing' | 'warn';
+
+export interface DoctorCheck {
+  name: string;
+  status: CheckStatus;
+  detail: string;
+  /** What the result enables or disables in Ferry. */
+  effect: string;
+  fix?: string;
+}
+
+export interface DoctorReport {
+  criu: { path: string; source: string; version?: string; check: 'ok' | 'failed' | 'not run'; checkOutput?: string };
+  checks: DoctorCheck[];
+  canCheckpoint: boolean;
+}
+
+const CAPS: Array<[number, string, string]> = [
+  [21, 'CAP_SYS_ADMIN', 'namespaces and CRIU restore'],
+  [19, 'CAP_SYS_PTRACE', 'CRIU freezes and inspects tasks'],
+  [12, 'CAP_NET_ADMIN', 'network locking and the test lab'],
+  [24, 'CAP_SYS_RESOURCE', 'CRIU raises its own limits (without it: harmless RLIMIT_NOFILE errors, and lazy pages need the pipe sysctls)'],
+];
+
+function capEff(): bigint {
+  const m = /CapEff:\s*([0-9a-f]+)/.exec(readFileSync('/proc/self/status', 'utf8'));
+  return m ? BigInt(`0x${m[1]}`) : 0n;
+}
+
+function sysctl(name: string): number | undefined {
+  try {
+    return Number(readFileSync(`/proc/sys/${name.replace(/\./g, '/')}`, 'utf8').trim());
+  } catch {
+    return undefined;
+  }
+}
+
+async function has(cmd: string, args: string[]): Promise<boolean> {
+  try {
+    const r = await run(cmd, args, { timeoutMs: 10_000, reject: false });
+    return r.exitCode === 0;
+  } catch {
+    return false;
+  }
+}
+
+export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<DoctorReport> {
+  const criu = new Criu(cfg.criu);
+  const report: DoctorReport = { criu: { path: cfg.criu, source: cfg.criuSource, check: 'not run' }, checks: [], canCheckpoint: false };
+  const checks = report.checks;
+  const root = process.getuid?.() === 0;
+  checks.push({
+    name: 'root',
+    status: root ? 'ok' : 'missing',
+    detail: root ? 'running as root' : `running as uid ${process.getuid?.()}`,
+    effect: root ? 'CRIU can checkpoint and restore' : 'nothing can be checkpointed',
+    ...(root ? {} : { fix: 'run ferry as root' }),
+  });
+
+  let criuOk = false;
+  try {
+    const v = await criu.version(signal);
+    report.criu.version = v.text;
+    if (!isSupported(v)) {
+      checks.push({ name: 'criu', status: 'missing', detail: `CRIU ${v.text} at ${cfg.criu} is older than 4.2`, effect: 'tasks with sockets cannot be dumped on this kernel', fix: 'run scripts/bootstrap.sh to build CRIU >= 4.2' });
+    } else {
+      const c = await criu.check({ signal });
+      report.criu.check = c.ok ? 'ok' : 'failed';
+      report.criu.checkOutput = c.output.split('\n').filter((l) => !/RLIMIT_NOFILE/.test(l)).slice(-3).join(' | ');
+      criuOk = c.ok;
+      checks.push({
+        name: 'criu',
+        status: c.ok ? 'ok' : 'missing',
+        detail: `CRIU ${v.text} at ${cfg.criu} (from ${cfg.criuSource}): criu check ${c.ok ? 'passed' : 'failed'}`,
+        effect: c.ok ? 'checkpoint and restore work' : 'checkpoint and restore will fail',
+        ...(c.ok ? {} : { fix: `run '${cfg.criu} check' to see why; scripts/bootstrap.sh builds a CRIU that works here` }),
+      });
+    }
+  } catch (e) {
+    if (!(e instanceof FerryError)) throw e;
+    checks.push({ name: 'criu', status: 'missing', detail: e.message, effect: 'nothing can be checkpointed', fix: e.hint ?? 'run scripts/bootstrap.sh' });
+  }
+
+  const feature = async (f: string) => criuOk && (await has(cfg.criu, ['check', '--feature', f]));
+  const uffd = await feature('uffd-noncoop');
+  checks.push({
+    name: 'userfaultfd',
+    status: uffd ? 'ok' : 'missing',
+    detail: uffd ? 'userfaultfd with non-cooperative events' : 'not available',
+    effect: uffd ? 'post-copy (lazy pages) migration is possible' : 'post-copy migration is disabled; stop-copy still works',
+    ...(uffd ? {} : { fix: 'use a kernel with CONFIG_USERFAULTFD' }),
+  });
+  const dirty = await feature('mem_dirty_track');
+  checks.push({
+    name: 'soft-dirty',
+    status: dirty ? 'ok' : 'warn',
+    detail: dirty ? 'memory changes can be tracked' : 'kernel built without CONFIG_MEM_SOFT_DIRTY',
+    effect: dirty ? "CRIU's iterative pre-dump is possible" : "CRIU's pre-dump/--track-mem is impossible; Ferry uses stop-copy or post-copy",
+    ...(dirty ? {} : { fix: 'a kernel with CONFIG_MEM_SOFT_DIRTY enables pre-copy' }),
+  });
+  const timens = await feature('timens');
+  checks.push({
+    name: 'time namespace',
+    status: timens ? 'ok' : 'missing',
+    detail: timens ? 'time namespaces supported' : 'not available',
+    effect: timens ? "a task's CLOCK_MONOTONIC continues across hosts" : "a task's monotonic clock jumps when it lands on another host",
+    ...(timens ? {} : { fix: 'use a kernel >= 5.6 with CONFIG_TIME_NS' }),
+  });
+  const setTid = await feature('clone3_set_tid');
+  checks.push({
+    name: 'clone3 set_tid',
+    status: setTid ? 'ok' : 'missing',
+    detail: setTid ? 'PIDs can be chosen on restore' : 'not available',
+    effect: setTid ? 'tasks restore with their own PIDs inside their PID namespace' : 'restores may fail on PID clashes',
+    ...(setTid ? {} : { fix: 'use a kernel >= 5.5' }),
+  });
+  const nft = await has('nft', ['--version']);
+  const ipt = await has('iptables', ['--version']);
+  checks.push({
+    name: 'network lock',
+    status: nft || ipt ? 'ok' : 'missing',
+    detail: [nft ? 'nftables' : '', ipt ? 'iptables' : ''].filter(Boolean).join(' and ') || 'neither nft nor iptables found',
+    effect: nft || ipt ? "CRIU can lock a task's connections while it is frozen" : 'tasks with TCP connections cannot be dumped',
+    ...(nft || ipt ? {} : { fix: 'apt-get install nftables iptables' }),
+  });
+  const caps = capEff();
+  for (const [bit, name, why] of CAPS) {
+    const ok = (caps >> BigInt(bit)) & 1n;
+    checks.push({
+      name,
+      status: ok ? 'ok' : bit === 24 ? 'warn' : 'missing',
+      detail: ok ? 'present' : 'missing',
+      effect: why,
+      ...(ok ? {} : { fix: bit === 24 ? 'harmless; scripts/bootstrap.sh sets the pipe sysctls' : `run Ferry with ${name}` }),
+    });
+  }
+  const pipeMax = sysctl('fs.pipe-max-size');
+  const pipeSoft = sysctl('fs.pipe-user-pages-soft');
+  const hasRes = ((caps >> 24n) & 1n) === 1n;
+  const pipesOk = hasRes || ((pipeMax ?? 0) >= 4 << 20 && pipeSoft === 0);
+  checks.push({
+    name: 'pipe limits',
+    status: pipesOk ? 'ok' : 'warn',
+    detail: `fs.pipe-max-size=${pipeMax} fs.pipe-user-pages-soft=${pipeSoft}`,
+    effect: pipesOk ? 'lazy pages can use large pipes' : 'lazy pages fail (page-pipe: tee: Operation not permitted)',
+    ...(pipesOk ? {} : { fix: 'sysctl -w fs.pipe-max-size=4194304 fs.pipe-user-pages-soft=0' }),
+  });
+  for (const tool of ['rsync', 'ip', 'tc', 'nsenter']) {
+    const found = await has('sh', ['-c', `command -v ${tool}`]);
+    checks.push({
+      name: tool,
+      status: found ? 'ok' : 'missing',
+      detail: found ? 'installed' : 'not found',
+      effect: tool === 'rsync' ? "syncing a task's files to the destination" : 'the test lab and agents',
+      ...(found ? {} : { fix: 'run scripts/bootstrap.sh' }),
+    });
+  }
+  report.canCheckpoint = root && criuOk;
+  return report;
+}

@@ -1,0 +1,73 @@
+// Every failure a user can meet carries a stable code and a one-line message saying what
+// happened, why, and what to do. The CLI alone turns these into an exit status.
+
+export const ErrorCodes = {
+  USAGE: 'usage: the command line is wrong',
+  TASK_NOT_FOUND: 'no task by that name on this host',
+  TASK_EXISTS: 'a task by that name already exists',
+  TASK_STATE: 'the task is in a state that does not allow the operation',
+  TASK_BUSY: 'another Ferry operation holds the task',
+  IMAGES: 'checkpoint images are missing or unreadable',
+  CRIU_MISSING: 'no usable CRIU binary',
+  CRIU_TOO_OLD: 'CRIU is older than Ferry needs',
+  CRIU_FAILED: 'a CRIU run failed',
+  PROGRAM_FAILED: 'an external program failed',
+  TIMEOUT: 'an operation ran out of time',
+  ABORTED: 'the operation was cancelled',
+  NOT_ROOT: 'Ferry must run as root',
+  CONFIG: 'configuration is invalid',
+  HOST_UNKNOWN: 'no such host in the cluster file',
+  PEER: 'the other agent failed or refused',
+  TLS: 'certificate or TLS failure',
+  PRECHECK: 'a migration pre-check failed',
+  MIGRATION: 'a migration failed and was rolled back',
+  LAB: 'the test lab could not be set up',
+} as const;
+
+export type ErrorCode = keyof typeof ErrorCodes;
+
+export class FerryError extends Error {
+  readonly code: ErrorCode;
+  /** Extra lines a user may want (CRIU log excerpts); the message itself stays one line. */
+  readonly details: string[];
+  readonly hint: string | undefined;
+
+  constructor(code: ErrorCode, message: string, opts: { cause?: unknown; details?: string[]; hint?: string } = {}) {
+    super(message, opts.cause === undefined ? undefined : { cause: opts.cause });
+    this.name = 'FerryError';
+    this.code = code;
+    this.details = opts.details ?? [];
+    this.hint = opts.hint;
+  }
+
+  toJSON(): SerializedError {
+    return { code: this.code, message: this.message, details: this.details, hint: this.hint };
+  }
+
+  static fromJSON(e: SerializedError): FerryError {
+    const code = (e.code in ErrorCodes ? e.code : 'PEER') as ErrorCode;
+    return new FerryError(code, e.message, { details: e.details ?? [], ...(e.hint ? { hint: e.hint } : {}) });
+  }
+}
+
+export interface SerializedError {
+  code: string;
+  message: string;
+  details?: string[];
+  hint?: string | undefined;
+}
+
+export function isFerryError(e: unknown): e is FerryError {
+  return e instanceof FerryError;
+}
+
+/** Cancellation is not failure: callers check for it separately. */
+export function abortError(signal: AbortSignal | undefined, what: string): FerryError {
+  const reason = signal?.reason;
+  if (reason instanceof FerryError) return reason;
+  return new FerryError('ABORTED', `${what} was cancelled`, { cause: reason });
+}
+
+export function throwIfAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) throw abortError(signal, what);
+}

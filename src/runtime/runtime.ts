@@ -1,0 +1,334 @@
+// The task runtime of one host: start tasks under a shim in their own namespaces, stop them,
+// checkpoint them to images and restore them. The CLI uses it directly on a host; the agent uses
+// it for migrations.
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { constants, createReadStream } from 'node:fs';
+import { access, mkdir, open, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { delimiter, isAbsolute, join, resolve } from 'node:path';
+import { Criu } from '../criu/driver.js';
+import { hintFor, readErrorLines } from '../criu/log.js';
+import { readRestoreStats } from '../criu/stats.js';
+import { FerryError } from '../errors.js';
+import { isAlive, sleep, startTime } from '../util/proc.js';
+import { TaskStore, validateName, type TaskRecord, describeState } from './task-store.js';
+
+export interface RunSpec {
+  name?: string;
+  command: string[];
+  cwd?: string;
+  env?: Record<string, string>;
+}
+
+const INVENTORY_MAGIC = 0x58313116;
+const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+
+export class Runtime {
+  readonly store: TaskStore;
+
+  constructor(
+    readonly stateDir: string,
+    readonly criu: Criu,
+    readonly nativeDir: string,
+  ) {
+    this.store = new TaskStore(stateDir);
+  }
+
+  get shimPath(): string {
+    return join(this.nativeDir, 'ferry-shim');
+  }
+
+  async run(spec: RunSpec): Promise<TaskRecord> {
+    if (spec.command.length === 0) throw new FerryError('USAGE', 'no command given: use `ferry run [options] -- CMD ARGS...`');
+    await this.store.init();
+    const name = spec.name ?? `${spec.command[0]!.split('/').pop()!.replace(/[^A-Za-z0-9_.-]/g, '')}-${randomBytes(3).toString('hex')}`;
+    validateName(name);
+    const cwd = resolve(spec.cwd ?? process.cwd());
+    if (!(await stat(cwd).catch(() => undefined))?.isDirectory()) {
+      throw new FerryError('USAGE', `working directory ${cwd} does not exist`, { hint: 'pass an existing directory to --cwd' });
+    }
+    const env: Record<string, string> = { PATH: DEFAULT_PATH, HOME: '/root', FERRY_TASK: name, ...(spec.env ?? {}) };
+    await resolveCommand(spec.command[0]!, env['PATH']!, cwd);
+    await access(this.shimPath, constants.X_OK).catch(() => {
+      throw new FerryError('CONFIG', `Ferry's task shim is missing at ${this.shimPath}`, { hint: 'run `npm run build` (or scripts/bootstrap.sh)' });
+    });
+
+    const dir = this.store.dir(name);
+    try {
+      await mkdir(dir, { mode: 0o700 });
+    } catch (e) {
+      if ((e as NodeJS.ErrnoException).code === 'EEXIST') {
+        throw new FerryError('TASK_EXISTS', `a task named '${name}' already exists on this host`, { hint: `pick another --name or remove it with \`ferry rm ${name}\`` });
+      }
+      throw e;
+    }
+    const rec: TaskRecord = {
+      name,
+      command: spec.command,
+      cwd,
+      env: spec.env ?? {},
+      createdAt: new Date().toISOString(),
+      incarnation: 1,
+      state: 'running',
+    };
+    try {
+      const { rootPid, shimPid } = await this.spawnShim(['run', dir, '1', name.slice(0, 63), cwd, '--', ...spec.command], env);
+      rec.pid = rootPid;
+      rec.pidStart = startTime(rootPid);
+      rec.shimPid = shimPid;
+      rec.shimStart = startTime(shimPid);
+      await this.store.save(rec);
+      return rec;
+    } catch (e) {
+      await rm(dir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+
+  /** Starts the shim and reads its one status line from fd 3. */
+  private async spawnShim(args: string[], env: NodeJS.ProcessEnv): Promise<{ rootPid: number; shimPid: number }> {
+    const child = spawn(this.shimPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'pipe'], detached: true, env });
+    const status = child.stdio[3] as NodeJS.ReadableStream;
+    let text = '';
+    status.setEncoding('utf8');
+    status.on('data', (c: string) => (text += c));
+    const settled = await new Promise<{ line: string } | { error: Error }>((resolveP) => {
+      child.once('error', (error) => resolveP({ error }));
+      status.once('end', () => resolveP({ line: text.trim() }));
+      status.once('close', () => resolveP({ line: text.trim() }));
+    });
+    child.unref();
+    (status as unknown as { destroy?: () => void }).destroy?.();
+    if ('error' in settled) throw new FerryError('PROGRAM_FAILED', `cannot start the task shim: ${settled.error.message}`);
+    const m = /^ok (\d+)$/.exec(settled.line);
+    if (!m) {
+      const reason = settled.line.replace(/^err /, '') || 'it exited without a word';
+      throw new FerryError('PROGRAM_FAILED', `the task shim failed: ${reason}`);
+    }
+    return { rootPid: Number(m[1]), shimPid: child.pid! };
+  }
+
+  async list(): Promise<TaskRecord[]> {
+    return this.store.list();
+  }
+
+  async get(name: string): Promise<TaskRecord> {
+    return this.store.get(name);
+  }
+
+  /** SIGTERM, then SIGKILL after the grace period. Returns the final record. */
+  async stop(name: string, opts: { graceMs?: number; signal?: AbortSignal } = {}): Promise<TaskRecord> {
+    return this.store.withLock(name, 'stop', async () => {
+      const rec = await this.store.get(name);
+      if (rec.state === 'checkpointed') {
+        throw new FerryError('TASK_STATE', `task '${name}' is not running: it is checkpointed`, { hint: `restore it with \`ferry restore ${name}\` or remove it with \`ferry rm ${name}\`` });
+      }
+      if (rec.state === 'exited') {
+        throw new FerryError('TASK_STATE', `task '${name}' is not running: it has ${describeState(rec)}`, { hint: `remove it with \`ferry rm ${name}\`` });
+      }
+      return this.terminate(rec, opts.graceMs ?? 10_000, opts.signal);
+    });
+  }
+
+  private async terminate(rec: TaskRecord, graceMs: number, signal?: AbortSignal): Promise<TaskRecord> {
+    const send = (sig: NodeJS.Signals) => {
+      if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) {
+        try {
+          process.kill(rec.pid, sig);
+        } catch {
+          /* exited meanwhile */
+        }
+      }
+    };
+    send('SIGTERM');
+    const deadline = Date.now() + graceMs;
+    let killed = false;
+    for (;;) {
+      const cur = await this.store.get(rec.name);
+      if (cur.state === 'exited') return cur;
+      if (!killed && Date.now() >= deadline) {
+        send('SIGKILL');
+        killed = true;
+      }
+      if (killed && Date.now() > deadline + 10_000) {
+        throw new FerryError('TIMEOUT', `task '${rec.name}' (pid ${rec.pid}) did not exit after SIGKILL`);
+      }
+      await sleep(50, signal);
+    }
+  }
+
+  async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
+    await this.store.withLock(name, 'rm', async () => {
+      const rec = await this.store.get(name);
+      if (rec.state === 'running' || rec.state === 'frozen') {
+        if (!opts.force) {
+          throw new FerryError('TASK_STATE', `task '${name}' is still running`, { hint: `stop it first with \`ferry stop ${name}\`, or use \`ferry rm --force ${name}\`` });
+        }
+        await this.terminate(rec, 0);
+      }
+      await this.store.remove(name);
+    });
+  }
+
+  /** Streams the task's log; with follow, keeps going until the task stops running. */
+  async logs(name: string, out: NodeJS.WritableStream, opts: { follow?: boolean; signal?: AbortSignal } = {}): Promise<void> {
+    await this.store.get(name);
+    const path = this.store.logPath(name);
+    let pos = 0;
+    const pump = async () => {
+      const fh = await open(path, 'r').catch(() => undefined);
+      if (!fh) return;
+      try {
+        const { size } = await fh.stat();
+        if (size < pos) pos = 0;
+        if (size === pos) return;
+        await new Promise<void>((res, rej) => {
+          const s = createReadStream('', { fd: fh.fd, start: pos, end: size - 1, autoClose: false });
+          s.on('error', rej);
+          s.on('end', res);
+          s.pipe(out, { end: false });
+        });
+        pos = size;
+      } finally {
+        await fh.close();
+      }
+    };
+    await pump();
+    if (!opts.follow) return;
+    for (;;) {
+      if (opts.signal?.aborted) return;
+      const rec = await this.store.get(name).catch(() => undefined);
+      await pump();
+      if (!rec || rec.state === 'exited' || rec.state === 'checkpointed') return;
+      await sleep(200, opts.signal).catch(() => undefined);
+    }
+  }
+
+  /** Dumps the task to images in its directory; without leaveRunning the task stops. */
+  async checkpoint(name: string, opts: { leaveRunning?: boolean; signal?: AbortSignal } = {}): Promise<TaskRecord> {
+    return this.store.withLock(name, 'checkpoint', async () => {
+      const rec = await this.store.get(name);
+      requireRunning(rec, 'checkpoint');
+      await this.criu.ensureUsable(opts.signal);
+      const final = this.store.imagesDir(name);
+      // Dump next to the old images and swap on success, so a failed checkpoint loses nothing.
+      const fresh = `${final}.new`;
+      await rm(fresh, { recursive: true, force: true });
+      await mkdir(fresh, { recursive: true });
+      rec.state = 'frozen';
+      await this.store.save(rec);
+      try {
+        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal });
+        await rm(final, { recursive: true, force: true });
+        await rename(fresh, final);
+        rec.checkpoint = { at: new Date().toISOString(), leftRunning: !!opts.leaveRunning, durationMs: Math.round(res.durationMs), ...(res.stats ? { stats: res.stats } : {}) };
+        if (opts.leaveRunning) {
+          rec.state = 'running';
+        } else {
+          rec.state = 'checkpointed';
+          delete rec.pid;
+          delete rec.pidStart;
+          delete rec.shimPid;
+          delete rec.shimStart;
+        }
+        await this.store.save(rec);
+        return rec;
+      } catch (e) {
+        await rm(fresh, { recursive: true, force: true });
+        // CRIU resumes the task when a dump fails; the record must say what is true.
+        const now = await this.store.get(name).catch(() => undefined);
+        if (now && now.state === 'frozen') {
+          now.state = now.pid !== undefined && isAlive(now.pid, now.pidStart) ? 'running' : 'exited';
+          await this.store.save(now);
+        }
+        throw e;
+      }
+    });
+  }
+
+  /** Restores a checkpointed task from its images on this host. */
+  async restore(name: string, opts: { signal?: AbortSignal } = {}): Promise<TaskRecord> {
+    return this.store.withLock(name, 'restore', async () => {
+      const rec = await this.store.get(name);
+      if (rec.state === 'running' || rec.state === 'frozen') {
+        throw new FerryError('TASK_STATE', `task '${name}' is running: only a stopped task can be restored`, { hint: `stop it first with \`ferry stop ${name}\`` });
+      }
+      await this.criu.ensureUsable(opts.signal);
+      const imagesDir = this.store.imagesDir(name);
+      await checkImages(imagesDir, name);
+      return this.restoreFrom(rec, imagesDir);
+    });
+  }
+
+  /** Runs `criu restore` under a new shim; the caller holds the task's lock. */
+  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean } = {}): Promise<TaskRecord> {
+    const dir = this.store.dir(rec.name);
+    const incarnation = rec.incarnation + 1;
+    const pidfile = join(dir, `restore-${incarnation}.pid`);
+    await unlink(pidfile).catch(() => undefined);
+    await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
+    const started = performance.now();
+    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages });
+    let rootPid: number, shimPid: number;
+    try {
+      ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], process.env));
+    } catch (e) {
+      const lines = await readErrorLines(join(imagesDir, 'restore.log'));
+      if (!lines.length) throw e;
+      const hint = hintFor(lines);
+      throw new FerryError('CRIU_FAILED', `criu restore of task '${rec.name}' failed: ${lines[0]}`, {
+        details: [...lines, `log: ${join(imagesDir, 'restore.log')}`],
+        ...(hint ? { hint } : {}),
+      });
+    }
+    const durationMs = Math.round(performance.now() - started);
+    rec.incarnation = incarnation;
+    rec.state = 'running';
+    rec.pid = rootPid;
+    rec.pidStart = startTime(rootPid);
+    rec.shimPid = shimPid;
+      rec.shimStart = startTime(shimPid);
+    delete rec.exit;
+    const stats = await readRestoreStats(imagesDir);
+    if (rec.checkpoint) rec.checkpoint.restore = { at: new Date().toISOString(), durationMs, ...(stats ? { stats } : {}) };
+    await this.store.save(rec);
+    return rec;
+  }
+}
+
+export function requireRunning(rec: TaskRecord, what: string): void {
+  if (rec.state === 'running') return;
+  if (rec.state === 'checkpointed') {
+    throw new FerryError('TASK_STATE', `cannot ${what} task '${rec.name}': it is already checkpointed`, { hint: `restore it first with \`ferry restore ${rec.name}\`` });
+  }
+  if (rec.state === 'frozen') {
+    throw new FerryError('TASK_BUSY', `cannot ${what} task '${rec.name}': it is frozen by another operation`, { hint: 'wait for that operation to finish' });
+  }
+  throw new FerryError('TASK_STATE', `cannot ${what} task '${rec.name}': it has ${describeState(rec)}`, { hint: `see its output with \`ferry logs ${rec.name}\`` });
+}
+
+/** A restore needs at least CRIU's inventory image with the right magic. */
+export async function checkImages(imagesDir: string, name: string): Promise<void> {
+  let inv: Buffer;
+  try {
+    inv = await readFile(join(imagesDir, 'inventory.img'));
+  } catch {
+    throw new FerryError('IMAGES', `task '${name}' has no checkpoint images at ${imagesDir}`, { hint: `checkpoint it with \`ferry checkpoint ${name}\` while it runs` });
+  }
+  if (inv.length < 8 || inv.readUInt32LE(0) !== INVENTORY_MAGIC) {
+    throw new FerryError('IMAGES', `checkpoint images of task '${name}' at ${imagesDir} are corrupt (bad inventory.img)`, { hint: 'the images cannot be used; take a new checkpoint of a running task' });
+  }
+}
+
+async function resolveCommand(cmd: string, path: string, cwd: string): Promise<void> {
+  const candidates = cmd.includes('/') ? [isAbsolute(cmd) ? cmd : resolve(cwd, cmd)] : path.split(delimiter).map((d) => join(d, cmd));
+  for (const c of candidates) {
+    try {
+      await access(c, constants.X_OK);
+      if ((await stat(c)).isFile()) return;
+    } catch {
+      /* next */
+    }
+  }
+  throw new FerryError('USAGE', `command not found: ${cmd}`, { hint: 'give a path or a program on the task PATH' });
+}
