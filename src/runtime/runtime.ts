@@ -287,7 +287,7 @@ export class Runtime {
     rec.pid = rootPid;
     rec.pidStart = startTime(rootPid);
     rec.shimPid = shimPid;
-      rec.shimStart = startTime(shimPid);
+    rec.shimStart = startTime(shimPid);
     delete rec.exit;
     const stats = await readRestoreStats(imagesDir);
     if (rec.checkpoint) rec.checkpoint.restore = { at: new Date().toISOString(), durationMs, ...(stats ? { stats } : {}) };

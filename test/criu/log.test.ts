@@ -1,0 +1,42 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import { errorLines, hintFor } from '../../src/criu/log.js';
+import { parseVersion, isSupported } from '../../src/criu/driver.js';
+import { parseDumpStats, parseRestoreStats } from '../../src/criu/stats.js';
+
+test('error lines skip the harmless RLIMIT line and strip prefixes', () => {
+  const log = [
+    '(00.038277) Error (criu/util.c:1534): rlimit: Can\'t setup RLIMIT_NOFILE for self: Operation not permitted',
+    '(00.040000) Warn  (criu/foo.c:1): something',
+    '(00.047751) Error (criu/files-reg.c:2172): File /var/lib/ferry/tasks/x/task.log has bad size 100 (expect 200)',
+    '(00.050000) Error (criu/cr-restore.c:1): Restoring FAILED.',
+  ].join('\n');
+  const lines = errorLines(log);
+  assert.deepEqual(lines, ['File /var/lib/ferry/tasks/x/task.log has bad size 100 (expect 200)', 'Restoring FAILED.']);
+  assert.match(hintFor(lines) ?? '', /changed after the checkpoint/);
+  assert.equal(hintFor(['something unknown']), undefined);
+});
+
+test('CRIU versions are parsed and compared against 4.2', () => {
+  assert.deepEqual(parseVersion('Version: 4.2.1\n'), { text: '4.2.1', major: 4, minor: 2, patch: 1 });
+  assert.equal(isSupported(parseVersion('Version: 4.2')!), true);
+  assert.equal(isSupported(parseVersion('Version: 3.17.1')!), false);
+  assert.equal(isSupported(parseVersion('Version: 4.1.1')!), false);
+  assert.equal(isSupported(parseVersion('Version: 5.0')!), true);
+  assert.equal(parseVersion('nonsense'), undefined);
+});
+
+test('stats images decode (bytes from a real CRIU 4.2.1 dump and restore)', () => {
+  const dump = Buffer.from('40591055063309572900' + '00000a2708f9011' + '0aebe0918c1ab0820898508' + '28d08001300038b58001400048005' + '00e580e600068007000', 'hex');
+  const d = parseDumpStats(dump);
+  assert.ok(d);
+  assert.equal(d.freezingTimeUs, 249);
+  assert.equal(d.pagesWritten, 16437);
+  assert.equal(d.pagesScanned, 16464);
+  const restore = Buffer.from('4059105506330957110000001' + '20f0800100018820320d59e0228b58001', 'hex');
+  const r = parseRestoreStats(restore);
+  assert.ok(r);
+  assert.equal(r.forkingTimeUs, 386);
+  assert.equal(r.pagesRestored, 16437);
+  assert.throws(() => parseDumpStats(Buffer.from('not an image at all')));
+});

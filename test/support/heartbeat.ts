@@ -1,0 +1,47 @@
+// Reading ferry-workload's output: heartbeats and checksums.
+export interface Beat {
+  seq: number;
+  mono: number;
+  real: number;
+}
+
+export function parseBeats(log: string): Beat[] {
+  const out: Beat[] = [];
+  for (const line of log.split('\n')) {
+    const m = /^hb (\d+) (\d+) (\d+)$/.exec(line);
+    if (m) out.push({ seq: Number(m[1]), mono: Number(m[2]) / 1e9, real: Number(m[3]) / 1e9 });
+  }
+  return out;
+}
+
+export interface BeatCheck {
+  count: number;
+  /** Sequence numbers that are missing or repeated. */
+  seqErrors: string[];
+  /** Places where CLOCK_MONOTONIC went backwards. */
+  monoBackwards: number;
+  /** Largest wall-clock gap between consecutive beats: the pause the task saw. */
+  maxGapS: number;
+}
+
+export function checkBeats(beats: Beat[]): BeatCheck {
+  const seqErrors: string[] = [];
+  let monoBackwards = 0;
+  let maxGapS = 0;
+  for (let i = 1; i < beats.length; i++) {
+    const a = beats[i - 1]!;
+    const b = beats[i]!;
+    if (b.seq !== a.seq + 1) seqErrors.push(`${a.seq} -> ${b.seq}`);
+    if (b.mono < a.mono) monoBackwards++;
+    maxGapS = Math.max(maxGapS, b.real - a.real);
+  }
+  return { count: beats.length, seqErrors, monoBackwards, maxGapS };
+}
+
+export function readySum(log: string): string | undefined {
+  return /^ready \d+ ([0-9a-f]+)$/m.exec(log)?.[1];
+}
+
+export function sums(log: string): string[] {
+  return [...log.matchAll(/^sum ([0-9a-f]+)$/gm)].map((m) => m[1]!);
+}
