@@ -10,6 +10,8 @@ export function buildProgram(): Command {
     .description('Live migration of running Linux tasks between hosts, built on CRIU')
     .version('0.1.0')
     .addOption(new Option('--state-dir <dir>', "Ferry's state directory").env('FERRY_STATE_DIR'))
+    .addOption(new Option('--host <host>', 'act on this host through its agent').env('FERRY_HOST'))
+    .addOption(new Option('--cluster <file>', 'cluster file: host names, addresses, client certificate').env('FERRY_CLUSTER'))
     .showSuggestionAfterError(true)
     .exitOverride()
     .configureOutput({ outputError: () => {} });

@@ -4,6 +4,22 @@ import { doctor } from '../doctor/doctor.js';
 import { FerryError } from '../errors.js';
 import { describeState, type TaskRecord } from '../runtime/task-store.js';
 import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
+import { agentApi, localApi, remoteTarget, type TaskApi } from './remote.js';
+
+/** The local runtime, or the agent of --host. */
+async function tasks(cmd: Command): Promise<TaskApi> {
+  const remote = await remoteTarget(cmd);
+  return remote ? agentApi(remote.cluster, remote.host) : localApi(runtimeFor(cmd));
+}
+
+async function withTasks<T>(cmd: Command, fn: (api: TaskApi) => Promise<T>): Promise<T> {
+  const api = await tasks(cmd);
+  try {
+    return await fn(api);
+  } finally {
+    api.close();
+  }
+}
 import { formatDuration, table } from './format.js';
 
 function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
@@ -55,8 +71,7 @@ export function registerTaskCommands(program: Command): void {
     .option('--json', 'print the task as JSON')
     .argument('<command...>', 'command and arguments, after --')
     .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; json?: boolean }, cmd: Command) => {
-      const rt = runtimeFor(cmd);
-      const t = await rt.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}) });
+      const t = await withTasks(cmd, (api) => api.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}) }));
       if (opts.json) printJson(taskSummary(t));
       else process.stdout.write(`${t.name}\n`);
     });
@@ -66,12 +81,12 @@ export function registerTaskCommands(program: Command): void {
     .description('list the tasks on this host')
     .option('--json', 'print the tasks as JSON')
     .action(async (opts: { json?: boolean }, cmd: Command) => {
-      const tasks = await runtimeFor(cmd).list();
-      if (opts.json) return printJson(tasks.map(taskSummary));
+      const all = await withTasks(cmd, (api) => api.list());
+      if (opts.json) return printJson(all.map(taskSummary));
       process.stdout.write(
         table(
           ['NAME', 'STATUS', 'PID', 'AGE', 'COMMAND'],
-          tasks.map((t) => [t.name, describeState(t), t.pid ? String(t.pid) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
+          all.map((t) => [t.name, describeState(t), t.pid ? String(t.pid) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
         ),
       );
     });
@@ -82,7 +97,7 @@ export function registerTaskCommands(program: Command): void {
     .option('-f, --follow', 'keep printing while the task runs')
     .argument('<task>')
     .action(async (task: string, opts: { follow?: boolean }, cmd: Command) => {
-      await runtimeFor(cmd).logs(task, process.stdout, { follow: !!opts.follow, signal: interruptSignal() });
+      await withTasks(cmd, (api) => api.logs(task, process.stdout, !!opts.follow, interruptSignal()));
     });
 
   program
@@ -94,7 +109,7 @@ export function registerTaskCommands(program: Command): void {
     .action(async (task: string, opts: { time: string; json?: boolean }, cmd: Command) => {
       const grace = Number(opts.time);
       if (!Number.isFinite(grace) || grace < 0) throw new FerryError('USAGE', `--time takes a number of seconds, got '${opts.time}'`);
-      const t = await runtimeFor(cmd).stop(task, { graceMs: grace * 1000, signal: interruptSignal() });
+      const t = await withTasks(cmd, (api) => api.stop(task, grace * 1000, interruptSignal()));
       if (opts.json) printJson(taskSummary(t));
       else process.stdout.write(`${t.name}: ${describeState(t)}\n`);
     });
@@ -105,7 +120,7 @@ export function registerTaskCommands(program: Command): void {
     .option('-f, --force', 'stop the task first if it runs')
     .argument('<task>')
     .action(async (task: string, opts: { force?: boolean }, cmd: Command) => {
-      await runtimeFor(cmd).remove(task, { force: !!opts.force });
+      await withTasks(cmd, (api) => api.remove(task, !!opts.force));
     });
 
   program
@@ -115,7 +130,7 @@ export function registerTaskCommands(program: Command): void {
     .option('--json', 'print the result as JSON')
     .argument('<task>')
     .action(async (task: string, opts: { leaveRunning?: boolean; json?: boolean }, cmd: Command) => {
-      const t = await runtimeFor(cmd).checkpoint(task, { leaveRunning: !!opts.leaveRunning, signal: interruptSignal() });
+      const t = await withTasks(cmd, (api) => api.checkpoint(task, !!opts.leaveRunning, interruptSignal()));
       if (opts.json) return printJson(taskSummary(t));
       const s = t.checkpoint?.stats;
       process.stdout.write(
@@ -131,7 +146,7 @@ export function registerTaskCommands(program: Command): void {
     .option('--json', 'print the result as JSON')
     .argument('<task>')
     .action(async (task: string, opts: { json?: boolean }, cmd: Command) => {
-      const t = await runtimeFor(cmd).restore(task, { signal: interruptSignal() });
+      const t = await withTasks(cmd, (api) => api.restore(task, interruptSignal()));
       if (opts.json) return printJson(taskSummary(t));
       process.stdout.write(`${t.name}: running again as pid ${t.pid} (restore took ${t.checkpoint?.restore?.durationMs} ms)\n`);
     });

@@ -1,0 +1,410 @@
+// The source side of a migration, driven by the agent that runs the task. Everything between the
+// two agents goes over one HTTP/2 session. The task stays frozen on the source (CRIU's post-dump
+// hook holds it) until the destination runs it; on any failure before that the source resumes
+// it and the destination removes what it received.
+import { randomUUID } from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { readFileSync, readdirSync } from 'node:fs';
+import { mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
+import type { ClientHttp2Session } from 'node:http2';
+import { createServer, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import type { Duplex } from 'node:stream';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { FerryError } from '../errors.js';
+import type { Runtime } from '../runtime/runtime.js';
+import { requireRunning } from '../runtime/runtime.js';
+import type { TaskRecord } from '../runtime/task-store.js';
+import type { LoadedTls } from '../tls/pki.js';
+import { connect, readAll, decodeAnswer, requestJson } from '../wire/http2.js';
+import { run } from '../exec/run.js';
+import { hintFor, readErrorLines } from '../criu/log.js';
+import { isAlive } from '../util/proc.js';
+import type { Mode, PrepareRequest } from './destination.js';
+import { Hold } from './hold.js';
+import { ByteCounter, connectWhenListening, listenLocal, splice } from './tunnel.js';
+
+export type Phase = 'checks' | 'presync' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
+
+export interface MigrationReport {
+  id: string;
+  task: string;
+  from: string;
+  to: string;
+  mode: Mode;
+  ok: boolean;
+  error?: string;
+  startedAt: string;
+  phasesMs: Partial<Record<Phase, number>>;
+  blackoutMs?: number;
+  totalMs: number;
+  /** Post-copy: from resume on the destination until every page was local there. */
+  postCopyWindowMs?: number;
+  bytes: { pages: number; images: number; files: number };
+  pageRateMBps?: number;
+  pid?: number;
+}
+
+export type ProgressEvent =
+  | { type: 'phase'; phase: Phase; elapsedMs: number }
+  | { type: 'bytes'; pages: number; images: number; files: number; elapsedMs: number };
+
+export interface MigrateContext {
+  rt: Runtime;
+  tls: LoadedTls;
+  self: string;
+}
+
+const HOLD_TIMEOUT_S = 120;
+const RSYNC_SHELL = fileURLToPath(new URL('./rsync-shell.js', import.meta.url));
+
+export async function migrateOut(
+  ctx: MigrateContext,
+  name: string,
+  target: { name: string; address: string },
+  mode: Mode,
+  onProgress: (e: ProgressEvent) => void,
+  signal?: AbortSignal,
+): Promise<MigrationReport> {
+  const { rt } = ctx;
+  if (target.name === ctx.self) throw new FerryError('USAGE', `task '${name}' is already on ${ctx.self}: pick another host to migrate to`);
+  return rt.store.withLock(name, `migration to ${target.name}`, async () => {
+    const rec = await rt.store.get(name);
+    requireRunning(rec, 'migrate');
+    const m = new OutgoingMigration(ctx, rec, target, mode, onProgress, signal);
+    return m.run();
+  });
+}
+
+class OutgoingMigration {
+  readonly id = randomUUID();
+  private readonly t0 = performance.now();
+  private phaseStart = this.t0;
+  private readonly report: MigrationReport;
+  private readonly pages = new ByteCounter();
+  private readonly files = new ByteCounter();
+  private imageBytes = 0;
+  private session?: ClientHttp2Session;
+  private hold?: Hold;
+  private dump?: ReturnType<typeof spawn>;
+  private dumpExit?: Promise<number | null>;
+  private workDir?: string;
+  private imagesDir?: string;
+  private readonly servers: Server[] = [];
+  private readonly sockets = new Set<Socket>();
+  private keepalive?: NodeJS.Timeout;
+  private progressTimer?: NodeJS.Timeout;
+
+  constructor(
+    private readonly ctx: MigrateContext,
+    private readonly rec: TaskRecord,
+    private readonly target: { name: string; address: string },
+    private readonly mode: Mode,
+    private readonly onProgress: (e: ProgressEvent) => void,
+    private readonly signal?: AbortSignal,
+  ) {
+    this.report = {
+      id: this.id,
+      task: rec.name,
+      from: ctx.self,
+      to: target.name,
+      mode,
+      ok: false,
+      startedAt: new Date().toISOString(),
+      phasesMs: {},
+      totalMs: 0,
+      bytes: { pages: 0, images: 0, files: 0 },
+    };
+  }
+
+  private elapsed(): number {
+    return Math.round(performance.now() - this.t0);
+  }
+
+  private phase(next: Phase): void {
+    this.onProgress({ type: 'phase', phase: next, elapsedMs: this.elapsed() });
+  }
+
+  private endPhase(p: Phase): void {
+    const now = performance.now();
+    this.report.phasesMs[p] = Math.round(now - this.phaseStart);
+    this.phaseStart = now;
+  }
+
+  async run(): Promise<MigrationReport> {
+    const { rt } = this.ctx;
+    let frozenAt: number | undefined;
+    let restored = false;
+    this.progressTimer = setInterval(() => this.onProgress({ type: 'bytes', pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes, elapsedMs: this.elapsed() }), 250);
+    try {
+      // ---- checks (nothing is frozen yet) -------------------------------------------------
+      this.phase('checks');
+      await rt.criu.ensureUsable(this.signal);
+      this.workDir = await mkdtemp(join(tmpdir(), 'ferry-migrate-'));
+      const cpuDir = join(this.workDir, 'cpu');
+      await rt.criu.cpuinfoDump(cpuDir, this.signal);
+      const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
+      this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, ...(this.signal ? { signal: this.signal } : {}) });
+      this.watchSession(this.session);
+      const memBytes = treeRss(this.rec.pid!);
+      const diskBytes = await dirSize(rt.store.dir(this.rec.name));
+      const prep: PrepareRequest = { id: this.id, from: this.ctx.self, task: this.rec, mode: this.mode, cpuinfo, memBytes, diskBytes };
+      await requestJson(this.session, 'POST', '/v1/incoming', prep, { timeoutMs: 60_000 });
+      this.endPhase('checks');
+
+      // ---- files while the task runs ----------------------------------------------------
+      this.phase('presync');
+      await this.rsync();
+      this.endPhase('presync');
+
+      // ---- freeze and dump ----------------------------------------------------------------
+      this.phase('freeze+dump');
+      const imagesDir = join(this.workDir, 'images');
+      await mkdir(imagesDir, { recursive: true });
+      this.hold = await Hold.create(join(this.workDir, 'hold'));
+      frozenAt = performance.now();
+      this.rec.state = 'frozen';
+      await rt.store.save(this.rec);
+      let lazySock: Socket | undefined;
+      if (this.mode === 'stop-copy') {
+        const tunnel = await this.listen(async (sock) => {
+          const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
+          await splice(sock, stream as unknown as Duplex, this.pages);
+        });
+        this.startDump(imagesDir, ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)]);
+        await this.untilFrozen();
+      } else {
+        const port = await freeLocalPort();
+        this.startDump(imagesDir, ['--lazy-pages', '--address', '127.0.0.1', '--port', String(port)]);
+        // CRIU listens for the lazy-pages daemon once every non-memory image is written.
+        lazySock = await connectWhenListening(port, 120_000, () => this.dump?.exitCode === null).catch(async () => {
+          throw await this.dumpFailure();
+        });
+        this.sockets.add(lazySock);
+      }
+      this.endPhase('freeze+dump');
+
+      // ---- the other images and the files, while frozen --------------------------------------
+      this.phase('transfer');
+      await this.sendImages(imagesDir);
+      await this.rsync();
+      if (lazySock) {
+        const stream = this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` });
+        void splice(lazySock, stream as unknown as Duplex, this.pages);
+      }
+      this.endPhase('transfer');
+
+      // ---- restore on the destination ---------------------------------------------------
+      this.phase('restore');
+      const r = await requestJson<{ pid: number; restoreMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
+      restored = true;
+      this.report.pid = r.pid;
+      this.report.blackoutMs = Math.round(performance.now() - frozenAt);
+      this.endPhase('restore');
+
+      // ---- let go of the source -----------------------------------------------------------
+      this.phase('resume');
+      if (this.mode === 'post-copy') {
+        // CRIU reaches post-dump once the destination fetched every page.
+        this.phase('postcopy');
+        await this.untilFrozen();
+        this.report.postCopyWindowMs = Math.round(performance.now() - frozenAt - this.report.blackoutMs);
+      }
+      await this.hold.decide('commit');
+      const code = await this.dumpExit;
+      if (code !== 0) throw await this.dumpFailure();
+      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 }).catch(() => {
+        /* the task runs there; the destination keeps a restored task unless told to abort */
+      });
+      await rt.store.remove(this.rec.name);
+      this.endPhase(this.mode === 'post-copy' ? 'postcopy' : 'resume');
+      this.report.ok = true;
+      return this.finish();
+    } catch (e) {
+      const err = e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message, { cause: e });
+      await this.rollback(restored);
+      this.report.error = err.message;
+      this.finish();
+      const where = (await rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
+      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} failed: ${err.message}; ${where}`, {
+        cause: err,
+        details: err.details,
+        ...(err.hint ? { hint: err.hint } : {}),
+      });
+    } finally {
+      await this.release();
+    }
+  }
+
+  private finish(): MigrationReport {
+    this.report.totalMs = this.elapsed();
+    this.report.bytes = { pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes };
+    const pageMs = (this.report.phasesMs['freeze+dump'] ?? 0) + (this.mode === 'post-copy' ? (this.report.postCopyWindowMs ?? 0) : 0);
+    if (pageMs > 0 && this.pages.bytes > 0) this.report.pageRateMBps = Math.round((this.pages.bytes / 1e6 / (pageMs / 1000)) * 10) / 10;
+    return this.report;
+  }
+
+  /** A cut link or a dead peer ends the session within seconds, not at TCP's leisure. */
+  private watchSession(s: ClientHttp2Session): void {
+    let missed = 0;
+    this.keepalive = setInterval(() => {
+      const ok = s.ping((err) => {
+        if (!err) missed = 0;
+      });
+      if (!ok || ++missed > 3) s.destroy(new Error('the destination agent stopped answering'));
+    }, 1000);
+    this.keepalive.unref();
+    s.once('close', () => {
+      for (const sock of this.sockets) sock.destroy(); // CRIU sees its page stream break
+    });
+  }
+
+  private startDump(imagesDir: string, extra: string[]): void {
+    const { rt } = this.ctx;
+    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', '--tcp-close', '--action-script', this.hold!.script, ...extra];
+    const child = spawn(rt.criu.bin, args, { stdio: ['ignore', 'ignore', 'ignore'], detached: true, env: this.hold!.env(HOLD_TIMEOUT_S) });
+    this.dump = child;
+    this.dumpExit = new Promise((resolve) => {
+      child.once('error', () => resolve(-1));
+      child.once('close', (code) => resolve(code));
+    });
+    this.imagesDir = imagesDir;
+  }
+
+  private async untilFrozen(): Promise<void> {
+    const r = await Promise.race([this.hold!.frozen.then(() => 'frozen' as const), this.dumpExit!.then(() => 'exited' as const)]);
+    if (r === 'exited') throw await this.dumpFailure();
+  }
+
+  private async dumpFailure(): Promise<FerryError> {
+    const log = join(this.imagesDir ?? '', 'dump.log');
+    const lines = await readErrorLines(log);
+    const sessionGone = this.session?.destroyed || this.session?.closed;
+    const first = sessionGone ? 'the connection to the destination was lost' : (lines[0] ?? 'criu dump failed');
+    const hint = hintFor(lines);
+    return new FerryError('CRIU_FAILED', first, { details: lines, ...(hint ? { hint } : {}) });
+  }
+
+  private async listen(onConn: (s: Socket) => Promise<void>): Promise<number> {
+    const l = await listenLocal((s) => {
+      this.sockets.add(s);
+      void onConn(s);
+    });
+    this.servers.push(l.server);
+    return l.port;
+  }
+
+  private async sendImages(dir: string): Promise<void> {
+    const files = (await readdir(dir)).filter((f) => f !== 'dump.log');
+    await Promise.all(
+      files.map(async (f) => {
+        const data = await readFile(join(dir, f));
+        this.imageBytes += data.length;
+        const s = this.session!.request({ ':method': 'PUT', ':path': `/v1/incoming/${this.id}/images/${encodeURIComponent(f)}` });
+        s.end(data);
+        const [h, text] = await readAll(s, 30_000);
+        decodeAnswer(h, text, `image ${f}`);
+      }),
+    );
+  }
+
+  /** rsync of the task's directory, carried inside the session (see rsync-shell.ts). */
+  private async rsync(): Promise<void> {
+    const sockPath = join(this.workDir!, `rsync-${this.files.bytes}-${Date.now()}.sock`);
+    const server = createServer((sock) => {
+      this.sockets.add(sock);
+      let head = '';
+      const onData = (c: Buffer) => {
+        head += c.toString('latin1');
+        const nl = head.indexOf('\n');
+        if (nl < 0) return;
+        sock.off('data', onData);
+        sock.pause();
+        const args = JSON.parse(head.slice(0, nl)) as string[];
+        const rest = Buffer.from(head.slice(nl + 1), 'latin1');
+        const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/rsync`, 'x-ferry-rsync': JSON.stringify(args) });
+        if (rest.length) stream.write(rest);
+        void splice(sock, stream as unknown as Duplex, this.files, this.files);
+        sock.resume();
+      };
+      sock.on('data', onData);
+    });
+    await new Promise<void>((r) => server.listen(sockPath, r));
+    this.servers.push(server);
+    const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
+    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
+    try {
+      await run('rsync', args, { timeoutMs: 120_000, ...(this.signal ? { signal: this.signal } : {}) });
+    } finally {
+      server.close();
+    }
+  }
+
+  private async rollback(restored: boolean): Promise<void> {
+    const { rt } = this.ctx;
+    // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
+    await this.hold?.decide('abort');
+    for (const s of this.sockets) s.destroy();
+    if (this.dump && this.dump.exitCode === null) {
+      const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), HOLD_TIMEOUT_S * 1000 + 5000))]);
+      if (code === 'slow') this.dump.kill('SIGKILL');
+    }
+    if (this.session && !this.session.destroyed) {
+      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).catch(() => undefined);
+    }
+    void restored;
+    const now = await rt.store.get(this.rec.name).catch(() => undefined);
+    if (now && now.state === 'frozen') {
+      now.state = now.pid !== undefined && isAlive(now.pid, now.pidStart) ? 'running' : 'exited';
+      await rt.store.save(now);
+    }
+  }
+
+  private async release(): Promise<void> {
+    clearInterval(this.keepalive);
+    clearInterval(this.progressTimer);
+    for (const s of this.sockets) s.destroy();
+    for (const srv of this.servers) srv.close();
+    if (this.dump && this.dump.exitCode === null) this.dump.kill('SIGKILL');
+    await this.hold?.dispose();
+    this.session?.close();
+    if (this.workDir) await rm(this.workDir, { recursive: true, force: true });
+  }
+}
+
+/** Resident memory of the task's process tree: the destination must have room for it. */
+function treeRss(root: number): number {
+  let total = 0;
+  const todo = [root];
+  while (todo.length) {
+    const pid = todo.pop()!;
+    try {
+      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+      total += Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1] ?? 0) * 1024;
+      for (const tid of readdirSync(`/proc/${pid}/task`)) {
+        const kids = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+        if (kids) todo.push(...kids.split(/\s+/).map(Number));
+      }
+    } catch {
+      /* exited meanwhile */
+    }
+  }
+  return total;
+}
+
+async function dirSize(dir: string): Promise<number> {
+  let total = 0;
+  for (const e of await readdir(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) total += await dirSize(p);
+    else total += (await stat(p).catch(() => ({ size: 0 }))).size;
+  }
+  return total;
+}
+
+async function freeLocalPort(): Promise<number> {
+  const l = await listenLocal(() => {});
+  await new Promise((r) => l.server.close(r));
+  return l.port;
+}

@@ -1,0 +1,76 @@
+// Bridges between local TCP sockets (CRIU's page server, lazy pages) and HTTP/2 streams of the
+// one agent-to-agent session, counting the bytes that cross.
+import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+
+export class ByteCounter {
+  bytes = 0;
+}
+
+/** Pipes a and b both ways; resolves when both directions ended, counting bytes a -> b. */
+export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?: ByteCounter): Promise<void> {
+  return new Promise((resolve) => {
+    let open = 2;
+    const done = () => {
+      if (--open === 0) resolve();
+    };
+    const fail = () => {
+      a.destroy();
+      b.destroy();
+      resolve();
+    };
+    if (counter) a.on('data', (c: Buffer) => (counter.bytes += c.length));
+    if (counterBack) b.on('data', (c: Buffer) => (counterBack.bytes += c.length));
+    a.pipe(b).on('finish', done);
+    b.pipe(a).on('finish', done);
+    a.once('error', fail);
+    b.once('error', fail);
+    a.once('close', () => setImmediate(() => (open > 0 ? fail() : undefined)));
+    b.once('close', () => setImmediate(() => (open > 0 ? fail() : undefined)));
+  });
+}
+
+/** A loopback listener whose every connection is handed to onConnection. */
+export async function listenLocal(onConnection: (s: Socket) => void): Promise<{ server: Server; port: number; sockets: Set<Socket> }> {
+  const sockets = new Set<Socket>();
+  const server = createServer((s) => {
+    sockets.add(s);
+    s.once('close', () => sockets.delete(s));
+    s.setNoDelay(true);
+    onConnection(s);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve());
+  });
+  return { server, port: (server.address() as { port: number }).port, sockets };
+}
+
+export function connectLocal(port: number, timeoutMs = 5000): Promise<Socket> {
+  return new Promise((resolve, reject) => {
+    const s = tcpConnect({ host: '127.0.0.1', port });
+    const t = setTimeout(() => s.destroy(new Error(`connect to 127.0.0.1:${port} timed out`)), timeoutMs);
+    s.once('connect', () => {
+      clearTimeout(t);
+      s.setNoDelay(true);
+      resolve(s);
+    });
+    s.once('error', (e) => {
+      clearTimeout(t);
+      reject(e);
+    });
+  });
+}
+
+/** Connects once the port listens, retrying while the program behind it starts. */
+export async function connectWhenListening(port: number, deadlineMs: number, isAlive: () => boolean): Promise<Socket> {
+  const end = Date.now() + deadlineMs;
+  for (;;) {
+    try {
+      return await connectLocal(port, 1000);
+    } catch (e) {
+      if (Date.now() > end || !isAlive()) throw e;
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+}
