@@ -5,7 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
-import { mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
+import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -136,6 +136,7 @@ class OutgoingMigration {
     const { rt } = this.ctx;
     let frozenAt: number | undefined;
     let restored = false;
+    let committed = false;
     this.progressTimer = setInterval(() => this.onProgress({ type: 'bytes', pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes, elapsedMs: this.elapsed() }), 250);
     try {
       // ---- checks (nothing is frozen yet) -------------------------------------------------
@@ -166,38 +167,47 @@ class OutgoingMigration {
       frozenAt = performance.now();
       this.rec.state = 'frozen';
       await rt.store.save(this.rec);
-      let lazySock: Socket | undefined;
+      let lazyPort: number | undefined;
       if (this.mode === 'stop-copy') {
         const tunnel = await this.listen(async (sock) => {
           const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
           await splice(sock, stream as unknown as Duplex, this.pages);
         });
         this.startDump(imagesDir, ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)]);
-        await this.untilFrozen();
       } else {
-        const port = await freeLocalPort();
-        this.startDump(imagesDir, ['--lazy-pages', '--address', '127.0.0.1', '--port', String(port)]);
-        // CRIU listens for the lazy-pages daemon once every non-memory image is written.
-        lazySock = await connectWhenListening(port, 120_000, () => this.dump?.exitCode === null).catch(async () => {
-          throw await this.dumpFailure();
-        });
-        this.sockets.add(lazySock);
+        // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
+        // them: so the hold is answered only after the destination restored the task.
+        lazyPort = await freeLocalPort();
+        this.startDump(imagesDir, ['--lazy-pages', '--address', '127.0.0.1', '--port', String(lazyPort)]);
       }
+      await this.untilFrozen();
       this.endPhase('freeze+dump');
 
       // ---- the other images and the files, while frozen --------------------------------------
       this.phase('transfer');
       await this.sendImages(imagesDir);
       await this.rsync();
-      if (lazySock) {
-        const stream = this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` });
-        void splice(lazySock, stream as unknown as Duplex, this.pages);
-      }
+      const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` }) : undefined;
       this.endPhase('transfer');
 
       // ---- restore on the destination ---------------------------------------------------
       this.phase('restore');
-      const r = await requestJson<{ pid: number; restoreMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
+      const restoreP = requestJson<{ pid: number; restoreMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
+      if (lazyPort && lazyStream) {
+        // The restore cannot finish without pages, and CRIU serves them only after the hold
+        // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
+        // From here on the task lives on the destination (post-copy has no way back).
+        const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
+        await Promise.race([asked, restoreP]);
+        await this.hold.decide('commit');
+        committed = true;
+        const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null).catch(async () => {
+          throw await this.dumpFailure();
+        });
+        this.sockets.add(sock);
+        void splice(sock, lazyStream as unknown as Duplex, this.pages);
+      }
+      const r = await restoreP;
       restored = true;
       this.report.pid = r.pid;
       this.report.blackoutMs = Math.round(performance.now() - frozenAt);
@@ -206,9 +216,8 @@ class OutgoingMigration {
       // ---- let go of the source -----------------------------------------------------------
       this.phase('resume');
       if (this.mode === 'post-copy') {
-        // CRIU reaches post-dump once the destination fetched every page.
         this.phase('postcopy');
-        await this.untilFrozen();
+        await this.dumpExit; // CRIU exits once the destination has every page
         this.report.postCopyWindowMs = Math.round(performance.now() - frozenAt - this.report.blackoutMs);
       }
       await this.hold.decide('commit');
@@ -223,7 +232,7 @@ class OutgoingMigration {
       return this.finish();
     } catch (e) {
       const err = e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message, { cause: e });
-      await this.rollback(restored);
+      await this.rollback(committed);
       this.report.error = err.message;
       this.finish();
       const where = (await rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
@@ -333,7 +342,7 @@ class OutgoingMigration {
     await new Promise<void>((r) => server.listen(sockPath, r));
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
-    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
+    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
     try {
       await run('rsync', args, { timeoutMs: 120_000, ...(this.signal ? { signal: this.signal } : {}) });
     } finally {
@@ -341,8 +350,10 @@ class OutgoingMigration {
     }
   }
 
-  private async rollback(restored: boolean): Promise<void> {
+  private async rollback(committed: boolean): Promise<void> {
     const { rt } = this.ctx;
+    // Keep CRIU's log of the failed dump where the user can read it.
+    if (this.imagesDir) await copyFile(join(this.imagesDir, 'dump.log'), join(rt.store.dir(this.rec.name), 'migrate-dump.log')).catch(() => undefined);
     // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
@@ -350,10 +361,10 @@ class OutgoingMigration {
       const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), HOLD_TIMEOUT_S * 1000 + 5000))]);
       if (code === 'slow') this.dump.kill('SIGKILL');
     }
-    if (this.session && !this.session.destroyed) {
+    // After a post-copy commit the task lives on the destination: never tell it to drop it.
+    if (!committed && this.session && !this.session.destroyed) {
       await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).catch(() => undefined);
     }
-    void restored;
     const now = await rt.store.get(this.rec.name).catch(() => undefined);
     if (now && now.state === 'frozen') {
       now.state = now.pid !== undefined && isAlive(now.pid, now.pidStart) ? 'running' : 'exited';
