@@ -44,7 +44,20 @@ export class Agent {
     const { host, port } = parseAddress(this.o.listen);
     const server = http2.createSecureServer(serverOptions(this.o.tls));
     server.on('stream', (stream, headers) => void this.dispatch(stream, headers));
-    server.on('session', (s) => s.on('error', () => {}));
+    server.on('session', (s) => {
+      s.on('error', () => {});
+      // A peer behind a cut link is noticed in seconds, so its unfinished migration is undone.
+      let missed = 0;
+      const t = setInterval(() => {
+        if (s.destroyed) return clearInterval(t);
+        s.ping((err) => {
+          if (!err) missed = 0;
+        });
+        if (++missed > 4) s.destroy();
+      }, 1000);
+      t.unref();
+      s.once('close', () => clearInterval(t));
+    });
     server.on('tlsClientError', (e) => this.log(`refused a peer: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e: NodeJS.ErrnoException) =>

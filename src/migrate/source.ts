@@ -342,7 +342,7 @@ class OutgoingMigration {
     await new Promise<void>((r) => server.listen(sockPath, r));
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
-    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
+    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
     try {
       await run('rsync', args, { timeoutMs: 120_000, ...(this.signal ? { signal: this.signal } : {}) });
     } finally {

@@ -98,6 +98,7 @@ export interface TaskInfo {
   status: string;
   pid: number | null;
   incarnation: number;
+  command: string[];
   exit: { exitCode?: number; signal?: string } | null;
 }
 
