@@ -1,44 +1,70 @@
-// `npm run demo`: a running workload is checkpointed and restored, and shows its state survived.
+// `npm run demo`: two test hosts joined by a 1 Gbit/s link; a workload with a few hundred MiB
+// of memory moves h1 -> h2 (stop-copy) and back (post-copy) while its heartbeat goes on.
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from '../config.js';
 
+const LAB = 'demo';
+const SUBNET = '99';
 const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const workload = join(repoRoot, 'build', 'native', 'ferry-workload');
-const stateDir = mkdtempSync(join(tmpdir(), 'ferry-demo-'));
+const labDir = join('/var/tmp', `ferry-lab-${LAB}`);
+const cluster = join(labDir, 'cluster.json');
 
 function ferry(...args: string[]): string {
-  const r = spawnSync(process.execPath, [cli, '--state-dir', stateDir, ...args], { encoding: 'utf8' });
+  const r = spawnSync(process.execPath, [cli, '--cluster', cluster, ...args], { encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`ferry ${args.join(' ')}: ${r.stderr.trim()}`);
   return r.stdout;
 }
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const beats = () => readFileSync(join(stateDir, 'tasks', 'demo', 'task.log'), 'utf8').split('\n').filter((l) => l.startsWith('hb '));
-const last = () => beats().at(-1)?.split(' ')[1];
+const beats = (host: string) => {
+  try {
+    return readFileSync(join(labDir, host, 'state', 'tasks', 'demo', 'task.log'), 'utf8')
+      .split('\n')
+      .filter((l) => l.startsWith('hb '))
+      .map((l) => l.split(' ').map(Number) as [unknown, number, number, number]);
+  } catch {
+    return [];
+  }
+};
+const lastSeq = (host: string) => beats(host).at(-1)?.[1];
+
+/** Largest wall-clock gap between heartbeats after index `from`: the pause the task saw. */
+function pauseSince(host: string, from: number): number {
+  const b = beats(host);
+  let gap = 0;
+  for (let i = Math.max(from, 1); i < b.length; i++) gap = Math.max(gap, (b[i]![3] - b[i - 1]![3]) / 1e9);
+  return gap;
+}
 
 try {
-  console.log('Starting a 256 MiB workload that writes a heartbeat every 10 ms...');
-  ferry('run', '--name', 'demo', '--', workload, '--mib', '256');
-  await sleep(1500);
-  console.log(`  heartbeat #${last()}`);
-  const cp = JSON.parse(ferry('checkpoint', 'demo', '--json'));
-  console.log(`Checkpointed in ${cp.checkpoint.durationMs} ms (${cp.checkpoint.stats?.pagesWritten} pages); the task is stopped.`);
-  const before = last();
-  await sleep(1000);
-  console.log(`  one second later the heartbeat is still #${last()}`);
-  const r = JSON.parse(ferry('restore', 'demo', '--json'));
-  console.log(`Restored as pid ${r.pid} in ${r.checkpoint.restore.durationMs} ms.`);
-  await sleep(500);
-  const all = beats().map((l) => Number(l.split(' ')[1]));
-  const gaps = all.slice(1).filter((s, i) => s !== all[i]! + 1).length;
-  console.log(`  heartbeat went on from #${before} to #${last()}, ${gaps === 0 ? 'with no gap or repeat' : `with ${gaps} breaks in the sequence`}.`);
-  process.exitCode = gaps === 0 ? 0 : 1;
+  console.log('Starting a lab of two hosts (network namespaces h1, h2) with 1 Gbit/s links...');
+  spawnSync(process.execPath, [cli, 'lab', 'down', '--name', LAB]);
+  ferry('lab', 'up', '--name', LAB, '--hosts', '2', '--bandwidth', '1gbit', '--subnet', SUBNET);
+  console.log('Starting a 256 MiB workload on h1 that writes a heartbeat every 10 ms...');
+  ferry('--host', 'h1', 'run', '--name', 'demo', '--', workload, '--mib', '256');
+  await sleep(2000);
+  console.log(`  h1: heartbeat #${lastSeq('h1')}`);
+  const results: string[] = [];
+  for (const [from, to, mode] of [['h1', 'h2', 'stop-copy'], ['h2', 'h1', 'post-copy']] as const) {
+    const startIdx = beats(from).length;
+    console.log(`Migrating h${from.slice(1)} -> ${to} (${mode})...`);
+    const r = JSON.parse(ferry('--host', from, 'migrate', 'demo', '--to', to, '--mode', mode, '--json'));
+    await sleep(1000);
+    const pause = pauseSince(to, startIdx);
+    console.log(`  ${to}: heartbeat #${lastSeq(to)} and counting; the task saw a ${pause.toFixed(3)} s pause`);
+    console.log(`  blackout ${r.blackoutMs} ms, total ${r.totalMs} ms, ${(r.bytes.pages / 2 ** 20).toFixed(0)} MiB of pages at ${r.pageRateMBps} MB/s` + (r.postCopyWindowMs !== undefined ? `, all pages local ${r.postCopyWindowMs} ms after resume` : ''));
+    results.push(`${mode.padEnd(9)} ${from} -> ${to}: blackout ${r.blackoutMs} ms, task-observed pause ${(pause * 1000).toFixed(0)} ms`);
+  }
+  const seq = beats('h1').map((b) => b[1]);
+  const breaks = seq.slice(1).filter((s, i) => s !== seq[i]! + 1).length;
+  console.log(`\nThe heartbeat ran from #0 to #${seq.at(-1)} across both moves ${breaks === 0 ? 'with no gap or repeat' : `with ${breaks} breaks`}.`);
+  for (const l of results) console.log(`  ${l}`);
+  process.exitCode = breaks === 0 ? 0 : 1;
 } catch (e) {
   console.error(`demo failed: ${(e as Error).message}`);
   process.exitCode = 1;
 } finally {
-  spawnSync(process.execPath, [cli, '--state-dir', stateDir, 'rm', '--force', 'demo']);
-  rmSync(stateDir, { recursive: true, force: true });
+  spawnSync(process.execPath, [cli, 'lab', 'down', '--name', LAB]);
 }
