@@ -158,9 +158,7 @@ if [ $want_node = 1 ]; then
   else
     say "node_modules up to date"
   fi
-  say "building Ferry"
+  say "building Ferry (TypeScript and the native shim and workloads)"
   npm run --silent build
-  say "workload program"
-  make -s -C "$repo/workload" >/dev/null
 fi
 say "done"
