@@ -27,7 +27,7 @@ done
 export DEBIAN_FRONTEND=noninteractive
 
 # ---- Debian packages -------------------------------------------------------------------------
-runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates)
+runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev)
 build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
   libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils)
@@ -90,10 +90,14 @@ else
     apt_install "${build_pkgs[@]}"
     srclist=/etc/apt/sources.list.d/ferry-criu-src.sources
     if [ ! -f "$srclist" ]; then
+      # The same mirror this machine already uses for bookworm.
+      mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v -- '-security' | head -n1)
+      [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | awk '$3 ~ /^bookworm$/ {print $2}' | head -n1)
+      [ -n "$mirror" ] || die "cannot find this machine's Debian mirror in /etc/apt to add the unstable source index"
       # deb-src only: a deb entry for sid would mix releases on this machine.
       cat >"$srclist" <<SRC
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: unstable
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
