@@ -1,12 +1,12 @@
 // `ferry agent`: owns the tasks of its host and serves one TLS port with mutual authentication,
 // for the CLI and for other agents. Shutting it down leaves tasks running: each task's shim, not
 // the agent, is its parent.
-import { appendFile, readFile } from 'node:fs/promises';
+import { appendFile, readFile, rm } from 'node:fs/promises';
 import http2, { type Http2SecureServer, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import { Destination, type PrepareRequest } from '../migrate/destination.js';
-import { migrateOut, type MigrationReport, type ProgressEvent } from '../migrate/source.js';
+import { migrateOut, outgoingDir, type MigrationReport, type ProgressEvent } from '../migrate/source.js';
 import type { Runtime } from '../runtime/runtime.js';
 import type { LoadedTls } from '../tls/pki.js';
 import { jsonHeaders, parseAddress, serverOptions } from '../wire/http2.js';
@@ -41,6 +41,8 @@ export class Agent {
     await this.o.runtime.store.init();
     const swept = await this.dest.sweep();
     if (swept.length) this.log(`removed unfinished incoming migrations: ${swept.join(', ')}`);
+    // Outgoing work of an agent that died: CRIU's hold has timed out and resumed those tasks.
+    await rm(outgoingDir(this.o.runtime.stateDir), { recursive: true, force: true });
     const { host, port } = parseAddress(this.o.listen);
     const server = http2.createSecureServer(serverOptions(this.o.tls));
     server.on('stream', (stream, headers) => void this.dispatch(stream, headers));

@@ -8,7 +8,6 @@ import { readFileSync, readdirSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
 import type { Duplex } from 'node:stream';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -142,7 +141,8 @@ class OutgoingMigration {
       // ---- checks (nothing is frozen yet) -------------------------------------------------
       this.phase('checks');
       await rt.criu.ensureUsable(this.signal);
-      this.workDir = await mkdtemp(join(tmpdir(), 'ferry-migrate-'));
+      await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
+      this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name}-`));
       const cpuDir = join(this.workDir, 'cpu');
       await rt.criu.cpuinfoDump(cpuDir, this.signal);
       const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
@@ -249,8 +249,8 @@ class OutgoingMigration {
   private finish(): MigrationReport {
     this.report.totalMs = this.elapsed();
     this.report.bytes = { pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes };
-    const pageMs = (this.report.phasesMs['freeze+dump'] ?? 0) + (this.mode === 'post-copy' ? (this.report.postCopyWindowMs ?? 0) : 0);
-    if (pageMs > 0 && this.pages.bytes > 0) this.report.pageRateMBps = Math.round((this.pages.bytes / 1e6 / (pageMs / 1000)) * 10) / 10;
+    const rate = this.pages.rateMBps();
+    if (rate !== undefined) this.report.pageRateMBps = rate;
     return this.report;
   }
 
@@ -412,6 +412,11 @@ async function dirSize(dir: string): Promise<number> {
     else total += (await stat(p).catch(() => ({ size: 0 }))).size;
   }
   return total;
+}
+
+/** Work directories of migrations leaving this host (hold FIFOs, the small images). */
+export function outgoingDir(stateDir: string): string {
+  return join(stateDir, 'outgoing');
 }
 
 async function freeLocalPort(): Promise<number> {

@@ -3,8 +3,24 @@
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 
+/** Bytes through a stream, and when the first and the last of them passed. */
 export class ByteCounter {
   bytes = 0;
+  firstAt?: number;
+  lastAt?: number;
+
+  add(n: number): void {
+    const now = performance.now();
+    this.firstAt ??= now;
+    this.lastAt = now;
+    this.bytes += n;
+  }
+
+  /** MB/s from first to last byte; undefined for too little data to say. */
+  rateMBps(): number | undefined {
+    if (this.firstAt === undefined || this.lastAt === undefined || this.lastAt - this.firstAt < 10) return undefined;
+    return Math.round((this.bytes / 1e6 / ((this.lastAt - this.firstAt) / 1000)) * 10) / 10;
+  }
 }
 
 /** Pipes a and b both ways; resolves when both directions ended, counting bytes a -> b. */
@@ -19,8 +35,8 @@ export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?
       b.destroy();
       resolve();
     };
-    if (counter) a.on('data', (c: Buffer) => (counter.bytes += c.length));
-    if (counterBack) b.on('data', (c: Buffer) => (counterBack.bytes += c.length));
+    if (counter) a.on('data', (c: Buffer) => counter.add(c.length));
+    if (counterBack) b.on('data', (c: Buffer) => counterBack.add(c.length));
     a.pipe(b).on('finish', done);
     b.pipe(a).on('finish', done);
     a.once('error', fail);
