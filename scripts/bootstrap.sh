@@ -27,7 +27,7 @@ done
 export DEBIAN_FRONTEND=noninteractive
 
 # ---- Debian packages -------------------------------------------------------------------------
-runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev)
+runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd)
 build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
   libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils)

@@ -1,0 +1,305 @@
+// The contenders of `npm run bench`, each moving the same workload from h1 to h2 of a lab:
+// the plain scheme and raw CRIU with plain commands (none of Ferry's code), and Ferry's modes.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
+import { chmod, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { repoRoot } from '../config.js';
+import { FerryError } from '../errors.js';
+import { run } from '../exec/run.js';
+import type { LabState } from '../lab/lab.js';
+import { sleep } from '../util/proc.js';
+import { beatRate, checkBeats, parseBeats, readySum } from './heartbeat.js';
+
+export interface Workload {
+  mib: number;
+  dirtyMiBps: number;
+}
+
+export interface RunMetrics {
+  /** Largest wall-clock gap between heartbeats around the migration. */
+  pauseMs: number;
+  /** From the first command until the task runs on h2 with all its memory local. */
+  totalMs: number;
+  /** Bytes h1 sent on its link during the run (interface counters). */
+  wireBytes: number;
+  /** Bytes the tool itself reports having moved, where it reports any. */
+  reportedBytes?: number;
+  peakDiskSrcMiB: number;
+  peakDiskDstMiB: number;
+  /** Post-copy: resume until all pages were local, and the heartbeat rate then vs before. */
+  postCopyWindowMs?: number;
+  postCopyRateRatio?: number;
+}
+
+export interface Contender {
+  name: string;
+  /** Why it cannot run here, or undefined. */
+  unavailable(): Promise<string | undefined>;
+  run(ctx: BenchContext, w: Workload, tag: string): Promise<RunMetrics>;
+}
+
+export interface BenchContext {
+  lab: LabState;
+  criu: string;
+  workDir: string;
+  cli: string;
+}
+
+const WORKLOAD = join(repoRoot, 'build', 'native', 'ferry-workload');
+
+const h = (ctx: BenchContext, i: 1 | 2) => ctx.lab.hosts[i - 1]!;
+
+async function txBytes(ctx: BenchContext): Promise<number> {
+  const r = await run('ip', ['-n', h(ctx, 1).netns, '-s', '-j', 'link', 'show', 'eth0']);
+  const j = JSON.parse(r.stdout) as Array<{ stats64?: { tx?: { bytes?: number } } }>;
+  return j[0]?.stats64?.tx?.bytes ?? 0;
+}
+
+function dirBytes(dir: string): number {
+  let total = 0;
+  let entries: import('node:fs').Dirent[];
+  try {
+    entries = readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return 0;
+  }
+  for (const e of entries) {
+    const p = join(dir, e.name);
+    try {
+      if (e.isDirectory()) total += dirBytes(p);
+      else if (e.isFile()) total += statSync(p).blocks * 512;
+    } catch {
+      /* removed meanwhile */
+    }
+  }
+  return total;
+}
+
+/** Samples the disk used under the source's and destination's directories while a run goes. */
+class DiskSampler {
+  src = 0;
+  dst = 0;
+  private readonly timer: NodeJS.Timeout;
+  constructor(private readonly srcDirs: string[], private readonly dstDirs: string[]) {
+    const base = { s: this.sum(srcDirs), d: this.sum(dstDirs) };
+    this.timer = setInterval(() => {
+      this.src = Math.max(this.src, this.sum(this.srcDirs) - base.s);
+      this.dst = Math.max(this.dst, this.sum(this.dstDirs) - base.d);
+    }, 100);
+  }
+  private sum(dirs: string[]): number {
+    return dirs.reduce((a, d) => a + dirBytes(d), 0);
+  }
+  stop(): { src: number; dst: number } {
+    clearInterval(this.timer);
+    return { src: Math.round(this.src / 2 ** 20), dst: Math.round(this.dst / 2 ** 20) };
+  }
+}
+
+async function waitFor<T>(what: string, fn: () => T | undefined, timeoutMs = 120_000): Promise<T> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    const v = fn();
+    if (v !== undefined) return v;
+    if (Date.now() > end) throw new FerryError('TIMEOUT', `benchmark: timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+const readText = (p: string) => {
+  try {
+    return readFileSync(p, 'utf8');
+  } catch {
+    return '';
+  }
+};
+
+function pauseAfter(log: string, fromBeat: number): { pauseMs: number; resumedAtS: number; beforeRate: number; beats: ReturnType<typeof parseBeats> } {
+  const beats = parseBeats(log);
+  const c = checkBeats(beats, fromBeat);
+  const resumed = beats[c.maxGapAt]?.real ?? 0;
+  const frozen = beats[c.maxGapAt - 1]?.real ?? 0;
+  const since = Math.max(beats[0]?.real ?? frozen, frozen - 2);
+  return { pauseMs: Math.round(c.maxGapS * 1000), resumedAtS: resumed, beforeRate: beatRate(beats, since, frozen), beats };
+}
+
+// ---- plain commands ------------------------------------------------------------------------------
+
+/** A task started with plain tools: own PID, UTS, IPC and time namespaces, output to a file. */
+async function startPlainTask(ctx: BenchContext, w: Workload, dir: string): Promise<{ pid: number; log: string; parent: ChildProcess }> {
+  await mkdir(dir, { recursive: true });
+  const log = join(dir, 'hb.log');
+  const parent = spawn(
+    'ip',
+    ['netns', 'exec', h(ctx, 1).netns, 'unshare', '--pid', '--uts', '--ipc', '--time', '--fork', 'setsid', 'sh', '-c', `exec ${WORKLOAD} --mib ${w.mib} --dirty ${w.dirtyMiBps} >>${log} 2>&1 </dev/null`],
+    { stdio: 'ignore', detached: true },
+  );
+  parent.unref();
+  const pid = await waitFor('the plain task', () => {
+    try {
+      const kids = readFileSync(`/proc/${parent.pid}/task/${parent.pid}/children`, 'utf8').trim();
+      return kids ? Number(kids.split(' ')[0]) : undefined;
+    } catch {
+      return undefined;
+    }
+  });
+  await waitFor('the workload to fill its memory', () => readySum(readText(log)), 180_000);
+  await waitFor('heartbeats', () => (parseBeats(readText(log)).length > 100 ? true : undefined));
+  return { pid, log, parent };
+}
+
+/** criu in the task's own mount and network namespaces (see PLATFORM.md). */
+function criuAt(ctx: BenchContext, pid: number, args: string[]): Promise<unknown> {
+  return run('nsenter', ['-t', String(pid), '-m', '-n', ctx.criu, ...args], { timeoutMs: 600_000 });
+}
+
+/** tar over one TCP stream from h1 to h2, with plain nc. */
+async function copyDir(ctx: BenchContext, src: string, dst: string, port: number): Promise<void> {
+  await mkdir(dst, { recursive: true });
+  const addr = h(ctx, 2).address;
+  const recv = run('ip', ['netns', 'exec', h(ctx, 2).netns, 'sh', '-c', `nc -l ${addr} ${port} | tar -C ${dst} -xf -`], { timeoutMs: 600_000 });
+  await sleep(100);
+  await run('ip', ['netns', 'exec', h(ctx, 1).netns, 'sh', '-c', `tar -C ${src} -cf - . | nc -N ${addr} ${port}`], { timeoutMs: 600_000 });
+  await recv;
+}
+
+async function restoreOnH2(ctx: BenchContext, dst: string, lazy = false): Promise<number> {
+  await run('ip', ['netns', 'exec', h(ctx, 2).netns, ctx.criu, 'restore', '-d', '-D', dst, '-o', 'restore.log', '--tcp-close', '--file-locks', '--pidfile', join(dst, 'restored.pid'), ...(lazy ? ['--lazy-pages'] : [])], { timeoutMs: 600_000 });
+  return Number((await readFile(join(dst, 'restored.pid'), 'utf8')).trim());
+}
+
+function killPid(pid: number | undefined): void {
+  if (!pid) return;
+  try {
+    process.kill(pid, 'SIGKILL'); // the benchmark's own task
+  } catch {
+    /* gone */
+  }
+}
+
+async function plainRun(ctx: BenchContext, w: Workload, tag: string, variant: 'plain' | 'page-server' | 'lazy'): Promise<RunMetrics> {
+  const dir = join(ctx.workDir, `${variant}-${tag}`);
+  const src = join(dir, 'src');
+  const dst = join(dir, 'dst');
+  await mkdir(src, { recursive: true });
+  await mkdir(dst, { recursive: true });
+  const port = 7600 + Math.floor(Math.random() * 300);
+  const task = await startPlainTask(ctx, w, dir);
+  const fromBeat = parseBeats(readText(task.log)).length;
+  let restored: number | undefined;
+  const disk = new DiskSampler([src], [dst]);
+  try {
+    const tx0 = await txBytes(ctx);
+    const t0 = performance.now();
+    let windowMs: number | undefined;
+    if (variant === 'plain') {
+      await criuAt(ctx, task.pid, ['dump', '-t', String(task.pid), '-D', src, '-o', 'dump.log', '--tcp-close', '--file-locks']);
+      await copyDir(ctx, src, dst, port);
+      restored = await restoreOnH2(ctx, dst);
+    } else if (variant === 'page-server') {
+      const ps = run('ip', ['netns', 'exec', h(ctx, 2).netns, ctx.criu, 'page-server', '-D', dst, '--address', h(ctx, 2).address, '--port', String(port)], { timeoutMs: 600_000 });
+      await sleep(200);
+      await criuAt(ctx, task.pid, ['dump', '-t', String(task.pid), '-D', src, '-o', 'dump.log', '--tcp-close', '--file-locks', '--page-server', '--address', h(ctx, 2).address, '--port', String(port)]);
+      await ps;
+      await copyDir(ctx, src, dst, port + 1);
+      restored = await restoreOnH2(ctx, dst);
+    } else {
+      const script = join(dir, 'ready.sh');
+      await writeFile(script, `#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = status-ready ] && touch ${join(dir, 'ready')}\nexit 0\n`);
+      await chmod(script, 0o755);
+      const dump = criuAt(ctx, task.pid, ['dump', '-t', String(task.pid), '-D', src, '-o', 'dump.log', '--tcp-close', '--file-locks', '--lazy-pages', '--address', h(ctx, 1).address, '--port', String(port), '--action-script', script]);
+      dump.catch(() => undefined);
+      await waitFor('criu to serve lazy pages', () => (existsSync(join(dir, 'ready')) ? true : undefined));
+      await copyDir(ctx, src, dst, port + 1);
+      const daemon = run('ip', ['netns', 'exec', h(ctx, 2).netns, ctx.criu, 'lazy-pages', '--page-server', '--address', h(ctx, 1).address, '--port', String(port), '-D', dst, '-o', 'lazy-pages.log'], { timeoutMs: 600_000 });
+      daemon.catch(() => undefined);
+      await waitFor('the lazy-pages socket', () => (existsSync(join(dst, 'lazy-pages.socket')) ? true : undefined), 30_000);
+      restored = await restoreOnH2(ctx, dst, true);
+      const resumed = performance.now();
+      await daemon;
+      await dump;
+      windowMs = Math.round(performance.now() - resumed);
+    }
+    const totalMs = Math.round(performance.now() - t0);
+    const wireBytes = (await txBytes(ctx)) - tx0;
+    await sleep(300);
+    const p = pauseAfter(readText(task.log), fromBeat);
+    const d = disk.stop();
+    const m: RunMetrics = { pauseMs: p.pauseMs, totalMs, wireBytes, peakDiskSrcMiB: d.src, peakDiskDstMiB: d.dst };
+    if (windowMs !== undefined) {
+      m.postCopyWindowMs = windowMs;
+      m.postCopyRateRatio = ratio(beatRate(p.beats, p.resumedAtS, p.resumedAtS + windowMs / 1000), p.beforeRate);
+    }
+    return m;
+  } finally {
+    disk.stop();
+    killPid(restored);
+    killPid(task.pid);
+    killPid(task.parent.pid);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 100) / 100 : 0);
+
+// ---- Ferry ---------------------------------------------------------------------------------------
+
+async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop-copy' | 'post-copy'): Promise<RunMetrics> {
+  const name = `bench-${mode}-${tag}`.replace(/[^A-Za-z0-9_.-]/g, '');
+  const ferry = (...args: string[]) => run(process.execPath, [ctx.cli, '--cluster', ctx.lab.cluster, ...args], { timeoutMs: 600_000 });
+  const srcState = join(h(ctx, 1).dir, 'state');
+  const dstState = join(h(ctx, 2).dir, 'state');
+  const log = (host: 1 | 2) => readText(join(h(ctx, host).dir, 'state', 'tasks', name, 'task.log'));
+  await ferry('--host', 'h1', 'run', '--name', name, '--', WORKLOAD, '--mib', String(w.mib), '--dirty', String(w.dirtyMiBps));
+  try {
+    await waitFor('the workload to fill its memory', () => readySum(log(1)), 180_000);
+    await waitFor('heartbeats', () => (parseBeats(log(1)).length > 100 ? true : undefined));
+    const fromBeat = parseBeats(log(1)).length;
+    const disk = new DiskSampler([srcState], [dstState]);
+    const tx0 = await txBytes(ctx);
+    const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, '--json');
+    const wireBytes = (await txBytes(ctx)) - tx0;
+    const d = disk.stop();
+    const report = JSON.parse(r.stdout) as { totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number };
+    await sleep(300);
+    const p = pauseAfter(log(2), fromBeat);
+    const m: RunMetrics = {
+      pauseMs: p.pauseMs,
+      totalMs: report.totalMs,
+      wireBytes,
+      reportedBytes: report.bytes.pages + report.bytes.images + report.bytes.files,
+      peakDiskSrcMiB: d.src,
+      peakDiskDstMiB: d.dst,
+    };
+    if (report.postCopyWindowMs !== undefined) {
+      m.postCopyWindowMs = report.postCopyWindowMs;
+      m.postCopyRateRatio = ratio(beatRate(p.beats, p.resumedAtS, p.resumedAtS + report.postCopyWindowMs / 1000), p.beforeRate);
+    }
+    return m;
+  } finally {
+    for (const host of ['h1', 'h2']) await ferry('--host', host, 'rm', '--force', name).catch(() => undefined);
+  }
+}
+
+// ---- Podman ----------------------------------------------------------------------------------------
+
+const podman: Contender = {
+  name: 'podman export/import',
+  async unavailable() {
+    const r = await run('sh', ['-c', 'command -v podman'], { reject: false });
+    return r.exitCode === 0 ? 'podman is installed, but Ferry does not drive it yet' : 'podman is not installed (apt-get install podman runc to compare)';
+  },
+  run: () => Promise.reject(new FerryError('USAGE', 'podman contender is not available')),
+};
+
+const always = async () => undefined;
+
+export const CONTENDERS: Contender[] = [
+  { name: 'plain (dump, tar over TCP, restore)', unavailable: always, run: (c, w, t) => plainRun(c, w, t, 'plain') },
+  { name: 'criu page-server', unavailable: always, run: (c, w, t) => plainRun(c, w, t, 'page-server') },
+  { name: 'criu lazy-pages', unavailable: always, run: (c, w, t) => plainRun(c, w, t, 'lazy') },
+  podman,
+  { name: 'ferry stop-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'stop-copy') },
+  { name: 'ferry post-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'post-copy') },
+];

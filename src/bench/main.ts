@@ -1,0 +1,123 @@
+// `npm run bench`: every contender moves the same workload over the same link in one run;
+// medians of repeated runs go to bench/results/ as JSON, a Markdown table and an SVG chart.
+import { Command, CommanderError } from 'commander';
+import { cpus, totalmem } from 'node:os';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { loadConfig, repoRoot } from '../config.js';
+import { FerryError } from '../errors.js';
+import { run } from '../exec/run.js';
+import { labDown, labUp } from '../lab/lab.js';
+import { CONTENDERS, type RunMetrics, type Workload } from './contenders.js';
+import { renderMarkdown, renderSvg, summarize, type BenchResult } from './report.js';
+
+interface Options {
+  bandwidth: string;
+  sizes: number[];
+  dirtyRates: number[];
+  runs: number;
+  out: string;
+  only?: string[];
+  subnet: number;
+}
+
+function parse(argv: string[]): Options {
+  const list = (v: string) => v.split(',').map((x) => {
+    const n = Number(x.trim());
+    if (!Number.isFinite(n) || n < 0) throw new FerryError('USAGE', `not a number: '${x}'`);
+    return n;
+  });
+  const p = new Command('bench')
+    .option('--bandwidth <rate>', 'link rate between the two hosts (tc tbf)', '1gbit')
+    .option('--sizes <MiB,...>', 'workload sizes', '256,1024')
+    .option('--dirty-rates <MiB/s,...>', 'page dirtying rates', '0,16')
+    .option('--runs <n>', 'runs per contender and workload (medians are reported)', '3')
+    .option('--quick', 'one size (256 MiB), one dirty rate (16 MiB/s), one run')
+    .option('--only <names>', 'comma-separated contender name fragments')
+    .option('--out <dir>', 'where to write the results', join(repoRoot, 'bench', 'results'))
+    .option('--subnet <n>', 'lab subnet (10.213.N.0/24)', '98')
+    .exitOverride()
+    .parse(argv, { from: 'user' });
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string }>();
+  return {
+    bandwidth: o.bandwidth,
+    sizes: o.quick ? [256] : list(o.sizes),
+    dirtyRates: o.quick ? [16] : list(o.dirtyRates),
+    runs: o.quick ? 1 : Math.max(1, Math.floor(Number(o.runs))),
+    out: o.out,
+    ...(o.only ? { only: o.only.split(',') } : {}),
+    subnet: Number(o.subnet),
+  };
+}
+
+async function main(): Promise<void> {
+  const o = parse(process.argv.slice(2));
+  const cfg = loadConfig();
+  const say = (s: string) => process.stdout.write(s + '\n');
+  const contenders = CONTENDERS.filter((c) => !o.only || o.only.some((f) => c.name.includes(f)));
+  const results: BenchResult[] = [];
+  const skipped: Array<{ contender: string; reason: string }> = [];
+  for (const c of contenders) {
+    const why = await c.unavailable();
+    if (why) {
+      skipped.push({ contender: c.name, reason: why });
+      say(`skip ${c.name}: ${why}`);
+    }
+  }
+  const runnable = contenders.filter((c) => !skipped.some((s) => s.contender === c.name));
+  const labName = 'bench';
+  await labDown(labName);
+  say(`lab: two hosts, links shaped to ${o.bandwidth}`);
+  const lab = await labUp({ name: labName, hosts: 2, bandwidth: o.bandwidth, subnet: o.subnet });
+  const workDir = join(lab.dir, 'work');
+  const ctx = { lab, criu: cfg.criu, workDir, cli: join(repoRoot, 'dist', 'src', 'cli', 'main.js') };
+  try {
+    for (const mib of o.sizes) {
+      for (const dirty of o.dirtyRates) {
+        const w: Workload = { mib, dirtyMiBps: dirty };
+        for (const c of runnable) {
+          const runs: RunMetrics[] = [];
+          const errors: string[] = [];
+          for (let i = 0; i < o.runs; i++) {
+            try {
+              const m = await c.run(ctx, w, `${mib}-${dirty}-${i}`);
+              runs.push(m);
+              say(`${c.name.padEnd(38)} ${String(mib).padStart(5)} MiB ${String(dirty).padStart(3)} MiB/s run ${i + 1}: pause ${m.pauseMs} ms, total ${m.totalMs} ms, wire ${(m.wireBytes / 2 ** 20).toFixed(0)} MiB`);
+            } catch (e) {
+              const msg = e instanceof Error ? e.message.split('\n')[0]! : String(e);
+              errors.push(msg);
+              say(`${c.name} ${mib} MiB ${dirty} MiB/s run ${i + 1} failed: ${msg}`);
+            }
+          }
+          results.push(summarize(c.name, w, runs, errors));
+        }
+      }
+    }
+  } finally {
+    await rm(workDir, { recursive: true, force: true });
+    await labDown(labName);
+  }
+  const kernel = (await run('uname', ['-r'])).stdout.trim();
+  const criuVersion = (await run(cfg.criu, ['--version'], { reject: false })).stdout.match(/Version: (\S+)/)?.[1] ?? 'unknown';
+  const meta = {
+    date: new Date().toISOString(),
+    machine: `${cpus().length} cores (${cpus()[0]?.model ?? 'unknown CPU'}), ${Math.round(totalmem() / 2 ** 30)} GiB, kernel ${kernel}, CRIU ${criuVersion}`,
+    link: `two network namespaces on one machine, veth through a bridge, shaped with tc tbf to ${o.bandwidth}`,
+    runs: o.runs,
+  };
+  await mkdir(o.out, { recursive: true });
+  await writeFile(join(o.out, 'latest.json'), JSON.stringify({ meta, results, skipped }, null, 2) + '\n');
+  await writeFile(join(o.out, 'latest.md'), renderMarkdown(meta, results, skipped));
+  await writeFile(join(o.out, 'latest.svg'), renderSvg(meta, results));
+  say(`\nwrote ${join(o.out, 'latest.json')}, latest.md and latest.svg`);
+  process.stdout.write('\n' + renderMarkdown(meta, results, skipped));
+}
+
+main().catch((e: unknown) => {
+  if (e instanceof CommanderError) {
+    process.exitCode = e.exitCode === 0 ? 0 : 2;
+    return;
+  }
+  process.stderr.write(`bench: ${e instanceof FerryError ? `${e.message}${e.hint ? ` (${e.hint})` : ''}` : (e as Error).stack}\n`);
+  process.exitCode = 1;
+});
