@@ -2,14 +2,15 @@
 // for the CLI and for other agents. Shutting it down leaves tasks running: each task's shim, not
 // the agent, is its parent.
 import { appendFile, readFile, rm } from 'node:fs/promises';
-import http2, { type Http2SecureServer, type IncomingHttpHeaders, type ServerHttp2Stream } from 'node:http2';
+import tls from 'node:tls';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import { Destination, type PrepareRequest } from '../migrate/destination.js';
 import { migrateOut, outgoingDir, type MigrationReport, type ProgressEvent } from '../migrate/source.js';
 import type { Runtime } from '../runtime/runtime.js';
 import type { LoadedTls } from '../tls/pki.js';
-import { jsonHeaders, parseAddress, serverOptions } from '../wire/http2.js';
+import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
+import { jsonHeaders, parseAddress, serverOptions } from '../wire/session.js';
 
 export interface AgentOptions {
   name: string;
@@ -19,10 +20,11 @@ export interface AgentOptions {
   log?: (line: string) => void;
 }
 
-type Handler = (stream: ServerHttp2Stream, params: string[], headers: IncomingHttpHeaders, body: () => Promise<unknown>) => Promise<void>;
+type Handler = (stream: MuxStream, params: string[], headers: Headers, body: () => Promise<unknown>) => Promise<void>;
 
 export class Agent {
-  private server?: Http2SecureServer;
+  private server?: tls.Server;
+  private readonly sessions = new Set<MuxSession>();
   private readonly dest: Destination;
   private readonly routes: Array<[string, RegExp, Handler, boolean]> = [];
   readonly historyFile: string;
@@ -44,21 +46,23 @@ export class Agent {
     // Outgoing work of an agent that died: CRIU's hold has timed out and resumed those tasks.
     await rm(outgoingDir(this.o.runtime.stateDir), { recursive: true, force: true });
     const { host, port } = parseAddress(this.o.listen);
-    const server = http2.createSecureServer(serverOptions(this.o.tls));
-    server.on('stream', (stream, headers) => void this.dispatch(stream, headers));
-    server.on('session', (s) => {
-      s.on('error', () => {});
+    const server = tls.createServer(serverOptions(this.o.tls), (socket) => {
+      const session = new MuxSession(socket, false);
+      this.sessions.add(session);
+      session.on('stream', (stream: MuxStream, headers: Headers) => void this.dispatch(stream, headers));
       // A peer behind a cut link is noticed in seconds, so its unfinished migration is undone.
       let missed = 0;
       const t = setInterval(() => {
-        if (s.destroyed) return clearInterval(t);
-        s.ping((err) => {
+        session.ping((err) => {
           if (!err) missed = 0;
         });
-        if (++missed > 4) s.destroy();
+        if (++missed > 4) session.destroy(new Error('peer stopped answering'));
       }, 1000);
       t.unref();
-      s.once('close', () => clearInterval(t));
+      session.once('close', () => {
+        clearInterval(t);
+        this.sessions.delete(session);
+      });
     });
     server.on('tlsClientError', (e) => this.log(`refused a peer: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
@@ -77,6 +81,7 @@ export class Agent {
     return new Promise((resolve) => {
       if (!this.server) return resolve();
       this.server.close(() => resolve());
+      for (const s of this.sessions) s.close();
       const t = setTimeout(() => resolve(), 5000);
       t.unref();
     });
@@ -86,15 +91,25 @@ export class Agent {
     this.routes.push([method, pattern, h, raw]);
   }
 
-  private async dispatch(stream: ServerHttp2Stream, headers: IncomingHttpHeaders): Promise<void> {
+  private async dispatch(stream: MuxStream, headers: Headers): Promise<void> {
     stream.on('error', () => {});
     const method = String(headers[':method']);
     const path = String(headers[':path']).split('?')[0]!;
-    const body = async () => {
-      let text = '';
-      for await (const c of stream) text += c;
-      return text ? JSON.parse(text) : {};
-    };
+    // Not `for await`: ending the iteration would destroy the duplex before we answer.
+    const body = () =>
+      new Promise<unknown>((resolve, reject) => {
+        let text = '';
+        stream.setEncoding('utf8');
+        stream.on('data', (c: string) => (text += c));
+        stream.once('end', () => {
+          try {
+            resolve(text ? JSON.parse(text) : {});
+          } catch {
+            reject(new FerryError('PEER', `malformed request body for ${method} ${path}`));
+          }
+        });
+        stream.once('error', reject);
+      });
     try {
       for (const [m, re, h] of this.routes) {
         const match = m === method ? re.exec(path) : null;
@@ -115,7 +130,7 @@ export class Agent {
 
   private defineRoutes(): void {
     const rt = this.o.runtime;
-    const reply = (stream: ServerHttp2Stream, value: unknown) => {
+    const reply = (stream: MuxStream, value: unknown) => {
       stream.respond(jsonHeaders(200));
       stream.end(JSON.stringify(value ?? {}));
     };
@@ -189,7 +204,7 @@ export class Agent {
     // Migration in (agent to agent).
     this.route('POST', /^\/v1\/incoming$/, async (s, _p, _h, body) => {
       const req = (await body()) as PrepareRequest;
-      reply(s, await this.dest.prepare(req, s.session!));
+      reply(s, await this.dest.prepare(req, s.session));
     });
     this.route('POST', /^\/v1\/incoming\/([^/]+)\/pages$/, async (s, [id]) => this.dest.pages(id!, s));
     this.route('POST', /^\/v1\/incoming\/([^/]+)\/lazy$/, async (s, [id]) => this.dest.lazyStream(id!, s));

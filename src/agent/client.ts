@@ -1,11 +1,10 @@
 // The CLI's view of a cluster: a small file naming hosts and the client certificate to use.
 //   { "hosts": { "h1": "10.0.0.1:7443" }, "ca": "...", "cert": "...", "key": "..." }
 import { readFile } from 'node:fs/promises';
-import type { ClientHttp2Session } from 'node:http2';
 import { dirname, resolve } from 'node:path';
 import { FerryError } from '../errors.js';
 import { loadTls, type LoadedTls } from '../tls/pki.js';
-import { connect } from '../wire/http2.js';
+import { connect, type MuxSession } from '../wire/session.js';
 
 export interface ClusterFile {
   hosts: Record<string, string>;
@@ -43,6 +42,6 @@ export function hostAddress(c: Cluster, name: string): string {
   return a;
 }
 
-export async function connectHost(c: Cluster, name: string): Promise<ClientHttp2Session> {
+export async function connectHost(c: Cluster, name: string): Promise<MuxSession> {
   return connect(hostAddress(c, name), { tls: c.tls, expectName: name });
 }

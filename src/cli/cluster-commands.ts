@@ -130,7 +130,7 @@ export function registerClusterCommands(program: Command): void {
       const { cluster, host } = await remoteTarget(cmd, true);
       const session = await agentSession(cluster, host);
       try {
-        const { requestJson } = await import('../wire/http2.js');
+        const { requestJson } = await import('../wire/session.js');
         const h = await requestJson<Array<Partial<MigrationReport> & { at?: string }>>(session, 'GET', '/v1/history');
         if (opts.json) return printJson(h);
         process.stdout.write(
@@ -145,15 +145,15 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-async function readMigration(stream: import('node:http2').ClientHttp2Stream, live: boolean): Promise<MigrationReport> {
-  const { decodeAnswer } = await import('../wire/http2.js');
-  let headers: import('node:http2').IncomingHttpHeaders = {};
+async function readMigration(stream: import('../wire/session.js').MuxStream, live: boolean): Promise<MigrationReport> {
+  const { decodeAnswer } = await import('../wire/session.js');
+  let headers: import('../wire/session.js').Headers = {};
   let buf = '';
   let report: MigrationReport | undefined;
   let error: FerryError | undefined;
   let phase = '';
   stream.setEncoding('utf8');
-  stream.on('response', (h) => (headers = h));
+  stream.on('response', (h: import('../wire/session.js').Headers) => (headers = h));
   for await (const chunk of stream) {
     buf += chunk as string;
     if (Number(headers[':status']) >= 400) continue;

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
-import type { ClientHttp2Session } from 'node:http2';
 import { connectHost, loadCluster, type Cluster } from '../agent/client.js';
+import type { MuxSession } from '../wire/session.js';
 import { FerryError } from '../errors.js';
 
 /** The cluster and host named by --host/--cluster (or FERRY_HOST/FERRY_CLUSTER), if any. */
@@ -17,11 +17,11 @@ export async function remoteTarget(cmd: Command, required = false): Promise<{ cl
   return { cluster, host };
 }
 
-export async function agentSession(cluster: Cluster, host: string): Promise<ClientHttp2Session> {
+export async function agentSession(cluster: Cluster, host: string): Promise<MuxSession> {
   return connectHost(cluster, host);
 }
 
-import { requestJson, readAll, decodeAnswer } from '../wire/http2.js';
+import { requestJson, readAll, decodeAnswer } from '../wire/session.js';
 import type { Runtime, RunSpec } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
 

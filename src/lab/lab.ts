@@ -11,7 +11,7 @@ import { run } from '../exec/run.js';
 import { caInit, certIssue, loadTls } from '../tls/pki.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, sleep, startTime } from '../util/proc.js';
-import { connect, requestJson } from '../wire/http2.js';
+import { connect, requestJson } from '../wire/session.js';
 
 export interface LabHost {
   name: string;

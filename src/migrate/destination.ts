@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, createWriteStream } from 'node:fs';
 import { mkdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
-import type { Http2Session, ServerHttp2Stream } from 'node:http2';
+import type { MuxSession, MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
 import { Duplex } from 'node:stream';
@@ -32,14 +32,14 @@ export interface PrepareRequest {
 interface Incoming {
   id: string;
   req: PrepareRequest;
-  session: Http2Session;
+  session: MuxSession;
   dir: string;
   imagesDir: string;
   pageServer?: ServerHandle;
   pageServerPort?: number;
   lazy?: { daemon: ServerHandle; close: () => void };
   /** The two ends of the lazy-pages link; spliced when both exist. */
-  lazyStream?: ServerHttp2Stream;
+  lazyStream?: MuxStream;
   lazySock?: Socket;
   restored?: TaskRecord;
   committed: boolean;
@@ -76,7 +76,7 @@ export class Destination {
     return m;
   }
 
-  async prepare(req: PrepareRequest, session: Http2Session): Promise<{ freeMemBytes: number; freeDiskBytes: number }> {
+  async prepare(req: PrepareRequest, session: MuxSession): Promise<{ freeMemBytes: number; freeDiskBytes: number }> {
     const name = req.task.name;
     validateName(name);
     const criu = this.rt.criu;
@@ -125,7 +125,7 @@ export class Destination {
   }
 
   /** The page stream of a stop-copy dump, handed to the local `criu page-server`. */
-  async pages(id: string, stream: ServerHttp2Stream): Promise<void> {
+  async pages(id: string, stream: MuxStream): Promise<void> {
     const m = this.get(id);
     if (!m.pageServer || !m.pageServerPort) throw new FerryError('PEER', 'this migration has no page server');
     const server = m.pageServer;
@@ -135,21 +135,21 @@ export class Destination {
   }
 
   /** The lazy-pages link: held until the local lazy-pages daemon connects. */
-  lazyStream(id: string, stream: ServerHttp2Stream): void {
+  lazyStream(id: string, stream: MuxStream): void {
     const m = this.get(id);
     stream.respond({ ':status': 200 });
     m.lazyStream = stream;
     pairLazy(m);
   }
 
-  async image(id: string, file: string, stream: ServerHttp2Stream): Promise<void> {
+  async image(id: string, file: string, stream: MuxStream): Promise<void> {
     const m = this.get(id);
     if (!/^[A-Za-z0-9_.-]+$/.test(file) || file.startsWith('.')) throw new FerryError('PEER', `refusing image name '${file}'`);
     await pipeline(stream, createWriteStream(join(m.imagesDir, file), { mode: 0o600 }));
   }
 
   /** Runs `rsync --server` into the task's directory, speaking through the stream. */
-  async rsync(id: string, args: string[], stream: ServerHttp2Stream): Promise<void> {
+  async rsync(id: string, args: string[], stream: MuxStream): Promise<void> {
     const m = this.get(id);
     if (args[0] !== 'rsync' || args[1] !== '--server' || args.includes('--sender') || args.some((a) => a.includes('\0'))) {
       throw new FerryError('PEER', 'refusing an rsync command that is not a receiving server');

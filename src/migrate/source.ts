@@ -6,7 +6,6 @@ import { randomUUID } from 'node:crypto';
 import { spawn } from 'node:child_process';
 import { readFileSync, readdirSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
-import type { ClientHttp2Session } from 'node:http2';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { join } from 'node:path';
@@ -16,7 +15,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { requireRunning } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
 import type { LoadedTls } from '../tls/pki.js';
-import { connect, readAll, decodeAnswer, requestJson } from '../wire/http2.js';
+import { connect, readAll, decodeAnswer, requestJson, type MuxSession } from '../wire/session.js';
 import { run } from '../exec/run.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive } from '../util/proc.js';
@@ -84,7 +83,7 @@ class OutgoingMigration {
   private readonly pages = new ByteCounter();
   private readonly files = new ByteCounter();
   private imageBytes = 0;
-  private session?: ClientHttp2Session;
+  private session?: MuxSession;
   private hold?: Hold;
   private dump?: ReturnType<typeof spawn>;
   private dumpExit?: Promise<number | null>;
@@ -171,7 +170,7 @@ class OutgoingMigration {
       if (this.mode === 'stop-copy') {
         const tunnel = await this.listen(async (sock) => {
           const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
-          await splice(sock, stream as unknown as Duplex, this.pages);
+          await splice(sock, stream, this.pages);
         });
         this.startDump(imagesDir, ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)]);
       } else {
@@ -205,7 +204,7 @@ class OutgoingMigration {
           throw await this.dumpFailure();
         });
         this.sockets.add(sock);
-        void splice(sock, lazyStream as unknown as Duplex, this.pages);
+        void splice(sock, lazyStream, this.pages);
       }
       const r = await restoreP;
       restored = true;
@@ -255,7 +254,7 @@ class OutgoingMigration {
   }
 
   /** A cut link or a dead peer ends the session within seconds, not at TCP's leisure. */
-  private watchSession(s: ClientHttp2Session): void {
+  private watchSession(s: MuxSession): void {
     let missed = 0;
     this.keepalive = setInterval(() => {
       const ok = s.ping((err) => {
@@ -334,7 +333,7 @@ class OutgoingMigration {
         const rest = Buffer.from(head.slice(nl + 1), 'latin1');
         const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/rsync`, 'x-ferry-rsync': JSON.stringify(args) });
         if (rest.length) stream.write(rest);
-        void splice(sock, stream as unknown as Duplex, this.files, this.files);
+        void splice(sock, stream, this.files, this.files);
         sock.resume();
       };
       sock.on('data', onData);

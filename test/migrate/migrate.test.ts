@@ -2,7 +2,8 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import http2 from 'node:http2';
+import tls from 'node:tls';
+import { MuxSession, type Headers } from '../../src/wire/mux.js';
 import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -214,21 +215,22 @@ test('an agent refuses a client without a certificate or with one from another C
   t.after(() => rmSync(other, { recursive: true, force: true }));
   await caInit(join(other, 'ca'));
   const c = await certIssue(join(other, 'ca'), 'intruder', other);
-  const attempt = (opts: http2.SecureClientSessionOptions) =>
+  const attempt = (opts: { cert?: Buffer; key?: Buffer }) =>
     new Promise<string>((resolve) => {
-      const s = http2.connect(`https://${addr('h1')}:7443`, { ...opts, rejectUnauthorized: false });
-      s.on('error', (e) => resolve(`refused: ${e.message}`));
-      s.on('connect', () => {
-        const req = s.request({ ':path': '/v1/tasks' });
+      const sock = tls.connect({ host: addr('h1'), port: 7443, ...opts, rejectUnauthorized: false });
+      sock.on('error', (e) => resolve(`refused: ${e.message}`));
+      sock.on('secureConnect', () => {
+        const session = new MuxSession(sock, true);
+        const req = session.request({ ':method': 'GET', ':path': '/v1/tasks' });
         let body = '';
         let status = 'none';
-        req.on('response', (h) => (status = String(h[':status'])));
+        req.on('response', (h: Headers) => (status = String(h[':status'])));
         req.on('data', (d) => (body += d));
-        req.on('end', () => resolve(status === '200' ? `answered: ${body}` : `refused: no answer (status ${status})`));
         req.on('error', (e) => resolve(`refused: ${e.message}`));
+        req.on('close', () => resolve(status === '200' ? `answered: ${body}` : `refused: no answer (status ${status})`));
         req.end();
       });
-    }).finally(() => undefined);
+    });
   const none = await attempt({});
   assert.match(none, /^refused/, none);
   const foreign = await attempt({ cert: readFileSync(c.cert), key: readFileSync(c.key) });

@@ -1,26 +1,15 @@
-// Ferry's wire: HTTP/2 over TLS with mutual certificate authentication. One session between two
-// agents carries every stream of a migration (control, pages, images, file sync), multiplexed
-// with HTTP/2's own flow control.
-import http2, { type ClientHttp2Session, type ClientHttp2Stream, type IncomingHttpHeaders, type OutgoingHttpHeaders } from 'node:http2';
-import type { TLSSocket } from 'node:tls';
+// Ferry's wire: one TLS 1.3 connection with mutual certificate authentication between two
+// parties, carrying many streams (see mux.ts). Between agents it carries every stream of a
+// migration: control, pages, images, file sync.
+import tls from 'node:tls';
 import { FerryError, type SerializedError } from '../errors.js';
 import type { LoadedTls } from '../tls/pki.js';
+import { MuxSession, type Headers, type MuxStream } from './mux.js';
 
-/** Large windows: the default 64 KiB window caps one stream far below a 1 Gbit/s link. */
-export const WINDOW = 32 * 1024 * 1024;
-export const SETTINGS = { initialWindowSize: WINDOW, maxFrameSize: 1 << 20 } as const;
+export type { Headers, MuxSession, MuxStream };
 
-export function serverOptions(tls: LoadedTls): http2.SecureServerOptions {
-  return {
-    key: tls.key,
-    cert: tls.cert,
-    ca: tls.ca,
-    requestCert: true,
-    rejectUnauthorized: true,
-    allowHTTP1: false,
-    settings: SETTINGS,
-    minVersion: 'TLSv1.3',
-  };
+export function serverOptions(t: LoadedTls): tls.TlsOptions {
+  return { key: t.key, cert: t.cert, ca: t.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' };
 }
 
 export function parseAddress(addr: string, defaultPort = 7443): { host: string; port: number } {
@@ -39,14 +28,16 @@ export interface ConnectOptions {
   timeoutMs?: number;
 }
 
-export async function connect(address: string, o: ConnectOptions): Promise<ClientHttp2Session> {
+export async function connect(address: string, o: ConnectOptions): Promise<MuxSession> {
   const { host, port } = parseAddress(address);
+  const timeoutMs = o.timeoutMs ?? 5000;
   return new Promise((resolve, reject) => {
-    const session = http2.connect(`https://${host}:${port}`, {
+    const socket = tls.connect({
+      host,
+      port,
       ca: o.tls.ca,
       cert: o.tls.cert,
       key: o.tls.key,
-      settings: SETTINGS,
       minVersion: 'TLSv1.3',
       // Peers are identified by the cluster CA and their certificate's name, not by DNS.
       checkServerIdentity: (_h, cert) => {
@@ -56,19 +47,17 @@ export async function connect(address: string, o: ConnectOptions): Promise<Clien
         return undefined;
       },
     });
-    const timer = setTimeout(() => fail(new FerryError('TIMEOUT', `no answer from the agent at ${address} within ${o.timeoutMs ?? 5000} ms`, { hint: 'is `ferry agent` running there and the address right?' })), o.timeoutMs ?? 5000);
+    const timer = setTimeout(() => fail(new FerryError('TIMEOUT', `no answer from the agent at ${address} within ${timeoutMs} ms`, { hint: 'is `ferry agent` running there and the address right?' })), timeoutMs);
     const fail = (e: Error) => {
       clearTimeout(timer);
-      session.destroy();
+      socket.destroy();
       reject(e instanceof FerryError ? e : connectError(address, e));
     };
-    session.once('error', fail);
-    session.once('connect', () => {
+    socket.once('error', fail);
+    socket.once('secureConnect', () => {
       clearTimeout(timer);
-      session.off('error', fail);
-      session.on('error', () => {}); // reported through the streams that fail
-      session.setLocalWindowSize(WINDOW * 4);
-      resolve(session);
+      socket.off('error', fail);
+      resolve(new MuxSession(socket, true));
     });
   });
 }
@@ -81,20 +70,21 @@ function connectError(address: string, e: Error & { code?: string }): FerryError
   return new FerryError('PEER', `cannot reach the agent at ${address}: ${e.message}`);
 }
 
-export interface JsonResponse<T> {
-  status: number;
-  body: T;
-}
-
 /** One request with a JSON body and a JSON answer; errors come back as FerryError. */
-export async function requestJson<T>(session: ClientHttp2Session, method: string, path: string, body?: unknown, o: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
-  const stream = session.request({ ':method': method, ':path': path, 'content-type': 'application/json' }, o.signal ? { signal: o.signal } : {});
-  stream.end(body === undefined ? undefined : JSON.stringify(body));
-  const [headers, text] = await readAll(stream, o.timeoutMs);
-  return decodeAnswer<T>(headers, text, path);
+export async function requestJson<T>(session: MuxSession, method: string, path: string, body?: unknown, o: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<T> {
+  const stream = session.request({ ':method': method, ':path': path, 'content-type': 'application/json' });
+  const onAbort = () => stream.destroy(new FerryError('ABORTED', `${method} ${path} was cancelled`));
+  o.signal?.addEventListener('abort', onAbort, { once: true });
+  try {
+    stream.end(body === undefined ? undefined : JSON.stringify(body));
+    const [headers, text] = await readAll(stream, o.timeoutMs);
+    return decodeAnswer<T>(headers, text, path);
+  } finally {
+    o.signal?.removeEventListener('abort', onAbort);
+  }
 }
 
-export function decodeAnswer<T>(headers: IncomingHttpHeaders, text: string, path: string): T {
+export function decodeAnswer<T>(headers: Headers, text: string, path: string): T {
   const status = Number(headers[':status']);
   let parsed: unknown;
   try {
@@ -102,6 +92,7 @@ export function decodeAnswer<T>(headers: IncomingHttpHeaders, text: string, path
   } catch {
     throw new FerryError('PEER', `the agent sent a malformed answer to ${path} (status ${status})`);
   }
+  if (!(status >= 200)) throw new FerryError('PEER', `the agent closed ${path} without an answer`);
   if (status >= 400) {
     const err = (parsed as { error?: SerializedError } | undefined)?.error;
     throw err ? FerryError.fromJSON(err) : new FerryError('PEER', `the agent answered ${status} to ${path}`);
@@ -109,13 +100,13 @@ export function decodeAnswer<T>(headers: IncomingHttpHeaders, text: string, path
   return parsed as T;
 }
 
-export function readAll(stream: ClientHttp2Stream, timeoutMs?: number): Promise<[IncomingHttpHeaders, string]> {
+export function readAll(stream: MuxStream, timeoutMs?: number): Promise<[Headers, string]> {
   return new Promise((resolve, reject) => {
-    let headers: IncomingHttpHeaders = {};
+    let headers: Headers = {};
     let text = '';
-    const timer = timeoutMs ? setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), timeoutMs) : undefined;
+    const timer = timeoutMs ? setTimeout(() => stream.destroy(new FerryError('TIMEOUT', 'the agent did not answer in time')), timeoutMs) : undefined;
     stream.setEncoding('utf8');
-    stream.on('response', (h) => (headers = h));
+    stream.on('response', (h: Headers) => (headers = h));
     stream.on('data', (c: string) => (text += c));
     stream.on('end', () => {
       if (timer) clearTimeout(timer);
@@ -127,16 +118,11 @@ export function readAll(stream: ClientHttp2Stream, timeoutMs?: number): Promise<
     });
     stream.on('close', () => {
       if (timer) clearTimeout(timer);
-      if (!stream.readableEnded) reject(new FerryError('PEER', timeoutMs ? 'the agent did not answer in time' : 'the connection to the agent closed'));
+      if (!stream.readableEnded) reject(new FerryError('PEER', 'the connection to the agent closed'));
     });
   });
 }
 
-export function peerName(socket: TLSSocket): string | undefined {
-  const cn = socket.getPeerCertificate()?.subject?.CN;
-  return typeof cn === 'string' ? cn : undefined;
-}
-
-export function jsonHeaders(status: number): OutgoingHttpHeaders {
+export function jsonHeaders(status: number): Headers {
   return { ':status': status, 'content-type': 'application/json' };
 }
