@@ -163,7 +163,7 @@ export class Destination {
     await new Promise((r) => (child.exitCode !== null ? r(null) : child.once('close', r)));
   }
 
-  async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number }> {
+  async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
     const m = this.get(id);
     const started = performance.now();
     if (m.pageServer) {
@@ -171,6 +171,7 @@ export class Destination {
       const done = await Promise.race([m.pageServer.wait().then(() => true), sleep(30_000).then(() => false)]);
       if (!done) throw new FerryError('TIMEOUT', 'the destination page server did not finish receiving pages');
     }
+    const pageWaitMs = Math.round(performance.now() - started);
     if (opts.lazy) await this.startLazyDaemon(m);
     const rec: TaskRecord = { ...m.req.task, state: 'checkpointed', origin: m.req.from };
     delete rec.pid;
@@ -181,7 +182,7 @@ export class Destination {
     const restored = await this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy });
     m.restored = restored;
     await rm(join(m.dir, 'incoming.json'), { force: true });
-    return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) };
+    return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
 
   private async startLazyDaemon(m: Incoming): Promise<void> {

@@ -42,6 +42,8 @@ export interface MigrationReport {
   bytes: { pages: number; images: number; files: number };
   pageRateMBps?: number;
   pid?: number;
+  /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
+  destination?: { pageWaitMs: number; criuRestoreMs: number };
 }
 
 export type ProgressEvent =
@@ -191,7 +193,7 @@ class OutgoingMigration {
 
       // ---- restore on the destination ---------------------------------------------------
       this.phase('restore');
-      const restoreP = requestJson<{ pid: number; restoreMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
+      const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
       if (lazyPort && lazyStream) {
         // The restore cannot finish without pages, and CRIU serves them only after the hold
         // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
@@ -209,6 +211,7 @@ class OutgoingMigration {
       const r = await restoreP;
       restored = true;
       this.report.pid = r.pid;
+      this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
       this.report.blackoutMs = Math.round(performance.now() - frozenAt);
       this.endPhase('restore');
 
