@@ -14,7 +14,7 @@ import { FerryError } from '../errors.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { validateName, type TaskRecord } from '../runtime/task-store.js';
 import { isAlive, sleep } from '../util/proc.js';
-import { connectWhenListening, listenLocal, splice } from './tunnel.js';
+import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type Mode = 'stop-copy' | 'post-copy';
 
@@ -256,10 +256,4 @@ async function freeResources(dir: string): Promise<{ memBytes: number; diskBytes
 
 function mib(n: number): number {
   return Math.round(n / (1 << 20));
-}
-
-async function freeLocalPort(): Promise<number> {
-  const l = await listenLocal(() => {});
-  await new Promise((r) => l.server.close(r));
-  return l.port;
 }

@@ -21,7 +21,7 @@ import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive } from '../util/proc.js';
 import type { Mode, PrepareRequest } from './destination.js';
 import { Hold } from './hold.js';
-import { ByteCounter, connectWhenListening, listenLocal, splice } from './tunnel.js';
+import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
@@ -419,10 +419,4 @@ async function dirSize(dir: string): Promise<number> {
 /** Work directories of migrations leaving this host (hold FIFOs, the small images). */
 export function outgoingDir(stateDir: string): string {
   return join(stateDir, 'outgoing');
-}
-
-async function freeLocalPort(): Promise<number> {
-  const l = await listenLocal(() => {});
-  await new Promise((r) => l.server.close(r));
-  return l.port;
 }

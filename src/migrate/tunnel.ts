@@ -90,3 +90,10 @@ export async function connectWhenListening(port: number, deadlineMs: number, isA
     }
   }
 }
+
+/** A loopback port that was free a moment ago, for a program that must be told its port. */
+export async function freeLocalPort(): Promise<number> {
+  const l = await listenLocal(() => {});
+  await new Promise((r) => l.server.close(r));
+  return l.port;
+}

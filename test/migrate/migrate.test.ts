@@ -4,13 +4,12 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import tls from 'node:tls';
 import { MuxSession, type Headers } from '../../src/wire/mux.js';
-import { connect } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { caInit, certIssue } from '../../src/tls/pki.js';
 import { checkBeats, parseBeats, readySum, sums } from '../support/heartbeat.js';
-import { SOCKETS, WORKLOAD, runCli, waitFor, type CliResult, type TaskInfo } from '../support/ferry.js';
+import { SOCKETS, WORKLOAD, ask, runCli, waitFor, type CliResult, type TaskInfo } from '../support/ferry.js';
 
 const LAB = 't';
 const SUBNET = 77;
@@ -103,16 +102,6 @@ for (const mode of ['stop-copy', 'post-copy'] as const) {
   });
 }
 
-function ask(host: string, port: number, line: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const s = connect({ port, host }, () => s.write(line + '\n'));
-    let data = '';
-    s.setTimeout(5000, () => s.destroy(new Error('timeout')));
-    s.on('data', (c) => (data += c));
-    s.on('end', () => resolve(data.trim()));
-    s.on('error', reject);
-  });
-}
 
 test('a listening TCP socket keeps listening at the new host', async (t) => {
   t.after(() => removeEverywhere('srv'));

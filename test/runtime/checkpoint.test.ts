@@ -1,9 +1,8 @@
 // Local checkpoint/restore of real tasks with real CRIU.
 import assert from 'node:assert/strict';
-import { connect } from 'node:net';
 import { test } from 'node:test';
 import { checkBeats, parseBeats, readySum, sums } from '../support/heartbeat.js';
-import { SOCKETS, TestHost, WORKLOAD, freePort, waitFor } from '../support/ferry.js';
+import { SOCKETS, TestHost, WORKLOAD, ask, freePort, waitFor } from '../support/ferry.js';
 
 test('a 256 MiB heartbeat task survives checkpoint and restore with its memory and clocks', async (t) => {
   const host = new TestHost();
@@ -38,16 +37,6 @@ test('a 256 MiB heartbeat task survives checkpoint and restore with its memory a
   assert.equal(stopped.exit.exitCode, 128 + 15, 'the restored task exit status must be known to Ferry');
 });
 
-function ask(port: number, line: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const s = connect({ port, host: '127.0.0.1' }, () => s.write(line + '\n'));
-    let data = '';
-    s.setTimeout(5000, () => s.destroy(new Error('timeout')));
-    s.on('data', (c) => (data += c));
-    s.on('end', () => resolve(data.trim()));
-    s.on('error', reject);
-  });
-}
 
 test('a task with a listening socket, a pipe, a socket pair and an open file survives checkpoint/restore', async (t) => {
   const host = new TestHost();
@@ -56,14 +45,14 @@ test('a task with a listening socket, a pipe, a socket pair and an open file sur
   const logFile = `${host.stateDir}/sockets-out.log`;
   await host.ok(['run', '--name', 'sk', '--', SOCKETS, String(port), logFile]);
   await waitFor('listening', () => host.log('sk').includes('listening') || undefined);
-  assert.equal(await ask(port, 'one'), 'pong one');
+  assert.equal(await ask('127.0.0.1', port, 'one'), 'pong one');
 
   await host.ok(['checkpoint', 'sk']);
-  await assert.rejects(ask(port, 'nobody'), /ECONNREFUSED/);
+  await assert.rejects(ask('127.0.0.1', port, 'nobody'), /ECONNREFUSED/);
 
   await host.ok(['restore', 'sk']);
-  assert.equal(await ask(port, 'two'), 'pong two', 'the restored processes must still talk through the pipe and socket pair');
-  assert.equal(await ask(port, 'three'), 'pong three');
+  assert.equal(await ask('127.0.0.1', port, 'two'), 'pong two', 'the restored processes must still talk through the pipe and socket pair');
+  assert.equal(await ask('127.0.0.1', port, 'three'), 'pong three');
   const { readFileSync } = await import('node:fs');
   assert.equal(readFileSync(logFile, 'utf8'), 'pong one\npong two\npong three\n', 'the open log file continues where it was');
 });

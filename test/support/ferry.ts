@@ -3,7 +3,7 @@
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
+import { connect, createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../../src/config.js';
@@ -120,5 +120,17 @@ export function freePort(host = '127.0.0.1'): Promise<number> {
       const port = (s.address() as { port: number }).port;
       s.close(() => resolve(port));
     });
+  });
+}
+
+/** One line to a ferry-sockets task, its answer back. */
+export function ask(host: string, port: number, line: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = connect({ port, host }, () => s.write(line + '\n'));
+    let data = '';
+    s.setTimeout(5000, () => s.destroy(new Error('timeout')));
+    s.on('data', (c) => (data += c));
+    s.on('end', () => resolve(data.trim()));
+    s.on('error', reject);
   });
 }
