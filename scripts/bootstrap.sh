@@ -5,6 +5,7 @@
 #     from Debian unstable's source package into $FERRY_CACHE (default /var/cache/ferry)
 #   - the pipe sysctls CRIU's lazy pages need where root lacks CAP_SYS_RESOURCE
 #   - npm ci and the build (skip with --no-node)
+#   - with --bench: Podman and runc, which the benchmark compares against
 set -euo pipefail
 
 say() { printf 'ferry-setup: %s\n' "$*"; }
@@ -16,11 +17,13 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${FERRY_CACHE:-/var/cache/ferry}
 confdir=${FERRY_CONFIG_DIR:-/etc/ferry}
 want_node=1
+want_bench=0
 for a in "$@"; do
   case "$a" in
     --no-node) want_node=0 ;;
+    --bench) want_bench=1 ;;
     -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
-    *) die "unknown option '$a' (known: --no-node, --help)" ;;
+    *) die "unknown option '$a' (known: --no-node, --bench, --help)" ;;
   esac
 done
 
@@ -55,6 +58,11 @@ apt_install() {
 
 apt_install "${runtime_pkgs[@]}"
 say "runtime packages present: ${runtime_pkgs[*]}"
+if [ $want_bench = 1 ]; then
+  # The benchmark compares Ferry with Podman's checkpoint export/import (runc drives CRIU).
+  apt_install podman runc
+  say "benchmark packages present: podman runc"
+fi
 
 # ---- CRIU ------------------------------------------------------------------------------------
 version_ge_42() { # "4.2.1" -> true when >= 4.2

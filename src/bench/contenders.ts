@@ -3,7 +3,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { chmod, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { repoRoot } from '../config.js';
 import { FerryError } from '../errors.js';
 import { run } from '../exec/run.js';
@@ -37,6 +37,8 @@ export interface Contender {
   /** Why it cannot run here, or undefined. */
   unavailable(): Promise<string | undefined>;
   run(ctx: BenchContext, w: Workload, tag: string): Promise<RunMetrics>;
+  /** Removes what the contender kept between runs (an image). */
+  teardown?(): Promise<void>;
 }
 
 export interface BenchContext {
@@ -283,14 +285,89 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
 }
 
 // ---- Podman ----------------------------------------------------------------------------------------
+// Settings that work on these machines are in shared/PLATFORM.md: runc, cgroupfs, file events,
+// explicit ulimits (root lacks CAP_SYS_RESOURCE). Both lab hosts share one Podman storage, so the
+// restored container takes another name.
+
+const PODMAN = ['--runtime', 'runc', '--cgroup-manager', 'cgroupfs', '--events-backend', 'file'];
+const IMAGE = 'localhost/ferry-bench-workload:latest';
+let imageReady = false;
+
+async function podmanAt(ctx: BenchContext, host: 1 | 2, args: string[]): Promise<string> {
+  // runc runs the first criu on PATH: make that the one Ferry and the other contenders use.
+  const env = { ...process.env, PATH: `${dirname(ctx.criu)}:${process.env['PATH'] ?? ''}` };
+  const r = await run('ip', ['netns', 'exec', h(ctx, host).netns, 'podman', ...PODMAN, ...args], { timeoutMs: 600_000, env });
+  return r.stdout.trim();
+}
+
+/** An image holding only the workload and the libraries it links. */
+async function ensureImage(ctx: BenchContext): Promise<void> {
+  if (imageReady) return;
+  const root = join(ctx.workDir, 'podman-rootfs');
+  await rm(root, { recursive: true, force: true });
+  await mkdir(root, { recursive: true });
+  const libs = (await run('ldd', [WORKLOAD])).stdout.match(/\/\S+/g) ?? [];
+  for (const f of [WORKLOAD, ...libs]) {
+    const dest = join(root, f === WORKLOAD ? 'ferry-workload' : f);
+    await mkdir(join(dest, '..'), { recursive: true });
+    await run('cp', ['-L', f, dest]);
+  }
+  await run('sh', ['-c', `tar -C ${root} -cf - . | podman ${PODMAN.join(' ')} import - ${IMAGE}`], { timeoutMs: 120_000 });
+  await rm(root, { recursive: true, force: true });
+  imageReady = true;
+}
+
+async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<RunMetrics> {
+  await ensureImage(ctx);
+  const dir = join(ctx.workDir, `podman-${tag}`);
+  const src = join(dir, 'src');
+  const dst = join(dir, 'dst');
+  await mkdir(src, { recursive: true });
+  await mkdir(dst, { recursive: true });
+  const c1 = `ferry-bench-${tag}-a`;
+  const c2 = `ferry-bench-${tag}-b`;
+  const port = 7900 + Math.floor(Math.random() * 90);
+  const disk = new DiskSampler([src], [dst]);
+  try {
+    await podmanAt(ctx, 1, ['run', '-d', '--name', c1, '--network', 'host', '--ulimit', 'nofile=20000:20000', '--ulimit', 'nproc=32768:32768', IMAGE, '/ferry-workload', '--mib', String(w.mib), '--dirty', String(w.dirtyMiBps)]);
+    const log1 = await podmanAt(ctx, 1, ['inspect', c1, '--format', '{{.LogPath}}']);
+    const beatsOf = (p: string) => readText(p).split('\n').map((l) => /((?:hb|ready) .*)$/.exec(l)?.[1] ?? '').join('\n');
+    await waitFor('the workload to fill its memory', () => readySum(beatsOf(log1)), 180_000);
+    await waitFor('heartbeats', () => (parseBeats(beatsOf(log1)).length > 100 ? true : undefined));
+    const fromBeat = parseBeats(beatsOf(log1)).length;
+    const tx0 = await txBytes(ctx);
+    const t0 = performance.now();
+    await podmanAt(ctx, 1, ['container', 'checkpoint', `--export=${join(src, 'checkpoint.tar')}`, '--compress', 'none', c1]);
+    await copyDir(ctx, src, dst, port);
+    await podmanAt(ctx, 2, ['container', 'restore', `--import=${join(dst, 'checkpoint.tar')}`, '--name', c2]);
+    const totalMs = Math.round(performance.now() - t0);
+    const wireBytes = (await txBytes(ctx)) - tx0;
+    await sleep(300);
+    const log2 = await podmanAt(ctx, 2, ['inspect', c2, '--format', '{{.LogPath}}']);
+    const p = pauseAfter(`${beatsOf(log1)}\n${beatsOf(log2)}`, fromBeat);
+    const d = disk.stop();
+    return { pauseMs: p.pauseMs, totalMs, wireBytes, peakDiskSrcMiB: d.src, peakDiskDstMiB: d.dst };
+  } finally {
+    disk.stop();
+    await run('podman', [...PODMAN, 'rm', '-f', c1, c2], { reject: false, timeoutMs: 60_000 }).catch(() => undefined);
+    await rm(dir, { recursive: true, force: true });
+  }
+}
 
 const podman: Contender = {
   name: 'podman export/import',
   async unavailable() {
-    const r = await run('sh', ['-c', 'command -v podman'], { reject: false });
-    return r.exitCode === 0 ? 'podman is installed, but Ferry does not drive it yet' : 'podman is not installed (apt-get install podman runc to compare)';
+    for (const tool of ['podman', 'runc']) {
+      const r = await run('sh', ['-c', `command -v ${tool}`], { reject: false });
+      if (r.exitCode !== 0) return `${tool} is not installed (npm run bench installs it; or apt-get install podman runc)`;
+    }
+    return undefined;
   },
-  run: () => Promise.reject(new FerryError('USAGE', 'podman contender is not available')),
+  run: podmanRun,
+  async teardown() {
+    if (imageReady) await run('podman', [...PODMAN, 'rmi', '-f', IMAGE], { reject: false }).catch(() => undefined);
+    imageReady = false;
+  },
 };
 
 const always = async () => undefined;

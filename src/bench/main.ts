@@ -94,6 +94,7 @@ async function main(): Promise<void> {
       }
     }
   } finally {
+    for (const c of runnable) await c.teardown?.();
     await rm(workDir, { recursive: true, force: true });
     await labDown(labName);
   }

@@ -186,8 +186,8 @@ class OutgoingMigration {
 
       // ---- the other images and the files, while frozen --------------------------------------
       this.phase('transfer');
-      await this.sendImages(imagesDir);
-      await this.rsync();
+      // Both travel the same session at once: the task is frozen, every round trip counts.
+      await Promise.all([this.sendImages(imagesDir), this.rsync()]);
       const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` }) : undefined;
       this.endPhase('transfer');
 
