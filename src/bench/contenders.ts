@@ -296,7 +296,8 @@ let imageReady = false;
 async function podmanAt(ctx: BenchContext, host: 1 | 2, args: string[]): Promise<string> {
   // runc runs the first criu on PATH: make that the one Ferry and the other contenders use.
   const env = { ...process.env, PATH: `${dirname(ctx.criu)}:${process.env['PATH'] ?? ''}` };
-  const r = await run('ip', ['netns', 'exec', h(ctx, host).netns, 'podman', ...PODMAN, ...args], { timeoutMs: 600_000, env });
+  // nsenter, not `ip netns exec`: the latter remounts /sys and runc then finds no cgroups.
+  const r = await run('nsenter', [`--net=/run/netns/${h(ctx, host).netns}`, 'podman', ...PODMAN, ...args], { timeoutMs: 600_000, env });
   return r.stdout.trim();
 }
 
@@ -330,7 +331,7 @@ async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<R
   const disk = new DiskSampler([src], [dst]);
   try {
     await podmanAt(ctx, 1, ['run', '-d', '--name', c1, '--network', 'host', '--ulimit', 'nofile=20000:20000', '--ulimit', 'nproc=32768:32768', IMAGE, '/ferry-workload', '--mib', String(w.mib), '--dirty', String(w.dirtyMiBps)]);
-    const log1 = await podmanAt(ctx, 1, ['inspect', c1, '--format', '{{.LogPath}}']);
+    const log1 = await podmanAt(ctx, 1, ['container', 'inspect', c1, '--format', '{{.HostConfig.LogConfig.Path}}']);
     const beatsOf = (p: string) => readText(p).split('\n').map((l) => /((?:hb|ready) .*)$/.exec(l)?.[1] ?? '').join('\n');
     await waitFor('the workload to fill its memory', () => readySum(beatsOf(log1)), 180_000);
     await waitFor('heartbeats', () => (parseBeats(beatsOf(log1)).length > 100 ? true : undefined));
@@ -343,7 +344,7 @@ async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<R
     const totalMs = Math.round(performance.now() - t0);
     const wireBytes = (await txBytes(ctx)) - tx0;
     await sleep(300);
-    const log2 = await podmanAt(ctx, 2, ['inspect', c2, '--format', '{{.LogPath}}']);
+    const log2 = await podmanAt(ctx, 2, ['container', 'inspect', c2, '--format', '{{.HostConfig.LogConfig.Path}}']);
     const p = pauseAfter(`${beatsOf(log1)}\n${beatsOf(log2)}`, fromBeat);
     const d = disk.stop();
     return { pauseMs: p.pauseMs, totalMs, wireBytes, peakDiskSrcMiB: d.src, peakDiskDstMiB: d.dst };
