@@ -18,7 +18,7 @@ import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type MuxSession } from '../wire/session.js';
 import { run } from '../exec/run.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
-import { isAlive } from '../util/proc.js';
+import { isAlive, sleep } from '../util/proc.js';
 import type { Mode, PrepareRequest } from './destination.js';
 import { Hold } from './hold.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
@@ -42,6 +42,8 @@ export interface MigrationReport {
   bytes: { pages: number; images: number; files: number };
   pageRateMBps?: number;
   pid?: number;
+  /** Things that went wrong after the task was safely on the destination. */
+  warnings?: string[];
   /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
   destination?: { pageWaitMs: number; criuRestoreMs: number };
 }
@@ -135,7 +137,6 @@ class OutgoingMigration {
   async run(): Promise<MigrationReport> {
     const { rt } = this.ctx;
     let frozenAt: number | undefined;
-    let restored = false;
     let committed = false;
     this.progressTimer = setInterval(() => this.onProgress({ type: 'bytes', pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes, elapsedMs: this.elapsed() }), 250);
     try {
@@ -209,7 +210,6 @@ class OutgoingMigration {
         void splice(sock, lazyStream, this.pages);
       }
       const r = await restoreP;
-      restored = true;
       this.report.pid = r.pid;
       this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
       this.report.blackoutMs = Math.round(performance.now() - frozenAt);
@@ -223,12 +223,18 @@ class OutgoingMigration {
         this.report.postCopyWindowMs = Math.round(performance.now() - frozenAt - this.report.blackoutMs);
       }
       await this.hold.decide('commit');
+      // From here CRIU ends the source task: the copy on the destination is the one to keep.
+      committed = true;
       const code = await this.dumpExit;
       if (code !== 0) throw await this.dumpFailure();
       await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 }).catch(() => {
         /* the task runs there; the destination keeps a restored task unless told to abort */
       });
-      await rt.store.remove(this.rec.name);
+      // The source copy is gone; let its shim record that before its directory goes.
+      for (let i = 0; i < 100 && this.rec.shimPid !== undefined && isAlive(this.rec.shimPid, this.rec.shimStart); i++) await sleep(20);
+      await rt.store.remove(this.rec.name).catch((e: Error) => {
+        this.report.warnings = [...(this.report.warnings ?? []), `could not remove the task's old directory on ${this.ctx.self}: ${e.message}`];
+      });
       this.endPhase(this.mode === 'post-copy' ? 'postcopy' : 'resume');
       this.report.ok = true;
       return this.finish();

@@ -124,7 +124,8 @@ export class TaskStore {
   }
 
   async remove(name: string): Promise<void> {
-    await rm(this.dir(name), { recursive: true, force: true });
+    // A shim that is just recording its task's exit may add a file while we remove.
+    await rm(this.dir(name), { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
   }
 
   private async refresh(rec: TaskRecord): Promise<TaskRecord> {
