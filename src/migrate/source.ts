@@ -1,5 +1,5 @@
 // The source side of a migration, driven by the agent that runs the task. Everything between the
-// two agents goes over one HTTP/2 session. The task stays frozen on the source (CRIU's post-dump
+// two agents goes over one TLS connection (wire/mux.ts). The task stays frozen on the source (CRIU's post-dump
 // hook holds it) until the destination runs it; on any failure before that the source resumes
 // it and the destination removes what it received.
 import { randomUUID } from 'node:crypto';

@@ -1,4 +1,4 @@
-// Bridges between local TCP sockets (CRIU's page server, lazy pages) and HTTP/2 streams of the
+// Bridges between local TCP sockets (CRIU's page server, lazy pages) and the multiplexed streams of the
 // one agent-to-agent session, counting the bytes that cross.
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
