@@ -4,12 +4,14 @@
 // CRIU resumes the task where it was.
 import { createReadStream } from 'node:fs';
 import { constants } from 'node:fs';
-import { chmod, mkdir, open, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run } from '../exec/run.js';
 
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
+# pre-dump runs just before CRIU freezes the task: note when (bash's clock, no process spawned).
+[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && { echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"; exit 0; }
 [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
 echo frozen > "$FERRY_HOLD_DIR/events" || exit 1
 read -r -t "$FERRY_HOLD_TIMEOUT" verdict < "$FERRY_HOLD_DIR/verdict" || exit 1
@@ -44,6 +46,13 @@ export class Hold {
     await chmod(join(dir, 'hold.sh'), 0o755);
     await run('mkfifo', [join(dir, 'events'), join(dir, 'verdict')]);
     return new Hold(dir);
+  }
+
+  /** When CRIU began to freeze the task (ms since the epoch), if it got that far. */
+  async freezingAt(): Promise<number | undefined> {
+    const text = await readFile(join(this.dir, 'freezing'), 'utf8').catch(() => '');
+    const s = Number(text.trim().replace(',', '.'));
+    return Number.isFinite(s) && s > 0 ? s * 1000 : undefined;
   }
 
   get script(): string {

@@ -9,7 +9,6 @@ import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/p
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { FerryError } from '../errors.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { requireRunning } from '../runtime/runtime.js';
@@ -59,7 +58,6 @@ export interface MigrateContext {
 }
 
 const HOLD_TIMEOUT_S = 120;
-const RSYNC_SHELL = fileURLToPath(new URL('./rsync-shell.js', import.meta.url));
 
 export async function migrateOut(
   ctx: MigrateContext,
@@ -162,26 +160,29 @@ class OutgoingMigration {
       this.endPhase('presync');
 
       // ---- freeze and dump ----------------------------------------------------------------
-      this.phase('freeze+dump');
+      // Everything that can be made ready is made ready before the task freezes.
       const imagesDir = join(this.workDir, 'images');
       await mkdir(imagesDir, { recursive: true });
       this.hold = await Hold.create(join(this.workDir, 'hold'));
-      frozenAt = performance.now();
-      this.rec.state = 'frozen';
-      await rt.store.save(this.rec);
       let lazyPort: number | undefined;
+      let dumpArgs: string[];
       if (this.mode === 'stop-copy') {
         const tunnel = await this.listen(async (sock) => {
           const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
           await splice(sock, stream, this.pages);
         });
-        this.startDump(imagesDir, ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)]);
+        dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
       } else {
         // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
         // them: so the hold is answered only after the destination restored the task.
         lazyPort = await freeLocalPort();
-        this.startDump(imagesDir, ['--lazy-pages', '--address', '127.0.0.1', '--port', String(lazyPort)]);
+        dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(lazyPort)];
       }
+      this.rec.state = 'frozen';
+      await rt.store.save(this.rec);
+      this.phase('freeze+dump');
+      this.phaseStart = frozenAt = performance.now();
+      this.startDump(imagesDir, dumpArgs);
       await this.untilFrozen();
       this.endPhase('freeze+dump');
 
@@ -212,7 +213,10 @@ class OutgoingMigration {
       const r = await restoreP;
       this.report.pid = r.pid;
       this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
-      this.report.blackoutMs = Math.round(performance.now() - frozenAt);
+      const restoredAt = performance.now();
+      // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
+      const froze = await this.hold.freezingAt();
+      this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : restoredAt - frozenAt);
       this.endPhase('restore');
 
       // ---- let go of the source -----------------------------------------------------------
@@ -220,7 +224,7 @@ class OutgoingMigration {
       if (this.mode === 'post-copy') {
         this.phase('postcopy');
         await this.dumpExit; // CRIU exits once the destination has every page
-        this.report.postCopyWindowMs = Math.round(performance.now() - frozenAt - this.report.blackoutMs);
+        this.report.postCopyWindowMs = Math.round(performance.now() - restoredAt);
       }
       await this.hold.decide('commit');
       // From here CRIU ends the source task: the copy on the destination is the one to keep.
@@ -326,7 +330,7 @@ class OutgoingMigration {
     );
   }
 
-  /** rsync of the task's directory, carried inside the session (see rsync-shell.ts). */
+  /** rsync of the task's directory, carried inside the session (see native/ferry-rsh.c). */
   private async rsync(): Promise<void> {
     const sockPath = join(this.workDir!, `rsync-${this.files.bytes}-${Date.now()}.sock`);
     const server = createServer((sock) => {
@@ -350,7 +354,7 @@ class OutgoingMigration {
     await new Promise<void>((r) => server.listen(sockPath, r));
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
-    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${process.execPath} ${RSYNC_SHELL} ${sockPath}`, src, `${this.target.name}:${src}`];
+    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`, src, `${this.target.name}:${src}`];
     try {
       await run('rsync', args, { timeoutMs: 120_000, ...(this.signal ? { signal: this.signal } : {}) });
     } finally {
