@@ -172,5 +172,10 @@ if [ $want_node = 1 ]; then
   fi
   say "building Ferry (TypeScript and the native shim and workloads)"
   npm run --silent build
+  chmod +x "$repo/dist/src/cli/main.js"
+  if [ "$(readlink /usr/local/bin/ferry 2>/dev/null)" != "$repo/dist/src/cli/main.js" ]; then
+    ln -sf "$repo/dist/src/cli/main.js" /usr/local/bin/ferry
+    say "linked /usr/local/bin/ferry -> $repo/dist/src/cli/main.js"
+  fi
 fi
 say "done"

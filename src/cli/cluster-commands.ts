@@ -1,6 +1,6 @@
 // Commands about agents and hosts: agent, ca, cert, lab, migrate, history.
 import type { Command } from 'commander';
-import { join, resolve } from 'node:path';
+import { resolve } from 'node:path';
 import { Agent } from '../agent/agent.js';
 import { hostAddress } from '../agent/client.js';
 import { Criu } from '../criu/driver.js';
@@ -9,6 +9,7 @@ import type { MigrationReport, ProgressEvent } from '../migrate/source.js';
 import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { Runtime } from '../runtime/runtime.js';
 import { caInit, certIssue, loadTls } from '../tls/pki.js';
+import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
 import { formatBytes, table } from './format.js';
@@ -130,7 +131,6 @@ export function registerClusterCommands(program: Command): void {
       const { cluster, host } = await remoteTarget(cmd, true);
       const session = await agentSession(cluster, host);
       try {
-        const { requestJson } = await import('../wire/session.js');
         const h = await requestJson<Array<Partial<MigrationReport> & { at?: string }>>(session, 'GET', '/v1/history');
         if (opts.json) return printJson(h);
         process.stdout.write(
@@ -145,15 +145,14 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-async function readMigration(stream: import('../wire/session.js').MuxStream, live: boolean): Promise<MigrationReport> {
-  const { decodeAnswer } = await import('../wire/session.js');
-  let headers: import('../wire/session.js').Headers = {};
+async function readMigration(stream: MuxStream, live: boolean): Promise<MigrationReport> {
+  let headers: Headers = {};
   let buf = '';
   let report: MigrationReport | undefined;
   let error: FerryError | undefined;
   let phase = '';
   stream.setEncoding('utf8');
-  stream.on('response', (h: import('../wire/session.js').Headers) => (headers = h));
+  stream.on('response', (h: Headers) => (headers = h));
   for await (const chunk of stream) {
     buf += chunk as string;
     if (Number(headers[':status']) >= 400) continue;
@@ -191,5 +190,3 @@ function printReport(r: MigrationReport): void {
       (r.postCopyWindowMs !== undefined ? `  post-copy: all pages local ${r.postCopyWindowMs} ms after resume\n` : ''),
   );
 }
-
-export { join };

@@ -3,7 +3,7 @@
 // removal of everything received when the source aborts or goes away before the task runs here.
 import { spawn } from 'node:child_process';
 import { existsSync, createWriteStream } from 'node:fs';
-import { mkdir, readFile, rm, statfs, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
 import type { MuxSession, MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
@@ -42,6 +42,8 @@ interface Incoming {
   lazyStream?: MuxStream;
   lazySock?: Socket;
   restored?: TaskRecord;
+  /** Set while CRIU restores here: an abort waits for it rather than pull files from under it. */
+  restoring?: Promise<unknown>;
   committed: boolean;
 }
 
@@ -53,7 +55,6 @@ export class Destination {
   /** Leftovers of migrations that were never finished (the agent died mid-transfer). */
   async sweep(): Promise<string[]> {
     const removed: string[] = [];
-    const { readdir } = await import('node:fs/promises');
     let names: string[] = [];
     try {
       names = await readdir(this.rt.store.tasksDir);
@@ -117,8 +118,9 @@ export class Destination {
       throw e;
     }
     session.once('close', () => {
-      // The source went away: what has not started running here is removed.
-      if (this.incoming.get(req.id) === m && !m.restored) void this.abort(req.id);
+      // The source went away: what has not started running here is removed. A task that is
+      // being restored or runs here is kept: the source may already have let go of its copy.
+      if (this.incoming.get(req.id) === m && !m.restored && !m.restoring) void this.abort(req.id);
     });
     this.onEvent({ event: 'incoming', id: req.id, task: name, from: req.from, mode: req.mode });
     return { freeMemBytes: free.memBytes, freeDiskBytes: free.diskBytes };
@@ -179,7 +181,12 @@ export class Destination {
     delete rec.shimPid;
     delete rec.shimStart;
     delete rec.exit;
-    const restored = await this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy });
+    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy });
+    m.restoring = restoring.catch(() => {
+      // Failed with nobody left to tell us to clean up.
+      if (m.session.destroyed) setImmediate(() => void this.abort(id));
+    });
+    const restored = await restoring;
     m.restored = restored;
     await rm(join(m.dir, 'incoming.json'), { force: true });
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
@@ -228,6 +235,7 @@ export class Destination {
     m.lazy?.close();
     m.lazyStream?.destroy();
     m.lazySock?.destroy();
+    await m.restoring;
     const r = m.restored;
     if (r?.pid && isAlive(r.pid, r.pidStart)) {
       try {
