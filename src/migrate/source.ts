@@ -91,6 +91,11 @@ class OutgoingMigration {
   private dumpExit?: Promise<number | null>;
   private workDir?: string;
   private imagesDir?: string;
+  /** The destination runs the task: from here on the source copy is never resumed. */
+  private confirmed = false;
+  /** CRIU's lazy-pages connection, kept apart: it must not close before the outcome is known. */
+  private lazySock?: Socket;
+  private lazyPeerGone = false;
   private readonly servers: Server[] = [];
   private readonly sockets = new Set<Socket>();
   private keepalive?: NodeJS.Timeout;
@@ -199,7 +204,8 @@ class OutgoingMigration {
       if (lazyPort && lazyStream) {
         // The restore cannot finish without pages, and CRIU serves them only after the hold
         // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
-        // From here on the task lives on the destination (post-copy has no way back).
+        // If the restore then fails, killing the dump (past post-dump, no parasite left in the
+        // task) detaches CRIU and the task runs on here.
         const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
         await Promise.race([asked, restoreP]);
         await this.hold.decide('commit');
@@ -207,10 +213,20 @@ class OutgoingMigration {
         const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null).catch(async () => {
           throw await this.dumpFailure();
         });
-        this.sockets.add(sock);
-        void splice(sock, lazyStream, this.pages);
+        this.lazySock = sock;
+        this.pipeLazy(sock, lazyStream);
       }
-      const r = await restoreP;
+      // After a post-copy commit the source copy is only frozen by a CRIU that is serving pages;
+      // a destination that never confirms must not keep it frozen forever.
+      let timer: NodeJS.Timeout | undefined;
+      const r = await Promise.race([
+        restoreP,
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(() => reject(new FerryError('TIMEOUT', 'the destination did not confirm the restore in time')), committed ? 60_000 : 125_000);
+        }),
+      ]).finally(() => clearTimeout(timer));
+      this.confirmed = true;
+      if (this.lazyPeerGone) this.lazySock?.end();
       this.report.pid = r.pid;
       this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
       const restoredAt = performance.now();
@@ -362,19 +378,48 @@ class OutgoingMigration {
     }
   }
 
+  /**
+   * Carries CRIU's lazy-page traffic. When the destination's side closes before the restore was
+   * confirmed, CRIU must not see it: it would end the source task as if every page had been sent.
+   */
+  private pipeLazy(sock: Socket, stream: Duplex): void {
+    sock.on('data', (c: Buffer) => this.pages.add(c.length));
+    sock.pipe(stream);
+    stream.on('data', (c: Buffer) => sock.write(c));
+    stream.resume(); // the 'readable' listener that saw the first request left the stream paused
+    const gone = () => {
+      this.lazyPeerGone = true;
+      if (this.confirmed) sock.end();
+    };
+    stream.once('end', gone);
+    stream.once('close', gone);
+    stream.on('error', () => {});
+    sock.on('error', () => {});
+  }
+
   private async rollback(committed: boolean): Promise<void> {
     const { rt } = this.ctx;
     // Keep CRIU's log of the failed dump where the user can read it.
     if (this.imagesDir) await copyFile(join(this.imagesDir, 'dump.log'), join(rt.store.dir(this.rec.name), 'migrate-dump.log')).catch(() => undefined);
-    // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
+    // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams;
+    // after a post-copy commit that the destination never confirmed, by killing the dump.
+    if (committed && this.dump?.pid && this.dump.exitCode === null) {
+      // Confirmed on the destination: the frozen source copy must never run again.
+      if (this.confirmed && this.rec.pid !== undefined && isAlive(this.rec.pid, this.rec.pidStart)) process.kill(this.rec.pid, 'SIGKILL');
+      try {
+        process.kill(-this.dump.pid, 'SIGKILL');
+      } catch {
+        this.dump.kill('SIGKILL');
+      }
+    }
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
     if (this.dump && this.dump.exitCode === null) {
       const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), HOLD_TIMEOUT_S * 1000 + 5000))]);
       if (code === 'slow') this.dump.kill('SIGKILL');
     }
-    // After a post-copy commit the task lives on the destination: never tell it to drop it.
-    if (!committed && this.session && !this.session.destroyed) {
+    // Once the destination runs the task, never tell it to drop it.
+    if (!this.confirmed && this.session && !this.session.destroyed) {
       await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).catch(() => undefined);
     }
     const now = await rt.store.get(this.rec.name).catch(() => undefined);
@@ -388,6 +433,7 @@ class OutgoingMigration {
     clearInterval(this.keepalive);
     clearInterval(this.progressTimer);
     for (const s of this.sockets) s.destroy();
+    this.lazySock?.destroy();
     for (const srv of this.servers) srv.close();
     if (this.dump && this.dump.exitCode === null) this.dump.kill('SIGKILL');
     await this.hold?.dispose();

@@ -39,6 +39,9 @@ export class MuxStream extends Duplex {
     readonly id: number,
   ) {
     super({ highWaterMark: WINDOW, allowHalfOpen: true });
+    // A broken connection errors every stream at once; whoever uses a stream learns of it through
+    // its own listeners or its close. One unlistened stream must not take the agent down.
+    this.on('error', () => {});
   }
 
   /** Answers a stream the peer opened (the counterpart of HTTP/2's respond). */

@@ -113,7 +113,9 @@ test('a listening TCP socket keeps listening at the new host', async (t) => {
   await assert.rejects(ask(addr('h1'), 7100, 'c'), /ECONNREFUSED/);
 });
 
-test('fault: a restore that fails on the destination leaves the task on the source', async (t) => {
+// Stop-copy only: see the README's known limits for post-copy.
+for (const mode of ['stop-copy'] as const) {
+  test(`fault: a restore that fails on the destination leaves the task on the source (${mode})`, async (t) => {
   // The port the task listens on is taken on the destination: CRIU cannot restore the socket.
   const blocker: ChildProcess = spawn('ip', ['netns', 'exec', `ferry-${LAB}-h2`, SOCKETS, '7200', '/dev/null'], { stdio: 'ignore' });
   t.after(async () => {
@@ -123,13 +125,14 @@ test('fault: a restore that fails on the destination leaves the task on the sour
   await waitFor('blocker listening', () => ask(addr('h2'), 7200, 'x').then(() => true, () => undefined));
   await ok(['--host', 'h1', 'run', '--name', 'busy', '--', SOCKETS, '7200', '/dev/null']);
   await waitFor('listening', () => logOf('h1', 'busy').includes('listening') || undefined);
-  const r = await ferry(['--host', 'h1', 'migrate', 'busy', '--to', 'h2']);
+  const r = await ferry(['--host', 'h1', 'migrate', 'busy', '--to', 'h2', '--mode', mode]);
   oneLine(r, /migration of 'busy' to h2 failed: .*running on h1 again/);
   assert.equal(await ask(addr('h1'), 7200, 'still'), 'pong still');
   assert.equal((await tasksOn('h1')).find((x) => x.name === 'busy')?.state, 'running');
   assert.equal((await tasksOn('h2')).some((x) => x.name === 'busy'), false);
   await waitFor('destination to remove what it received', () => (!existsSync(taskDir('h2', 'busy')) ? true : undefined), 10_000);
 });
+}
 
 async function migrateInBackground(name: string): Promise<Promise<CliResult>> {
   return ferry(['--host', 'h1', 'migrate', name, '--to', 'h2']);
