@@ -11,7 +11,7 @@ const HINTS: Array<[RegExp, string]> = [
   [/Can't get 1:16 opt|SO_PASSCRED/, 'this CRIU is too old for the kernel; run scripts/bootstrap.sh to build CRIU >= 4.2'],
   [/tee: .*Operation not permitted|page-pipe/, 'raise fs.pipe-max-size to 4194304 and set fs.pipe-user-pages-soft=0 (scripts/bootstrap.sh does it)'],
   [/soft.dirty|MemTrack|track.mem|BUG at criu\/mem\.c/i, 'the kernel has no soft-dirty tracking; use stop-copy or post-copy instead of pre-dump'],
-  [/Address already in use/, 'a port the task listens on is taken on this host; stop whatever holds it'],
+  [/Address already in use/, 'a port the task listens on is taken where it was being restored; stop whatever holds it there'],
   [/Connection refused|Can't connect to server/, 'the page server or lazy-pages peer is not reachable'],
   [/Unsupported link .* kind|doesn't have a proper root mount/, "criu was run outside the task's mount/network namespace; run it where the task runs"],
   [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],

@@ -48,6 +48,11 @@ export class Hold {
     return new Hold(dir);
   }
 
+  /** CRIU has dumped everything and waits at post-dump (the task's parasite is gone by then). */
+  get reachedPostDump(): boolean {
+    return this.frozenSeen;
+  }
+
   /** When CRIU began to freeze the task (ms since the epoch), if it got that far. */
   async freezingAt(): Promise<number | undefined> {
     const text = await readFile(join(this.dir, 'freezing'), 'utf8').catch(() => '');

@@ -415,8 +415,18 @@ class OutgoingMigration {
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
     if (this.dump && this.dump.exitCode === null) {
-      const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), HOLD_TIMEOUT_S * 1000 + 5000))]);
-      if (code === 'slow') this.dump.kill('SIGKILL');
+      // With --lazy-pages CRIU goes on past a refusing post-dump hook and waits to serve pages;
+      // past post-dump the task holds no parasite, so killing CRIU lets it run on.
+      const patience = this.hold?.reachedPostDump ? 3000 : HOLD_TIMEOUT_S * 1000 + 5000;
+      const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), patience))]);
+      if (code === 'slow') {
+        try {
+          process.kill(-this.dump.pid!, 'SIGKILL');
+        } catch {
+          this.dump.kill('SIGKILL');
+        }
+        await this.dumpExit;
+      }
     }
     // Once the destination runs the task, never tell it to drop it.
     if (!this.confirmed && this.session && !this.session.destroyed) {

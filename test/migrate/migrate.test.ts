@@ -113,8 +113,7 @@ test('a listening TCP socket keeps listening at the new host', async (t) => {
   await assert.rejects(ask(addr('h1'), 7100, 'c'), /ECONNREFUSED/);
 });
 
-// Stop-copy only: see the README's known limits for post-copy.
-for (const mode of ['stop-copy'] as const) {
+for (const mode of ['stop-copy', 'post-copy'] as const) {
   test(`fault: a restore that fails on the destination leaves the task on the source (${mode})`, async (t) => {
   // The port the task listens on is taken on the destination: CRIU cannot restore the socket.
   const blocker: ChildProcess = spawn('ip', ['netns', 'exec', `ferry-${LAB}-h2`, SOCKETS, '7200', '/dev/null'], { stdio: 'ignore' });
