@@ -57,17 +57,9 @@ export interface SerializedError {
   hint?: string | undefined;
 }
 
-export function isFerryError(e: unknown): e is FerryError {
-  return e instanceof FerryError;
-}
-
 /** Cancellation is not failure: callers check for it separately. */
 export function abortError(signal: AbortSignal | undefined, what: string): FerryError {
   const reason = signal?.reason;
   if (reason instanceof FerryError) return reason;
   return new FerryError('ABORTED', `${what} was cancelled`, { cause: reason });
-}
-
-export function throwIfAborted(signal: AbortSignal | undefined, what: string): void {
-  if (signal?.aborted) throw abortError(signal, what);
 }

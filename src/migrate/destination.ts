@@ -212,12 +212,6 @@ export class Destination {
     }
   }
 
-  /** Resolves when the lazy-pages daemon has every page (post-copy) or at once. */
-  async allLocal(id: string): Promise<void> {
-    const m = this.get(id);
-    if (m.lazy) await m.lazy.daemon.wait();
-  }
-
   commit(id: string): void {
     const m = this.get(id);
     m.committed = true;

@@ -58,6 +58,11 @@ export interface MigrateContext {
 }
 
 const HOLD_TIMEOUT_S = 120;
+/**
+ * How long the destination may take to confirm the restore. Shorter than the hold, so the source
+ * gives up (and tells the destination to drop its copy) before CRIU resumes the task on its own.
+ */
+const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
 
 export async function migrateOut(
   ctx: MigrateContext,
@@ -200,7 +205,7 @@ class OutgoingMigration {
 
       // ---- restore on the destination ---------------------------------------------------
       this.phase('restore');
-      const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: 120_000 });
+      const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: CONFIRM_TIMEOUT_MS });
       if (lazyPort && lazyStream) {
         // The restore cannot finish without pages, and CRIU serves them only after the hold
         // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
@@ -216,15 +221,7 @@ class OutgoingMigration {
         this.lazySock = sock;
         this.pipeLazy(sock, lazyStream);
       }
-      // After a post-copy commit the source copy is only frozen by a CRIU that is serving pages;
-      // a destination that never confirms must not keep it frozen forever.
-      let timer: NodeJS.Timeout | undefined;
-      const r = await Promise.race([
-        restoreP,
-        new Promise<never>((_, reject) => {
-          timer = setTimeout(() => reject(new FerryError('TIMEOUT', 'the destination did not confirm the restore in time')), committed ? 60_000 : 125_000);
-        }),
-      ]).finally(() => clearTimeout(timer));
+      const r = await restoreP;
       this.confirmed = true;
       if (this.lazyPeerGone) this.lazySock?.end();
       this.report.pid = r.pid;
@@ -236,12 +233,12 @@ class OutgoingMigration {
       this.endPhase('restore');
 
       // ---- let go of the source -----------------------------------------------------------
-      this.phase('resume');
       if (this.mode === 'post-copy') {
         this.phase('postcopy');
         await this.dumpExit; // CRIU exits once the destination has every page
         this.report.postCopyWindowMs = Math.round(performance.now() - restoredAt);
       }
+      this.phase('resume');
       await this.hold.decide('commit');
       // From here CRIU ends the source task: the copy on the destination is the one to keep.
       committed = true;

@@ -47,11 +47,8 @@ export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?
 }
 
 /** A loopback listener whose every connection is handed to onConnection. */
-export async function listenLocal(onConnection: (s: Socket) => void): Promise<{ server: Server; port: number; sockets: Set<Socket> }> {
-  const sockets = new Set<Socket>();
+export async function listenLocal(onConnection: (s: Socket) => void): Promise<{ server: Server; port: number }> {
   const server = createServer((s) => {
-    sockets.add(s);
-    s.once('close', () => sockets.delete(s));
     s.setNoDelay(true);
     onConnection(s);
   });
@@ -59,7 +56,7 @@ export async function listenLocal(onConnection: (s: Socket) => void): Promise<{ 
     server.once('error', reject);
     server.listen(0, '127.0.0.1', () => resolve());
   });
-  return { server, port: (server.address() as { port: number }).port, sockets };
+  return { server, port: (server.address() as { port: number }).port };
 }
 
 export function connectLocal(port: number, timeoutMs = 5000): Promise<Socket> {
