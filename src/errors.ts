@@ -19,6 +19,7 @@ export const ErrorCodes = {
   HOST_UNKNOWN: 'no such host in the cluster file',
   PEER: 'the other agent failed or refused',
   TLS: 'certificate or TLS failure',
+  FORBIDDEN: "the peer's certificate role does not allow the request",
   PRECHECK: 'a migration pre-check failed',
   MIGRATION: 'a migration failed and was rolled back',
   LAB: 'the test lab could not be set up',

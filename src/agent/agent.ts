@@ -1,37 +1,69 @@
 // `ferry agent`: owns the tasks of its host and serves one TLS port with mutual authentication,
 // for the CLI and for other agents. Shutting it down leaves tasks running: each task's shim, not
-// the agent, is its parent.
+// the agent, is its parent. Every request is checked at the edge: the peer's certificate role
+// against the endpoint, its body against a schema, names before any file is touched.
 import { appendFile, readFile, rm } from 'node:fs/promises';
 import tls from 'node:tls';
 import { join } from 'node:path';
+import type { z } from 'zod';
 import { FerryError } from '../errors.js';
-import { Destination, type PrepareRequest } from '../migrate/destination.js';
-import { migrateOut, outgoingDir, type MigrationReport, type ProgressEvent } from '../migrate/source.js';
+import { Destination } from '../migrate/destination.js';
+import { Journal } from '../migrate/journal.js';
+import { Resolver } from '../migrate/resolver.js';
+import { migrateOut, outgoingDir, type MigrateContext, type MigrationReport, type ProgressEvent } from '../migrate/source.js';
 import type { Runtime } from '../runtime/runtime.js';
-import type { LoadedTls } from '../tls/pki.js';
+import { allows, identify, type Permission, type PeerIdentity } from '../tls/identity.js';
+import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
-import { jsonHeaders, parseAddress, serverOptions } from '../wire/session.js';
+import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, taskName } from '../wire/schemas.js';
+import { MAX_BODY, jsonHeaders, parseAddress, serverOptions } from '../wire/session.js';
+
+/** Sessions one agent serves at once; more are refused at the door. */
+const MAX_SESSIONS = 128;
 
 export interface AgentOptions {
   name: string;
   listen: string;
   tls: LoadedTls;
   runtime: Runtime;
+  /** Serials refused even with a valid certificate; re-read when it changes. */
+  revoked?: string;
   log?: (line: string) => void;
 }
 
-type Handler = (stream: MuxStream, params: string[], headers: Headers, body: () => Promise<unknown>) => Promise<void>;
+interface Request {
+  stream: MuxStream;
+  params: string[];
+  headers: Headers;
+  peer: PeerIdentity;
+  /** The JSON body, parsed against its schema. */
+  body<S extends z.ZodType>(schema: S): Promise<z.infer<S>>;
+}
+type Handler = (r: Request) => Promise<void>;
+interface Route {
+  method: string;
+  pattern: RegExp;
+  need: Permission;
+  handler: Handler;
+}
 
 export class Agent {
   private server?: tls.Server;
-  private readonly sessions = new Set<MuxSession>();
+  private readonly sessions = new Map<MuxSession, PeerIdentity>();
   private readonly dest: Destination;
-  private readonly routes: Array<[string, RegExp, Handler, boolean]> = [];
+  private readonly routes: Route[] = [];
+  private readonly revoked: RevocationList;
+  private readonly ctx: MigrateContext;
+  private readonly resolver: Resolver;
+  private revocationTimer?: NodeJS.Timeout;
   readonly historyFile: string;
 
   constructor(private readonly o: AgentOptions) {
     this.historyFile = join(o.runtime.stateDir, 'history.jsonl');
     this.dest = new Destination(o.runtime, (e) => this.log(JSON.stringify(e)));
+    this.revoked = new RevocationList(o.revoked);
+    this.ctx = { rt: o.runtime, tls: o.tls, self: o.name, journal: new Journal(o.runtime.stateDir), active: new Map() };
+    this.resolver = new Resolver(this.ctx, (l) => this.log(l));
     this.defineRoutes();
   }
 
@@ -42,27 +74,40 @@ export class Agent {
   async start(): Promise<{ port: number }> {
     await this.o.runtime.store.init();
     const swept = await this.dest.sweep();
-    if (swept.length) this.log(`removed unfinished incoming migrations: ${swept.join(', ')}`);
-    // Outgoing work of an agent that died: CRIU's hold has timed out and resumed those tasks.
+    if (swept.removed.length) this.log(`removed unfinished incoming migrations: ${swept.removed.join(', ')}`);
+    if (swept.inDoubt.length) this.log(`restored, stopped, awaiting the source's decision: ${swept.inDoubt.join(', ')}`);
+    // Outgoing migrations of an agent that died are settled from the journal before serving.
+    await this.resolver.start();
     await rm(outgoingDir(this.o.runtime.stateDir), { recursive: true, force: true });
-    const { host, port } = parseAddress(this.o.listen);
-    const server = tls.createServer(serverOptions(this.o.tls), (socket) => {
-      const session = new MuxSession(socket, false);
-      this.sessions.add(session);
-      session.on('stream', (stream: MuxStream, headers: Headers) => void this.dispatch(stream, headers));
-      // A peer behind a cut link is noticed in seconds, so its unfinished migration is undone.
-      let missed = 0;
-      const t = setInterval(() => {
-        session.ping((err) => {
-          if (!err) missed = 0;
-        });
-        if (++missed > 4) session.destroy(new Error('peer stopped answering'));
-      }, 1000);
-      t.unref();
-      session.once('close', () => {
-        clearInterval(t);
-        this.sessions.delete(session);
+    await this.revoked.refresh();
+    // Revocation takes effect without a restart: sessions of a revoked certificate are dropped.
+    this.revocationTimer = setInterval(() => {
+      void this.revoked.refresh().then((changed) => {
+        if (!changed) return;
+        for (const [session, peer] of this.sessions) {
+          if (this.revoked.has(peer.serial)) session.destroy(new FerryError('TLS', `certificate of '${peer.name}' revoked`));
+        }
       });
+    }, 1000);
+    this.revocationTimer.unref();
+    const { host, port } = parseAddress(this.o.listen);
+    const server = tls.createServer({ ...serverOptions(this.o.tls), handshakeTimeout: 10_000 }, (socket) => {
+      const peer = identify(socket.getPeerCertificate());
+      const refuse = (why: string) => {
+        this.log(`refused a peer from ${socket.remoteAddress}: ${why}`);
+        socket.destroy();
+      };
+      if (typeof peer === 'string') return refuse(peer);
+      if (!peer.client) return refuse(`the certificate of '${peer.name}' is not for clients`);
+      if (this.revoked.has(peer.serial)) return refuse(`the certificate of '${peer.name}' (serial ${peer.serial}) is revoked`);
+      if (this.sessions.size >= MAX_SESSIONS) return refuse(`${MAX_SESSIONS} sessions are open already`);
+      const session = new MuxSession(socket, false);
+      this.sessions.set(session, peer);
+      session.on('stream', (stream: MuxStream, headers: Headers) => void this.dispatch(stream, headers, peer));
+      session.on('protocolError', (e: Error) => this.log(`closed the session of '${peer.name}' (${peer.role}): ${e.message}`));
+      // A peer behind a cut link is noticed in seconds, so its unfinished migration is undone.
+      session.keepalive(1000, 4);
+      session.once('close', () => this.sessions.delete(session));
     });
     server.on('tlsClientError', (e) => this.log(`refused a peer: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
@@ -77,54 +122,48 @@ export class Agent {
   }
 
   /** Stops accepting; running tasks keep running. */
-  close(): Promise<void> {
-    return new Promise((resolve) => {
+  async close(): Promise<void> {
+    clearInterval(this.revocationTimer);
+    await this.resolver.close();
+    await new Promise<void>((resolve) => {
       if (!this.server) return resolve();
       this.server.close(() => resolve());
-      for (const s of this.sessions) s.close();
+      for (const s of this.sessions.keys()) s.close();
       const t = setTimeout(() => resolve(), 5000);
       t.unref();
     });
   }
 
-  private route(method: string, pattern: RegExp, h: Handler, raw = false): void {
-    this.routes.push([method, pattern, h, raw]);
+  private route(method: string, pattern: RegExp, need: Permission, handler: Handler): void {
+    this.routes.push({ method, pattern, need, handler });
   }
 
-  private async dispatch(stream: MuxStream, headers: Headers): Promise<void> {
-    stream.on('error', () => {});
+  private async dispatch(stream: MuxStream, headers: Headers, peer: PeerIdentity): Promise<void> {
     const method = String(headers[':method']);
-    const path = String(headers[':path']).split('?')[0]!;
-    // Not `for await`: ending the iteration would destroy the duplex before we answer.
-    const body = () =>
-      new Promise<unknown>((resolve, reject) => {
-        let text = '';
-        stream.setEncoding('utf8');
-        stream.on('data', (c: string) => (text += c));
-        stream.once('end', () => {
-          try {
-            resolve(text ? JSON.parse(text) : {});
-          } catch {
-            reject(new FerryError('PEER', `malformed request body for ${method} ${path}`));
-          }
-        });
-        stream.once('error', reject);
-      });
+    const path = String(headers[':path'] ?? '').split('?')[0]!;
+    let bodyRead = false;
+    const body = <S extends z.ZodType>(schema: S): Promise<z.infer<S>> => {
+      bodyRead = true;
+      return readBody(stream).then((v) => parse(schema, v, `request body for ${method} ${path}`));
+    };
     try {
-      for (const [m, re, h] of this.routes) {
-        const match = m === method ? re.exec(path) : null;
-        if (match) {
-          await h(stream, match.slice(1).map(decodeURIComponent), headers, body);
-          return;
-        }
+      const route = this.routes.find((r) => r.method === method && r.pattern.test(path));
+      if (!route) throw new FerryError('USAGE', `no such endpoint: ${method} ${path.slice(0, 200)}`);
+      if (!allows(peer.role, route.need)) {
+        throw new FerryError('FORBIDDEN', `'${peer.name}' has role ${peer.role}, which may not ${method} ${path.slice(0, 200)}`, { hint: 'use a certificate with the role this needs (`ferry cert issue --role`)' });
       }
-      throw new FerryError('USAGE', `no such endpoint: ${method} ${path}`);
+      const params = route.pattern.exec(path)!.slice(1);
+      await route.handler({ stream, params, headers, peer, body });
     } catch (e) {
-      const err = e instanceof FerryError ? e : new FerryError('PEER', `agent ${this.o.name}: ${(e as Error).message}`);
+      // Expected failures go back to the peer; anything else is a bug and is logged with its stack.
+      const err = e instanceof FerryError ? e : new FerryError('PEER', `agent ${this.o.name}: internal error: ${(e as Error).message}`);
       if (!(e instanceof FerryError)) this.log(`internal error on ${method} ${path}: ${(e as Error).stack}`);
+      else if (peer.role === 'agent' || err.code === 'FORBIDDEN') this.log(`refused ${method} ${path.slice(0, 200)} from '${peer.name}': ${err.message}`);
       if (stream.destroyed || stream.closed) return;
       if (!stream.headersSent) stream.respond(jsonHeaders(statusFor(err.code)));
       stream.end(JSON.stringify({ error: err.toJSON() }));
+      // What the peer still sends on this stream is not wanted.
+      if (!bodyRead) stream.resume();
     }
   }
 
@@ -134,44 +173,51 @@ export class Agent {
       stream.respond(jsonHeaders(200));
       stream.end(JSON.stringify(value ?? {}));
     };
-    this.route('GET', /^\/v1\/info$/, async (s) => reply(s, { name: this.o.name, criu: (await rt.criu.version()).text }));
-    this.route('GET', /^\/v1\/tasks$/, async (s) => reply(s, await rt.list()));
-    this.route('POST', /^\/v1\/tasks$/, async (s, _p, _h, body) => {
-      const b = (await body()) as { name?: string; command: string[]; cwd?: string; env?: Record<string, string> };
-      reply(s, await rt.run(b));
+    // Path parameters are checked as they came, never decoded: '..%2F' is simply not a name.
+    const NAME = '([^/]+)';
+    const name = (r: Request) => parse(taskName, r.params[0], 'task name');
+    const id = (r: Request) => parse(migrationId, r.params[0], 'migration id');
+    const task = (suffix = '') => new RegExp(`^/v1/tasks/${NAME}${suffix}$`);
+    const incoming = (suffix: string) => new RegExp(`^/v1/incoming/${NAME}${suffix}$`);
+
+    this.route('GET', /^\/v1\/info$/, 'info', async (r) => reply(r.stream, { name: this.o.name, criu: (await rt.criu.version()).text, peer: { name: r.peer.name, role: r.peer.role } }));
+    this.route('GET', /^\/v1\/tasks$/, 'read', async (r) => reply(r.stream, await rt.list()));
+    this.route('POST', /^\/v1\/tasks$/, 'operate', async (r) => reply(r.stream, await rt.run(await r.body(runBody))));
+    this.route('GET', task(), 'read', async (r) => reply(r.stream, await rt.get(name(r))));
+    this.route('GET', task('/logs'), 'read', async (r) => {
+      const n = name(r);
+      await rt.get(n);
+      r.stream.respond({ ':status': 200, 'content-type': 'text/plain' });
+      await rt.logs(n, r.stream);
+      r.stream.end();
     });
-    this.route('GET', /^\/v1\/tasks\/([^/]+)$/, async (s, [n]) => reply(s, await rt.get(n!)));
-    this.route('GET', /^\/v1\/tasks\/([^/]+)\/logs$/, async (s, [n]) => {
-      await rt.get(n!);
-      s.respond({ ':status': 200, 'content-type': 'text/plain' });
-      await rt.logs(n!, s);
-      s.end();
+    this.route('POST', task('/stop'), 'operate', async (r) => {
+      const b = await r.body(stopBody);
+      reply(r.stream, await rt.stop(name(r), { graceMs: b.graceMs ?? 10_000 }));
     });
-    this.route('POST', /^\/v1\/tasks\/([^/]+)\/stop$/, async (s, [n], _h, body) => {
-      const b = (await body()) as { graceMs?: number };
-      reply(s, await rt.stop(n!, { graceMs: b.graceMs ?? 10_000 }));
+    this.route('DELETE', task(), 'operate', async (r) => {
+      await rt.remove(name(r), { force: r.headers['x-ferry-force'] === '1' });
+      reply(r.stream, {});
     });
-    this.route('DELETE', /^\/v1\/tasks\/([^/]+)$/, async (s, [n], h) => {
-      await rt.remove(n!, { force: h['x-ferry-force'] === '1' });
-      reply(s, {});
+    this.route('POST', task('/checkpoint'), 'operate', async (r) => {
+      const b = await r.body(checkpointBody);
+      reply(r.stream, await rt.checkpoint(name(r), { leaveRunning: !!b.leaveRunning }));
     });
-    this.route('POST', /^\/v1\/tasks\/([^/]+)\/checkpoint$/, async (s, [n], _h, body) => {
-      const b = (await body()) as { leaveRunning?: boolean };
-      reply(s, await rt.checkpoint(n!, { leaveRunning: !!b.leaveRunning }));
-    });
-    this.route('POST', /^\/v1\/tasks\/([^/]+)\/restore$/, async (s, [n]) => reply(s, await rt.restore(n!)));
-    this.route('GET', /^\/v1\/history$/, async (s) => {
+    this.route('POST', task('/restore'), 'operate', async (r) => reply(r.stream, await rt.restore(name(r))));
+    this.route('GET', /^\/v1\/history$/, 'read', async (r) => {
       const text = await readFile(this.historyFile, 'utf8').catch(() => '');
-      reply(s, text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as unknown));
+      reply(r.stream, text.split('\n').filter(Boolean).map((l) => JSON.parse(l) as unknown));
     });
 
     // Migration out: progress as JSON lines, the report last.
-    this.route('POST', /^\/v1\/tasks\/([^/]+)\/migrate$/, async (s, [n], _h, body) => {
-      const b = (await body()) as { to: { name: string; address: string }; mode?: 'stop-copy' | 'post-copy' };
+    this.route('POST', task('/migrate'), 'operate', async (r) => {
+      const n = name(r);
+      const b = await r.body(migrateBody);
       const mode = b.mode ?? 'stop-copy';
-      if (mode !== 'stop-copy' && mode !== 'post-copy') throw new FerryError('USAGE', `unknown migration mode '${String(mode)}': use stop-copy or post-copy`);
-      await rt.get(n!);
+      await rt.get(n);
+      const s = r.stream;
       const ac = new AbortController();
+      // The client went away (Ctrl-C, a killed CLI): cancel, unless past the point of no return.
       s.once('close', () => {
         if (!s.writableEnded) ac.abort(new FerryError('ABORTED', 'the client went away'));
       });
@@ -185,9 +231,9 @@ export class Agent {
       };
       let report: MigrationReport;
       try {
-        report = await migrateOut({ rt, tls: this.o.tls, self: this.o.name }, n!, b.to, mode, (e: ProgressEvent) => send({ progress: e }), ac.signal);
+        report = await migrateOut(this.ctx, n, b.to, mode, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
-        if (e instanceof FerryError && e.code === 'MIGRATION') {
+        if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {
           await this.history({ task: n, from: this.o.name, to: b.to.name, mode, ok: false, error: e.message, at: new Date().toISOString() });
         }
         if (!started) throw e;
@@ -200,33 +246,57 @@ export class Agent {
       send({ report });
       s.end();
     });
+    this.route('GET', /^\/v1\/migrations$/, 'read', async (r) => {
+      reply(r.stream, [...this.ctx.active.values()].map((m) => m.summary()));
+    });
+    this.route('POST', /^\/v1\/migrations\/([^/]+)\/cancel$/, 'operate', async (r) => {
+      const m = this.ctx.active.get(id(r));
+      if (!m) throw new FerryError('TASK_NOT_FOUND', `no migration ${r.params[0]} is under way on ${this.o.name}`, { hint: 'see `ferry migrations` for those under way' });
+      const res = m.cancel(new FerryError('ABORTED', `cancelled by '${r.peer.name}'`));
+      if (!res.cancelled) throw new FerryError('TASK_STATE', res.message);
+      reply(r.stream, res);
+    });
 
-    // Migration in (agent to agent).
-    this.route('POST', /^\/v1\/incoming$/, async (s, _p, _h, body) => {
-      const req = (await body()) as PrepareRequest;
-      reply(s, await this.dest.prepare(req, s.session));
+    // Migration in (agent to agent). The source is the peer's certificate, not what it claims.
+    this.route('POST', /^\/v1\/incoming$/, 'migrate-in', async (r) => {
+      const req = await r.body(prepareBody);
+      if (req.from !== r.peer.name) throw new FerryError('FORBIDDEN', `the peer '${r.peer.name}' claims to be '${req.from}'`);
+      reply(r.stream, await this.dest.prepare(req, r.stream.session));
     });
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/pages$/, async (s, [id]) => this.dest.pages(id!, s));
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/lazy$/, async (s, [id]) => this.dest.lazyStream(id!, s));
-    this.route('PUT', /^\/v1\/incoming\/([^/]+)\/images\/([^/]+)$/, async (s, [id, file]) => {
-      await this.dest.image(id!, file!, s);
-      reply(s, {});
+    const own = (r: Request) => {
+      const m = this.dest.get(id(r));
+      if (m.req.from !== r.peer.name) throw new FerryError('FORBIDDEN', `migration ${m.id} is not from '${r.peer.name}'`);
+      return m.id;
+    };
+    this.route('POST', incoming('/pages'), 'migrate-in', async (r) => this.dest.pages(own(r), r.stream));
+    this.route('POST', incoming('/lazy'), 'migrate-in', async (r) => this.dest.lazyStream(own(r), r.stream));
+    this.route('PUT', incoming('/images/([^/]+)'), 'migrate-in', async (r) => {
+      await this.dest.image(own(r), r.params[1]!, r.stream);
+      reply(r.stream, {});
     });
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/rsync$/, async (s, [id], h) => {
-      const args = JSON.parse(String(h['x-ferry-rsync'] ?? '[]')) as string[];
-      await this.dest.rsync(id!, args, s);
+    this.route('POST', incoming('/rsync'), 'migrate-in', async (r) => {
+      let args: unknown;
+      try {
+        args = JSON.parse(String(r.headers['x-ferry-rsync'] ?? ''));
+      } catch {
+        args = undefined;
+      }
+      await this.dest.rsync(own(r), args, r.stream);
     });
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/restore$/, async (s, [id], _h, body) => {
-      const b = (await body()) as { lazy?: boolean };
-      reply(s, await this.dest.restore(id!, { lazy: !!b.lazy }));
+    this.route('POST', incoming('/restore'), 'migrate-in', async (r) => {
+      const b = await r.body(incomingRestoreBody);
+      reply(r.stream, await this.dest.restore(own(r), { lazy: !!b.lazy }));
     });
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/commit$/, async (s, [id]) => {
-      this.dest.commit(id!);
-      reply(s, {});
+    // The decision may come from a later session (the source retries it), so it is checked
+    // against what the destination recorded, in memory or on disk.
+    this.route('POST', incoming('/commit'), 'migrate-in', async (r) => {
+      await r.body(emptyBody);
+      reply(r.stream, await this.dest.commit(id(r), r.peer.name));
     });
-    this.route('POST', /^\/v1\/incoming\/([^/]+)\/abort$/, async (s, [id]) => {
-      await this.dest.abort(id!);
-      reply(s, {});
+    this.route('POST', incoming('/abort'), 'migrate-in', async (r) => {
+      await r.body(emptyBody);
+      await this.dest.abort(id(r), r.peer.name);
+      reply(r.stream, {});
     });
   }
 
@@ -248,7 +318,35 @@ function statusFor(code: string): number {
       return 409;
     case 'PRECHECK':
       return 412;
+    case 'FORBIDDEN':
+      return 403;
     default:
       return 500;
   }
+}
+
+/** A request body: JSON of at most MAX_BODY bytes. */
+function readBody(stream: MuxStream): Promise<unknown> {
+  return new Promise((resolve, reject) => {
+    const chunks: Buffer[] = [];
+    let size = 0;
+    stream.on('data', (c: Buffer) => {
+      size += c.length;
+      if (size > MAX_BODY) {
+        stream.pause();
+        reject(new FerryError('USAGE', `request body larger than ${MAX_BODY} bytes`));
+        return;
+      }
+      chunks.push(c);
+    });
+    stream.once('end', () => {
+      const text = Buffer.concat(chunks).toString('utf8');
+      try {
+        resolve(text ? JSON.parse(text) : {});
+      } catch {
+        reject(new FerryError('USAGE', 'request body is not JSON'));
+      }
+    });
+    stream.once('error', reject);
+  });
 }

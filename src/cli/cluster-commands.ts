@@ -1,6 +1,6 @@
 // Commands about agents and hosts: agent, ca, cert, lab, migrate, history.
 import type { Command } from 'commander';
-import { resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { Agent } from '../agent/agent.js';
 import { hostAddress } from '../agent/client.js';
 import { Criu } from '../criu/driver.js';
@@ -8,7 +8,8 @@ import { FerryError } from '../errors.js';
 import type { MigrationReport, ProgressEvent } from '../migrate/source.js';
 import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { Runtime } from '../runtime/runtime.js';
-import { caInit, certIssue, loadTls } from '../tls/pki.js';
+import { ROLES, type Role } from '../tls/identity.js';
+import { caInit, certIssue, certRevoke, loadTls, revokedPath } from '../tls/pki.js';
 import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
@@ -24,12 +25,14 @@ export function registerClusterCommands(program: Command): void {
     .requiredOption('--ca <file>', 'cluster CA certificate')
     .requiredOption('--cert <file>', "this host's certificate")
     .requiredOption('--key <file>', "this host's private key")
-    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string }, cmd: Command) => {
+    .option('--revoked <file>', 'revoked certificate serials, one per line; re-read when it changes (default: revoked.txt beside the CA certificate)')
+    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string; revoked?: string }, cmd: Command) => {
       requireRoot();
       const cfg = configFor(cmd);
       const tls = await loadTls({ ca: opts.ca, cert: opts.cert, key: opts.key });
       const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir);
-      const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, log: (l) => process.stdout.write(l + '\n') });
+      const revoked = resolve(opts.revoked ?? join(dirname(opts.ca), 'revoked.txt'));
+      const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, revoked, log: (l) => process.stdout.write(l + '\n') });
       await agent.start();
       await new Promise<void>((resolveStop) => {
         const stop = () => void agent.close().then(resolveStop);
@@ -57,9 +60,23 @@ export function registerClusterCommands(program: Command): void {
     .option('--ca-dir <dir>', 'the cluster CA', '/etc/ferry/ca')
     .option('--out <dir>', 'where to write NAME.crt and NAME.key', '.')
     .option('--san <addr...>', 'extra addresses or DNS names the certificate names')
-    .action(async (name: string, opts: { caDir: string; out: string; san?: string[] }) => {
-      const r = await certIssue(resolve(opts.caDir), name, resolve(opts.out), opts.san ?? []);
-      process.stdout.write(`issued ${r.cert} and ${r.key}\n`);
+    .option('--role <role>', `what the holder may do: ${ROLES.join(', ')} (agent: a host's agent; operator: run, stop and migrate tasks; reader: ps, logs, history)`)
+    .action(async (name: string, opts: { caDir: string; out: string; san?: string[]; role?: string }) => {
+      if (!opts.role) throw new FerryError('USAGE', `name the certificate's role with --role ${ROLES.join('|')}`);
+      if (!(ROLES as readonly string[]).includes(opts.role)) throw new FerryError('USAGE', `unknown --role '${opts.role}': use ${ROLES.join(', ')}`);
+      const r = await certIssue(resolve(opts.caDir), name, resolve(opts.out), opts.role as Role, opts.san ?? []);
+      process.stdout.write(`issued ${r.cert} and ${r.key} (role ${opts.role}, serial ${r.serial})\n`);
+    });
+  cert
+    .command('revoke')
+    .description("revoke a certificate: agents that read the CA's revoked.txt refuse it within a second, without a restart")
+    .argument('[name]', 'revoke every certificate issued to this name')
+    .option('--serial <hex>', 'revoke one certificate by its serial')
+    .option('--ca-dir <dir>', 'the cluster CA', '/etc/ferry/ca')
+    .action(async (name: string | undefined, opts: { caDir: string; serial?: string }) => {
+      if (!name && !opts.serial) throw new FerryError('USAGE', 'name the certificate to revoke, or give --serial');
+      const serials = await certRevoke(resolve(opts.caDir), { ...(name ? { name } : {}), ...(opts.serial ? { serial: opts.serial } : {}) });
+      process.stdout.write(`revoked ${serials.join(', ')} in ${revokedPath(resolve(opts.caDir))}\n`);
     });
 
   const lab = program.command('lab').description('test hosts on this machine: network namespaces, each with an agent');
@@ -101,23 +118,68 @@ export function registerClusterCommands(program: Command): void {
 
   program
     .command('migrate')
-    .description('move a running task to another host (run through the source host\'s agent)')
-    .argument('<task>')
-    .requiredOption('--to <host>', 'destination host')
+    .description("move a running task to another host (run through the source host's agent); Ctrl-C cancels")
+    .argument('[task]')
+    .option('--to <host>', 'destination host')
     .option('--mode <mode>', 'stop-copy or post-copy', 'stop-copy')
+    .option('--cancel <id>', 'cancel a migration under way on --host (see `ferry migrations`)')
     .option('--json', 'print the report as JSON')
-    .action(async (task: string, opts: { to: string; mode: string; json?: boolean }, cmd: Command) => {
-      if (opts.mode !== 'stop-copy' && opts.mode !== 'post-copy') throw new FerryError('USAGE', `unknown --mode '${opts.mode}': use stop-copy or post-copy`);
+    .action(async (task: string | undefined, opts: { to?: string; mode: string; cancel?: string; json?: boolean }, cmd: Command) => {
       const { cluster, host } = await remoteTarget(cmd, true);
+      if (opts.cancel) {
+        const session = await agentSession(cluster, host);
+        try {
+          const r = await requestJson<{ message: string }>(session, 'POST', `/v1/migrations/${encodeURIComponent(opts.cancel)}/cancel`, {});
+          if (opts.json) printJson(r);
+          else process.stdout.write(`${r.message}\n`);
+        } finally {
+          session.close();
+        }
+        return;
+      }
+      if (!task) throw new FerryError('USAGE', 'name the task to migrate: `ferry --host HOST migrate TASK --to HOST`');
+      if (!opts.to) throw new FerryError('USAGE', 'name the destination with --to HOST');
+      if (opts.mode !== 'stop-copy' && opts.mode !== 'post-copy') throw new FerryError('USAGE', `unknown --mode '${opts.mode}': use stop-copy or post-copy`);
       if (opts.to === host) throw new FerryError('USAGE', `task '${task}' is on ${host} already: --to must name another host`);
       const to = { name: opts.to, address: hostAddress(cluster, opts.to) };
       const session = await agentSession(cluster, host);
+      let id: string | undefined;
+      // Ctrl-C asks the agent to cancel and waits for the outcome, so the last line says where the
+      // task runs; a second Ctrl-C leaves at once (the agent still cancels: the stream closes).
+      let interrupted = false;
+      const onInt = () => {
+        if (interrupted || !id) process.exit(130);
+        interrupted = true;
+        process.stderr.write(`\r\x1b[Kcancelling migration ${id}...\n`);
+        void requestJson<{ message: string }>(session, 'POST', `/v1/migrations/${id}/cancel`, {}).then(
+          (r) => process.stderr.write(`${r.message}\n`),
+          (e: Error) => process.stderr.write(`ferry: ${e.message}\n`),
+        );
+      };
+      process.on('SIGINT', onInt);
       try {
         const stream = session.request({ ':method': 'POST', ':path': `/v1/tasks/${encodeURIComponent(task)}/migrate`, 'content-type': 'application/json' });
         stream.end(JSON.stringify({ to, mode: opts.mode }));
-        const report = await readMigration(stream, !opts.json && process.stderr.isTTY);
+        const report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
         if (opts.json) printJson(report);
         else printReport(report);
+      } finally {
+        process.off('SIGINT', onInt);
+        session.close();
+      }
+    });
+
+  program
+    .command('migrations')
+    .description("migrations under way on --host's agent")
+    .option('--json', 'print as JSON')
+    .action(async (opts: { json?: boolean }, cmd: Command) => {
+      const { cluster, host } = await remoteTarget(cmd, true);
+      const session = await agentSession(cluster, host);
+      try {
+        const list = await requestJson<Array<{ id: string; task: string; to: string; mode: string; phase: string; elapsedMs: number; decided: boolean }>>(session, 'GET', '/v1/migrations');
+        if (opts.json) return printJson(list);
+        process.stdout.write(table(['ID', 'TASK', 'TO', 'MODE', 'PHASE', 'ELAPSED', 'CANCELLABLE'], list.map((m) => [m.id, m.task, m.to, m.mode, m.phase, `${(m.elapsedMs / 1000).toFixed(1)} s`, m.decided ? 'no' : 'yes'])));
       } finally {
         session.close();
       }
@@ -145,7 +207,7 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-async function readMigration(stream: MuxStream, live: boolean): Promise<MigrationReport> {
+async function readMigration(stream: MuxStream, live: boolean, onId: (id: string) => void): Promise<MigrationReport> {
   let headers: Headers = {};
   let buf = '';
   let report: MigrationReport | undefined;
@@ -160,7 +222,17 @@ async function readMigration(stream: MuxStream, live: boolean): Promise<Migratio
     while ((nl = buf.indexOf('\n')) >= 0) {
       const line = buf.slice(0, nl);
       buf = buf.slice(nl + 1);
-      const msg = JSON.parse(line) as { progress?: ProgressEvent; report?: MigrationReport; error?: { code: string; message: string; hint?: string } };
+      let msg: { progress?: ProgressEvent; report?: MigrationReport; error?: { code: string; message: string; hint?: string } };
+      try {
+        msg = JSON.parse(line) as typeof msg;
+      } catch {
+        throw new FerryError('PEER', 'the source agent sent a malformed progress line', { hint: 'see `ferry history` on the source host' });
+      }
+      if (msg.progress?.type === 'start') {
+        onId(msg.progress.id);
+        if (live) process.stderr.write(`migration ${msg.progress.id} (Ctrl-C cancels)\n`);
+        continue;
+      }
       if (msg.progress?.type === 'phase') phase = msg.progress.phase;
       if (live && msg.progress) {
         const p = msg.progress;

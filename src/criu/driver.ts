@@ -97,9 +97,10 @@ export class Criu {
   }
 
   /** The argv of a detached restore; the task shim runs it so it becomes the restored tree's parent. */
-  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; logName?: string }): string[] {
+  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; leaveStopped?: boolean; logName?: string }): string[] {
     const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON];
     if (o.lazyPages) args.push('--lazy-pages');
+    if (o.leaveStopped) args.push('--leave-stopped');
     return [this.bin, ...args];
   }
 

@@ -106,8 +106,8 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     }
     const caDir = join(dir, 'ca');
     if (!existsSync(join(caDir, 'ca.crt'))) await caInit(caDir, { name: `ferry lab ${opts.name} CA` });
-    if (!existsSync(join(dir, 'client.crt'))) await certIssue(caDir, 'client', dir);
-    for (const h of state.hosts) if (!existsSync(join(h.dir, `${h.name}.crt`))) await certIssue(caDir, h.name, h.dir, [h.address]);
+    if (!existsSync(join(dir, 'client.crt'))) await certIssue(caDir, 'client', dir, 'operator');
+    for (const h of state.hosts) if (!existsSync(join(h.dir, `${h.name}.crt`))) await certIssue(caDir, h.name, h.dir, 'agent', [h.address]);
     await writeFile(
       state.cluster,
       JSON.stringify({ hosts: Object.fromEntries(state.hosts.map((h) => [h.name, `${h.address}:${AGENT_PORT}`])), ca: 'ca/ca.crt', cert: 'client.crt', key: 'client.key' }, null, 2) + '\n',

@@ -1,32 +1,40 @@
 // The destination side of a migration, inside the receiving agent: pre-checks, a CRIU page
 // server or lazy-pages daemon behind the session's streams, the images, rsync, the restore, and
 // removal of everything received when the source aborts or goes away before the task runs here.
+//
+// The restore is the first phase of a two-phase commit: the restored tree stays stopped (and its
+// directory keeps incoming.json) until the source, which decides, says commit — then it resumes —
+// or abort — then it is killed and removed. So the task never runs on both hosts, and a decision
+// that arrives after this agent restarted still finds its migration by id on disk.
 import { spawn } from 'node:child_process';
 import { existsSync, createWriteStream } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
 import type { MuxSession, MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import type { Socket } from 'node:net';
-import { Duplex } from 'node:stream';
+import { Duplex, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ServerHandle } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
 import type { Runtime } from '../runtime/runtime.js';
-import { validateName, type TaskRecord } from '../runtime/task-store.js';
-import { isAlive, sleep } from '../util/proc.js';
+import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
+import { readJson, writeJsonAtomic } from '../util/fs.js';
+import { isAlive, resumeTree, sleep } from '../util/proc.js';
+import type { PrepareRequest } from '../wire/schemas.js';
 import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
-export type Mode = 'stop-copy' | 'post-copy';
+export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
-export interface PrepareRequest {
+/** One image file may not be larger than this; pages go to the page server, not here. */
+const MAX_IMAGE_BYTES = 1 << 30;
+const MAX_IMAGES = 100_000;
+
+/** incoming.json in the task's directory: this host holds an uncommitted migration of it. */
+interface IncomingMark {
   id: string;
   from: string;
-  task: TaskRecord;
-  mode: Mode;
-  /** criu cpuinfo image of the source, base64. */
-  cpuinfo: string;
-  memBytes: number;
-  diskBytes: number;
+  /** receiving: images and files arrive; restored: the task is here, stopped, awaiting the decision. */
+  phase: 'receiving' | 'restored';
 }
 
 interface Incoming {
@@ -45,6 +53,7 @@ interface Incoming {
   /** Set while CRIU restores here: an abort waits for it rather than pull files from under it. */
   restoring?: Promise<unknown>;
   committed: boolean;
+  images: number;
 }
 
 export class Destination {
@@ -52,23 +61,35 @@ export class Destination {
 
   constructor(private readonly rt: Runtime, private readonly onEvent: (e: Record<string, unknown>) => void = () => {}) {}
 
-  /** Leftovers of migrations that were never finished (the agent died mid-transfer). */
-  async sweep(): Promise<string[]> {
+  /**
+   * After a restart: removes migrations that never got as far as a restore; keeps restored ones,
+   * stopped, for the source's decision (it retries until this agent hears it).
+   */
+  async sweep(): Promise<{ removed: string[]; inDoubt: string[] }> {
     const removed: string[] = [];
-    let names: string[] = [];
-    try {
-      names = await readdir(this.rt.store.tasksDir);
-    } catch {
-      return removed;
-    }
-    for (const n of names) {
-      const dir = this.rt.store.dir(n);
-      if (existsSync(join(dir, 'incoming.json')) && !existsSync(join(dir, 'task.json'))) {
-        await rm(dir, { recursive: true, force: true });
-        removed.push(n);
+    const inDoubt: string[] = [];
+    for (const { name, dir, mark } of await this.marks()) {
+      if (mark.phase === 'restored' && existsSync(join(dir, 'task.json'))) {
+        inDoubt.push(`${name} (migration ${mark.id} from ${mark.from})`);
+        continue;
       }
+      await rm(dir, { recursive: true, force: true });
+      removed.push(name);
     }
-    return removed;
+    return { removed, inDoubt };
+  }
+
+  /** Every task directory that holds an uncommitted incoming migration. */
+  private async marks(): Promise<Array<{ name: string; dir: string; mark: IncomingMark }>> {
+    const names = await readdir(this.rt.store.tasksDir).catch(() => [] as string[]);
+    const out: Array<{ name: string; dir: string; mark: IncomingMark }> = [];
+    for (const name of names) {
+      if (!isValidName(name)) continue;
+      const dir = this.rt.store.dir(name);
+      const mark = await readJson<IncomingMark>(join(dir, 'incoming.json')).catch(() => undefined);
+      if (mark) out.push({ name, dir, mark });
+    }
+    return out;
   }
 
   get(id: string): Incoming {
@@ -102,8 +123,8 @@ export class Destination {
     }
     const imagesDir = this.rt.store.imagesDir(name);
     await mkdir(imagesDir, { recursive: true, mode: 0o700 });
-    await writeFile(join(dir, 'incoming.json'), JSON.stringify({ id: req.id, from: req.from }));
-    const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false };
+    await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving' } satisfies IncomingMark);
+    const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false, images: 0 };
     this.incoming.set(req.id, m);
     try {
       await writeFile(join(imagesDir, 'cpuinfo.img'), Buffer.from(req.cpuinfo, 'base64'));
@@ -146,19 +167,24 @@ export class Destination {
 
   async image(id: string, file: string, stream: MuxStream): Promise<void> {
     const m = this.get(id);
-    if (!/^[A-Za-z0-9_.-]+$/.test(file) || file.startsWith('.')) throw new FerryError('PEER', `refusing image name '${file}'`);
-    await pipeline(stream, createWriteStream(join(m.imagesDir, file), { mode: 0o600 }));
+    if (!/^[A-Za-z0-9_.-]{1,128}$/.test(file) || file.startsWith('.') || file === 'lazy-pages.socket') throw new FerryError('USAGE', `refusing image name '${file}'`);
+    if (++m.images > MAX_IMAGES) throw new FerryError('USAGE', `more than ${MAX_IMAGES} image files`);
+    let size = 0;
+    const limit = new Transform({
+      transform(c: Buffer, _e, cb) {
+        size += c.length;
+        cb(size > MAX_IMAGE_BYTES ? new FerryError('USAGE', `image ${file} is larger than ${MAX_IMAGE_BYTES} bytes`) : null, c);
+      },
+    });
+    await pipeline(stream, limit, createWriteStream(join(m.imagesDir, file), { mode: 0o600 }));
   }
 
   /** Runs `rsync --server` into the task's directory, speaking through the stream. */
-  async rsync(id: string, args: string[], stream: MuxStream): Promise<void> {
+  async rsync(id: string, args: unknown, stream: MuxStream): Promise<void> {
     const m = this.get(id);
-    if (args[0] !== 'rsync' || args[1] !== '--server' || args.includes('--sender') || args.some((a) => a.includes('\0'))) {
-      throw new FerryError('PEER', 'refusing an rsync command that is not a receiving server');
-    }
     // The target is always this task's directory, whatever the sender named.
-    const serverArgs = [...args.slice(1, -1), `${m.dir}/`];
-    const child = spawn('rsync', serverArgs, { stdio: ['pipe', 'pipe', 'inherit'] });
+    const serverArgs = [...rsyncServerArgs(args), `${m.dir}/`];
+    const child = spawn('rsync', serverArgs, { stdio: ['pipe', 'pipe', 'ignore'] });
     stream.respond({ ':status': 200 });
     const duplex = Duplex.from({ readable: child.stdout, writable: child.stdin });
     await splice(stream, duplex);
@@ -176,19 +202,14 @@ export class Destination {
     const pageWaitMs = Math.round(performance.now() - started);
     if (opts.lazy) await this.startLazyDaemon(m);
     const rec: TaskRecord = { ...m.req.task, state: 'checkpointed', origin: m.req.from };
-    delete rec.pid;
-    delete rec.pidStart;
-    delete rec.shimPid;
-    delete rec.shimStart;
-    delete rec.exit;
-    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy });
+    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true });
     m.restoring = restoring.catch(() => {
       // Failed with nobody left to tell us to clean up.
       if (m.session.destroyed) setImmediate(() => void this.abort(id));
     });
     const restored = await restoring;
     m.restored = restored;
-    await rm(join(m.dir, 'incoming.json'), { force: true });
+    await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored' } satisfies IncomingMark);
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
 
@@ -212,17 +233,48 @@ export class Destination {
     }
   }
 
-  commit(id: string): void {
-    const m = this.get(id);
-    m.committed = true;
-    this.incoming.delete(id);
-    this.onEvent({ event: 'arrived', id, task: m.req.task.name, from: m.req.from, pid: m.restored?.pid });
+  /**
+   * The source let go: the stopped copy resumes. Idempotent; also for a migration this agent only
+   * knows from disk (it restarted in between). Returns false for a migration it never restored.
+   */
+  async commit(id: string, from: string): Promise<{ known: boolean }> {
+    const m = this.incoming.get(id);
+    if (m && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    if (m) {
+      if (!m.restored) throw new FerryError('USAGE', `migration ${id} has not been restored here: it cannot be committed`);
+      m.committed = true;
+      this.incoming.delete(id);
+    }
+    const found = (await this.marks()).find((x) => x.mark.id === id);
+    if (!found) return { known: !!m };
+    if (found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    const rec = await this.rt.store.get(found.name);
+    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid);
+    if (rec.state === 'frozen') {
+      rec.state = 'running';
+      await this.rt.store.save(rec);
+    }
+    await rm(join(found.dir, 'incoming.json'), { force: true });
+    this.onEvent({ event: 'arrived', id, task: found.name, from: found.mark.from, pid: rec.pid });
+    return { known: true };
   }
 
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */
-  async abort(id: string): Promise<void> {
+  async abort(id: string, from?: string): Promise<void> {
     const m = this.incoming.get(id);
-    if (!m || m.committed) return;
+    if (m && from !== undefined && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    if (!m) {
+      // Known only from disk: this agent restarted after the restore.
+      const found = (await this.marks()).find((x) => x.mark.id === id);
+      if (!found) return;
+      if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+      const rec = await this.rt.store.get(found.name).catch(() => undefined);
+      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      await rm(found.dir, { recursive: true, force: true });
+      this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
+      return;
+    }
+    if (m.committed) return;
     this.incoming.delete(id);
     m.pageServer?.stop();
     m.lazy?.daemon.stop();
@@ -231,18 +283,39 @@ export class Destination {
     m.lazySock?.destroy();
     await m.restoring;
     const r = m.restored;
-    if (r?.pid && isAlive(r.pid, r.pidStart)) {
-      try {
-        process.kill(r.pid, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-      for (let i = 0; i < 100 && isAlive(r.pid, r.pidStart); i++) await sleep(20);
-    }
+    if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
     await rm(m.dir, { recursive: true, force: true });
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
+}
+
+async function killAndWait(pid: number, start: number | undefined): Promise<void> {
+  if (!isAlive(pid, start)) return;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    /* gone */
+  }
+  for (let i = 0; i < 100 && isAlive(pid, start); i++) await sleep(20);
+}
+
+/**
+ * The options of a receiving `rsync --server` that Ferry's own sender produces (`rsync -a
+ * --delete`), and nothing else: no option may name a file (--log-file, --temp-dir, ...) or change
+ * how the receiver treats links. The final argument (the target) is replaced by the caller.
+ */
+export function rsyncServerArgs(args: unknown): string[] {
+  const refuse = () => new FerryError('USAGE', 'refusing an rsync command that is not the receiving server Ferry runs');
+  if (!Array.isArray(args) || args.length < 4 || args.length > 8 || !args.every((a) => typeof a === 'string')) throw refuse();
+  const [prog, server, ...rest] = args as string[];
+  if (prog !== 'rsync' || server !== '--server') throw refuse();
+  const opts = rest.slice(0, -1);
+  for (const a of opts) {
+    const ok = /^-[logDtpr]+e\.[A-Za-z]{1,16}$/.test(a) || a === '--delete' || a === '.';
+    if (!ok) throw refuse();
+  }
+  return ['--server', ...opts];
 }
 
 function pairLazy(m: Incoming): void {

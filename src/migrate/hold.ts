@@ -1,21 +1,33 @@
 // Holding a dumped task frozen until the destination runs it. CRIU runs our action script at
 // post-dump; the script reports through one FIFO and waits for the verdict on another. "commit"
-// lets CRIU end the source task; anything else (or no answer in time) makes the dump fail, and
-// CRIU resumes the task where it was.
+// lets CRIU end the source task; anything else makes the dump fail, and CRIU resumes the task
+// where it was. While undecided the agent writes "wait" every second: if those stop (the agent
+// died) the script gives up within PATIENCE_S and the task resumes, with nobody at the other end.
 import { createReadStream } from 'node:fs';
 import { constants } from 'node:fs';
-import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run } from '../exec/run.js';
+
+/** Seconds without a word from the agent after which the held task resumes. */
+export const PATIENCE_S = 5;
 
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
 # pre-dump runs just before CRIU freezes the task: note when (bash's clock, no process spawned).
 [ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && { echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"; exit 0; }
 [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
-echo frozen > "$FERRY_HOLD_DIR/events" || exit 1
-read -r -t "$FERRY_HOLD_TIMEOUT" verdict < "$FERRY_HOLD_DIR/verdict" || exit 1
-[ "$verdict" = commit ]
+# Read-write opens of a FIFO never block, so the time limits below hold even when no Ferry
+# process is at the other end.
+exec 3<>"$FERRY_HOLD_DIR/events" 4<>"$FERRY_HOLD_DIR/verdict" || exit 1
+echo frozen >&3
+while [ "$SECONDS" -lt "$FERRY_HOLD_TIMEOUT" ]; do
+  read -r -t "$FERRY_HOLD_PATIENCE" verdict <&4 || exit 1
+  [ "$verdict" = wait ] && continue
+  [ "$verdict" = commit ]
+  exit
+done
+exit 1
 `;
 
 export class Hold {
@@ -23,17 +35,18 @@ export class Hold {
   private frozenSeen = false;
   readonly frozen: Promise<void>;
   private events?: ReturnType<typeof createReadStream>;
+  private writer?: FileHandle;
+  private heartbeat?: NodeJS.Timeout;
 
   private constructor(readonly dir: string) {
     this.frozen = new Promise((resolve, reject) => {
       const ev = createReadStream(join(dir, 'events'), { encoding: 'utf8' });
       this.events = ev;
       ev.on('data', (c) => {
-        if (!String(c).includes('frozen')) return;
+        if (this.frozenSeen || !String(c).includes('frozen')) return;
         this.frozenSeen = true;
         resolve();
-        // Aborted before CRIU got here: answer at once so the task resumes.
-        if (this.verdict === 'abort') void this.answer('abort');
+        void this.onFrozen();
       });
       ev.on('error', reject);
     });
@@ -44,7 +57,7 @@ export class Hold {
     await mkdir(dir, { recursive: true });
     await writeFile(join(dir, 'hold.sh'), SCRIPT);
     await chmod(join(dir, 'hold.sh'), 0o755);
-    await run('mkfifo', [join(dir, 'events'), join(dir, 'verdict')]);
+    await run('mkfifo', [join(dir, 'events'), join(dir, 'verdict')], { timeoutMs: 10_000 });
     return new Hold(dir);
   }
 
@@ -65,34 +78,42 @@ export class Hold {
   }
 
   env(timeoutS: number): NodeJS.ProcessEnv {
-    return { ...process.env, FERRY_HOLD_DIR: this.dir, FERRY_HOLD_TIMEOUT: String(timeoutS) };
+    return { ...process.env, FERRY_HOLD_DIR: this.dir, FERRY_HOLD_TIMEOUT: String(timeoutS), FERRY_HOLD_PATIENCE: String(PATIENCE_S) };
   }
 
   /** Answers the waiting script; safe to call twice (the first answer counts). */
   async decide(verdict: 'commit' | 'abort'): Promise<boolean> {
     if (this.verdict) return false;
     this.verdict = verdict;
-    // Before post-dump nobody reads the verdict; the 'frozen' handler answers an abort then.
+    // Before post-dump nobody reads the verdict; onFrozen answers then.
     return this.frozenSeen ? this.answer(verdict) : false;
   }
 
-  /** Writes the verdict if the script is reading; never blocks on a FIFO nobody opened. */
-  private async answer(verdict: string): Promise<boolean> {
-    for (let i = 0; i < 200; i++) {
-      try {
-        const fh = await open(join(this.dir, 'verdict'), constants.O_WRONLY | constants.O_NONBLOCK);
-        await fh.write(`${verdict}\n`);
-        await fh.close();
-        return true;
-      } catch (e) {
-        if ((e as NodeJS.ErrnoException).code !== 'ENXIO') return false;
-        await new Promise((r) => setTimeout(r, 10)); // the script is about to open it
-      }
+  private async onFrozen(): Promise<void> {
+    // The script holds the verdict FIFO open (read-write) before it reports, so this cannot block.
+    this.writer = await open(join(this.dir, 'verdict'), constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined);
+    if (this.verdict) {
+      await this.answer(this.verdict);
+      return;
     }
-    return false;
+    this.heartbeat = setInterval(() => void this.writer?.write('wait\n').catch(() => undefined), 1000);
+    this.heartbeat.unref();
+  }
+
+  private async answer(verdict: string): Promise<boolean> {
+    clearInterval(this.heartbeat);
+    if (!this.writer) return false;
+    try {
+      await this.writer.write(`${verdict}\n`);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   async dispose(): Promise<void> {
+    clearInterval(this.heartbeat);
+    await this.writer?.close().catch(() => undefined);
     // Unblocks our pending open of the events FIFO if CRIU never ran the script.
     try {
       const fh = await open(join(this.dir, 'events'), constants.O_WRONLY | constants.O_NONBLOCK);
@@ -102,5 +123,20 @@ export class Hold {
     }
     this.events?.destroy();
     await rm(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** Answers a hold left by an agent that died (its journal names the directory). */
+export async function answerOrphanHold(dir: string, verdict: 'commit' | 'abort'): Promise<boolean> {
+  try {
+    const fh = await open(join(dir, 'verdict'), constants.O_WRONLY | constants.O_NONBLOCK);
+    try {
+      await fh.write(`${verdict}\n`);
+    } finally {
+      await fh.close();
+    }
+    return true;
+  } catch {
+    return false;
   }
 }

@@ -1,10 +1,12 @@
 // The source side of a migration, driven by the agent that runs the task. Everything between the
-// two agents goes over one TLS connection (wire/mux.ts). The task stays frozen on the source (CRIU's post-dump
-// hook holds it) until the destination runs it; on any failure before that the source resumes
-// it and the destination removes what it received.
+// two agents goes over one TLS connection (wire/mux.ts). The task stays frozen on the source (CRIU's
+// post-dump hook holds it) until the destination has restored it, stopped; then the source decides
+// (journal first), lets go, and tells the destination to resume it. On any failure before the
+// decision the source resumes its copy and the destination removes what it received. The source
+// is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
 import { randomUUID } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
@@ -17,9 +19,10 @@ import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type MuxSession } from '../wire/session.js';
 import { run } from '../exec/run.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
-import { isAlive, sleep } from '../util/proc.js';
-import type { Mode, PrepareRequest } from './destination.js';
+import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
+import type { Mode, PrepareRequest } from '../wire/schemas.js';
 import { Hold } from './hold.js';
+import { Journal, type JournalEntry } from './journal.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
@@ -48,6 +51,7 @@ export interface MigrationReport {
 }
 
 export type ProgressEvent =
+  | { type: 'start'; id: string }
   | { type: 'phase'; phase: Phase; elapsedMs: number }
   | { type: 'bytes'; pages: number; images: number; files: number; elapsedMs: number };
 
@@ -55,6 +59,9 @@ export interface MigrateContext {
   rt: Runtime;
   tls: LoadedTls;
   self: string;
+  journal: Journal;
+  /** Migrations under way on this agent, by id, so they can be cancelled. */
+  active: Map<string, OutgoingMigration>;
 }
 
 const HOLD_TIMEOUT_S = 120;
@@ -63,6 +70,8 @@ const HOLD_TIMEOUT_S = 120;
  * gives up (and tells the destination to drop its copy) before CRIU resumes the task on its own.
  */
 const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
+/** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
+const DUMP_TIMEOUT_MS = 10 * 60_000;
 
 export async function migrateOut(
   ctx: MigrateContext,
@@ -77,12 +86,21 @@ export async function migrateOut(
   return rt.store.withLock(name, `migration to ${target.name}`, async () => {
     const rec = await rt.store.get(name);
     requireRunning(rec, 'migrate');
-    const m = new OutgoingMigration(ctx, rec, target, mode, onProgress, signal);
-    return m.run();
+    const m = new OutgoingMigration(ctx, rec, target, mode, onProgress);
+    ctx.active.set(m.id, m);
+    const onAbort = () => m.cancel(signal?.reason);
+    signal?.addEventListener('abort', onAbort, { once: true });
+    try {
+      if (signal?.aborted) m.cancel(signal.reason);
+      return await m.run();
+    } finally {
+      signal?.removeEventListener('abort', onAbort);
+      ctx.active.delete(m.id);
+    }
   });
 }
 
-class OutgoingMigration {
+export class OutgoingMigration {
   readonly id = randomUUID();
   private readonly t0 = performance.now();
   private phaseStart = this.t0;
@@ -98,12 +116,16 @@ class OutgoingMigration {
   private imagesDir?: string;
   /** The destination runs the task: from here on the source copy is never resumed. */
   private confirmed = false;
+  /** Written to the journal before the hold lets go; from then on there is no rollback. */
+  private decision?: 'commit' | 'abort';
+  private cancelled?: FerryError;
+  private readonly abortCtl = new AbortController();
+  private readonly entry: JournalEntry;
   /** CRIU's lazy-pages connection, kept apart: it must not close before the outcome is known. */
   private lazySock?: Socket;
   private lazyPeerGone = false;
   private readonly servers: Server[] = [];
   private readonly sockets = new Set<Socket>();
-  private keepalive?: NodeJS.Timeout;
   private progressTimer?: NodeJS.Timeout;
 
   constructor(
@@ -112,8 +134,8 @@ class OutgoingMigration {
     private readonly target: { name: string; address: string },
     private readonly mode: Mode,
     private readonly onProgress: (e: ProgressEvent) => void,
-    private readonly signal?: AbortSignal,
   ) {
+    this.entry = { id: this.id, task: rec.name, to: target, mode, phase: 'checks', taskPid: rec.pid!, ...(rec.pidStart !== undefined ? { taskPidStart: rec.pidStart } : {}), at: '' };
     this.report = {
       id: this.id,
       task: rec.name,
@@ -128,11 +150,45 @@ class OutgoingMigration {
     };
   }
 
+  private get signal(): AbortSignal {
+    return this.abortCtl.signal;
+  }
+
+  /**
+   * Stops the migration and rolls back, unless the source already let go of the task. Returns
+   * where the task is: cancelled means it runs here again (once the rollback is done).
+   */
+  cancel(reason?: unknown): { cancelled: boolean; message: string } {
+    if (this.decision === 'commit') {
+      return { cancelled: false, message: `migration ${this.id} of '${this.rec.name}' is past the point of no return: the task is handed to ${this.target.name}` };
+    }
+    if (!this.cancelled) {
+      this.cancelled = reason instanceof FerryError ? reason : new FerryError('ABORTED', 'cancelled');
+      this.abortCtl.abort(this.cancelled);
+      this.session?.destroy(this.cancelled);
+      for (const sock of this.sockets) sock.destroy();
+    }
+    return { cancelled: true, message: `migration ${this.id} of '${this.rec.name}' is cancelled; the task stays on ${this.ctx.self}` };
+  }
+
+  /** What `ferry migrations` shows of a migration under way. */
+  summary(): { id: string; task: string; to: string; mode: Mode; phase: string; elapsedMs: number; decided: boolean } {
+    return { id: this.id, task: this.rec.name, to: this.target.name, mode: this.mode, phase: this.currentPhase, elapsedMs: this.elapsed(), decided: this.decision === 'commit' };
+  }
+
+  private async journal(patch: Partial<JournalEntry>): Promise<void> {
+    Object.assign(this.entry, patch);
+    await this.ctx.journal.write(this.entry);
+  }
+
   private elapsed(): number {
     return Math.round(performance.now() - this.t0);
   }
 
+  private currentPhase: Phase = 'checks';
+
   private phase(next: Phase): void {
+    this.currentPhase = next;
     this.onProgress({ type: 'phase', phase: next, elapsedMs: this.elapsed() });
   }
 
@@ -145,9 +201,10 @@ class OutgoingMigration {
   async run(): Promise<MigrationReport> {
     const { rt } = this.ctx;
     let frozenAt: number | undefined;
-    let committed = false;
+    this.onProgress({ type: 'start', id: this.id });
     this.progressTimer = setInterval(() => this.onProgress({ type: 'bytes', pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes, elapsedMs: this.elapsed() }), 250);
     try {
+      await this.journal({ phase: 'checks' });
       // ---- checks (nothing is frozen yet) -------------------------------------------------
       this.phase('checks');
       await rt.criu.ensureUsable(this.signal);
@@ -156,16 +213,27 @@ class OutgoingMigration {
       const cpuDir = join(this.workDir, 'cpu');
       await rt.criu.cpuinfoDump(cpuDir, this.signal);
       const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
-      this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, ...(this.signal ? { signal: this.signal } : {}) });
+      this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, signal: this.signal });
+      if (this.cancelled) throw this.cancelled;
       this.watchSession(this.session);
       const memBytes = treeRss(this.rec.pid!);
       const diskBytes = await dirSize(rt.store.dir(this.rec.name));
-      const prep: PrepareRequest = { id: this.id, from: this.ctx.self, task: this.rec, mode: this.mode, cpuinfo, memBytes, diskBytes };
+      const { checkpoint, ...task } = this.rec;
+      const prep: PrepareRequest = {
+        id: this.id,
+        from: this.ctx.self,
+        task: { ...task, ...(checkpoint ? { checkpoint: { at: checkpoint.at, leftRunning: checkpoint.leftRunning, durationMs: checkpoint.durationMs } } : {}) },
+        mode: this.mode,
+        cpuinfo,
+        memBytes,
+        diskBytes,
+      };
       await requestJson(this.session, 'POST', '/v1/incoming', prep, { timeoutMs: 60_000 });
       this.endPhase('checks');
 
       // ---- files while the task runs ----------------------------------------------------
       this.phase('presync');
+      await this.journal({ phase: 'presync' });
       await this.rsync();
       this.endPhase('presync');
 
@@ -188,11 +256,14 @@ class OutgoingMigration {
         lazyPort = await freeLocalPort();
         dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(lazyPort)];
       }
+      if (this.cancelled) throw this.cancelled;
+      await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
       this.rec.state = 'frozen';
       await rt.store.save(this.rec);
       this.phase('freeze+dump');
       this.phaseStart = frozenAt = performance.now();
       this.startDump(imagesDir, dumpArgs);
+      await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
       await this.untilFrozen();
       this.endPhase('freeze+dump');
 
@@ -203,8 +274,9 @@ class OutgoingMigration {
       const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` }) : undefined;
       this.endPhase('transfer');
 
-      // ---- restore on the destination ---------------------------------------------------
+      // ---- restore on the destination, stopped until we decide ---------------------------
       this.phase('restore');
+      await this.journal({ phase: 'restore' });
       const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: CONFIRM_TIMEOUT_MS });
       if (lazyPort && lazyStream) {
         // The restore cannot finish without pages, and CRIU serves them only after the hold
@@ -213,8 +285,7 @@ class OutgoingMigration {
         // task) detaches CRIU and the task runs on here.
         const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
         await Promise.race([asked, restoreP]);
-        await this.hold.decide('commit');
-        committed = true;
+        await this.decide('commit');
         const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null).catch(async () => {
           throw await this.dumpFailure();
         });
@@ -222,46 +293,51 @@ class OutgoingMigration {
         this.pipeLazy(sock, lazyStream);
       }
       const r = await restoreP;
-      this.confirmed = true;
-      if (this.lazyPeerGone) this.lazySock?.end();
       this.report.pid = r.pid;
       this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
-      const restoredAt = performance.now();
-      // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
-      const froze = await this.hold.freezingAt();
-      this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : restoredAt - frozenAt);
       this.endPhase('restore');
 
-      // ---- let go of the source -----------------------------------------------------------
+      // ---- the decision: the source lets go, the destination resumes ----------------------
+      this.phase('resume');
+      if (this.mode === 'stop-copy') await this.decide('commit');
+      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 });
+      this.confirmed = true;
+      if (this.lazyPeerGone) this.lazySock?.end();
+      const resumedAt = performance.now();
+      // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
+      const froze = await this.hold.freezingAt();
+      this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : resumedAt - frozenAt);
+      this.endPhase('resume');
+
       if (this.mode === 'post-copy') {
         this.phase('postcopy');
         await this.dumpExit; // CRIU exits once the destination has every page
-        this.report.postCopyWindowMs = Math.round(performance.now() - restoredAt);
+        this.report.postCopyWindowMs = Math.round(performance.now() - resumedAt);
       }
-      this.phase('resume');
-      await this.hold.decide('commit');
-      // From here CRIU ends the source task: the copy on the destination is the one to keep.
-      committed = true;
+      // CRIU ends the source task once the hold let go: the copy on the destination is the one to keep.
       const code = await this.dumpExit;
-      if (code !== 0) throw await this.dumpFailure();
-      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 }).catch(() => {
-        /* the task runs there; the destination keeps a restored task unless told to abort */
-      });
+      if (code !== 0) this.warn(`criu dump on ${this.ctx.self} ended with code ${code} after the task was handed over`);
+      await this.ctx.journal.remove(this.id);
       // The source copy is gone; let its shim record that before its directory goes.
       for (let i = 0; i < 100 && this.rec.shimPid !== undefined && isAlive(this.rec.shimPid, this.rec.shimStart); i++) await sleep(20);
-      await rt.store.remove(this.rec.name).catch((e: Error) => {
-        this.report.warnings = [...(this.report.warnings ?? []), `could not remove the task's old directory on ${this.ctx.self}: ${e.message}`];
-      });
-      this.endPhase(this.mode === 'post-copy' ? 'postcopy' : 'resume');
+      await rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
+      if (this.mode === 'post-copy') this.endPhase('postcopy');
       this.report.ok = true;
       return this.finish();
     } catch (e) {
-      const err = e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message, { cause: e });
-      await this.rollback(committed);
+      const err = this.cancelled ?? (e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message, { cause: e }));
+      if (this.decision === 'commit' && this.confirmedOrUndoable()) {
+        // Past the point of no return: the source let go of its copy. The destination has the
+        // task, stopped until it hears the decision, which this agent keeps repeating.
+        this.report.error = err.message;
+        this.finish();
+        throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err });
+      }
+      await this.rollback();
       this.report.error = err.message;
       this.finish();
       const where = (await rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
-      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} failed: ${err.message}; ${where}`, {
+      throw new FerryError(err.code === 'ABORTED' ? 'ABORTED' : 'MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} ${err.code === 'ABORTED' ? 'was cancelled' : 'failed'}: ${err.message}; ${where}`, {
         cause: err,
         details: err.details,
         ...(err.hint ? { hint: err.hint } : {}),
@@ -269,6 +345,27 @@ class OutgoingMigration {
     } finally {
       await this.release();
     }
+  }
+
+  private warn(w: string): void {
+    this.report.warnings = [...(this.report.warnings ?? []), w];
+  }
+
+  /**
+   * After a commit decision the source copy can still be saved only in post-copy, while CRIU
+   * serves pages and the destination has not confirmed (killing the dump lets the task run on).
+   */
+  private confirmedOrUndoable(): boolean {
+    return this.mode === 'stop-copy' || this.confirmed;
+  }
+
+  /** Journals the decision, then tells CRIU's hold. */
+  private async decide(d: 'commit' | 'abort'): Promise<void> {
+    if (this.decision === d) return;
+    if (d === 'commit' && this.cancelled) throw this.cancelled;
+    this.decision = d;
+    await this.journal({ decision: d, phase: 'decided' });
+    await this.hold?.decide(d);
   }
 
   private finish(): MigrationReport {
@@ -281,14 +378,7 @@ class OutgoingMigration {
 
   /** A cut link or a dead peer ends the session within seconds, not at TCP's leisure. */
   private watchSession(s: MuxSession): void {
-    let missed = 0;
-    this.keepalive = setInterval(() => {
-      const ok = s.ping((err) => {
-        if (!err) missed = 0;
-      });
-      if (!ok || ++missed > 3) s.destroy(new Error('the destination agent stopped answering'));
-    }, 1000);
-    this.keepalive.unref();
+    s.keepalive(1000, 3);
     s.once('close', () => {
       for (const sock of this.sockets) sock.destroy(); // CRIU sees its page stream break
     });
@@ -299,6 +389,12 @@ class OutgoingMigration {
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', '--tcp-close', '--action-script', this.hold!.script, ...extra];
     const child = spawn(rt.criu.bin, args, { stdio: ['ignore', 'ignore', 'ignore'], detached: true, env: this.hold!.env(HOLD_TIMEOUT_S) });
     this.dump = child;
+    // A CRIU that hangs before post-dump is killed: the migration then rolls back.
+    const deadline = setTimeout(() => {
+      if (!this.hold?.reachedPostDump) this.killDump();
+    }, DUMP_TIMEOUT_MS);
+    deadline.unref();
+    child.once('close', () => clearTimeout(deadline));
     this.dumpExit = new Promise((resolve) => {
       child.once('error', () => resolve(-1));
       child.once('close', (code) => resolve(code));
@@ -315,7 +411,7 @@ class OutgoingMigration {
     const log = join(this.imagesDir ?? '', 'dump.log');
     const lines = await readErrorLines(log);
     const sessionGone = this.session?.destroyed || this.session?.closed;
-    const first = sessionGone ? 'the connection to the destination was lost' : (lines[0] ?? 'criu dump failed');
+    const first = sessionGone ? `the connection to the destination was lost${this.session?.error ? ` (${this.session.error.message})` : ''}` : (lines[0] ?? 'criu dump failed');
     const hint = hintFor(lines);
     return new FerryError('CRIU_FAILED', first, { details: lines, ...(hint ? { hint } : {}) });
   }
@@ -331,16 +427,18 @@ class OutgoingMigration {
 
   private async sendImages(dir: string): Promise<void> {
     const files = (await readdir(dir)).filter((f) => f !== 'dump.log');
-    await Promise.all(
-      files.map(async (f) => {
+    // A few at a time: the destination limits how many streams a peer may have open.
+    const next = async (): Promise<void> => {
+      for (let f = files.pop(); f !== undefined; f = files.pop()) {
         const data = await readFile(join(dir, f));
         this.imageBytes += data.length;
         const s = this.session!.request({ ':method': 'PUT', ':path': `/v1/incoming/${this.id}/images/${encodeURIComponent(f)}` });
         s.end(data);
         const [h, text] = await readAll(s, 30_000);
         decodeAnswer(h, text, `image ${f}`);
-      }),
-    );
+      }
+    };
+    await Promise.all(Array.from({ length: 8 }, next));
   }
 
   /** rsync of the task's directory, carried inside the session (see native/ferry-rsh.c). */
@@ -369,7 +467,7 @@ class OutgoingMigration {
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
     const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`, src, `${this.target.name}:${src}`];
     try {
-      await run('rsync', args, { timeoutMs: 120_000, ...(this.signal ? { signal: this.signal } : {}) });
+      await run('rsync', args, { timeoutMs: 120_000, signal: this.signal });
     } finally {
       server.close();
     }
@@ -394,41 +492,48 @@ class OutgoingMigration {
     sock.on('error', () => {});
   }
 
-  private async rollback(committed: boolean): Promise<void> {
+  private killDump(): void {
+    if (!this.dump?.pid || this.dump.exitCode !== null) return;
+    try {
+      process.kill(-this.dump.pid, 'SIGKILL');
+    } catch {
+      this.dump.kill('SIGKILL');
+    }
+  }
+
+  private async rollback(): Promise<void> {
     const { rt } = this.ctx;
     // Keep CRIU's log of the failed dump where the user can read it.
     if (this.imagesDir) await copyFile(join(this.imagesDir, 'dump.log'), join(rt.store.dir(this.rec.name), 'migrate-dump.log')).catch(() => undefined);
-    // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams;
-    // after a post-copy commit that the destination never confirmed, by killing the dump.
-    if (committed && this.dump?.pid && this.dump.exitCode === null) {
-      // Confirmed on the destination: the frozen source copy must never run again.
-      if (this.confirmed && this.rec.pid !== undefined && isAlive(this.rec.pid, this.rec.pidStart)) process.kill(this.rec.pid, 'SIGKILL');
-      try {
-        process.kill(-this.dump.pid, 'SIGKILL');
-      } catch {
-        this.dump.kill('SIGKILL');
-      }
-    }
+    // A post-copy hold that already let go (the destination never confirmed): past post-dump the
+    // task holds no parasite, so killing CRIU lets it run on here.
+    const holdLetGo = this.decision === 'commit';
+    this.decision = 'abort';
+    await this.journal({ decision: 'abort', phase: 'decided' }).catch(() => undefined);
+    if (holdLetGo) this.killDump();
+    // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
     if (this.dump && this.dump.exitCode === null) {
-      // With --lazy-pages CRIU goes on past a refusing post-dump hook and waits to serve pages;
-      // past post-dump the task holds no parasite, so killing CRIU lets it run on.
-      const patience = this.hold?.reachedPostDump ? 3000 : HOLD_TIMEOUT_S * 1000 + 5000;
-      const code = await Promise.race([this.dumpExit, new Promise<'slow'>((r) => setTimeout(() => r('slow'), patience))]);
+      // With --lazy-pages CRIU goes on past a refusing post-dump hook and waits to serve pages.
+      const patience = this.hold?.reachedPostDump ? 3000 : 30_000;
+      const code = await Promise.race([this.dumpExit, sleep(patience).then(() => 'slow' as const)]);
       if (code === 'slow') {
-        try {
-          process.kill(-this.dump.pid!, 'SIGKILL');
-        } catch {
-          this.dump.kill('SIGKILL');
-        }
+        this.killDump();
         await this.dumpExit;
       }
     }
-    // Once the destination runs the task, never tell it to drop it.
-    if (!this.confirmed && this.session && !this.session.destroyed) {
-      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).catch(() => undefined);
+    // A destination that restored the task keeps it, stopped, until it hears the decision; one
+    // that did not removes what it got when the session ends. The agent retries what fails here.
+    let told = this.entry.phase !== 'restore' && this.entry.phase !== 'decided';
+    if (this.session && !this.session.destroyed) {
+      told = await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).then(
+        () => true,
+        () => told,
+      );
     }
+    if (told) await this.ctx.journal.remove(this.id);
+    else await this.journal({ settled: true }).catch(() => undefined);
     const now = await rt.store.get(this.rec.name).catch(() => undefined);
     if (now && now.state === 'frozen') {
       now.state = now.pid !== undefined && isAlive(now.pid, now.pidStart) ? 'running' : 'exited';
@@ -437,12 +542,16 @@ class OutgoingMigration {
   }
 
   private async release(): Promise<void> {
-    clearInterval(this.keepalive);
     clearInterval(this.progressTimer);
     for (const s of this.sockets) s.destroy();
     this.lazySock?.destroy();
     for (const srv of this.servers) srv.close();
-    if (this.dump && this.dump.exitCode === null) this.dump.kill('SIGKILL');
+    if (this.dump && this.dump.exitCode === null) {
+      // After a commit CRIU is ending the source task: let it finish (the resolver settles what
+      // it leaves). Before one, a CRIU still running here is ours to stop.
+      if (this.decision === 'commit') await Promise.race([this.dumpExit, sleep(15_000)]);
+      else this.killDump();
+    }
     await this.hold?.dispose();
     this.session?.close();
     if (this.workDir) await rm(this.workDir, { recursive: true, force: true });
@@ -452,21 +561,18 @@ class OutgoingMigration {
 /** Resident memory of the task's process tree: the destination must have room for it. */
 function treeRss(root: number): number {
   let total = 0;
-  const todo = [root];
-  while (todo.length) {
-    const pid = todo.pop()!;
+  for (const pid of treePids(root)) {
     try {
-      const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-      total += Number(/VmRSS:\s+(\d+) kB/.exec(status)?.[1] ?? 0) * 1024;
-      for (const tid of readdirSync(`/proc/${pid}/task`)) {
-        const kids = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
-        if (kids) todo.push(...kids.split(/\s+/).map(Number));
-      }
+      total += Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) * 1024;
     } catch {
       /* exited meanwhile */
     }
   }
   return total;
+}
+
+function optional<K extends string, V>(k: K, v: V | undefined): { [P in K]?: V } {
+  return (v === undefined ? {} : { [k]: v }) as { [P in K]?: V };
 }
 
 async function dirSize(dir: string): Promise<number> {

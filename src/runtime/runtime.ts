@@ -21,6 +21,8 @@ export interface RunSpec {
 }
 
 const INVENTORY_MAGIC = 0x58313116;
+/** No CRIU run may hang a task for ever: a dump or restore still running after this is killed. */
+export const CRIU_TIMEOUT_MS = 10 * 60_000;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 export class Runtime {
@@ -86,8 +88,17 @@ export class Runtime {
   }
 
   /** Starts the shim and reads its one status line from fd 3. */
-  private async spawnShim(args: string[], env: NodeJS.ProcessEnv): Promise<{ rootPid: number; shimPid: number }> {
+  private async spawnShim(args: string[], env: NodeJS.ProcessEnv, timeoutMs = CRIU_TIMEOUT_MS): Promise<{ rootPid: number; shimPid: number }> {
     const child = spawn(this.shimPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'pipe'], detached: true, env });
+    // The shim and what it runs (criu restore) share its process group: a hung restore goes with it.
+    const timer = setTimeout(() => {
+      try {
+        process.kill(-child.pid!, 'SIGKILL');
+      } catch {
+        /* gone */
+      }
+    }, timeoutMs);
+    timer.unref();
     const status = child.stdio[3] as NodeJS.ReadableStream;
     let text = '';
     status.setEncoding('utf8');
@@ -97,6 +108,7 @@ export class Runtime {
       status.once('end', () => resolveP({ line: text.trim() }));
       status.once('close', () => resolveP({ line: text.trim() }));
     });
+    clearTimeout(timer);
     child.unref();
     (status as unknown as { destroy?: () => void }).destroy?.();
     if ('error' in settled) throw new FerryError('PROGRAM_FAILED', `cannot start the task shim: ${settled.error.message}`);
@@ -218,7 +230,7 @@ export class Runtime {
       rec.state = 'frozen';
       await this.store.save(rec);
       try {
-        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal });
+        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS });
         await rm(final, { recursive: true, force: true });
         await rename(fresh, final);
         rec.checkpoint = { at: new Date().toISOString(), leftRunning: !!opts.leaveRunning, durationMs: Math.round(res.durationMs), ...(res.stats ? { stats: res.stats } : {}) };
@@ -260,15 +272,19 @@ export class Runtime {
     });
   }
 
-  /** Runs `criu restore` under a new shim; the caller holds the task's lock. */
-  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean } = {}): Promise<TaskRecord> {
+  /**
+   * Runs `criu restore` under a new shim; the caller holds the task's lock. With leaveStopped the
+   * restored tree stays stopped (state 'frozen') until resumeTree: a migration's destination copy
+   * must not run before the source has let go of its own.
+   */
+  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean; leaveStopped?: boolean } = {}): Promise<TaskRecord> {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
     await unlink(pidfile).catch(() => undefined);
     await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
     const started = performance.now();
-    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages });
+    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped });
     let rootPid: number, shimPid: number;
     try {
       ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], process.env));
@@ -283,7 +299,7 @@ export class Runtime {
     }
     const durationMs = Math.round(performance.now() - started);
     rec.incarnation = incarnation;
-    rec.state = 'running';
+    rec.state = opts.leaveStopped ? 'frozen' : 'running';
     rec.pid = rootPid;
     rec.pidStart = startTime(rootPid);
     rec.shimPid = shimPid;

@@ -56,6 +56,10 @@ export interface TaskRecord {
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 
+export function isValidName(name: string): boolean {
+  return NAME_RE.test(name);
+}
+
 export function validateName(name: string): void {
   if (!NAME_RE.test(name)) {
     throw new FerryError('USAGE', `invalid task name '${name}': use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit`);
@@ -76,7 +80,9 @@ export class TaskStore {
     this.tasksDir = join(stateDir, 'tasks');
   }
 
+  /** Every path of a task derives from here, so a name is checked before any file is touched. */
   dir(name: string): string {
+    validateName(name);
     return join(this.tasksDir, name);
   }
 
@@ -117,6 +123,7 @@ export class TaskStore {
     }
     const out: TaskRecord[] = [];
     for (const n of names.sort()) {
+      if (!NAME_RE.test(n)) continue;
       const rec = await readJson<TaskRecord>(join(this.dir(n), 'task.json')).catch(() => undefined);
       if (rec) out.push(await this.refresh(rec));
     }

@@ -1,5 +1,5 @@
 // Process identity by PID plus start time, so a recycled PID is never mistaken for a task.
-import { readFileSync } from 'node:fs';
+import { readFileSync, readdirSync } from 'node:fs';
 
 export function startTime(pid: number): number | undefined {
   try {
@@ -44,4 +44,45 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
 export function signalName(n: number): string {
   const names: Record<number, string> = { 1: 'SIGHUP', 2: 'SIGINT', 3: 'SIGQUIT', 6: 'SIGABRT', 9: 'SIGKILL', 11: 'SIGSEGV', 13: 'SIGPIPE', 15: 'SIGTERM' };
   return names[n] ?? `signal ${n}`;
+}
+
+/** The pids of a process tree, root first (threads' children included). */
+export function treePids(root: number): number[] {
+  const out: number[] = [];
+  const todo = [root];
+  const seen = new Set<number>();
+  while (todo.length) {
+    const pid = todo.pop()!;
+    if (seen.has(pid)) continue;
+    seen.add(pid);
+    out.push(pid);
+    let tids: string[] = [];
+    try {
+      tids = readdirSync(`/proc/${pid}/task`);
+    } catch {
+      continue; // exited meanwhile
+    }
+    for (const tid of tids) {
+      try {
+        const kids = readFileSync(`/proc/${pid}/task/${tid}/children`, 'utf8').trim();
+        if (kids) todo.push(...kids.split(/\s+/).map(Number));
+      } catch {
+        /* exited meanwhile */
+      }
+    }
+  }
+  return out;
+}
+
+/** Resumes every process of a tree that CRIU restored stopped (--leave-stopped). */
+export function resumeTree(root: number): number {
+  const pids = treePids(root);
+  for (const p of pids) {
+    try {
+      process.kill(p, 'SIGCONT');
+    } catch {
+      /* exited meanwhile */
+    }
+  }
+  return pids.length;
 }

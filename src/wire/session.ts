@@ -4,6 +4,7 @@
 import tls from 'node:tls';
 import { FerryError, type SerializedError } from '../errors.js';
 import type { LoadedTls } from '../tls/pki.js';
+import { identify } from '../tls/identity.js';
 import { MuxSession, type Headers, type MuxStream } from './mux.js';
 
 export type { Headers, MuxSession, MuxStream };
@@ -39,11 +40,13 @@ export async function connect(address: string, o: ConnectOptions): Promise<MuxSe
       cert: o.tls.cert,
       key: o.tls.key,
       minVersion: 'TLSv1.3',
-      // Peers are identified by the cluster CA and their certificate's name, not by DNS.
+      // Peers are identified by the cluster CA and their certificate's name and role, not by DNS:
+      // only an agent's certificate may answer as an agent.
       checkServerIdentity: (_h, cert) => {
-        if (o.expectName && cert.subject?.CN !== o.expectName) {
-          return new Error(`the agent at ${address} is '${cert.subject?.CN}', not '${o.expectName}'`);
-        }
+        const id = identify(cert);
+        if (typeof id === 'string') return new Error(`the peer at ${address} is not a Ferry agent: ${id}`);
+        if (id.role !== 'agent' || !id.server) return new Error(`the peer at ${address} is '${id.name}', a certificate of role ${id.role}, not an agent`);
+        if (o.expectName && id.name !== o.expectName) return new Error(`the agent at ${address} is '${id.name}', not '${o.expectName}'`);
         return undefined;
       },
     });
@@ -100,14 +103,20 @@ export function decodeAnswer<T>(headers: Headers, text: string, path: string): T
   return parsed as T;
 }
 
-export function readAll(stream: MuxStream, timeoutMs?: number): Promise<[Headers, string]> {
+/** Answers and request bodies are JSON of at most this many bytes. */
+export const MAX_BODY = 1024 * 1024;
+
+export function readAll(stream: MuxStream, timeoutMs?: number, maxBytes = 16 * MAX_BODY): Promise<[Headers, string]> {
   return new Promise((resolve, reject) => {
     let headers: Headers = {};
     let text = '';
     const timer = timeoutMs ? setTimeout(() => stream.destroy(new FerryError('TIMEOUT', 'the agent did not answer in time')), timeoutMs) : undefined;
     stream.setEncoding('utf8');
     stream.on('response', (h: Headers) => (headers = h));
-    stream.on('data', (c: string) => (text += c));
+    stream.on('data', (c: string) => {
+      text += c;
+      if (text.length > maxBytes) stream.destroy(new FerryError('PEER', `the peer sent more than ${maxBytes} bytes`));
+    });
     stream.on('end', () => {
       if (timer) clearTimeout(timer);
       resolve([headers, text]);

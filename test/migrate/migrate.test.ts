@@ -205,7 +205,7 @@ test('an agent refuses a client without a certificate or with one from another C
   const other = mkdtempSync(join(tmpdir(), 'ferry-otherca-'));
   t.after(() => rmSync(other, { recursive: true, force: true }));
   await caInit(join(other, 'ca'));
-  const c = await certIssue(join(other, 'ca'), 'intruder', other);
+  const c = await certIssue(join(other, 'ca'), 'intruder', other, 'operator');
   const attempt = (opts: { cert?: Buffer; key?: Buffer }) =>
     new Promise<string>((resolve) => {
       const sock = tls.connect({ host: addr('h1'), port: 7443, ...opts, rejectUnauthorized: false });

@@ -1,0 +1,111 @@
+// Brings every journaled outgoing migration that no live code drives any more to one outcome:
+// after an agent restart, or when the destination could not be told the decision. The source's
+// own state is the truth once CRIU has let go: if the task runs here, the outcome is abort (the
+// destination drops its stopped copy); if it is gone and the decision was commit, the destination
+// resumes its copy. The destination is told until it acknowledges.
+import { FerryError } from '../errors.js';
+import { isAlive, sleep } from '../util/proc.js';
+import { connect, requestJson } from '../wire/session.js';
+import { answerOrphanHold } from './hold.js';
+import type { JournalEntry } from './journal.js';
+import type { MigrateContext } from './source.js';
+
+/** How long a decision is retried before the entry is dropped (and said so in the log). */
+const GIVE_UP_MS = 24 * 3600_000;
+
+export class Resolver {
+  private timer?: NodeJS.Timeout;
+  private running?: Promise<void>;
+
+  constructor(
+    private readonly ctx: MigrateContext,
+    private readonly log: (line: string) => void,
+  ) {}
+
+  /** Resolves what it finds now, then keeps retrying in the background. */
+  async start(intervalMs = 2000): Promise<void> {
+    await this.tick();
+    this.timer = setInterval(() => {
+      if (!this.running) this.running = this.tick().finally(() => (this.running = undefined));
+    }, intervalMs);
+    this.timer.unref();
+  }
+
+  async close(): Promise<void> {
+    clearInterval(this.timer);
+    await this.running;
+  }
+
+  async tick(): Promise<void> {
+    for (const e of await this.ctx.journal.list()) {
+      if (this.ctx.active.has(e.id)) continue;
+      try {
+        await this.resolve(e);
+      } catch (err) {
+        if (!(err instanceof FerryError)) throw err;
+        this.log(`migration ${e.id} of ${e.task}: ${err.message}`);
+      }
+    }
+  }
+
+  private async resolve(e: JournalEntry): Promise<void> {
+    if (!e.settled) await this.settle(e);
+    const needsTelling = e.phase === 'restore' || e.phase === 'decided';
+    if (!needsTelling) {
+      await this.ctx.journal.remove(e.id);
+      return;
+    }
+    try {
+      const session = await connect(e.to.address, { tls: this.ctx.tls, expectName: e.to.name, timeoutMs: 3000 });
+      try {
+        const r = await requestJson<{ known?: boolean }>(session, 'POST', `/v1/incoming/${e.id}/${e.decision}`, {}, { timeoutMs: 30_000 });
+        if (e.decision === 'commit' && r?.known === false) this.log(`migration ${e.id} of ${e.task}: ${e.to.name} has no record of it`);
+      } finally {
+        session.close();
+      }
+      this.log(`migration ${e.id} of ${e.task}: ${e.to.name} acknowledged ${e.decision}`);
+      await this.ctx.journal.remove(e.id);
+    } catch (err) {
+      if (Date.now() - Date.parse(e.at) > GIVE_UP_MS) {
+        this.log(`migration ${e.id} of ${e.task}: giving up telling ${e.to.name} '${e.decision}' after a day: ${(err as Error).message}`);
+        await this.ctx.journal.remove(e.id);
+      }
+    }
+  }
+
+  /** Waits for (or ends) CRIU of a migration nobody drives, then takes the outcome from the task. */
+  private async settle(e: JournalEntry): Promise<void> {
+    const { rt } = this.ctx;
+    if (e.dump && isAlive(e.dump.pid, e.dump.start)) {
+      if (e.holdDir) await answerOrphanHold(e.holdDir, e.decision ?? 'abort');
+      for (let i = 0; i < 200 && isAlive(e.dump.pid, e.dump.start); i++) await sleep(50);
+      if (isAlive(e.dump.pid, e.dump.start)) {
+        try {
+          process.kill(-e.dump.pid, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+        for (let i = 0; i < 100 && isAlive(e.dump.pid, e.dump.start); i++) await sleep(20);
+      }
+    }
+    const alive = isAlive(e.taskPid, e.taskPidStart);
+    const outcome = !alive && e.decision === 'commit' ? 'commit' : 'abort';
+    await rt.store
+      .withLock(e.task, 'migration recovery', async () => {
+        const rec = await rt.store.get(e.task);
+        if (rec.pid !== e.taskPid) return; // another incarnation; not ours to touch
+        if (outcome === 'commit') await rt.store.remove(e.task);
+        else if (rec.state === 'frozen') {
+          rec.state = alive ? 'running' : 'exited';
+          await rt.store.save(rec);
+        }
+      })
+      .catch((err: unknown) => {
+        if (!(err instanceof FerryError && err.code === 'TASK_NOT_FOUND')) throw err;
+      });
+    e.decision = outcome;
+    e.settled = true;
+    await this.ctx.journal.write(e);
+    this.log(`migration ${e.id} of ${e.task} to ${e.to.name} resolved: ${outcome === 'commit' ? `the task runs on ${e.to.name}` : `the task stays here${alive ? '' : ' (it had exited)'}`}`);
+  }
+}

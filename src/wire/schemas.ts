@@ -1,0 +1,68 @@
+// What a request to an agent may contain, checked at the wire's edge before anything acts on it.
+// Shapes, sizes and names: a peer's body is never cast, it is parsed.
+import { z } from 'zod';
+import { FerryError } from '../errors.js';
+
+const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
+export const taskName = z.string().regex(NAME, "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit");
+export const hostName = taskName;
+export const migrationId = z.uuid();
+const text = (max: number) => z.string().max(max);
+const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+
+export const modes = ['stop-copy', 'post-copy'] as const;
+export const modeSchema = z.enum(modes);
+
+export const runBody = z.object({
+  name: taskName.optional(),
+  command: z.array(text(65_536)).min(1).max(4096),
+  cwd: text(4096).optional(),
+  env: z.record(text(1024), text(65_536)).optional(),
+});
+
+export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
+export const checkpointBody = z.object({ leaveRunning: z.boolean().optional() });
+export const emptyBody = z.object({});
+
+export const migrateBody = z.object({
+  to: z.object({ name: hostName, address: text(300) }),
+  mode: modeSchema.optional(),
+});
+
+/** A task's record as the source sends it; fields the destination does not use are dropped. */
+const taskRecord = z.object({
+  name: taskName,
+  command: z.array(text(65_536)).min(1).max(4096),
+  cwd: text(4096),
+  env: z.record(text(1024), text(65_536)),
+  createdAt: text(64),
+  incarnation: count,
+  state: z.enum(['running', 'frozen', 'checkpointed', 'exited']),
+  origin: hostName.optional(),
+  checkpoint: z.object({ at: text(64), leftRunning: z.boolean(), durationMs: z.number() }).loose().optional(),
+});
+
+export const prepareBody = z.object({
+  id: migrationId,
+  from: hostName,
+  task: taskRecord,
+  mode: modeSchema,
+  /** criu cpuinfo image of the source, base64. */
+  cpuinfo: z.base64().max(1024 * 1024),
+  memBytes: count,
+  diskBytes: count,
+});
+
+export const incomingRestoreBody = z.object({ lazy: z.boolean().optional() });
+
+/** Parses a peer's value or refuses it with one line naming the first problem. */
+export function parse<S extends z.ZodType>(schema: S, value: unknown, what: string): z.infer<S> {
+  const r = schema.safeParse(value);
+  if (r.success) return r.data;
+  const issue = r.error.issues[0]!;
+  const at = issue.path.length ? ` at ${issue.path.join('.')}` : '';
+  throw new FerryError('USAGE', `invalid ${what}${at}: ${issue.message}`);
+}
+
+export type Mode = z.infer<typeof modeSchema>;
+export type PrepareRequest = z.infer<typeof prepareBody>;
