@@ -3,7 +3,7 @@
 // use it. Everything it makes is listed in lab.json and removed by `down`.
 import { spawn } from 'node:child_process';
 import { existsSync, openSync, closeSync } from 'node:fs';
-import { mkdir, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { repoRoot } from '../config.js';
 import { FerryError } from '../errors.js';
@@ -114,7 +114,7 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     );
     for (const h of state.hosts) {
       if (h.agentPid && isAlive(h.agentPid, h.agentStart)) continue;
-      await startAgent(h, caDir);
+      await startAgent(h, caDir, await ensureMountNs(state, h));
       await writeJsonAtomic(join(dir, 'lab.json'), state);
       log(`agent ${h.name} pid ${h.agentPid}`);
     }
@@ -127,17 +127,40 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
   }
 }
 
+/** Where the lab keeps each host's mount namespace, bound to a file like `ip netns` does. */
+function mountNsDir(labDirPath: string): string {
+  return join(labDirPath, 'mntns');
+}
+
+/**
+ * A host's own mount namespace, made once and kept (bound to a file) so that an agent restarted
+ * later runs in the same one as the tasks its predecessor started, as on a real host.
+ */
+async function ensureMountNs(state: LabState, h: LabHost): Promise<string> {
+  const dir = mountNsDir(state.dir);
+  const file = join(dir, h.name);
+  const mounts = await readFile('/proc/self/mountinfo', 'utf8');
+  if (!mounts.includes(` ${dir} `)) {
+    await mkdir(dir, { recursive: true });
+    // The namespace files must sit on a private mount, or the bind below is refused.
+    await run('mount', ['--bind', dir, dir], { timeoutMs: 10_000 });
+    await run('mount', ['--make-private', dir], { timeoutMs: 10_000 });
+  }
+  if (!mounts.includes(` ${file} `)) {
+    await writeFile(file, '');
+    await mkdir(join(h.dir, 'state'), { recursive: true, mode: 0o700 });
+    await run('unshare', [`--mount=${file}`, '--propagation', 'private', '--', 'sh', '-c', `mkdir -p /var/lib/ferry && mount --bind ${h.dir}/state /var/lib/ferry`], { timeoutMs: 10_000 });
+  }
+  return file;
+}
+
 /** Starts (or restarts) a host's agent inside its namespaces. */
-export async function startAgent(h: LabHost, caDir: string): Promise<void> {
+export async function startAgent(h: LabHost, caDir: string, mountNs: string): Promise<void> {
   const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-  const script = [
-    'set -e',
-    'mkdir -p /var/lib/ferry',
-    `mount --bind ${h.dir}/state /var/lib/ferry`,
-    `exec ${process.execPath} ${cli} agent --name ${h.name} --listen ${h.address}:${AGENT_PORT} --ca ${caDir}/ca.crt --cert ${h.dir}/${h.name}.crt --key ${h.dir}/${h.name}.key --state-dir /var/lib/ferry`,
-  ].join('\n');
+  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry'];
   const logFd = openSync(join(h.dir, 'agent.log'), 'a');
-  const child = spawn('ip', ['netns', 'exec', h.netns, 'unshare', '--mount', '--propagation', 'private', '--', 'sh', '-c', script], {
+  // nsenter, not `ip netns exec`: that one makes a new mount namespace at every start.
+  const child = spawn('nsenter', args, {
     detached: true,
     stdio: ['ignore', logFd, logFd],
     env: { ...process.env, FERRY_STATE_DIR: '/var/lib/ferry' },
@@ -188,10 +211,12 @@ export async function labDown(name: string, log: (l: string) => void = () => {})
       }
     }
     for (const p of pids) for (let i = 0; i < 50 && isAlive(p); i++) await sleep(20);
+    await run('umount', [join(mountNsDir(state.dir), h.name)], { reject: false }).catch(() => undefined);
     await run('ip', ['netns', 'del', h.netns], { reject: false }).catch(() => undefined);
     await run('ip', ['link', 'del', h.veth], { reject: false }).catch(() => undefined);
     log(`removed host ${h.name}`);
   }
+  await run('umount', [mountNsDir(state.dir)], { reject: false }).catch(() => undefined);
   await run('ip', ['link', 'del', state.bridge], { reject: false }).catch(() => undefined);
   await rm(state.dir, { recursive: true, force: true });
   log(`removed lab ${name}`);

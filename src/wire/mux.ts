@@ -242,7 +242,9 @@ export class MuxStream extends Duplex {
   }
 
   override _read(): void {
-    this.flushCredit(true);
+    // A sender that ran out of credit has us owing a whole window, so batching credit in
+    // quarters of it never stalls the stream.
+    this.flushCredit();
   }
 
   override _destroy(err: Error | null, cb: (e?: Error | null) => void): void {
@@ -267,7 +269,7 @@ export class MuxStream extends Duplex {
         if (f.payload.length > this.recvAllowed) throw new ProtocolError(`stream ${this.id} sent past its credit`);
         this.recvAllowed -= f.payload.length;
         this.owed += f.payload.length;
-        if (this.push(f.payload)) this.flushCredit(false);
+        if (this.push(f.payload)) this.flushCredit();
         return;
       case FrameType.End:
         if (this.remoteEnded) throw new ProtocolError(`second end on stream ${this.id}`);
@@ -297,14 +299,13 @@ export class MuxStream extends Duplex {
   }
 
   /** Gives back credit for what was consumed, and grows the window while the session has room. */
-  private flushCredit(force: boolean): void {
-    if (this.remoteEnded || this.destroyed) return;
+  private flushCredit(): void {
+    if (this.remoteEnded || this.destroyed || this.owed < this.window / 4) return;
     let grow = 0;
-    if (this.owed > 0 && this.window < LIMITS.maxWindow && this.session.reserve(this.window)) {
+    if (this.window < LIMITS.maxWindow && this.session.reserve(this.window)) {
       grow = this.window;
       this.window *= 2;
     }
-    if (grow === 0 && (this.owed === 0 || (!force && this.owed < this.window / 4))) return;
     const n = this.owed + grow;
     this.owed = 0;
     this.recvAllowed += n;
