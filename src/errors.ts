@@ -18,6 +18,7 @@ export const ErrorCodes = {
   CONFIG: 'configuration is invalid',
   HOST_UNKNOWN: 'no such host in the cluster file',
   PEER: 'the other agent failed or refused',
+  IO: 'a file system operation failed (disk full, missing file)',
   TLS: 'certificate or TLS failure',
   FORBIDDEN: "the peer's certificate role does not allow the request",
   PRECHECK: 'a migration pre-check failed',
@@ -63,4 +64,12 @@ export function abortError(signal: AbortSignal | undefined, what: string): Ferry
   const reason = signal?.reason;
   if (reason instanceof FerryError) return reason;
   return new FerryError('ABORTED', `${what} was cancelled`, { cause: reason });
+}
+
+/** A file system error (ENOSPC, EIO, ...) is the environment failing, not a bug: say where. */
+export function ioError(e: unknown, where: string): FerryError | undefined {
+  const err = e as NodeJS.ErrnoException;
+  if (!(err instanceof Error) || typeof err.code !== 'string' || typeof err.syscall !== 'string') return undefined;
+  const hint = err.code === 'ENOSPC' || err.code === 'EDQUOT' ? `free disk space on ${where}` : undefined;
+  return new FerryError('IO', `${where}: ${err.message}`, { cause: e, ...(hint ? { hint } : {}) });
 }

@@ -6,7 +6,7 @@ import { appendFile, readFile, rm } from 'node:fs/promises';
 import tls from 'node:tls';
 import { join } from 'node:path';
 import type { z } from 'zod';
-import { FerryError } from '../errors.js';
+import { FerryError, ioError } from '../errors.js';
 import { Destination } from '../migrate/destination.js';
 import { Journal } from '../migrate/journal.js';
 import { Resolver } from '../migrate/resolver.js';
@@ -60,10 +60,10 @@ export class Agent {
 
   constructor(private readonly o: AgentOptions) {
     this.historyFile = join(o.runtime.stateDir, 'history.jsonl');
-    this.dest = new Destination(o.runtime, (e) => this.log(JSON.stringify(e)));
+    this.dest = new Destination(o.runtime, o.name, (e) => this.log(JSON.stringify(e)));
     this.revoked = new RevocationList(o.revoked);
     this.ctx = { rt: o.runtime, tls: o.tls, self: o.name, journal: new Journal(o.runtime.stateDir), active: new Map() };
-    this.resolver = new Resolver(this.ctx, (l) => this.log(l));
+    this.resolver = new Resolver(this.ctx, (l) => this.log(l), (e) => this.history(e));
     this.defineRoutes();
   }
 
@@ -156,8 +156,8 @@ export class Agent {
       await route.handler({ stream, params, headers, peer, body });
     } catch (e) {
       // Expected failures go back to the peer; anything else is a bug and is logged with its stack.
-      const err = e instanceof FerryError ? e : new FerryError('PEER', `agent ${this.o.name}: internal error: ${(e as Error).message}`);
-      if (!(e instanceof FerryError)) this.log(`internal error on ${method} ${path}: ${(e as Error).stack}`);
+      const err = e instanceof FerryError ? e : (ioError(e, this.o.name) ?? new FerryError('PEER', `agent ${this.o.name}: internal error: ${(e as Error).message}`));
+      if (!(e instanceof FerryError) && err.code !== 'IO') this.log(`internal error on ${method} ${path}: ${(e as Error).stack}`);
       else if (peer.role === 'agent' || err.code === 'FORBIDDEN') this.log(`refused ${method} ${path.slice(0, 200)} from '${peer.name}': ${err.message}`);
       if (stream.destroyed || stream.closed) return;
       if (!stream.headersSent) stream.respond(jsonHeaders(statusFor(err.code)));
@@ -234,7 +234,7 @@ export class Agent {
         report = await migrateOut(this.ctx, n, b.to, mode, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
         if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {
-          await this.history({ task: n, from: this.o.name, to: b.to.name, mode, ok: false, error: e.message, at: new Date().toISOString() });
+          await this.history({ id: migrationIdOf(e), task: n, from: this.o.name, to: b.to.name, mode, ok: false, error: e.message, at: new Date().toISOString() });
         }
         if (!started) throw e;
         send({ error: (e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message)).toJSON() });
@@ -248,6 +248,22 @@ export class Agent {
     });
     this.route('GET', /^\/v1\/migrations$/, 'read', async (r) => {
       reply(r.stream, [...this.ctx.active.values()].map((m) => m.summary()));
+    });
+    // Where a migration stands: under way, being resolved after a restart, or ended (history).
+    this.route('GET', /^\/v1\/migrations\/([^/]+)$/, 'read', async (r) => {
+      const mid = id(r);
+      const m = this.ctx.active.get(mid);
+      if (m) return reply(r.stream, { ...m.summary(), state: 'running' });
+      if (await this.ctx.journal.get(mid)) return reply(r.stream, { id: mid, state: 'resolving' });
+      const text = await readFile(this.historyFile, 'utf8').catch(() => '');
+      const done = text
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as { id?: string; ok?: boolean; from?: string; to?: string; error?: string; task?: string })
+        .reverse()
+        .find((h) => h.id === mid);
+      if (!done) throw new FerryError('TASK_NOT_FOUND', `no migration ${mid} is known on ${this.o.name}`);
+      reply(r.stream, { id: mid, state: 'done', ok: !!done.ok, task: done.task, where: done.ok ? done.to : done.from, error: done.error });
     });
     this.route('POST', /^\/v1\/migrations\/([^/]+)\/cancel$/, 'operate', async (r) => {
       const m = this.ctx.active.get(id(r));
@@ -269,7 +285,12 @@ export class Agent {
       return m.id;
     };
     this.route('POST', incoming('/pages'), 'migrate-in', async (r) => this.dest.pages(own(r), r.stream));
-    this.route('POST', incoming('/lazy'), 'migrate-in', async (r) => this.dest.lazyStream(own(r), r.stream));
+    // The lazy-pages link; after a cut the source reattaches with what it has received so far.
+    this.route('POST', incoming('/lazy'), 'migrate-in', async (r) => {
+      const received = Number(r.headers['x-ferry-received'] ?? 0);
+      if (!Number.isSafeInteger(received) || received < 0) throw new FerryError('USAGE', 'x-ferry-received must be a byte count');
+      this.dest.lazyStream(id(r), r.stream, received, r.peer.name);
+    });
     this.route('PUT', incoming('/images/([^/]+)'), 'migrate-in', async (r) => {
       await this.dest.image(own(r), r.params[1]!, r.stream);
       reply(r.stream, {});
@@ -349,4 +370,10 @@ function readBody(stream: MuxStream): Promise<unknown> {
     });
     stream.once('error', reject);
   });
+}
+
+/** The id a failed migration's error carries, when it got that far. */
+function migrationIdOf(e: FerryError): string | undefined {
+  const d = e.details.find((x) => x.startsWith('migration id: '));
+  return d?.slice('migration id: '.length);
 }

@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { dirname, join, resolve } from 'node:path';
 import { Agent } from '../agent/agent.js';
-import { hostAddress } from '../agent/client.js';
+import { hostAddress, type Cluster } from '../agent/client.js';
 import { Criu } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
 import type { MigrationReport, ProgressEvent } from '../migrate/source.js';
@@ -160,7 +160,14 @@ export function registerClusterCommands(program: Command): void {
       try {
         const stream = session.request({ ':method': 'POST', ':path': `/v1/tasks/${encodeURIComponent(task)}/migrate`, 'content-type': 'application/json' });
         stream.end(JSON.stringify({ to, mode: opts.mode }));
-        const report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
+        let report: MigrationReport;
+        try {
+          report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
+        } catch (e) {
+          // The source agent went away mid-migration: once it is back, it knows how it ended.
+          if (!(e instanceof FerryError && e.code === 'PEER' && id)) throw e;
+          throw await outcomeAfterLoss(cluster, host, id, task, opts.to);
+        }
         if (opts.json) printJson(report);
         else printReport(report);
       } finally {
@@ -205,6 +212,28 @@ export function registerClusterCommands(program: Command): void {
         session.close();
       }
     });
+}
+
+/** Asks a restarted source agent how a migration ended; the answer is the CLI's last line. */
+async function outcomeAfterLoss(cluster: Cluster, host: string, id: string, task: string, to: string): Promise<FerryError> {
+  const end = Date.now() + 60_000;
+  while (Date.now() < end) {
+    try {
+      const s = await agentSession(cluster, host);
+      try {
+        const st = await requestJson<{ state: string; ok?: boolean; where?: string }>(s, 'GET', `/v1/migrations/${id}`);
+        if (st.state === 'done') {
+          return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}); the task is running on ${st.where}`, st.ok ? { hint: 'the migration completed; there is no report' } : {});
+        }
+      } finally {
+        s.close();
+      }
+    } catch {
+      /* not back yet */
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}) and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
 }
 
 async function readMigration(stream: MuxStream, live: boolean, onId: (id: string) => void): Promise<MigrationReport> {
@@ -259,6 +288,7 @@ function printReport(r: MigrationReport): void {
       `  bytes: pages ${formatBytes(r.bytes.pages)}, other images ${formatBytes(r.bytes.images)}, files ${formatBytes(r.bytes.files)}` +
       (r.pageRateMBps ? `, pages at ${r.pageRateMBps} MB/s` : '') +
       '\n' +
-      (r.postCopyWindowMs !== undefined ? `  post-copy: all pages local ${r.postCopyWindowMs} ms after resume\n` : ''),
+      (r.postCopyWindowMs !== undefined ? `  post-copy: all pages local ${r.postCopyWindowMs} ms after resume\n` : '') +
+      (r.warnings ?? []).map((w) => `  note: ${w}\n`).join(''),
   );
 }

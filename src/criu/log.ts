@@ -1,8 +1,9 @@
-// Reading CRIU's log: the first real error lines (the RLIMIT_NOFILE complaint is printed by every
-// run where root lacks CAP_SYS_RESOURCE and means nothing) and a hint where the cause is known.
+// Reading CRIU's log: the first real error lines and a hint where the cause is known. Some lines
+// say Error and mean nothing: the RLIMIT_NOFILE complaint of every run where root lacks
+// CAP_SYS_RESOURCE, and the missing parent images of a dump that has no pre-dump before it.
 import { readFile } from 'node:fs/promises';
 
-const HARMLESS = [/rlimit: Can't setup RLIMIT_NOFILE/];
+const HARMLESS = [/rlimit: Can't setup RLIMIT_NOFILE/, /Pid-reuse detection failed: no parent inventory/];
 
 const HINTS: Array<[RegExp, string]> = [
   [/File has bad size|bad size/i, 'a file the task had open changed after the checkpoint; restore from a fresh checkpoint or keep the file unchanged'],

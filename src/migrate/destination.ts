@@ -21,6 +21,8 @@ import { isValidName, validateName, type TaskRecord } from '../runtime/task-stor
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep } from '../util/proc.js';
 import type { PrepareRequest } from '../wire/schemas.js';
+import { faultPoint } from './fault-points.js';
+import { ResumableTunnel } from './resumable.js';
 import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
@@ -45,10 +47,8 @@ interface Incoming {
   imagesDir: string;
   pageServer?: ServerHandle;
   pageServerPort?: number;
-  lazy?: { daemon: ServerHandle; close: () => void };
-  /** The two ends of the lazy-pages link; spliced when both exist. */
+  /** The source's end of the lazy-pages link, held until the local daemon connects. */
   lazyStream?: MuxStream;
-  lazySock?: Socket;
   restored?: TaskRecord;
   /** Set while CRIU restores here: an abort waits for it rather than pull files from under it. */
   restoring?: Promise<unknown>;
@@ -56,10 +56,42 @@ interface Incoming {
   images: number;
 }
 
+/** How long a post-copy task waits for its source to come back after a cut (the source waits longer). */
+const POSTCOPY_GRACE_MS = 110_000;
+
+/** postcopy.json in a task's directory: it arrived by post-copy; complete once every page is here. */
+interface PostCopyMark {
+  id: string;
+  from: string;
+  complete: boolean;
+}
+
+function jsonHeaders404(): { ':status': number; 'content-type': string } {
+  return { ':status': 404, 'content-type': 'application/json' };
+}
+
+/** A post-copy pages link; it lives until every page is here, across connections. */
+interface LazyLink {
+  id: string;
+  from: string;
+  task: string;
+  daemon?: ServerHandle;
+  tunnel?: ResumableTunnel;
+  /** The task was resumed here: losing the link now means losing the task's pages. */
+  committed: boolean;
+  grace?: NodeJS.Timeout;
+  close: () => void;
+}
+
 export class Destination {
   private readonly incoming = new Map<string, Incoming>();
+  private readonly lazyLinks = new Map<string, LazyLink>();
 
-  constructor(private readonly rt: Runtime, private readonly onEvent: (e: Record<string, unknown>) => void = () => {}) {}
+  constructor(
+    private readonly rt: Runtime,
+    private readonly self: string,
+    private readonly onEvent: (e: Record<string, unknown>) => void = () => {},
+  ) {}
 
   /**
    * After a restart: removes migrations that never got as far as a restore; keeps restored ones,
@@ -68,6 +100,16 @@ export class Destination {
   async sweep(): Promise<{ removed: string[]; inDoubt: string[] }> {
     const removed: string[] = [];
     const inDoubt: string[] = [];
+    // Post-copy tasks whose pages were still arriving when this agent died: they cannot arrive now.
+    for (const name of await readdir(this.rt.store.tasksDir).catch(() => [] as string[])) {
+      if (!isValidName(name)) continue;
+      const pc = await readJson<PostCopyMark>(join(this.rt.store.dir(name), 'postcopy.json')).catch(() => undefined);
+      if (!pc || pc.complete) continue;
+      const rec = await this.rt.store.get(name).catch(() => undefined);
+      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      await rm(this.rt.store.dir(name), { recursive: true, force: true });
+      removed.push(`${name} (post-copy, pages lost with the previous agent)`);
+    }
     for (const { name, dir, mark } of await this.marks()) {
       if (mark.phase === 'restored' && existsSync(join(dir, 'task.json'))) {
         inDoubt.push(`${name} (migration ${mark.id} from ${mark.from})`);
@@ -152,17 +194,45 @@ export class Destination {
     const m = this.get(id);
     if (!m.pageServer || !m.pageServerPort) throw new FerryError('PEER', 'this migration has no page server');
     const server = m.pageServer;
-    const sock = await connectWhenListening(m.pageServerPort, 10_000, () => server.child.exitCode === null);
+    const sock = await connectWhenListening(m.pageServerPort, 10_000, () => server.child.exitCode === null && server.child.signalCode === null);
     stream.respond({ ':status': 200 });
     await splice(stream, sock);
   }
 
-  /** The lazy-pages link: held until the local lazy-pages daemon connects. */
-  lazyStream(id: string, stream: MuxStream): void {
+  /**
+   * The lazy-pages link from the source: the first time it waits for the local daemon; after a
+   * cut the source comes back with a new stream and each side resends what the other missed.
+   */
+  lazyStream(id: string, stream: MuxStream, peerReceived: number, from: string): void {
+    const link = this.lazyLinks.get(id);
+    if (link && link.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    if (!link && !this.incoming.has(id)) {
+      // A source that reconnects after the last page arrived must learn that, not take the task back.
+      void this.postCopyMark(id).then(
+        (found) => {
+          if (found?.mark.from === from && found.mark.complete) {
+            stream.respond({ ':status': 200, 'x-ferry-done': 1 });
+            stream.end();
+          } else {
+            stream.respond(jsonHeaders404());
+            stream.end(JSON.stringify({ error: new FerryError('TASK_NOT_FOUND', `no pages link for migration ${id} here`).toJSON() }));
+          }
+        },
+        (e: Error) => stream.destroy(e),
+      );
+      return;
+    }
+    if (link?.tunnel) {
+      clearTimeout(link.grace);
+      stream.respond({ ':status': 200, 'x-ferry-received': link.tunnel.received });
+      link.tunnel.attach(stream, peerReceived);
+      this.onEvent({ event: 'pages link resumed', id, task: link.task });
+      return;
+    }
     const m = this.get(id);
-    stream.respond({ ':status': 200 });
+    if (m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    stream.respond({ ':status': 200, 'x-ferry-received': 0 });
     m.lazyStream = stream;
-    pairLazy(m);
   }
 
   async image(id: string, file: string, stream: MuxStream): Promise<void> {
@@ -201,6 +271,7 @@ export class Destination {
     }
     const pageWaitMs = Math.round(performance.now() - started);
     if (opts.lazy) await this.startLazyDaemon(m);
+    await faultPoint(this.self, 'restore');
     const rec: TaskRecord = { ...m.req.task, state: 'checkpointed', origin: m.req.from };
     const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true });
     m.restoring = restoring.catch(() => {
@@ -214,18 +285,43 @@ export class Destination {
   }
 
   private async startLazyDaemon(m: Incoming): Promise<void> {
+    const link: LazyLink = { id: m.id, from: m.req.from, task: m.req.task.name, committed: false, close: () => {} };
     const local = await listenLocal((sock) => {
-      m.lazySock = sock;
-      pairLazy(m);
+      const tunnel = new ResumableTunnel(sock);
+      link.tunnel = tunnel;
+      // The source's CRIU served everything and closed: so does the daemon's link.
+      tunnel.on('peerEnded', () => tunnel.endLocal());
+      tunnel.on('detached', () => {
+        if (this.lazyLinks.get(link.id) !== link || !link.committed || link.grace) return;
+        // The task runs here and waits on its missing pages; the source has this long to come back.
+        link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
+        link.grace.unref();
+      });
+      if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     });
     const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: local.port });
-    m.lazy = { daemon, close: () => local.server.close() };
-    daemon.exited.then(() => local.server.close());
+    link.daemon = daemon;
+    link.close = () => local.server.close();
+    this.lazyLinks.set(m.id, link);
+    void daemon.exited.then((code) => {
+      local.server.close();
+      if (this.lazyLinks.get(m.id) !== link) return;
+      // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
+      // would read them as zeros: it must not run on.
+      if (code === 0) {
+        // Every page is here. The link ends by itself once the source has seen that (its 'E').
+        clearTimeout(link.grace);
+        this.lazyLinks.delete(m.id);
+        if (link.committed) void writeJsonAtomic(join(this.rt.store.dir(link.task), 'postcopy.json'), { id: link.id, from: link.from, complete: true } satisfies PostCopyMark);
+      } else {
+        void this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived`);
+      }
+    });
     // The restore talks to the daemon through this socket; wait until it exists.
     const sockPath = join(m.imagesDir, 'lazy-pages.socket');
     const end = Date.now() + 10_000;
     while (!existsSync(sockPath)) {
-      if (daemon.child.exitCode !== null || Date.now() > end) {
+      if (daemon.child.exitCode !== null || daemon.child.signalCode !== null || Date.now() > end) {
         await daemon.wait();
         throw new FerryError('CRIU_FAILED', 'criu lazy-pages did not start on the destination');
       }
@@ -249,6 +345,12 @@ export class Destination {
     if (!found) return { known: !!m };
     if (found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     const rec = await this.rt.store.get(found.name);
+    const link = this.lazyLinks.get(id);
+    if (link) {
+      // Until the last page is here, a restart of this agent cannot feed the task: it is dropped then.
+      link.committed = true;
+      await writeJsonAtomic(join(found.dir, 'postcopy.json'), { id, from: found.mark.from, complete: false } satisfies PostCopyMark);
+    }
     if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid);
     if (rec.state === 'frozen') {
       rec.state = 'running';
@@ -261,6 +363,13 @@ export class Destination {
 
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */
   async abort(id: string, from?: string): Promise<void> {
+    const link = this.lazyLinks.get(id);
+    if (link?.committed) {
+      // Post-copy after the resume: the source took the task back (its pages could not come).
+      if (from !== undefined && link.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+      await this.dropLazy(link, `the source took it back`);
+      return;
+    }
     const m = this.incoming.get(id);
     if (m && from !== undefined && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     if (!m) {
@@ -277,16 +386,42 @@ export class Destination {
     if (m.committed) return;
     this.incoming.delete(id);
     m.pageServer?.stop();
-    m.lazy?.daemon.stop();
-    m.lazy?.close();
+    if (link) this.closeLazy(link);
     m.lazyStream?.destroy();
-    m.lazySock?.destroy();
     await m.restoring;
     const r = m.restored;
     if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
     await rm(m.dir, { recursive: true, force: true });
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
+  }
+
+  private async postCopyMark(id: string): Promise<{ name: string; mark: PostCopyMark } | undefined> {
+    for (const name of await readdir(this.rt.store.tasksDir).catch(() => [] as string[])) {
+      if (!isValidName(name)) continue;
+      const mark = await readJson<PostCopyMark>(join(this.rt.store.dir(name), 'postcopy.json')).catch(() => undefined);
+      if (mark?.id === id) return { name, mark };
+    }
+    return undefined;
+  }
+
+  private closeLazy(link: LazyLink): void {
+    clearTimeout(link.grace);
+    this.lazyLinks.delete(link.id);
+    link.daemon?.stop();
+    link.close();
+    link.tunnel?.destroy();
+  }
+
+  /** A post-copy task whose pages cannot arrive any more: killed before it reads zeros, removed. */
+  private async dropLazy(link: LazyLink, why: string): Promise<void> {
+    if (this.lazyLinks.get(link.id) !== link) return;
+    const rec = await this.rt.store.get(link.task).catch(() => undefined);
+    if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+    this.closeLazy(link);
+    await rm(this.rt.store.dir(link.task), { recursive: true, force: true });
+    this.incoming.delete(link.id);
+    this.onEvent({ event: 'post-copy dropped', id: link.id, task: link.task, from: link.from, why });
   }
 }
 
@@ -318,9 +453,6 @@ export function rsyncServerArgs(args: unknown): string[] {
   return ['--server', ...opts];
 }
 
-function pairLazy(m: Incoming): void {
-  if (m.lazyStream && m.lazySock) void splice(m.lazyStream, m.lazySock);
-}
 
 async function freeResources(dir: string): Promise<{ memBytes: number; diskBytes: number }> {
   const meminfo = await readFile('/proc/meminfo', 'utf8');

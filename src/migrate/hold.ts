@@ -1,7 +1,7 @@
 // Holding a dumped task frozen until the destination runs it. CRIU runs our action script at
 // post-dump; the script reports through one FIFO and waits for the verdict on another. "commit"
 // lets CRIU end the source task; anything else makes the dump fail, and CRIU resumes the task
-// where it was. While undecided the agent writes "wait" every second: if those stop (the agent
+// where it was. While undecided the agent writes "wait" twice a second: if those stop (the agent
 // died) the script gives up within PATIENCE_S and the task resumes, with nobody at the other end.
 import { createReadStream } from 'node:fs';
 import { constants } from 'node:fs';
@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { run } from '../exec/run.js';
 
 /** Seconds without a word from the agent after which the held task resumes. */
-export const PATIENCE_S = 5;
+export const PATIENCE_S = 2;
 
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
@@ -96,7 +96,7 @@ export class Hold {
       await this.answer(this.verdict);
       return;
     }
-    this.heartbeat = setInterval(() => void this.writer?.write('wait\n').catch(() => undefined), 1000);
+    this.heartbeat = setInterval(() => void this.writer?.write('wait\n').catch(() => undefined), 500);
     this.heartbeat.unref();
   }
 

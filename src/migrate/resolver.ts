@@ -20,6 +20,8 @@ export class Resolver {
   constructor(
     private readonly ctx: MigrateContext,
     private readonly log: (line: string) => void,
+    /** Appends to the agent's migration history, so a CLI that lost its agent can learn the end. */
+    private readonly record: (entry: Record<string, unknown>) => Promise<void>,
   ) {}
 
   /** Resolves what it finds now, then keeps retrying in the background. */
@@ -106,6 +108,7 @@ export class Resolver {
     e.decision = outcome;
     e.settled = true;
     await this.ctx.journal.write(e);
+    await this.record({ id: e.id, task: e.task, from: this.ctx.self, to: e.to.name, mode: e.mode, ok: outcome === 'commit', error: outcome === 'commit' ? undefined : `the agent on ${this.ctx.self} went away during the migration`, resolved: true, at: new Date().toISOString() });
     this.log(`migration ${e.id} of ${e.task} to ${e.to.name} resolved: ${outcome === 'commit' ? `the task runs on ${e.to.name}` : `the task stays here${alive ? '' : ' (it had exited)'}`}`);
   }
 }

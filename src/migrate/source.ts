@@ -11,18 +11,20 @@ import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/p
 import { createServer, type Server, type Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { join } from 'node:path';
-import { FerryError } from '../errors.js';
+import { FerryError, ioError } from '../errors.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { requireRunning } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
 import type { LoadedTls } from '../tls/pki.js';
-import { connect, readAll, decodeAnswer, requestJson, type MuxSession } from '../wire/session.js';
+import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSession, type MuxStream } from '../wire/session.js';
 import { run } from '../exec/run.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import type { Mode, PrepareRequest } from '../wire/schemas.js';
 import { Hold } from './hold.js';
+import { faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
+import { ResumableTunnel } from './resumable.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
@@ -70,6 +72,10 @@ const HOLD_TIMEOUT_S = 120;
  * gives up (and tells the destination to drop its copy) before CRIU resumes the task on its own.
  */
 const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
+/** How long post-copy waits for a cut link to come back before the source takes the task back. */
+const POSTCOPY_GRACE_MS = 120_000;
+/** How long the source keeps telling the destination to resume before leaving it to the resolver. */
+const COMMIT_RETRY_MS = 60_000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
 
@@ -122,8 +128,10 @@ export class OutgoingMigration {
   private readonly abortCtl = new AbortController();
   private readonly entry: JournalEntry;
   /** CRIU's lazy-pages connection, kept apart: it must not close before the outcome is known. */
-  private lazySock?: Socket;
-  private lazyPeerGone = false;
+  private lazy?: ResumableTunnel;
+  /** Rejects when the pages can no longer reach the destination (the grace ran out, or it refused). */
+  private lazyFailed?: Promise<never>;
+  private failLazy?: (e: FerryError) => void;
   private readonly servers: Server[] = [];
   private readonly sockets = new Set<Socket>();
   private progressTimer?: NodeJS.Timeout;
@@ -207,6 +215,7 @@ export class OutgoingMigration {
       await this.journal({ phase: 'checks' });
       // ---- checks (nothing is frozen yet) -------------------------------------------------
       this.phase('checks');
+      await faultPoint(this.ctx.self, 'checks');
       await rt.criu.ensureUsable(this.signal);
       await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
       this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name}-`));
@@ -234,6 +243,7 @@ export class OutgoingMigration {
       // ---- files while the task runs ----------------------------------------------------
       this.phase('presync');
       await this.journal({ phase: 'presync' });
+      await faultPoint(this.ctx.self, 'presync');
       await this.rsync();
       this.endPhase('presync');
 
@@ -264,14 +274,16 @@ export class OutgoingMigration {
       this.phaseStart = frozenAt = performance.now();
       this.startDump(imagesDir, dumpArgs);
       await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
+      await faultPoint(this.ctx.self, 'freeze');
       await this.untilFrozen();
       this.endPhase('freeze+dump');
 
       // ---- the other images and the files, while frozen --------------------------------------
       this.phase('transfer');
+      await faultPoint(this.ctx.self, 'transfer');
       // Both travel the same session at once: the task is frozen, every round trip counts.
       await Promise.all([this.sendImages(imagesDir), this.rsync()]);
-      const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy` }) : undefined;
+      const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
       this.endPhase('transfer');
 
       // ---- restore on the destination, stopped until we decide ---------------------------
@@ -286,23 +298,30 @@ export class OutgoingMigration {
         const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
         await Promise.race([asked, restoreP]);
         await this.decide('commit');
-        const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null).catch(async () => {
+        const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
           throw await this.dumpFailure();
         });
-        this.lazySock = sock;
-        this.pipeLazy(sock, lazyStream);
+        this.startLazy(sock, lazyStream);
       }
-      const r = await restoreP;
+      // CRIU gone before the decision means the source copy is running again: abort.
+      const r = await Promise.race([restoreP, this.dumpExit!.then(async () => Promise.reject(await this.dumpEnded()))]);
       this.report.pid = r.pid;
       this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
       this.endPhase('restore');
 
       // ---- the decision: the source lets go, the destination resumes ----------------------
       this.phase('resume');
-      if (this.mode === 'stop-copy') await this.decide('commit');
-      await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 });
+      if (this.mode === 'stop-copy') {
+        await this.decide('commit');
+        // The destination resumes only once CRIU has ended the source copy: never two.
+        const code = await this.dumpExit;
+        if (code !== 0 || isAlive(this.rec.pid!, this.rec.pidStart)) throw await this.dumpEnded();
+      } else if (this.dump?.exitCode !== null || this.dump.signalCode !== null) {
+        throw await this.dumpEnded();
+      }
+      await faultPoint(this.ctx.self, 'commit');
+      await this.tellCommit();
       this.confirmed = true;
-      if (this.lazyPeerGone) this.lazySock?.end();
       const resumedAt = performance.now();
       // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
       const froze = await this.hold.freezingAt();
@@ -311,7 +330,12 @@ export class OutgoingMigration {
 
       if (this.mode === 'post-copy') {
         this.phase('postcopy');
-        await this.dumpExit; // CRIU exits once the destination has every page
+        await faultPoint(this.ctx.self, 'postcopy');
+        // CRIU exits (0) once the destination has every page; anything else means it never will.
+        const code = await Promise.race([this.dumpExit!, this.lazyFailed!]).catch((e: FerryError) => (this.lazyDone ? this.dumpExit! : this.takeBack(e)));
+        if (code !== 0 && !this.lazyDone) await this.takeBack(new FerryError('CRIU_FAILED', `criu dump on ${this.ctx.self} ended (${code === null ? 'killed' : `code ${code}`}) before every page reached ${this.target.name}`));
+        // Every page is there: the destination's copy is the task, whatever CRIU did here after.
+        if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
         this.report.postCopyWindowMs = Math.round(performance.now() - resumedAt);
       }
       // CRIU ends the source task once the hold let go: the copy on the destination is the one to keep.
@@ -325,13 +349,19 @@ export class OutgoingMigration {
       this.report.ok = true;
       return this.finish();
     } catch (e) {
-      const err = this.cancelled ?? (e instanceof FerryError ? e : new FerryError('MIGRATION', (e as Error).message, { cause: e }));
+      const lost = this.session?.destroyed && !this.cancelled ? new FerryError('PEER', `the connection to ${this.target.name} was lost${this.session.error ? ` (${this.session.error.message})` : ''}`) : undefined;
+      const err = this.cancelled ?? lost ?? (e instanceof FerryError ? e : (ioError(e, this.ctx.self) ?? new FerryError('MIGRATION', (e as Error).message, { cause: e })));
+      if (this.takenBack) {
+        this.report.error = err.message;
+        this.finish();
+        throw err;
+      }
       if (this.decision === 'commit' && this.confirmedOrUndoable()) {
         // Past the point of no return: the source let go of its copy. The destination has the
         // task, stopped until it hears the decision, which this agent keeps repeating.
         this.report.error = err.message;
         this.finish();
-        throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err });
+        throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err, details: [`migration id: ${this.id}`] });
       }
       await this.rollback();
       this.report.error = err.message;
@@ -339,7 +369,7 @@ export class OutgoingMigration {
       const where = (await rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
       throw new FerryError(err.code === 'ABORTED' ? 'ABORTED' : 'MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} ${err.code === 'ABORTED' ? 'was cancelled' : 'failed'}: ${err.message}; ${where}`, {
         cause: err,
-        details: err.details,
+        details: [...err.details, `migration id: ${this.id}`],
         ...(err.hint ? { hint: err.hint } : {}),
       });
     } finally {
@@ -356,7 +386,9 @@ export class OutgoingMigration {
    * serves pages and the destination has not confirmed (killing the dump lets the task run on).
    */
   private confirmedOrUndoable(): boolean {
-    return this.mode === 'stop-copy' || this.confirmed;
+    if (this.confirmed) return true;
+    // Stop-copy: past the decision the source copy is gone once CRIU ended it.
+    return this.mode === 'stop-copy' && !isAlive(this.rec.pid!, this.rec.pidStart);
   }
 
   /** Journals the decision, then tells CRIU's hold. */
@@ -405,6 +437,12 @@ export class OutgoingMigration {
   private async untilFrozen(): Promise<void> {
     const r = await Promise.race([this.hold!.frozen.then(() => 'frozen' as const), this.dumpExit!.then(() => 'exited' as const)]);
     if (r === 'exited') throw await this.dumpFailure();
+  }
+
+  /** CRIU ended while it should hold (or serve) the task: it runs here again. */
+  private async dumpEnded(): Promise<FerryError> {
+    const e = await this.dumpFailure();
+    return new FerryError('CRIU_FAILED', `criu dump ended before the hand-over (${e.message})`, { details: e.details });
   }
 
   private async dumpFailure(): Promise<FerryError> {
@@ -474,22 +512,130 @@ export class OutgoingMigration {
   }
 
   /**
-   * Carries CRIU's lazy-page traffic. When the destination's side closes before the restore was
-   * confirmed, CRIU must not see it: it would end the source task as if every page had been sent.
+   * Carries CRIU's lazy-page traffic over a link that outlives the connection: after a cut the
+   * source reconnects and both sides resend what the other missed; the destination task waits
+   * meanwhile. If the link stays down past the grace, or the destination lost its pages, the
+   * task is taken back here.
    */
-  private pipeLazy(sock: Socket, stream: Duplex): void {
+  private startLazy(sock: Socket, stream: MuxStream): void {
+    const tunnel = new ResumableTunnel(sock);
+    this.lazy = tunnel;
+    this.lazyFailed = new Promise<never>((_res, rej) => (this.failLazy = rej));
+    this.lazyFailed.catch(() => {});
     sock.on('data', (c: Buffer) => this.pages.add(c.length));
-    sock.pipe(stream);
-    stream.on('data', (c: Buffer) => sock.write(c));
-    stream.resume(); // the 'readable' listener that saw the first request left the stream paused
-    const gone = () => {
-      this.lazyPeerGone = true;
-      if (this.confirmed) sock.end();
-    };
-    stream.once('end', gone);
-    stream.once('close', gone);
-    stream.on('error', () => {});
-    sock.on('error', () => {});
+    // The destination's daemon has every page and closed its side: let CRIU finish. Never before
+    // the destination confirmed: CRIU would end the source task as if the pages were delivered.
+    tunnel.on('peerEnded', () => this.lazyComplete());
+    // Before the destination confirmed, a cut is a failed migration (rolled back); after, it is waited out.
+    tunnel.on('detached', () => {
+      if (this.confirmed && !this.lazyDone && this.dump?.exitCode === null) void this.reattachLazy();
+    });
+    tunnel.attach(stream, 0);
+  }
+
+  private reattaching = false;
+  /** The destination has every page: from here nothing may take the task back. */
+  private lazyDone = false;
+
+  private lazyComplete(): void {
+    this.lazyDone = true;
+    if (this.confirmed) this.lazy?.endLocal();
+    else this.lazy?.once('confirmed', () => this.lazy?.endLocal());
+  }
+  private takenBack = false;
+
+  private async reattachLazy(): Promise<void> {
+    if (this.reattaching) return;
+    this.reattaching = true;
+    const deadline = Date.now() + POSTCOPY_GRACE_MS;
+    try {
+      while (Date.now() < deadline && this.dump?.exitCode === null && !this.lazy!.attached && !this.lazyDone) {
+        try {
+          const session = await this.ensureSession();
+          const stream = session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': this.lazy!.received });
+          const h = await new Promise<Headers>((res, rej) => {
+            stream.once('response', res);
+            stream.once('error', rej);
+            stream.once('close', () => rej(new FerryError('PEER', 'closed')));
+          });
+          if (Number(h[':status']) === 200 && h['x-ferry-done'] !== undefined) {
+            // Every page reached the destination before the cut: CRIU may finish.
+            this.lazyComplete();
+            return;
+          }
+          if (Number(h[':status']) !== 200) {
+            this.failLazy!(new FerryError('PEER', `${this.target.name} no longer has the task's pages link (it restarted or gave up)`));
+            return;
+          }
+          this.lazy!.attach(stream, Number(h['x-ferry-received']));
+          this.warn(`the link to ${this.target.name} was cut during post-copy; page serving resumed`);
+          return;
+        } catch {
+          await sleep(1000);
+        }
+      }
+      if (!this.lazy!.attached && !this.lazyDone && this.dump?.exitCode === null) this.failLazy!(new FerryError('PEER', `the link to ${this.target.name} stayed down for ${POSTCOPY_GRACE_MS / 1000} s during post-copy`));
+    } finally {
+      this.reattaching = false;
+    }
+  }
+
+  /** The current session, or a new one if it broke. */
+  private async ensureSession(): Promise<MuxSession> {
+    if (this.session && !this.session.destroyed) return this.session;
+    this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, timeoutMs: 3000 });
+    this.session.keepalive(1000, 3);
+    return this.session;
+  }
+
+  /**
+   * Tells the destination to resume its copy. The source copy is gone by now, so a cut here is
+   * waited out (new connections) rather than given up on; the agent's resolver keeps trying after.
+   */
+  private async tellCommit(): Promise<void> {
+    const deadline = Date.now() + COMMIT_RETRY_MS;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const session = await this.ensureSession();
+        await requestJson(session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 });
+        if (attempt > 0) this.warn(`${this.target.name} confirmed the resume after ${attempt} retries`);
+        this.lazy?.emit('confirmed');
+        if (this.lazy && !this.lazy.attached && this.dump?.exitCode === null) void this.reattachLazy();
+        return;
+      } catch (e) {
+        if (Date.now() > deadline) throw e;
+        await sleep(1000);
+      }
+    }
+  }
+
+  /**
+   * Post-copy after the resume, when the pages can no longer reach the destination: its copy is
+   * dropped and the source copy (whole in memory, frozen since the switch) runs again. Work the
+   * task did on the destination since the switch is lost, its memory is not.
+   */
+  private async takeBack(why: FerryError): Promise<never> {
+    this.killDump(); // past post-dump the task holds no parasite: it runs on once CRIU is gone
+    await this.dumpExit;
+    this.decision = 'abort';
+    await this.journal({ decision: 'abort', phase: 'decided', settled: true });
+    const alive = isAlive(this.rec.pid!, this.rec.pidStart);
+    const now = await this.ctx.rt.store.get(this.rec.name).catch(() => undefined);
+    if (now && now.state === 'frozen') {
+      now.state = alive ? 'running' : 'exited';
+      await this.ctx.rt.store.save(now);
+    }
+    // Tell the destination to drop its copy now if it can be reached; the resolver goes on otherwise.
+    const told = await this.ensureSession()
+      .then((s) => requestJson(s, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }))
+      .then(
+        () => true,
+        () => false,
+      );
+    if (told) await this.ctx.journal.remove(this.id);
+    this.takenBack = true;
+    const where = alive ? `the task is running on ${this.ctx.self} again (its work on ${this.target.name} since the switch is lost)` : `the task is lost: it had exited on ${this.ctx.self}`;
+    throw new FerryError('MIGRATION', `post-copy of '${this.rec.name}' to ${this.target.name} failed: ${why.message}; ${where}`, { cause: why, details: [`migration id: ${this.id}`] });
   }
 
   private killDump(): void {
@@ -544,7 +690,7 @@ export class OutgoingMigration {
   private async release(): Promise<void> {
     clearInterval(this.progressTimer);
     for (const s of this.sockets) s.destroy();
-    this.lazySock?.destroy();
+    this.lazy?.destroy();
     for (const srv of this.servers) srv.close();
     if (this.dump && this.dump.exitCode === null) {
       // After a commit CRIU is ending the source task: let it finish (the resolver settles what

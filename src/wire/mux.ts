@@ -355,7 +355,7 @@ export class MuxSession extends EventEmitter {
       this.waiters = [];
       for (const cb of w) cb();
     });
-    socket.on('error', (e) => this.destroy(e));
+    socket.on('error', (e) => this.destroy(new FerryError('PEER', `the connection broke: ${e.message}`, { cause: e })));
     socket.on('close', () => this.destroy());
   }
 

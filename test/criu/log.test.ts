@@ -4,9 +4,10 @@ import { errorLines, hintFor } from '../../src/criu/log.js';
 import { parseVersion, isSupported } from '../../src/criu/driver.js';
 import { parseDumpStats, parseRestoreStats } from '../../src/criu/stats.js';
 
-test('error lines skip the harmless RLIMIT line and strip prefixes', () => {
+test('error lines skip the harmless lines and strip prefixes', () => {
   const log = [
     '(00.038277) Error (criu/util.c:1534): rlimit: Can\'t setup RLIMIT_NOFILE for self: Operation not permitted',
+    '(00.039000) Error (criu/mem.c:1): Pid-reuse detection failed: no parent inventory, check warnings in get_parent_inventory',
     '(00.040000) Warn  (criu/foo.c:1): something',
     '(00.047751) Error (criu/files-reg.c:2172): File /var/lib/ferry/tasks/x/task.log has bad size 100 (expect 200)',
     '(00.050000) Error (criu/cr-restore.c:1): Restoring FAILED.',

@@ -1,0 +1,26 @@
+// Where the fault tests act. With FERRY_FAULT_POINTS=DIR in an agent's environment (only the
+// fault-matrix tests set it), every migration phase on either host leaves DIR/HOST.POINT.reached;
+// the point named in DIR/arm (e.g. "h1.restore") also waits there until DIR/HOST.POINT.go exists,
+// so a test injects its fault at exactly that phase and shows that it did.
+import { existsSync, readFileSync } from 'node:fs';
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { sleep } from '../util/proc.js';
+
+export type FaultPoint = 'checks' | 'presync' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'postcopy';
+
+export async function faultPoint(host: string, point: FaultPoint): Promise<void> {
+  const dir = process.env['FERRY_FAULT_POINTS'];
+  if (!dir) return;
+  const name = `${host}.${point}`;
+  await writeFile(join(dir, `${name}.reached`), `${Date.now()}\n`).catch(() => undefined);
+  let armed = '';
+  try {
+    armed = readFileSync(join(dir, 'arm'), 'utf8').trim();
+  } catch {
+    return;
+  }
+  if (armed !== name) return;
+  const end = Date.now() + 120_000;
+  while (!existsSync(join(dir, `${name}.go`)) && Date.now() < end) await sleep(5);
+}

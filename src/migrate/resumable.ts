@@ -1,0 +1,210 @@
+// A byte stream between two local programs (CRIU's lazy-pages link) carried over the agents'
+// connection, that survives losing that connection: the local sockets stay open, each side
+// numbers the bytes it sends and keeps those the peer has not acknowledged, and on a new
+// connection each side says how much it received and the other resends from there. While
+// detached, CRIU on either side just sees a quiet socket: the destination task waits on its
+// faults instead of dying.
+//
+// Messages on the carrying stream: 'D' u32 length, bytes | 'A' f64 bytes received | 'E' f64
+// total bytes this side will ever send (its local program closed).
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
+import { FerryError } from '../errors.js';
+
+/** Unacknowledged bytes kept for a resend; reading from the local program pauses past this. */
+const MAX_REPLAY = 64 * 1024 * 1024;
+const ACK_EVERY = 256 * 1024;
+const MAX_MESSAGE = 1024 * 1024;
+
+export class ResumableTunnel extends EventEmitter {
+  /** Bytes read from the local program. */
+  private sent = 0;
+  /** Bytes the peer has acknowledged; replay holds [acked, sent). */
+  private acked = 0;
+  private replay: Buffer[] = [];
+  private replayBytes = 0;
+  /** Bytes from the peer written to the local program. */
+  received = 0;
+  private sinceAck = 0;
+  private localEnded = false;
+  /** Total the peer will send, once it said so. */
+  private peerTotal?: number;
+  private stream?: Duplex;
+  private pending: Buffer = Buffer.alloc(0);
+  private pausedForReplay = false;
+  private finished = false;
+  private peerEndSignalled = false;
+
+  constructor(readonly local: Socket) {
+    super();
+    local.pause();
+    local.on('data', (c: Buffer) => this.fromLocal(c));
+    local.once('end', () => {
+      this.localEnded = true;
+      this.sendEnd();
+    });
+    local.on('error', (e) => this.emit('localError', e));
+    local.once('close', () => {
+      this.finished = true;
+      this.emit('localClosed');
+    });
+  }
+
+  get attached(): boolean {
+    return this.stream !== undefined;
+  }
+
+  /** Carries the tunnel over a (new) stream; the peer has received peerReceived bytes of ours. */
+  attach(stream: Duplex, peerReceived: number): void {
+    this.detach();
+    if (!(peerReceived >= this.acked && peerReceived <= this.sent)) {
+      stream.destroy(new FerryError('PEER', `resume at byte ${peerReceived}, but ${this.acked}..${this.sent} is what can be resent`));
+      throw new FerryError('PEER', `the peer cannot resume the link: it has ${peerReceived} bytes, this side kept ${this.acked}..${this.sent}`);
+    }
+    this.trim(peerReceived);
+    this.stream = stream;
+    this.pending = Buffer.alloc(0);
+    for (const b of this.replay) this.writeData(b);
+    if (this.localEnded) this.sendEnd();
+    stream.on('data', this.onStreamData);
+    stream.on('drain', this.onDrain);
+    const gone = () => {
+      if (this.stream !== stream) return;
+      this.detach();
+      this.emit('detached');
+    };
+    stream.once('close', gone);
+    stream.once('error', gone);
+    stream.once('end', gone);
+    if (!this.pausedForReplay) this.local.resume();
+  }
+
+  /** Stops using the current stream; the local socket stays open and quiet. */
+  detach(): void {
+    const s = this.stream;
+    if (!s) return;
+    this.stream = undefined;
+    s.off('data', this.onStreamData);
+    s.off('drain', this.onDrain);
+    this.local.pause();
+    s.destroy();
+  }
+
+  /** Ends the local program's side (the peer's program is done with it). */
+  endLocal(): void {
+    this.local.end();
+  }
+
+  destroy(): void {
+    this.detach();
+    this.local.destroy();
+  }
+
+  private fromLocal(c: Buffer): void {
+    this.replay.push(c);
+    this.replayBytes += c.length;
+    this.sent += c.length;
+    const ok = this.stream ? this.writeData(c) : false;
+    if (this.replayBytes > MAX_REPLAY) this.pausedForReplay = true;
+    if (!ok || this.pausedForReplay) this.local.pause();
+  }
+
+  private readonly onDrain = (): void => {
+    if (!this.pausedForReplay) this.local.resume();
+  };
+
+  private writeData(c: Buffer): boolean {
+    const h = Buffer.allocUnsafe(5);
+    h.write('D', 0, 'latin1');
+    h.writeUInt32BE(c.length, 1);
+    this.stream!.write(h);
+    return this.stream!.write(c);
+  }
+
+  private sendNumber(tag: 'A' | 'E', n: number): void {
+    if (!this.stream) return;
+    const b = Buffer.allocUnsafe(9);
+    b.write(tag, 0, 'latin1');
+    b.writeDoubleBE(n, 1);
+    this.stream.write(b);
+  }
+
+  private sendEnd(): void {
+    this.sendNumber('E', this.sent);
+  }
+
+  private readonly onStreamData = (c: Buffer): void => {
+    this.pending = this.pending.length ? Buffer.concat([this.pending, c]) : c;
+    try {
+      this.parse();
+    } catch (e) {
+      if (!(e instanceof FerryError)) throw e;
+      this.emit('protocolError', e);
+      this.detach();
+      this.emit('detached');
+    }
+  };
+
+  private parse(): void {
+    while (this.pending.length >= 1) {
+      const tag = String.fromCharCode(this.pending[0]!);
+      if (tag === 'D') {
+        if (this.pending.length < 5) return;
+        const len = this.pending.readUInt32BE(1);
+        if (len > MAX_MESSAGE) throw new FerryError('PEER', `lazy-pages link: message of ${len} bytes`);
+        if (this.pending.length < 5 + len) return;
+        const data = this.pending.subarray(5, 5 + len);
+        this.pending = this.pending.subarray(5 + len);
+        this.received += len;
+        this.sinceAck += len;
+        if (!this.local.write(data)) {
+          this.stream?.pause();
+          this.local.once('drain', () => this.stream?.resume());
+        }
+        if (this.sinceAck >= ACK_EVERY) {
+          this.sinceAck = 0;
+          this.sendNumber('A', this.received);
+        }
+      } else if (tag === 'A' || tag === 'E') {
+        if (this.pending.length < 9) return;
+        const n = this.pending.readDoubleBE(1);
+        this.pending = this.pending.subarray(9);
+        if (tag === 'A') {
+          if (!(n >= this.acked && n <= this.sent)) throw new FerryError('PEER', `lazy-pages link: acknowledgement of byte ${n} out of range`);
+          this.trim(n);
+        } else {
+          this.peerTotal = n;
+        }
+      } else {
+        throw new FerryError('PEER', `lazy-pages link: unknown message '${tag}'`);
+      }
+      if (this.peerTotal !== undefined && this.received === this.peerTotal && !this.peerEndSignalled) {
+        // Everything the peer's program sent has reached ours.
+        this.peerEndSignalled = true;
+        this.emit('peerEnded');
+      }
+    }
+  }
+
+  private trim(upTo: number): void {
+    let drop = upTo - this.acked;
+    while (drop > 0 && this.replay.length) {
+      const b = this.replay[0]!;
+      if (b.length <= drop) {
+        this.replay.shift();
+        drop -= b.length;
+        this.replayBytes -= b.length;
+      } else {
+        this.replay[0] = b.subarray(drop);
+        this.replayBytes -= drop;
+        drop = 0;
+      }
+    }
+    this.acked = upTo;
+    if (this.pausedForReplay && this.replayBytes <= MAX_REPLAY / 2) {
+      this.pausedForReplay = false;
+      if (this.stream) this.local.resume();
+    }
+  }
+}

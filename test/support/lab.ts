@@ -1,0 +1,116 @@
+// A lab of test hosts for migration tests: start it, run heartbeat tasks on its hosts, read
+// their logs, check their memory, and remove everything, also when a test fails.
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { checkBeats, parseBeats, readySum, sums } from './heartbeat.js';
+import { WORKLOAD, runCli, waitFor, type CliResult, type TaskInfo } from './ferry.js';
+
+export class Lab {
+  readonly dir: string;
+  readonly cluster: string;
+
+  constructor(
+    readonly name: string,
+    readonly subnet: number,
+    readonly hosts = 2,
+    readonly bandwidth?: string,
+    readonly env: NodeJS.ProcessEnv = {},
+  ) {
+    this.dir = join('/var/tmp', `ferry-lab-${name}`);
+    this.cluster = join(this.dir, 'cluster.json');
+  }
+
+  addr(h: string): string {
+    return `10.213.${this.subnet}.${h.slice(1)}`;
+  }
+
+  veth(h: string): string {
+    return `fv-${this.name}-${h.slice(1)}`;
+  }
+
+  netns(h: string): string {
+    return `ferry-${this.name}-${h}`;
+  }
+
+  async up(): Promise<void> {
+    const r = await runCli(['lab', 'up', '--name', this.name, '--hosts', String(this.hosts), '--subnet', String(this.subnet), ...(this.bandwidth ? ['--bandwidth', this.bandwidth] : [])], this.env);
+    assert.equal(r.code, 0, r.stderr);
+  }
+
+  async down(): Promise<void> {
+    const r = await runCli(['lab', 'down', '--name', this.name]);
+    assert.equal(r.code, 0, r.stderr);
+  }
+
+  agentPid(h: string): number {
+    const lab = JSON.parse(readFileSync(join(this.dir, 'lab.json'), 'utf8')) as { hosts: Array<{ name: string; agentPid: number }> };
+    return lab.hosts.find((x) => x.name === h)!.agentPid;
+  }
+
+  ferry(args: string[], timeoutMs?: number): Promise<CliResult> {
+    return runCli(['--cluster', this.cluster, ...args], {}, timeoutMs);
+  }
+
+  async ok(args: string[]): Promise<string> {
+    const r = await this.ferry(args);
+    if (r.code !== 0) throw new Error(`ferry ${args.join(' ')} failed: ${r.stderr}${r.stdout}`);
+    return r.stdout;
+  }
+
+  async tasksOn(host: string): Promise<TaskInfo[]> {
+    return JSON.parse(await this.ok(['--host', host, 'ps', '--json'])) as TaskInfo[];
+  }
+
+  stateDir(host: string): string {
+    return join(this.dir, host, 'state');
+  }
+
+  taskDir(host: string, name: string): string {
+    return join(this.stateDir(host), 'tasks', name);
+  }
+
+  logOf(host: string, name: string): string {
+    try {
+      return readFileSync(join(this.taskDir(host, name), 'task.log'), 'utf8');
+    } catch {
+      return '';
+    }
+  }
+
+  async removeEverywhere(name: string): Promise<void> {
+    for (let i = 1; i <= this.hosts; i++) await this.ferry(['--host', `h${i}`, 'rm', '--force', name]);
+  }
+
+  /** A task holding MiB of checksummed memory that writes a heartbeat every 10 ms. */
+  async startHeartbeat(name: string, mib: number, host = 'h1'): Promise<string> {
+    await this.ok(['--host', host, 'run', '--name', name, '--', WORKLOAD, '--mib', String(mib)]);
+    const sum = await waitFor('workload ready', () => readySum(this.logOf(host, name)), 60_000);
+    await waitFor('heartbeats', () => parseBeats(this.logOf(host, name)).length > 20 || undefined);
+    return sum;
+  }
+
+  /** The task runs on host, keeps beating, its memory checksum is sum; returns its largest pause (s). */
+  async assertIntact(host: string, name: string, sum: string): Promise<number> {
+    const t = (await this.tasksOn(host)).find((x) => x.name === name);
+    assert.ok(t, `task ${name} must be listed on ${host}`);
+    assert.equal(t.state, 'running');
+    const n = parseBeats(this.logOf(host, name)).length;
+    await waitFor('heartbeats to continue', () => parseBeats(this.logOf(host, name)).length > n + 10 || undefined, 10_000);
+    const before = sums(this.logOf(host, name)).length;
+    process.kill(t.pid!, 'SIGUSR1');
+    const s = await waitFor('checksum', () => sums(this.logOf(host, name))[before]);
+    assert.equal(s, sum, 'memory checksum changed');
+    const c = checkBeats(parseBeats(this.logOf(host, name)));
+    assert.deepEqual(c.seqErrors, []);
+    assert.equal(c.monoBackwards, 0, 'CLOCK_MONOTONIC went backwards');
+    return c.maxGapS;
+  }
+}
+
+/** A failed command's stderr is one line naming what happened. */
+export function oneLine(r: CliResult, re: RegExp): void {
+  assert.notEqual(r.code, 0);
+  assert.equal(r.stderr.trim().split('\n').length, 1, r.stderr);
+  assert.match(r.stderr, re);
+}
