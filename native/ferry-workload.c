@@ -1,13 +1,19 @@
 // ferry-workload: a task for Ferry's tests, demo and benchmark.
 //
 //   ferry-workload [--mib N] [--dirty MIB_PER_S] [--interval-ms MS]
+//                  [--threads N] [--files N] [--procs N]
 //
 // Allocates N MiB of incompressible data and appends a heartbeat line to stdout every interval:
 //   hb SEQ MONOTONIC_NS REALTIME_NS
 // Pages are dirtied at the given rate by rewriting their own bytes (content and checksum stay the
 // same, so a test can compare checksums while the pages still count as written). SIGUSR1 makes it
-// print "sum HEX" of its memory.
+// print "sum HEX" of its memory. --threads, --files and --procs make the task that many threads,
+// open descriptors (of /dev/null) and processes, for measuring how a migration scales with them.
 #define _GNU_SOURCE
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -43,20 +49,66 @@ static void say(const char *fmt, ...) {
   if (n > 0) (void)!write(1, buf, (size_t)n);
 }
 
+static void *idle_thread(void *arg) {
+  (void)arg;
+  for (;;) pause();
+  return NULL;
+}
+
 int main(int argc, char **argv) {
-  long mib = 64, dirty = 0, interval_ms = 10;
+  long mib = 64, dirty = 0, interval_ms = 10, threads = 1, files = 0, procs = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--mib")) mib = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--dirty")) dirty = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--interval-ms")) interval_ms = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--threads")) threads = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--files")) files = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--procs")) procs = atol(argv[i + 1]);
     else {
       fprintf(stderr, "ferry-workload: unknown option %s\n", argv[i]);
       return 2;
     }
   }
-  if (mib < 0 || dirty < 0 || interval_ms <= 0) {
+  if (mib < 0 || dirty < 0 || interval_ms <= 0 || threads < 1 || files < 0 || procs < 1) {
     fprintf(stderr, "ferry-workload: sizes and rates must be positive\n");
     return 2;
+  }
+  if (files > 0) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < (rlim_t)files + 64) {
+      rl.rlim_cur = rl.rlim_max < (rlim_t)files + 64 ? rl.rlim_max : (rlim_t)files + 64;
+      setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    for (long i = 0; i < files; i++) {
+      if (open("/dev/null", O_RDONLY) < 0) {
+        perror("ferry-workload: open");
+        return 1;
+      }
+    }
+  }
+  // Idle helper processes (they end with this one) and threads.
+  pid_t leader = getpid();
+  for (long i = 1; i < procs; i++) {
+    pid_t c = fork();
+    if (c < 0) {
+      perror("ferry-workload: fork");
+      return 1;
+    }
+    if (c == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (getppid() != leader) _exit(0);
+      for (;;) pause();
+    }
+  }
+  for (long i = 1; i < threads; i++) {
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setstacksize(&a, 64 * 1024);
+    if (pthread_create(&t, &a, idle_thread, NULL) != 0) {
+      fprintf(stderr, "ferry-workload: cannot create thread %ld\n", i);
+      return 1;
+    }
   }
   size_t bytes = (size_t)mib << 20;
   size_t words = bytes / 8, pages = bytes / 4096;

@@ -16,7 +16,7 @@ import { allows, identify, type Permission, type PeerIdentity } from '../tls/ide
 import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
 import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, taskName } from '../wire/schemas.js';
-import { MAX_BODY, jsonHeaders, parseAddress, serverOptions } from '../wire/session.js';
+import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
 
 /** Sessions one agent serves at once; more are refused at the door. */
 const MAX_SESSIONS = 128;
@@ -347,29 +347,13 @@ function statusFor(code: string): number {
 }
 
 /** A request body: JSON of at most MAX_BODY bytes. */
-function readBody(stream: MuxStream): Promise<unknown> {
-  return new Promise((resolve, reject) => {
-    const chunks: Buffer[] = [];
-    let size = 0;
-    stream.on('data', (c: Buffer) => {
-      size += c.length;
-      if (size > MAX_BODY) {
-        stream.pause();
-        reject(new FerryError('USAGE', `request body larger than ${MAX_BODY} bytes`));
-        return;
-      }
-      chunks.push(c);
-    });
-    stream.once('end', () => {
-      const text = Buffer.concat(chunks).toString('utf8');
-      try {
-        resolve(text ? JSON.parse(text) : {});
-      } catch {
-        reject(new FerryError('USAGE', 'request body is not JSON'));
-      }
-    });
-    stream.once('error', reject);
-  });
+async function readBody(stream: MuxStream): Promise<unknown> {
+  const [, text] = await readAll(stream, undefined, MAX_BODY);
+  try {
+    return text ? (JSON.parse(text) as unknown) : {};
+  } catch {
+    throw new FerryError('USAGE', 'request body is not JSON');
+  }
 }
 
 /** The id a failed migration's error carries, when it got that far. */

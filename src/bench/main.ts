@@ -10,8 +10,11 @@ import { run } from '../exec/run.js';
 import { labDown, labUp } from '../lab/lab.js';
 import { CONTENDERS, type RunMetrics, type Workload } from './contenders.js';
 import { renderMarkdown, renderSvg, summarize, type BenchResult } from './report.js';
+import { runScale } from './scale.js';
 
 interface Options {
+  scale: boolean;
+  quick: boolean;
   bandwidth: string;
   sizes: number[];
   dirtyRates: number[];
@@ -36,10 +39,13 @@ function parse(argv: string[]): Options {
     .option('--only <names>', 'comma-separated contender name fragments')
     .option('--out <dir>', 'where to write the results', join(repoRoot, 'bench', 'results'))
     .option('--subnet <n>', 'lab subnet (10.213.N.0/24)', '98')
+    .option('--scale', 'instead: how migrations scale with threads, files and processes, concurrent migrations, many tasks, and a soak checked for leaks')
     .exitOverride()
     .parse(argv, { from: 'user' });
-  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string }>();
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean }>();
   return {
+    scale: !!o.scale,
+    quick: !!o.quick,
     bandwidth: o.bandwidth,
     sizes: o.quick ? [256] : list(o.sizes),
     dirtyRates: o.quick ? [16] : list(o.dirtyRates),
@@ -54,6 +60,7 @@ async function main(): Promise<void> {
   const o = parse(process.argv.slice(2));
   const cfg = loadConfig();
   const say = (s: string) => process.stdout.write(s + '\n');
+  if (o.scale) return runScale({ quick: o.quick, out: o.out, subnet: o.subnet, say });
   const contenders = CONTENDERS.filter((c) => !o.only || o.only.some((f) => c.name.includes(f)));
   const results: BenchResult[] = [];
   const skipped: Array<{ contender: string; reason: string }> = [];

@@ -1,10 +1,10 @@
 // Typed access to the criu binary. Every run goes through exec/run.ts; failures become
 // FerryError('CRIU_FAILED') carrying the first error lines of CRIU's own log and a hint.
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { access, constants, mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
-import { commandLine, run, terminateGroup, type RunResult } from '../exec/run.js';
+import { run, startProgram, type RunResult } from '../exec/run.js';
 import { hintFor, readErrorLines } from './log.js';
 import { readDumpStats, type DumpStats } from './stats.js';
 
@@ -134,33 +134,20 @@ export class Criu {
   }
 
   private server(args: string[], logPath: string): ServerHandle {
-    const child = spawn(this.bin, args, { stdio: ['ignore', 'ignore', 'pipe'], detached: true });
-    let stderr = '';
-    child.stderr?.on('data', (c: Buffer) => {
-      if (stderr.length < 16_384) stderr += c.toString();
-    });
-    const exited = new Promise<number | null>((resolve) => {
-      child.once('error', () => resolve(-1));
-      child.once('close', (code) => resolve(code));
-    });
-    const command = commandLine(this.bin, args);
+    const p = startProgram(this.bin, args);
     return {
-      child,
-      command,
-      exited,
+      child: p.child,
+      command: p.command,
+      exited: p.exited,
       async wait(): Promise<void> {
-        const code = await exited;
+        const code = await p.exited;
         if (code !== 0) {
           const lines = await readErrorLines(logPath);
-          throw new FerryError('CRIU_FAILED', `${args[0]} failed (exit ${code}): ${lines[0] ?? stderr.trim().split('\n').pop() ?? 'no log'}`, {
-            details: lines,
-            hint: hintFor(lines),
-          } as { details: string[]; hint?: string });
+          const hint = hintFor(lines);
+          throw new FerryError('CRIU_FAILED', `${args[0]} failed (exit ${code}): ${lines[0] ?? p.stderrTail().pop() ?? 'no log'}`, { details: lines, ...(hint ? { hint } : {}) });
         }
       },
-      stop(): void {
-        terminateGroup(child, 500);
-      },
+      stop: () => p.stop(),
     };
   }
 

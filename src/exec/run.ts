@@ -150,3 +150,47 @@ export function lastLines(text: string, n: number): string[] {
     .filter((l) => l.length > 0)
     .slice(-n);
 }
+
+export interface Program {
+  child: ChildProcess;
+  command: string;
+  /** Resolves once the program ended: its exit code, or null when a signal ended it. */
+  exited: Promise<number | null>;
+  /** The last lines it wrote to stderr (when stderr is captured). */
+  stderrTail(): string[];
+  /** SIGTERM to its whole process group, SIGKILL after graceMs. */
+  stop(graceMs?: number): void;
+  /** SIGKILL to its whole process group now. */
+  kill(): void;
+}
+
+/**
+ * A program that runs alongside Ferry (a CRIU page server, a dump, an rsync server): its own
+ * process group so it and its children end together, bounded capture of stderr, and one promise
+ * for its end. run() is for programs Ferry waits on; this is for those it works beside.
+ */
+export function startProgram(file: string, args: readonly string[], opts: { env?: NodeJS.ProcessEnv; stdin?: 'pipe' | 'ignore'; stdout?: 'pipe' | 'ignore'; captureStderr?: boolean } = {}): Program {
+  const child = spawn(file, args, { stdio: [opts.stdin ?? 'ignore', opts.stdout ?? 'ignore', opts.captureStderr === false ? 'ignore' : 'pipe'], detached: true, env: opts.env ?? process.env });
+  const err = new Capture();
+  child.stderr?.on('data', (c: Buffer) => err.push(c));
+  child.stdin?.on('error', () => {}); // a program that exits early closes its stdin: seen on exit
+  const exited = new Promise<number | null>((resolve) => {
+    child.once('error', () => resolve(-1));
+    child.once('close', (code) => resolve(code));
+  });
+  return {
+    child,
+    command: commandLine(file, args),
+    exited,
+    stderrTail: () => lastLines(err.text(), 5),
+    stop: (graceMs = 500) => terminateGroup(child, graceMs),
+    kill: () => {
+      if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
+      try {
+        process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        child.kill('SIGKILL');
+      }
+    },
+  };
+}

@@ -10,7 +10,7 @@ import { FerryError } from '../errors.js';
 import { run } from '../exec/run.js';
 import { caInit, certIssue, loadTls } from '../tls/pki.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
-import { isAlive, sleep, startTime } from '../util/proc.js';
+import { isAlive, sleep, startTime, waitUntil } from '../util/proc.js';
 import { connect, requestJson } from '../wire/session.js';
 
 export interface LabHost {
@@ -210,7 +210,7 @@ export async function labDown(name: string, log: (l: string) => void = () => {})
         /* gone */
       }
     }
-    for (const p of pids) for (let i = 0; i < 50 && isAlive(p); i++) await sleep(20);
+    for (const p of pids) await waitUntil(() => !isAlive(p), 1000);
     await run('umount', [join(mountNsDir(state.dir), h.name)], { reject: false }).catch(() => undefined);
     await run('ip', ['netns', 'del', h.netns], { reject: false }).catch(() => undefined);
     await run('ip', ['link', 'del', h.veth], { reject: false }).catch(() => undefined);

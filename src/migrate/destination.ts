@@ -6,20 +6,19 @@
 // directory keeps incoming.json) until the source, which decides, says commit — then it resumes —
 // or abort — then it is killed and removed. So the task never runs on both hosts, and a decision
 // that arrives after this agent restarted still finds its migration by id on disk.
-import { spawn } from 'node:child_process';
 import { existsSync, createWriteStream } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
 import type { MuxSession, MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
-import type { Socket } from 'node:net';
 import { Duplex, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ServerHandle } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
+import { startProgram } from '../exec/run.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
-import { isAlive, resumeTree, sleep } from '../util/proc.js';
+import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
@@ -86,6 +85,8 @@ interface LazyLink {
 export class Destination {
   private readonly incoming = new Map<string, Incoming>();
   private readonly lazyLinks = new Map<string, LazyLink>();
+  /** Why post-copy copies were dropped, for a source that comes back to ask (this agent's lifetime). */
+  private readonly dropped = new Map<string, string>();
 
   constructor(
     private readonly rt: Runtime,
@@ -214,8 +215,9 @@ export class Destination {
             stream.respond({ ':status': 200, 'x-ferry-done': 1 });
             stream.end();
           } else {
+            const why = this.dropped.get(id);
             stream.respond(jsonHeaders404());
-            stream.end(JSON.stringify({ error: new FerryError('TASK_NOT_FOUND', `no pages link for migration ${id} here`).toJSON() }));
+            stream.end(JSON.stringify({ error: new FerryError('TASK_NOT_FOUND', why ? `it dropped its copy: ${why}` : 'it no longer has the pages link (it restarted)').toJSON() }));
           }
         },
         (e: Error) => stream.destroy(e),
@@ -254,11 +256,15 @@ export class Destination {
     const m = this.get(id);
     // The target is always this task's directory, whatever the sender named.
     const serverArgs = [...rsyncServerArgs(args), `${m.dir}/`];
-    const child = spawn('rsync', serverArgs, { stdio: ['pipe', 'pipe', 'ignore'] });
+    const rsync = startProgram('rsync', serverArgs, { stdin: 'pipe', stdout: 'pipe' });
     stream.respond({ ':status': 200 });
-    const duplex = Duplex.from({ readable: child.stdout, writable: child.stdin });
+    const duplex = Duplex.from({ readable: rsync.child.stdout!, writable: rsync.child.stdin! });
+    // A sender that goes quiet does not keep an rsync server here for ever.
+    const limit = setTimeout(() => rsync.kill(), 10 * 60_000);
+    limit.unref();
     await splice(stream, duplex);
-    await new Promise((r) => (child.exitCode !== null ? r(null) : child.once('close', r)));
+    await rsync.exited;
+    clearTimeout(limit);
   }
 
   async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
@@ -287,7 +293,8 @@ export class Destination {
   private async startLazyDaemon(m: Incoming): Promise<void> {
     const link: LazyLink = { id: m.id, from: m.req.from, task: m.req.task.name, committed: false, close: () => {} };
     const local = await listenLocal((sock) => {
-      const tunnel = new ResumableTunnel(sock);
+      // The daemon closing its socket means "every page is here" only if it then exits with 0.
+      const tunnel = new ResumableTunnel(sock, { holdEnd: true });
       link.tunnel = tunnel;
       // The source's CRIU served everything and closed: so does the daemon's link.
       tunnel.on('peerEnded', () => tunnel.endLocal());
@@ -312,6 +319,7 @@ export class Destination {
         // Every page is here. The link ends by itself once the source has seen that (its 'E').
         clearTimeout(link.grace);
         this.lazyLinks.delete(m.id);
+        link.tunnel?.confirmEnd();
         if (link.committed) void writeJsonAtomic(join(this.rt.store.dir(link.task), 'postcopy.json'), { id: link.id, from: link.from, complete: true } satisfies PostCopyMark);
       } else {
         void this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived`);
@@ -419,6 +427,8 @@ export class Destination {
     const rec = await this.rt.store.get(link.task).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
     this.closeLazy(link);
+    if (this.dropped.size > 1000) this.dropped.clear();
+    this.dropped.set(link.id, why);
     await rm(this.rt.store.dir(link.task), { recursive: true, force: true });
     this.incoming.delete(link.id);
     this.onEvent({ event: 'post-copy dropped', id: link.id, task: link.task, from: link.from, why });
@@ -432,7 +442,7 @@ async function killAndWait(pid: number, start: number | undefined): Promise<void
   } catch {
     /* gone */
   }
-  for (let i = 0; i < 100 && isAlive(pid, start); i++) await sleep(20);
+  await waitUntil(() => !isAlive(pid, start), 2000);
 }
 
 /**

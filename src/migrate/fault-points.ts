@@ -5,7 +5,7 @@
 import { existsSync, readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { sleep } from '../util/proc.js';
+import { waitUntil } from '../util/proc.js';
 
 export type FaultPoint = 'checks' | 'presync' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'postcopy';
 
@@ -21,6 +21,5 @@ export async function faultPoint(host: string, point: FaultPoint): Promise<void>
     return;
   }
   if (armed !== name) return;
-  const end = Date.now() + 120_000;
-  while (!existsSync(join(dir, `${name}.go`)) && Date.now() < end) await sleep(5);
+  await waitUntil(() => existsSync(join(dir, `${name}.go`)), 120_000, 5);
 }

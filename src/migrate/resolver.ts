@@ -4,7 +4,7 @@
 // destination drops its stopped copy); if it is gone and the decision was commit, the destination
 // resumes its copy. The destination is told until it acknowledges.
 import { FerryError } from '../errors.js';
-import { isAlive, sleep } from '../util/proc.js';
+import { isAlive, waitUntil } from '../util/proc.js';
 import { connect, requestJson } from '../wire/session.js';
 import { answerOrphanHold } from './hold.js';
 import type { JournalEntry } from './journal.js';
@@ -80,14 +80,14 @@ export class Resolver {
     const { rt } = this.ctx;
     if (e.dump && isAlive(e.dump.pid, e.dump.start)) {
       if (e.holdDir) await answerOrphanHold(e.holdDir, e.decision ?? 'abort');
-      for (let i = 0; i < 200 && isAlive(e.dump.pid, e.dump.start); i++) await sleep(50);
+      await waitUntil(() => !isAlive(e.dump!.pid, e.dump!.start), 10_000, 50);
       if (isAlive(e.dump.pid, e.dump.start)) {
         try {
           process.kill(-e.dump.pid, 'SIGKILL');
         } catch {
           /* gone */
         }
-        for (let i = 0; i < 100 && isAlive(e.dump.pid, e.dump.start); i++) await sleep(20);
+        await waitUntil(() => !isAlive(e.dump!.pid, e.dump!.start), 2000);
       }
     }
     const alive = isAlive(e.taskPid, e.taskPidStart);

@@ -35,14 +35,24 @@ export class ResumableTunnel extends EventEmitter {
   private pausedForReplay = false;
   private finished = false;
   private peerEndSignalled = false;
+  /** Whether the local program's end may be told to the peer (see confirmEnd). */
+  private endConfirmed: boolean;
 
-  constructor(readonly local: Socket) {
+  /**
+   * With holdEnd, the local program closing is not passed on until confirmEnd(): a program that
+   * dies also closes its socket, and the peer must not take that for a finished transfer.
+   */
+  constructor(
+    readonly local: Socket,
+    opts: { holdEnd?: boolean } = {},
+  ) {
     super();
+    this.endConfirmed = !opts.holdEnd;
     local.pause();
     local.on('data', (c: Buffer) => this.fromLocal(c));
     local.once('end', () => {
       this.localEnded = true;
-      this.sendEnd();
+      if (this.endConfirmed) this.sendEnd();
     });
     local.on('error', (e) => this.emit('localError', e));
     local.once('close', () => {
@@ -66,7 +76,7 @@ export class ResumableTunnel extends EventEmitter {
     this.stream = stream;
     this.pending = Buffer.alloc(0);
     for (const b of this.replay) this.writeData(b);
-    if (this.localEnded) this.sendEnd();
+    if (this.localEnded && this.endConfirmed) this.sendEnd();
     stream.on('data', this.onStreamData);
     stream.on('drain', this.onDrain);
     const gone = () => {
@@ -89,6 +99,13 @@ export class ResumableTunnel extends EventEmitter {
     s.off('drain', this.onDrain);
     this.local.pause();
     s.destroy();
+  }
+
+  /** The local program finished well: its end may now be passed on. */
+  confirmEnd(): void {
+    if (this.endConfirmed) return;
+    this.endConfirmed = true;
+    if (this.localEnded) this.sendEnd();
   }
 
   /** Ends the local program's side (the peer's program is done with it). */

@@ -4,8 +4,8 @@
 // (journal first), lets go, and tells the destination to resume it. On any failure before the
 // decision the source resumes its copy and the destination removes what it received. The source
 // is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
+import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
@@ -17,9 +17,9 @@ import { requireRunning } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
 import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSession, type MuxStream } from '../wire/session.js';
-import { run } from '../exec/run.js';
+import { run, startProgram } from '../exec/run.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
-import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
+import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { Mode, PrepareRequest } from '../wire/schemas.js';
 import { Hold } from './hold.js';
 import { faultPoint } from './fault-points.js';
@@ -116,10 +116,14 @@ export class OutgoingMigration {
   private imageBytes = 0;
   private session?: MuxSession;
   private hold?: Hold;
-  private dump?: ReturnType<typeof spawn>;
+  private dump?: ChildProcess;
   private dumpExit?: Promise<number | null>;
   private workDir?: string;
   private imagesDir?: string;
+  /** Post-copy: where CRIU serves lazy pages on this host. */
+  private lazyPort?: number;
+  private frozenAt?: number;
+  private resumedAt?: number;
   /** The destination runs the task: from here on the source copy is never resumed. */
   private confirmed = false;
   /** Written to the journal before the hold lets go; from then on there is no rollback. */
@@ -206,175 +210,203 @@ export class OutgoingMigration {
     this.phaseStart = now;
   }
 
+  /**
+   * The phases in order. Until the decision a failure rolls back (the task resumes here); after
+   * it the task is the destination's; fail() picks the one way back for the state reached.
+   */
   async run(): Promise<MigrationReport> {
-    const { rt } = this.ctx;
-    let frozenAt: number | undefined;
     this.onProgress({ type: 'start', id: this.id });
     this.progressTimer = setInterval(() => this.onProgress({ type: 'bytes', pages: this.pages.bytes, images: this.imageBytes, files: this.files.bytes, elapsedMs: this.elapsed() }), 250);
     try {
-      await this.journal({ phase: 'checks' });
-      // ---- checks (nothing is frozen yet) -------------------------------------------------
-      this.phase('checks');
-      await faultPoint(this.ctx.self, 'checks');
-      await rt.criu.ensureUsable(this.signal);
-      await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
-      this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name}-`));
-      const cpuDir = join(this.workDir, 'cpu');
-      await rt.criu.cpuinfoDump(cpuDir, this.signal);
-      const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
-      this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, signal: this.signal });
-      if (this.cancelled) throw this.cancelled;
-      this.watchSession(this.session);
-      const memBytes = treeRss(this.rec.pid!);
-      const diskBytes = await dirSize(rt.store.dir(this.rec.name));
-      const { checkpoint, ...task } = this.rec;
-      const prep: PrepareRequest = {
-        id: this.id,
-        from: this.ctx.self,
-        task: { ...task, ...(checkpoint ? { checkpoint: { at: checkpoint.at, leftRunning: checkpoint.leftRunning, durationMs: checkpoint.durationMs } } : {}) },
-        mode: this.mode,
-        cpuinfo,
-        memBytes,
-        diskBytes,
-      };
-      await requestJson(this.session, 'POST', '/v1/incoming', prep, { timeoutMs: 60_000 });
-      this.endPhase('checks');
-
-      // ---- files while the task runs ----------------------------------------------------
-      this.phase('presync');
-      await this.journal({ phase: 'presync' });
-      await faultPoint(this.ctx.self, 'presync');
-      await this.rsync();
-      this.endPhase('presync');
-
-      // ---- freeze and dump ----------------------------------------------------------------
-      // Everything that can be made ready is made ready before the task freezes.
-      const imagesDir = join(this.workDir, 'images');
-      await mkdir(imagesDir, { recursive: true });
-      this.hold = await Hold.create(join(this.workDir, 'hold'));
-      let lazyPort: number | undefined;
-      let dumpArgs: string[];
-      if (this.mode === 'stop-copy') {
-        const tunnel = await this.listen(async (sock) => {
-          const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
-          await splice(sock, stream, this.pages);
-        });
-        dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
-      } else {
-        // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
-        // them: so the hold is answered only after the destination restored the task.
-        lazyPort = await freeLocalPort();
-        dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(lazyPort)];
-      }
-      if (this.cancelled) throw this.cancelled;
-      await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
-      this.rec.state = 'frozen';
-      await rt.store.save(this.rec);
-      this.phase('freeze+dump');
-      this.phaseStart = frozenAt = performance.now();
-      this.startDump(imagesDir, dumpArgs);
-      await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
-      await faultPoint(this.ctx.self, 'freeze');
-      await this.untilFrozen();
-      this.endPhase('freeze+dump');
-
-      // ---- the other images and the files, while frozen --------------------------------------
-      this.phase('transfer');
-      await faultPoint(this.ctx.self, 'transfer');
-      // Both travel the same session at once: the task is frozen, every round trip counts.
-      await Promise.all([this.sendImages(imagesDir), this.rsync()]);
-      const lazyStream = lazyPort ? this.session.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
-      this.endPhase('transfer');
-
-      // ---- restore on the destination, stopped until we decide ---------------------------
-      this.phase('restore');
-      await this.journal({ phase: 'restore' });
-      const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: CONFIRM_TIMEOUT_MS });
-      if (lazyPort && lazyStream) {
-        // The restore cannot finish without pages, and CRIU serves them only after the hold
-        // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
-        // If the restore then fails, killing the dump (past post-dump, no parasite left in the
-        // task) detaches CRIU and the task runs on here.
-        const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
-        await Promise.race([asked, restoreP]);
-        await this.decide('commit');
-        const sock = await connectWhenListening(lazyPort, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
-          throw await this.dumpFailure();
-        });
-        this.startLazy(sock, lazyStream);
-      }
-      // CRIU gone before the decision means the source copy is running again: abort.
-      const r = await Promise.race([restoreP, this.dumpExit!.then(async () => Promise.reject(await this.dumpEnded()))]);
-      this.report.pid = r.pid;
-      this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
-      this.endPhase('restore');
-
-      // ---- the decision: the source lets go, the destination resumes ----------------------
-      this.phase('resume');
-      if (this.mode === 'stop-copy') {
-        await this.decide('commit');
-        // The destination resumes only once CRIU has ended the source copy: never two.
-        const code = await this.dumpExit;
-        if (code !== 0 || isAlive(this.rec.pid!, this.rec.pidStart)) throw await this.dumpEnded();
-      } else if (this.dump?.exitCode !== null || this.dump.signalCode !== null) {
-        throw await this.dumpEnded();
-      }
-      await faultPoint(this.ctx.self, 'commit');
-      await this.tellCommit();
-      this.confirmed = true;
-      const resumedAt = performance.now();
-      // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
-      const froze = await this.hold.freezingAt();
-      this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : resumedAt - frozenAt);
-      this.endPhase('resume');
-
-      if (this.mode === 'post-copy') {
-        this.phase('postcopy');
-        await faultPoint(this.ctx.self, 'postcopy');
-        // CRIU exits (0) once the destination has every page; anything else means it never will.
-        const code = await Promise.race([this.dumpExit!, this.lazyFailed!]).catch((e: FerryError) => (this.lazyDone ? this.dumpExit! : this.takeBack(e)));
-        if (code !== 0 && !this.lazyDone) await this.takeBack(new FerryError('CRIU_FAILED', `criu dump on ${this.ctx.self} ended (${code === null ? 'killed' : `code ${code}`}) before every page reached ${this.target.name}`));
-        // Every page is there: the destination's copy is the task, whatever CRIU did here after.
-        if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
-        this.report.postCopyWindowMs = Math.round(performance.now() - resumedAt);
-      }
-      // CRIU ends the source task once the hold let go: the copy on the destination is the one to keep.
-      const code = await this.dumpExit;
-      if (code !== 0) this.warn(`criu dump on ${this.ctx.self} ended with code ${code} after the task was handed over`);
-      await this.ctx.journal.remove(this.id);
-      // The source copy is gone; let its shim record that before its directory goes.
-      for (let i = 0; i < 100 && this.rec.shimPid !== undefined && isAlive(this.rec.shimPid, this.rec.shimStart); i++) await sleep(20);
-      await rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
-      if (this.mode === 'post-copy') this.endPhase('postcopy');
+      await this.checks();
+      await this.presync();
+      await this.freeze();
+      await this.transfer();
+      await this.restoreThere();
+      await this.handOver();
+      if (this.mode === 'post-copy') await this.pushPages();
+      await this.letGo();
       this.report.ok = true;
       return this.finish();
     } catch (e) {
-      const lost = this.session?.destroyed && !this.cancelled ? new FerryError('PEER', `the connection to ${this.target.name} was lost${this.session.error ? ` (${this.session.error.message})` : ''}`) : undefined;
-      const err = this.cancelled ?? lost ?? (e instanceof FerryError ? e : (ioError(e, this.ctx.self) ?? new FerryError('MIGRATION', (e as Error).message, { cause: e })));
-      if (this.takenBack) {
-        this.report.error = err.message;
-        this.finish();
-        throw err;
-      }
-      if (this.decision === 'commit' && this.confirmedOrUndoable()) {
-        // Past the point of no return: the source let go of its copy. The destination has the
-        // task, stopped until it hears the decision, which this agent keeps repeating.
-        this.report.error = err.message;
-        this.finish();
-        throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err, details: [`migration id: ${this.id}`] });
-      }
-      await this.rollback();
-      this.report.error = err.message;
-      this.finish();
-      const where = (await rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
-      throw new FerryError(err.code === 'ABORTED' ? 'ABORTED' : 'MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} ${err.code === 'ABORTED' ? 'was cancelled' : 'failed'}: ${err.message}; ${where}`, {
-        cause: err,
-        details: [...err.details, `migration id: ${this.id}`],
-        ...(err.hint ? { hint: err.hint } : {}),
-      });
+      return await this.fail(e);
     } finally {
       await this.release();
     }
+  }
+
+  /** Both hosts can take the task; nothing is frozen yet, so a failure only refuses. */
+  private async checks(): Promise<void> {
+    const { rt } = this.ctx;
+    await this.journal({ phase: 'checks' });
+    this.phase('checks');
+    await faultPoint(this.ctx.self, 'checks');
+    await rt.criu.ensureUsable(this.signal);
+    await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
+    this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name}-`));
+    const cpuDir = join(this.workDir, 'cpu');
+    await rt.criu.cpuinfoDump(cpuDir, this.signal);
+    const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
+    this.session = await connect(this.target.address, { tls: this.ctx.tls, expectName: this.target.name, signal: this.signal });
+    if (this.cancelled) throw this.cancelled;
+    this.watchSession(this.session);
+    const { checkpoint, ...task } = this.rec;
+    const prep: PrepareRequest = {
+      id: this.id,
+      from: this.ctx.self,
+      task: { ...task, ...(checkpoint ? { checkpoint: { at: checkpoint.at, leftRunning: checkpoint.leftRunning, durationMs: checkpoint.durationMs } } : {}) },
+      mode: this.mode,
+      cpuinfo,
+      memBytes: treeRss(this.rec.pid!),
+      diskBytes: await dirSize(rt.store.dir(this.rec.name)),
+    };
+    await requestJson(this.session, 'POST', '/v1/incoming', prep, { timeoutMs: 60_000 });
+    this.endPhase('checks');
+  }
+
+  /** The task's files, while it runs. */
+  private async presync(): Promise<void> {
+    this.phase('presync');
+    await this.journal({ phase: 'presync' });
+    await faultPoint(this.ctx.self, 'presync');
+    await this.rsync();
+    this.endPhase('presync');
+  }
+
+  /** CRIU freezes and dumps the task, then holds it at post-dump until the decision. */
+  private async freeze(): Promise<void> {
+    const { rt } = this.ctx;
+    // Everything that can be made ready is made ready before the task freezes.
+    this.imagesDir = join(this.workDir!, 'images');
+    await mkdir(this.imagesDir, { recursive: true });
+    this.hold = await Hold.create(join(this.workDir!, 'hold'));
+    let dumpArgs: string[];
+    if (this.mode === 'stop-copy') {
+      const tunnel = await this.listen(async (sock) => {
+        const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
+        await splice(sock, stream, this.pages);
+      });
+      dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
+    } else {
+      // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
+      // them: so the hold is answered only after the destination restored the task.
+      this.lazyPort = await freeLocalPort();
+      dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(this.lazyPort)];
+    }
+    if (this.cancelled) throw this.cancelled;
+    await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
+    this.rec.state = 'frozen';
+    await rt.store.save(this.rec);
+    this.phase('freeze+dump');
+    this.phaseStart = this.frozenAt = performance.now();
+    this.startDump(this.imagesDir, dumpArgs);
+    await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
+    await faultPoint(this.ctx.self, 'freeze');
+    await this.untilFrozen();
+    this.endPhase('freeze+dump');
+  }
+
+  /** The other images and the files, while frozen; both at once: every round trip counts. */
+  private async transfer(): Promise<void> {
+    this.phase('transfer');
+    await faultPoint(this.ctx.self, 'transfer');
+    await Promise.all([this.sendImages(this.imagesDir!), this.rsync()]);
+    this.endPhase('transfer');
+  }
+
+  /** The destination restores the task, stopped until the decision. */
+  private async restoreThere(): Promise<void> {
+    this.phase('restore');
+    await this.journal({ phase: 'restore' });
+    const lazyStream = this.lazyPort ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
+    const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: CONFIRM_TIMEOUT_MS });
+    if (this.lazyPort && lazyStream) {
+      // The restore cannot finish without pages, and CRIU serves them only after the hold
+      // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
+      // If the restore then fails, killing the dump (past post-dump, no parasite left in the
+      // task) detaches CRIU and the task runs on here.
+      const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
+      await Promise.race([asked, restoreP]);
+      await this.decide('commit');
+      const sock = await connectWhenListening(this.lazyPort, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
+        throw await this.dumpFailure();
+      });
+      this.startLazy(sock, lazyStream);
+    }
+    // CRIU gone before the decision means the source copy is running again: abort.
+    const r = await Promise.race([restoreP, this.dumpExit!.then(async () => Promise.reject(await this.dumpEnded()))]);
+    this.report.pid = r.pid;
+    this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
+    this.endPhase('restore');
+  }
+
+  /** The decision: the source lets go of its copy, then the destination resumes its own. */
+  private async handOver(): Promise<void> {
+    this.phase('resume');
+    if (this.mode === 'stop-copy') {
+      await this.decide('commit');
+      // The destination resumes only once CRIU has ended the source copy: never two.
+      const code = await this.dumpExit;
+      if (code !== 0 || isAlive(this.rec.pid!, this.rec.pidStart)) throw await this.dumpEnded();
+    } else if (this.dump?.exitCode !== null || this.dump.signalCode !== null) {
+      throw await this.dumpEnded();
+    }
+    await faultPoint(this.ctx.self, 'commit');
+    await this.tellCommit();
+    this.confirmed = true;
+    this.resumedAt = performance.now();
+    // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
+    const froze = await this.hold!.freezingAt();
+    this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : this.resumedAt - this.frozenAt!);
+    this.endPhase('resume');
+  }
+
+  /** Post-copy: the pages follow the running task; CRIU exits (0) once the destination has them all. */
+  private async pushPages(): Promise<void> {
+    this.phase('postcopy');
+    await faultPoint(this.ctx.self, 'postcopy');
+    const code = await Promise.race([this.dumpExit!, this.lazyFailed!]).catch((e: FerryError) => (this.lazyDone ? this.dumpExit! : this.takeBack(e)));
+    if (code !== 0 && !this.lazyDone) await this.takeBack(new FerryError('CRIU_FAILED', `criu dump on ${this.ctx.self} ended (${code === null ? 'killed' : `code ${code}`}) before every page reached ${this.target.name}`));
+    // Every page is there: the destination's copy is the task, whatever CRIU did here after.
+    if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
+    this.report.postCopyWindowMs = Math.round(performance.now() - this.resumedAt!);
+  }
+
+  /** The source copy is gone: its record and directory go too. */
+  private async letGo(): Promise<void> {
+    const code = await this.dumpExit;
+    if (code !== 0) this.warn(`criu dump on ${this.ctx.self} ended with code ${code} after the task was handed over`);
+    await this.ctx.journal.remove(this.id);
+    // Let the source shim record the exit before its directory goes.
+    await waitUntil(() => this.rec.shimPid === undefined || !isAlive(this.rec.shimPid, this.rec.shimStart), 2000);
+    await this.ctx.rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
+    if (this.mode === 'post-copy') this.endPhase('postcopy');
+  }
+
+  /** The one way back for the state the migration reached; always throws, saying where the task is. */
+  private async fail(e: unknown): Promise<never> {
+    const lost = this.session?.destroyed && !this.cancelled ? new FerryError('PEER', `the connection to ${this.target.name} was lost${this.session.error ? ` (${this.session.error.message})` : ''}`) : undefined;
+    const err = this.cancelled ?? lost ?? (e instanceof FerryError ? e : (ioError(e, this.ctx.self) ?? new FerryError('MIGRATION', (e as Error).message, { cause: e })));
+    this.report.error = err.message;
+    // Post-copy whose pages could not arrive: takeBack() already ran and says where the task is.
+    if (this.takenBack) {
+      this.finish();
+      throw err;
+    }
+    if (this.decision === 'commit' && this.confirmedOrUndoable()) {
+      // Past the point of no return: the source let go of its copy. The destination has the
+      // task, stopped until it hears the decision, which this agent keeps repeating.
+      this.finish();
+      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err, details: [`migration id: ${this.id}`] });
+    }
+    await this.rollback();
+    this.finish();
+    const where = (await this.ctx.rt.store.get(this.rec.name).catch(() => undefined))?.state === 'running' ? `the task is running on ${this.ctx.self} again` : `check \`ferry ps\` on ${this.ctx.self}`;
+    throw new FerryError(err.code === 'ABORTED' ? 'ABORTED' : 'MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} ${err.code === 'ABORTED' ? 'was cancelled' : 'failed'}: ${err.message}; ${where}`, {
+      cause: err,
+      details: [...err.details, `migration id: ${this.id}`],
+      ...(err.hint ? { hint: err.hint } : {}),
+    });
   }
 
   private warn(w: string): void {
@@ -419,7 +451,8 @@ export class OutgoingMigration {
   private startDump(imagesDir: string, extra: string[]): void {
     const { rt } = this.ctx;
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', '--tcp-close', '--action-script', this.hold!.script, ...extra];
-    const child = spawn(rt.criu.bin, args, { stdio: ['ignore', 'ignore', 'ignore'], detached: true, env: this.hold!.env(HOLD_TIMEOUT_S) });
+    const program = startProgram(rt.criu.bin, args, { env: this.hold!.env(HOLD_TIMEOUT_S), captureStderr: false });
+    const child = program.child;
     this.dump = child;
     // A CRIU that hangs before post-dump is killed: the migration then rolls back.
     const deadline = setTimeout(() => {
@@ -427,10 +460,7 @@ export class OutgoingMigration {
     }, DUMP_TIMEOUT_MS);
     deadline.unref();
     child.once('close', () => clearTimeout(deadline));
-    this.dumpExit = new Promise((resolve) => {
-      child.once('error', () => resolve(-1));
-      child.once('close', (code) => resolve(code));
-    });
+    this.dumpExit = program.exited;
     this.imagesDir = imagesDir;
   }
 
@@ -564,7 +594,15 @@ export class OutgoingMigration {
             return;
           }
           if (Number(h[':status']) !== 200) {
-            this.failLazy!(new FerryError('PEER', `${this.target.name} no longer has the task's pages link (it restarted or gave up)`));
+            const [, text] = await readAll(stream, 10_000).catch(() => [{}, ''] as const);
+            const why = (() => {
+              try {
+                return (JSON.parse(text) as { error?: { message?: string } }).error?.message;
+              } catch {
+                return undefined;
+              }
+            })();
+            this.failLazy!(new FerryError('PEER', `${this.target.name} cannot take the pages any more: ${why ?? `it answered ${String(h[':status'])}`}`));
             return;
           }
           this.lazy!.attach(stream, Number(h['x-ferry-received']));

@@ -41,6 +41,19 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+/**
+ * Polls until done() is true or timeoutMs passes; returns whether it became true. The one place
+ * Ferry waits on a condition it cannot be told about (a process ending, a file appearing).
+ */
+export async function waitUntil(done: () => boolean, timeoutMs: number, everyMs = 20): Promise<boolean> {
+  const end = Date.now() + timeoutMs;
+  for (;;) {
+    if (done()) return true;
+    if (Date.now() >= end) return false;
+    await sleep(everyMs);
+  }
+}
+
 export function signalName(n: number): string {
   const names: Record<number, string> = { 1: 'SIGHUP', 2: 'SIGINT', 3: 'SIGQUIT', 6: 'SIGABRT', 9: 'SIGKILL', 11: 'SIGSEGV', 13: 'SIGPIPE', 15: 'SIGTERM' };
   return names[n] ?? `signal ${n}`;

@@ -106,6 +106,7 @@ export function decodeAnswer<T>(headers: Headers, text: string, path: string): T
 /** Answers and request bodies are JSON of at most this many bytes. */
 export const MAX_BODY = 1024 * 1024;
 
+/** A whole message on a stream (an answer, or a request body): its headers and its text, bounded. */
 export function readAll(stream: MuxStream, timeoutMs?: number, maxBytes = 16 * MAX_BODY): Promise<[Headers, string]> {
   return new Promise((resolve, reject) => {
     let headers: Headers = {};
@@ -115,7 +116,7 @@ export function readAll(stream: MuxStream, timeoutMs?: number, maxBytes = 16 * M
     stream.on('response', (h: Headers) => (headers = h));
     stream.on('data', (c: string) => {
       text += c;
-      if (text.length > maxBytes) stream.destroy(new FerryError('PEER', `the peer sent more than ${maxBytes} bytes`));
+      if (text.length > maxBytes) stream.destroy(new FerryError('USAGE', `a message larger than ${maxBytes} bytes`));
     });
     stream.on('end', () => {
       if (timer) clearTimeout(timer);
