@@ -14,7 +14,7 @@ import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
 import { formatBytes, table } from './format.js';
-import { agentSession, remoteTarget } from './remote.js';
+import { agentSession, remoteTarget, withAgent } from './remote.js';
 
 export function registerClusterCommands(program: Command): void {
   program
@@ -125,18 +125,13 @@ export function registerClusterCommands(program: Command): void {
     .option('--cancel <id>', 'cancel a migration under way on --host (see `ferry migrations`)')
     .option('--json', 'print the report as JSON')
     .action(async (task: string | undefined, opts: { to?: string; mode: string; cancel?: string; json?: boolean }, cmd: Command) => {
-      const { cluster, host } = await remoteTarget(cmd, true);
       if (opts.cancel) {
-        const session = await agentSession(cluster, host);
-        try {
-          const r = await requestJson<{ message: string }>(session, 'POST', `/v1/migrations/${encodeURIComponent(opts.cancel)}/cancel`, {});
-          if (opts.json) printJson(r);
-          else process.stdout.write(`${r.message}\n`);
-        } finally {
-          session.close();
-        }
+        const r = await withAgent(cmd, (s) => requestJson<{ message: string }>(s, 'POST', `/v1/migrations/${encodeURIComponent(opts.cancel!)}/cancel`, {}));
+        if (opts.json) printJson(r);
+        else process.stdout.write(`${r.message}\n`);
         return;
       }
+      const { cluster, host } = await remoteTarget(cmd, true);
       if (!task) throw new FerryError('USAGE', 'name the task to migrate: `ferry --host HOST migrate TASK --to HOST`');
       if (!opts.to) throw new FerryError('USAGE', 'name the destination with --to HOST');
       if (opts.mode !== 'stop-copy' && opts.mode !== 'post-copy') throw new FerryError('USAGE', `unknown --mode '${opts.mode}': use stop-copy or post-copy`);
@@ -181,15 +176,9 @@ export function registerClusterCommands(program: Command): void {
     .description("migrations under way on --host's agent")
     .option('--json', 'print as JSON')
     .action(async (opts: { json?: boolean }, cmd: Command) => {
-      const { cluster, host } = await remoteTarget(cmd, true);
-      const session = await agentSession(cluster, host);
-      try {
-        const list = await requestJson<Array<{ id: string; task: string; to: string; mode: string; phase: string; elapsedMs: number; decided: boolean }>>(session, 'GET', '/v1/migrations');
-        if (opts.json) return printJson(list);
-        process.stdout.write(table(['ID', 'TASK', 'TO', 'MODE', 'PHASE', 'ELAPSED', 'CANCELLABLE'], list.map((m) => [m.id, m.task, m.to, m.mode, m.phase, `${(m.elapsedMs / 1000).toFixed(1)} s`, m.decided ? 'no' : 'yes'])));
-      } finally {
-        session.close();
-      }
+      const list = await withAgent(cmd, (s) => requestJson<Array<{ id: string; task: string; to: string; mode: string; phase: string; elapsedMs: number; decided: boolean }>>(s, 'GET', '/v1/migrations'));
+      if (opts.json) return printJson(list);
+      process.stdout.write(table(['ID', 'TASK', 'TO', 'MODE', 'PHASE', 'ELAPSED', 'CANCELLABLE'], list.map((m) => [m.id, m.task, m.to, m.mode, m.phase, `${(m.elapsedMs / 1000).toFixed(1)} s`, m.decided ? 'no' : 'yes'])));
     });
 
   program
@@ -197,20 +186,14 @@ export function registerClusterCommands(program: Command): void {
     .description("the migrations this host's agent has run or received")
     .option('--json', 'print as JSON')
     .action(async (opts: { json?: boolean }, cmd: Command) => {
-      const { cluster, host } = await remoteTarget(cmd, true);
-      const session = await agentSession(cluster, host);
-      try {
-        const h = await requestJson<Array<Partial<MigrationReport> & { at?: string }>>(session, 'GET', '/v1/history');
-        if (opts.json) return printJson(h);
-        process.stdout.write(
-          table(
-            ['WHEN', 'TASK', 'FROM', 'TO', 'MODE', 'RESULT', 'BLACKOUT', 'TOTAL'],
-            h.map((r) => [r.startedAt ?? r.at ?? '-', r.task ?? '-', r.from ?? '-', r.to ?? '-', r.mode ?? '-', r.ok ? 'ok' : `failed: ${r.error ?? ''}`, r.blackoutMs !== undefined ? `${r.blackoutMs} ms` : '-', r.totalMs !== undefined ? `${r.totalMs} ms` : '-']),
-          ),
-        );
-      } finally {
-        session.close();
-      }
+      const h = await withAgent(cmd, (s) => requestJson<Array<Partial<MigrationReport> & { at?: string }>>(s, 'GET', '/v1/history'));
+      if (opts.json) return printJson(h);
+      process.stdout.write(
+        table(
+          ['WHEN', 'TASK', 'FROM', 'TO', 'MODE', 'RESULT', 'BLACKOUT', 'TOTAL'],
+          h.map((r) => [r.startedAt ?? r.at ?? '-', r.task ?? '-', r.from ?? '-', r.to ?? '-', r.mode ?? '-', r.ok ? 'ok' : `failed: ${r.error ?? ''}`, r.blackoutMs !== undefined ? `${r.blackoutMs} ms` : '-', r.totalMs !== undefined ? `${r.totalMs} ms` : '-']),
+        ),
+      );
     });
 }
 

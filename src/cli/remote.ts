@@ -21,6 +21,17 @@ export async function agentSession(cluster: Cluster, host: string): Promise<MuxS
   return connectHost(cluster, host);
 }
 
+/** Runs fn with a session to --host's agent, closed afterwards. */
+export async function withAgent<T>(cmd: Command, fn: (session: MuxSession, target: { cluster: Cluster; host: string }) => Promise<T>): Promise<T> {
+  const target = await remoteTarget(cmd, true);
+  const session = await agentSession(target.cluster, target.host);
+  try {
+    return await fn(session, target);
+  } finally {
+    session.close();
+  }
+}
+
 import { requestJson, readAll, decodeAnswer } from '../wire/session.js';
 import type { Runtime, RunSpec } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';

@@ -3,14 +3,14 @@
 // lets CRIU end the source task; anything else makes the dump fail, and CRIU resumes the task
 // where it was. While undecided the agent writes "wait" twice a second: if those stop (the agent
 // died) the script gives up within PATIENCE_S and the task resumes, with nobody at the other end.
-import { createReadStream } from 'node:fs';
-import { constants } from 'node:fs';
-import { chmod, mkdir, open, readFile, rm, writeFile, type FileHandle } from 'node:fs/promises';
+import { constants, openSync } from 'node:fs';
+import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
+import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { run } from '../exec/run.js';
 
 /** Seconds without a word from the agent after which the held task resumes. */
-export const PATIENCE_S = 2;
+export const PATIENCE_S = 5;
 
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
@@ -34,19 +34,24 @@ export class Hold {
   private verdict: 'commit' | 'abort' | undefined;
   private frozenSeen = false;
   readonly frozen: Promise<void>;
-  private events?: ReturnType<typeof createReadStream>;
-  private writer?: FileHandle;
+  private events?: Socket;
+  private writer?: Socket;
   private heartbeat?: NodeJS.Timeout;
 
   private constructor(readonly dir: string) {
     this.frozen = new Promise((resolve, reject) => {
-      const ev = createReadStream(join(dir, 'events'), { encoding: 'utf8' });
+      // FIFOs go through libuv's pipe handles, never its thread pool: a blocking open() per
+      // migration there would starve every other file operation (and this hold's heartbeat)
+      // while several migrations wait for CRIU. Read-write, so the open neither blocks nor
+      // sees end-of-file before CRIU's script writes.
+      const ev = new Socket({ fd: openSync(join(dir, 'events'), constants.O_RDWR | constants.O_NONBLOCK), readable: true, writable: false });
       this.events = ev;
-      ev.on('data', (c) => {
-        if (this.frozenSeen || !String(c).includes('frozen')) return;
+      ev.setEncoding('utf8');
+      ev.on('data', (c: string) => {
+        if (this.frozenSeen || !c.includes('frozen')) return;
         this.frozenSeen = true;
         resolve();
-        void this.onFrozen();
+        this.onFrozen();
       });
       ev.on('error', reject);
     });
@@ -89,38 +94,32 @@ export class Hold {
     return this.frozenSeen ? this.answer(verdict) : false;
   }
 
-  private async onFrozen(): Promise<void> {
+  private onFrozen(): void {
     // The script holds the verdict FIFO open (read-write) before it reports, so this cannot block.
-    this.writer = await open(join(this.dir, 'verdict'), constants.O_WRONLY | constants.O_NONBLOCK).catch(() => undefined);
-    if (this.verdict) {
-      await this.answer(this.verdict);
+    try {
+      this.writer = new Socket({ fd: openSync(join(this.dir, 'verdict'), constants.O_WRONLY | constants.O_NONBLOCK), readable: false, writable: true });
+      this.writer.on('error', () => {}); // the script is gone: CRIU decides without us, and says so in its exit
+    } catch {
       return;
     }
-    this.heartbeat = setInterval(() => void this.writer?.write('wait\n').catch(() => undefined), 500);
+    if (this.verdict) {
+      void this.answer(this.verdict);
+      return;
+    }
+    this.heartbeat = setInterval(() => this.writer?.write('wait\n'), 500);
     this.heartbeat.unref();
   }
 
   private async answer(verdict: string): Promise<boolean> {
     clearInterval(this.heartbeat);
-    if (!this.writer) return false;
-    try {
-      await this.writer.write(`${verdict}\n`);
-      return true;
-    } catch {
-      return false;
-    }
+    const w = this.writer;
+    if (!w || w.destroyed) return false;
+    return new Promise((resolve) => w.write(`${verdict}\n`, (e) => resolve(!e)));
   }
 
   async dispose(): Promise<void> {
     clearInterval(this.heartbeat);
-    await this.writer?.close().catch(() => undefined);
-    // Unblocks our pending open of the events FIFO if CRIU never ran the script.
-    try {
-      const fh = await open(join(this.dir, 'events'), constants.O_WRONLY | constants.O_NONBLOCK);
-      await fh.close();
-    } catch {
-      /* already open or gone */
-    }
+    this.writer?.destroy();
     this.events?.destroy();
     await rm(this.dir, { recursive: true, force: true });
   }

@@ -18,6 +18,7 @@ import type { TaskRecord } from '../runtime/task-store.js';
 import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSession, type MuxStream } from '../wire/session.js';
 import { run, startProgram } from '../exec/run.js';
+import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { Mode, PrepareRequest } from '../wire/schemas.js';
@@ -74,8 +75,11 @@ const HOLD_TIMEOUT_S = 120;
 const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
 /** How long post-copy waits for a cut link to come back before the source takes the task back. */
 const POSTCOPY_GRACE_MS = 120_000;
-/** How long the source keeps telling the destination to resume before leaving it to the resolver. */
-const COMMIT_RETRY_MS = 60_000;
+/**
+ * How long the source keeps telling the destination to resume before leaving that to the
+ * resolver (the user waits with the CLI meanwhile: past the decision there is only forward).
+ */
+const COMMIT_RETRY_MS = 180_000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
 
@@ -123,6 +127,8 @@ export class OutgoingMigration {
   /** Post-copy: where CRIU serves lazy pages on this host. */
   private lazyPort?: number;
   private frozenAt?: number;
+  /** Held from the dump's start until CRIU is past its parasite (see criu/dump-slot.ts). */
+  private releaseDumpSlot: () => void = () => {};
   private resumedAt?: number;
   /** The destination runs the task: from here on the source copy is never resumed. */
   private confirmed = false;
@@ -293,6 +299,7 @@ export class OutgoingMigration {
       this.lazyPort = await freeLocalPort();
       dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(this.lazyPort)];
     }
+    this.releaseDumpSlot = await dumpSlot(this.rec.cwd);
     if (this.cancelled) throw this.cancelled;
     await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
     this.rec.state = 'frozen';
@@ -303,6 +310,7 @@ export class OutgoingMigration {
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
     await faultPoint(this.ctx.self, 'freeze');
     await this.untilFrozen();
+    this.releaseDumpSlot();
     this.endPhase('freeze+dump');
   }
 
@@ -397,7 +405,7 @@ export class OutgoingMigration {
       // Past the point of no return: the source let go of its copy. The destination has the
       // task, stopped until it hears the decision, which this agent keeps repeating.
       this.finish();
-      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.ctx.self} keeps telling it, check \`ferry ps\` on ${this.target.name}`, { cause: err, details: [`migration id: ${this.id}`] });
+      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; the task is on ${this.target.name}, stopped until it hears the decision, which ${this.ctx.self} keeps sending`, { cause: err, details: [`migration id: ${this.id}`], hint: `check \`ferry --host ${this.target.name} ps\`` });
     }
     await this.rollback();
     this.finish();
@@ -727,6 +735,7 @@ export class OutgoingMigration {
 
   private async release(): Promise<void> {
     clearInterval(this.progressTimer);
+    this.releaseDumpSlot();
     for (const s of this.sockets) s.destroy();
     this.lazy?.destroy();
     for (const srv of this.servers) srv.close();

@@ -7,6 +7,7 @@ import { constants, createReadStream } from 'node:fs';
 import { access, mkdir, open, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { Criu } from '../criu/driver.js';
+import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
@@ -229,8 +230,9 @@ export class Runtime {
       await mkdir(fresh, { recursive: true });
       rec.state = 'frozen';
       await this.store.save(rec);
+      const releaseSlot = await dumpSlot(rec.cwd);
       try {
-        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS });
+        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS }).finally(releaseSlot);
         await rm(final, { recursive: true, force: true });
         await rename(fresh, final);
         rec.checkpoint = { at: new Date().toISOString(), leftRunning: !!opts.leaveRunning, durationMs: Math.round(res.durationMs), ...(res.stats ? { stats: res.stats } : {}) };

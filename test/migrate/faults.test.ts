@@ -266,7 +266,7 @@ for (const { phase, host, mode } of PHASES) {
         assert.equal(running.length, 1, `the task must run on exactly one host: ${JSON.stringify(states)}`);
         assert.equal(intact, true, 'memory and heartbeat must be intact');
         // The CLI ends by saying where the task runs (unless it was the one killed).
-        if (fault !== 'CLI killed') assert.match(cliOut, /running on h[12]|: h1 -> h2 /, cliOut);
+        if (fault !== 'CLI killed') assert.match(cliOut, /running on h[12]|the task is on h[12]|: h1 -> h2 /, cliOut);
       }
     });
   }

@@ -13,8 +13,8 @@ after(() => {
   for (const s of servers) s.close();
 });
 
-/** Two sessions joined by a real TCP connection on loopback. */
-async function pair(): Promise<{ client: MuxSession; server: MuxSession; raw: Socket }> {
+/** Both ends of a real TCP connection on loopback. */
+async function tcpPair(): Promise<{ raw: Socket; sock: Socket }> {
   const server = createServer();
   servers.push(server);
   server.listen(0, '127.0.0.1');
@@ -23,21 +23,20 @@ async function pair(): Promise<{ client: MuxSession; server: MuxSession; raw: So
   const raw = connect((server.address() as { port: number }).port, '127.0.0.1');
   await once(raw, 'connect');
   const [sock] = await accepted;
+  return { raw, sock };
+}
+
+/** Two sessions joined by a real TCP connection. */
+async function pair(): Promise<{ client: MuxSession; server: MuxSession; raw: Socket }> {
+  const { raw, sock } = await tcpPair();
   return { client: new MuxSession(raw, true), server: new MuxSession(sock, false), raw };
 }
 
 /** A raw socket to a server session, to send it frames by hand. */
 async function rawPeer(): Promise<{ server: MuxSession; raw: Socket; closed: Promise<Error | undefined> }> {
-  const server = createServer();
-  servers.push(server);
-  server.listen(0, '127.0.0.1');
-  await once(server, 'listening');
-  const accepted = once(server, 'connection') as Promise<[Socket]>;
-  const raw = connect((server.address() as { port: number }).port, '127.0.0.1');
-  await once(raw, 'connect');
+  const { raw, sock } = await tcpPair();
   raw.on('error', () => {});
   raw.resume();
-  const [sock] = await accepted;
   const s = new MuxSession(sock, false);
   const closed = new Promise<Error | undefined>((r) => s.once('close', r));
   return { server: s, raw, closed };
