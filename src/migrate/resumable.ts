@@ -132,11 +132,12 @@ export class ResumableTunnel extends EventEmitter {
   };
 
   private writeData(c: Buffer): boolean {
-    const h = Buffer.allocUnsafe(5);
-    h.write('D', 0, 'latin1');
-    h.writeUInt32BE(c.length, 1);
-    this.stream!.write(h);
-    return this.stream!.write(c);
+    // One buffer, so one frame on the connection rather than a tiny header frame and a data frame.
+    const m = Buffer.allocUnsafe(5 + c.length);
+    m.write('D', 0, 'latin1');
+    m.writeUInt32BE(c.length, 1);
+    c.copy(m, 5);
+    return this.stream!.write(m);
   }
 
   private sendNumber(tag: 'A' | 'E', n: number): void {
