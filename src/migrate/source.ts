@@ -9,7 +9,6 @@ import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
 import { join } from 'node:path';
 import { FerryError, ioError } from '../errors.js';
 import type { Runtime } from '../runtime/runtime.js';
