@@ -8,7 +8,7 @@
 // that arrives after this agent restarted still finds its migration by id on disk.
 import { existsSync, createWriteStream } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
-import type { MuxSession, MuxStream } from '../wire/session.js';
+import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import { Duplex, Transform } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -65,10 +65,6 @@ interface PostCopyMark {
   complete: boolean;
 }
 
-function jsonHeaders404(): { ':status': number; 'content-type': string } {
-  return { ':status': 404, 'content-type': 'application/json' };
-}
-
 /** A post-copy pages link; it lives until every page is here, across connections. */
 interface LazyLink {
   id: string;
@@ -102,16 +98,14 @@ export class Destination {
     const removed: string[] = [];
     const inDoubt: string[] = [];
     // Post-copy tasks whose pages were still arriving when this agent died: they cannot arrive now.
-    for (const name of await readdir(this.rt.store.tasksDir).catch(() => [] as string[])) {
-      if (!isValidName(name)) continue;
-      const pc = await readJson<PostCopyMark>(join(this.rt.store.dir(name), 'postcopy.json')).catch(() => undefined);
-      if (!pc || pc.complete) continue;
+    for (const { name, dir, mark } of await this.marks<PostCopyMark>('postcopy.json')) {
+      if (mark.complete) continue;
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-      await rm(this.rt.store.dir(name), { recursive: true, force: true });
+      await rm(dir, { recursive: true, force: true });
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
-    for (const { name, dir, mark } of await this.marks()) {
+    for (const { name, dir, mark } of await this.marks<IncomingMark>('incoming.json')) {
       if (mark.phase === 'restored' && existsSync(join(dir, 'task.json'))) {
         inDoubt.push(`${name} (migration ${mark.id} from ${mark.from})`);
         continue;
@@ -122,17 +116,22 @@ export class Destination {
     return { removed, inDoubt };
   }
 
-  /** Every task directory that holds an uncommitted incoming migration. */
-  private async marks(): Promise<Array<{ name: string; dir: string; mark: IncomingMark }>> {
+  /** Every task directory holding a migration marker (incoming.json, postcopy.json), with it. */
+  private async marks<M>(file: string): Promise<Array<{ name: string; dir: string; mark: M }>> {
     const names = await readdir(this.rt.store.tasksDir).catch(() => [] as string[]);
-    const out: Array<{ name: string; dir: string; mark: IncomingMark }> = [];
+    const out: Array<{ name: string; dir: string; mark: M }> = [];
     for (const name of names) {
       if (!isValidName(name)) continue;
       const dir = this.rt.store.dir(name);
-      const mark = await readJson<IncomingMark>(join(dir, 'incoming.json')).catch(() => undefined);
+      const mark = await readJson<M>(join(dir, file)).catch(() => undefined);
       if (mark) out.push({ name, dir, mark });
     }
     return out;
+  }
+
+  /** The uncommitted incoming migration with this id, from disk. */
+  private async incomingMark(id: string): Promise<{ name: string; dir: string; mark: IncomingMark } | undefined> {
+    return (await this.marks<IncomingMark>('incoming.json')).find((x) => x.mark.id === id);
   }
 
   get(id: string): Incoming {
@@ -216,7 +215,7 @@ export class Destination {
             stream.end();
           } else {
             const why = this.dropped.get(id);
-            stream.respond(jsonHeaders404());
+            stream.respond(jsonHeaders(404));
             stream.end(JSON.stringify({ error: new FerryError('TASK_NOT_FOUND', why ? `it dropped its copy: ${why}` : 'it no longer has the pages link (it restarted)').toJSON() }));
           }
         },
@@ -349,7 +348,7 @@ export class Destination {
       m.committed = true;
       this.incoming.delete(id);
     }
-    const found = (await this.marks()).find((x) => x.mark.id === id);
+    const found = await this.incomingMark(id);
     if (!found) return { known: !!m };
     if (found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     const rec = await this.rt.store.get(found.name);
@@ -382,7 +381,7 @@ export class Destination {
     if (m && from !== undefined && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     if (!m) {
       // Known only from disk: this agent restarted after the restore.
-      const found = (await this.marks()).find((x) => x.mark.id === id);
+      const found = await this.incomingMark(id);
       if (!found) return;
       if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
@@ -405,12 +404,7 @@ export class Destination {
   }
 
   private async postCopyMark(id: string): Promise<{ name: string; mark: PostCopyMark } | undefined> {
-    for (const name of await readdir(this.rt.store.tasksDir).catch(() => [] as string[])) {
-      if (!isValidName(name)) continue;
-      const mark = await readJson<PostCopyMark>(join(this.rt.store.dir(name), 'postcopy.json')).catch(() => undefined);
-      if (mark?.id === id) return { name, mark };
-    }
-    return undefined;
+    return (await this.marks<PostCopyMark>('postcopy.json')).find((x) => x.mark.id === id);
   }
 
   private closeLazy(link: LazyLink): void {
