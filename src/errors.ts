@@ -24,6 +24,7 @@ export const ErrorCodes = {
   PRECHECK: 'a migration pre-check failed',
   MIGRATION: 'a migration failed and was rolled back',
   LAB: 'the test lab could not be set up',
+  PRECOPY: 'tracking the pages a task writes failed',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

@@ -213,7 +213,7 @@ export class Agent {
     this.route('POST', task('/migrate'), 'operate', async (r) => {
       const n = name(r);
       const b = await r.body(migrateBody);
-      const mode = b.mode ?? 'stop-copy';
+      const mode = b.mode ?? 'auto';
       await rt.get(n);
       const s = r.stream;
       const ac = new AbortController();
@@ -231,7 +231,7 @@ export class Agent {
       };
       let report: MigrationReport;
       try {
-        report = await migrateOut(this.ctx, n, b.to, mode, (e: ProgressEvent) => send({ progress: e }), ac.signal);
+        report = await migrateOut(this.ctx, n, b.to, { mode, ...(b.maxDowntimeMs !== undefined ? { maxDowntimeMs: b.maxDowntimeMs } : {}), ...(b.maxRounds !== undefined ? { maxRounds: b.maxRounds } : {}), ...(b.allowPostCopy !== undefined ? { allowPostCopy: b.allowPostCopy } : {}) }, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
         if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {
           await this.history({ id: migrationIdOf(e), task: n, from: this.o.name, to: b.to.name, mode, ok: false, error: e.message, at: new Date().toISOString() });
@@ -285,6 +285,7 @@ export class Agent {
       return m.id;
     };
     this.route('POST', incoming('/pages'), 'migrate-in', async (r) => this.dest.pages(own(r), r.stream));
+    this.route('POST', incoming('/precopy'), 'migrate-in', async (r) => this.dest.precopy(own(r), r.stream));
     // The lazy-pages link; after a cut the source reattaches with what it has received so far.
     this.route('POST', incoming('/lazy'), 'migrate-in', async (r) => {
       const received = Number(r.headers['x-ferry-received'] ?? 0);

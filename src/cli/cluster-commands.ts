@@ -11,6 +11,7 @@ import { Runtime } from '../runtime/runtime.js';
 import { ROLES, type Role } from '../tls/identity.js';
 import { caInit, certIssue, certRevoke, loadTls, revokedPath } from '../tls/pki.js';
 import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
+import { modes } from '../wire/schemas.js';
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
 import { formatBytes, table } from './format.js';
@@ -121,10 +122,13 @@ export function registerClusterCommands(program: Command): void {
     .description("move a running task to another host (run through the source host's agent); Ctrl-C cancels")
     .argument('[task]')
     .option('--to <host>', 'destination host')
-    .option('--mode <mode>', 'stop-copy or post-copy', 'stop-copy')
+    .option('--mode <mode>', 'auto (pre-copy while it converges), pre-copy, stop-copy or post-copy', 'auto')
+    .option('--max-downtime <ms>', 'pre-copy/auto: the pause to aim for, in ms (default 300)')
+    .option('--max-rounds <n>', 'pre-copy/auto: at most this many rounds while the task runs (default 8)')
+    .option('--allow-post-copy', 'auto: a task that writes faster than the link finishes by post-copy of what is left')
     .option('--cancel <id>', 'cancel a migration under way on --host (see `ferry migrations`)')
     .option('--json', 'print the report as JSON')
-    .action(async (task: string | undefined, opts: { to?: string; mode: string; cancel?: string; json?: boolean }, cmd: Command) => {
+    .action(async (task: string | undefined, opts: { to?: string; mode: string; maxDowntime?: string; maxRounds?: string; allowPostCopy?: boolean; cancel?: string; json?: boolean }, cmd: Command) => {
       if (opts.cancel) {
         const r = await withAgent(cmd, (s) => requestJson<{ message: string }>(s, 'POST', `/v1/migrations/${encodeURIComponent(opts.cancel!)}/cancel`, {}));
         if (opts.json) printJson(r);
@@ -134,7 +138,17 @@ export function registerClusterCommands(program: Command): void {
       const { cluster, host } = await remoteTarget(cmd, true);
       if (!task) throw new FerryError('USAGE', 'name the task to migrate: `ferry --host HOST migrate TASK --to HOST`');
       if (!opts.to) throw new FerryError('USAGE', 'name the destination with --to HOST');
-      if (opts.mode !== 'stop-copy' && opts.mode !== 'post-copy') throw new FerryError('USAGE', `unknown --mode '${opts.mode}': use stop-copy or post-copy`);
+      if (!(modes as readonly string[]).includes(opts.mode)) throw new FerryError('USAGE', `unknown --mode '${opts.mode}': use ${modes.join(', ')}`);
+      const positive = (v: string | undefined, flag: string, max: number): number | undefined => {
+        if (v === undefined) return undefined;
+        const n = Number(v);
+        if (!Number.isInteger(n) || n < 1 || n > max) throw new FerryError('USAGE', `${flag} must be a whole number from 1 to ${max}, not '${v}'`);
+        return n;
+      };
+      const maxDowntimeMs = positive(opts.maxDowntime, '--max-downtime', 3_600_000);
+      const maxRounds = positive(opts.maxRounds, '--max-rounds', 100);
+      if ((maxDowntimeMs !== undefined || maxRounds !== undefined) && opts.mode !== 'pre-copy' && opts.mode !== 'auto') throw new FerryError('USAGE', `--max-downtime and --max-rounds apply to --mode pre-copy and auto, not ${opts.mode}`);
+      if (opts.allowPostCopy && opts.mode !== 'auto') throw new FerryError('USAGE', `--allow-post-copy applies to --mode auto, not ${opts.mode}`);
       if (opts.to === host) throw new FerryError('USAGE', `task '${task}' is on ${host} already: --to must name another host`);
       const to = { name: opts.to, address: hostAddress(cluster, opts.to) };
       const session = await agentSession(cluster, host);
@@ -154,7 +168,7 @@ export function registerClusterCommands(program: Command): void {
       process.on('SIGINT', onInt);
       try {
         const stream = session.request({ ':method': 'POST', ':path': `/v1/tasks/${encodeURIComponent(task)}/migrate`, 'content-type': 'application/json' });
-        stream.end(JSON.stringify({ to, mode: opts.mode }));
+        stream.end(JSON.stringify({ to, mode: opts.mode, ...(maxDowntimeMs !== undefined ? { maxDowntimeMs } : {}), ...(maxRounds !== undefined ? { maxRounds } : {}), ...(opts.allowPostCopy ? { allowPostCopy: true } : {}) }));
         let report: MigrationReport;
         try {
           report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
@@ -246,6 +260,16 @@ async function readMigration(stream: MuxStream, live: boolean, onId: (id: string
         continue;
       }
       if (msg.progress?.type === 'phase') phase = msg.progress.phase;
+      // Rounds and notes stay on screen; the progress line is redrawn below them.
+      if (msg.progress?.type === 'round' || msg.progress?.type === 'note') {
+        const p = msg.progress;
+        const text =
+          p.type === 'round'
+            ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s), pause if stopped now ~${p.round.expectedDowntimeMs} ms`
+            : `note: ${p.message}`;
+        if (live || p.type === 'note') process.stderr.write(`\r\x1b[K${text}\n`);
+        continue;
+      }
       if (live && msg.progress) {
         const p = msg.progress;
         const bytes = p.type === 'bytes' ? p.pages + p.images + p.files : 0;
@@ -271,7 +295,10 @@ function printReport(r: MigrationReport): void {
       `  bytes: pages ${formatBytes(r.bytes.pages)}, other images ${formatBytes(r.bytes.images)}, files ${formatBytes(r.bytes.files)}` +
       (r.pageRateMBps ? `, pages at ${r.pageRateMBps} MB/s` : '') +
       '\n' +
-      (r.postCopyWindowMs !== undefined ? `  post-copy: all pages local ${r.postCopyWindowMs} ms after resume\n` : '') +
+      (r.precopy
+        ? `  pre-copy: ${r.precopy.rounds.length} rounds (${r.precopy.verdict}), ${r.precopy.rounds.map((x) => `${formatBytes(x.bytes)}/${x.ms} ms`).join(', ')}; last delta ${formatBytes(r.precopy.finalBytes)} (${r.precopy.finish})\n`
+        : '') +
+      (r.postCopyWindowMs !== undefined ? `  ${r.precopy?.finish === 'residue sent' ? 'local fill' : 'post-copy'}: all pages in the task ${r.postCopyWindowMs} ms after resume\n` : '') +
       (r.warnings ?? []).map((w) => `  note: ${w}\n`).join(''),
   );
 }

@@ -22,6 +22,8 @@ import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
+import { PageStore, servePages, type ServeStats } from '../precopy/store.js';
+import { connect as tcpConnect } from 'node:net';
 import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
@@ -53,6 +55,8 @@ interface Incoming {
   restoring?: Promise<unknown>;
   committed: boolean;
   images: number;
+  /** Pre-copy: the pages that arrived while the task still ran on the source. */
+  store?: PageStore;
 }
 
 /** How long a post-copy task waits for its source to come back after a cut (the source waits longer). */
@@ -159,7 +163,8 @@ export class Destination {
     if (free.memBytes < needMem) {
       throw new FerryError('PRECHECK', `destination has ${mib(free.memBytes)} MiB of memory available, the task needs ${mib(needMem)} MiB`, { hint: 'free memory there or pick another host' });
     }
-    const needDisk = req.diskBytes + (req.mode === 'stop-copy' ? req.memBytes : 0);
+    // Stop-copy images and pre-copy's page store hold the task's memory on disk here.
+    const needDisk = req.diskBytes + (req.mode === 'stop-copy' || req.mode === 'pre-copy' || req.mode === 'auto' ? req.memBytes : 0);
     if (free.diskBytes < needDisk) {
       throw new FerryError('PRECHECK', `destination has ${mib(free.diskBytes)} MiB of disk free in ${this.rt.stateDir}, the task needs ${mib(needDisk)} MiB`, { hint: 'free disk there or pick another host' });
     }
@@ -236,9 +241,21 @@ export class Destination {
     m.lazyStream = stream;
   }
 
+  /** Pre-copy rounds: page records into the store; answered once the last one is stored. */
+  async precopy(id: string, stream: MuxStream): Promise<void> {
+    const m = this.get(id);
+    if (m.req.mode !== 'pre-copy' && m.req.mode !== 'auto') throw new FerryError('USAGE', `migration ${id} is not a pre-copy`);
+    if (m.store) throw new FerryError('USAGE', `migration ${id} already has its pre-copy stream`);
+    const store = new PageStore(join(m.imagesDir, 'precopy.pages'));
+    m.store = store;
+    await pipeline(stream, store.writer());
+    stream.respond(jsonHeaders(200));
+    stream.end(JSON.stringify({ pages: store.size }));
+  }
+
   async image(id: string, file: string, stream: MuxStream): Promise<void> {
     const m = this.get(id);
-    if (!/^[A-Za-z0-9_.-]{1,128}$/.test(file) || file.startsWith('.') || file === 'lazy-pages.socket') throw new FerryError('USAGE', `refusing image name '${file}'`);
+    if (!/^[A-Za-z0-9_.-]{1,128}$/.test(file) || file.startsWith('.') || file === 'lazy-pages.socket' || file === 'precopy.pages') throw new FerryError('USAGE', `refusing image name '${file}'`);
     if (++m.images > MAX_IMAGES) throw new FerryError('USAGE', `more than ${MAX_IMAGES} image files`);
     let size = 0;
     const limit = new Transform({
@@ -291,6 +308,8 @@ export class Destination {
 
   private async startLazyDaemon(m: Incoming): Promise<void> {
     const link: LazyLink = { id: m.id, from: m.req.from, task: m.req.task.name, committed: false, close: () => {} };
+    const store = m.store;
+    const stats: ServeStats = { localPages: 0, forwardedPages: 0 };
     const local = await listenLocal((sock) => {
       // The daemon closing its socket means "every page is here" only if it then exits with 0.
       const tunnel = new ResumableTunnel(sock, { holdEnd: true });
@@ -305,12 +324,28 @@ export class Destination {
       });
       if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     });
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: local.port });
+    // Pre-copy: the daemon asks the store first; only what it lacks goes on to the source.
+    const front = store
+      ? await listenLocal((sock) => {
+          const upstream = tcpConnect(local.port, '127.0.0.1');
+          upstream.setNoDelay(true);
+          servePages(sock, store, upstream, stats);
+        })
+      : undefined;
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front?.port ?? local.port });
     link.daemon = daemon;
-    link.close = () => local.server.close();
+    link.close = () => {
+      local.server.close();
+      front?.server.close();
+    };
     this.lazyLinks.set(m.id, link);
     void daemon.exited.then((code) => {
       local.server.close();
+      front?.server.close();
+      if (store) {
+        store.remove();
+        this.onEvent({ event: 'pre-copy pages served', id: m.id, task: m.req.task.name, fromStore: stats.localPages, fromSource: stats.forwardedPages });
+      }
       if (this.lazyLinks.get(m.id) !== link) return;
       // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
       // would read them as zeros: it must not run on.
@@ -393,6 +428,7 @@ export class Destination {
     if (m.committed) return;
     this.incoming.delete(id);
     m.pageServer?.stop();
+    m.store?.remove();
     if (link) this.closeLazy(link);
     m.lazyStream?.destroy();
     await m.restoring;

@@ -7,7 +7,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { waitUntil } from '../util/proc.js';
 
-export type FaultPoint = 'checks' | 'presync' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'postcopy';
+export type FaultPoint = 'checks' | 'presync' | 'precopy' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'postcopy';
 
 export async function faultPoint(host: string, point: FaultPoint): Promise<void> {
   const dir = process.env['FERRY_FAULT_POINTS'];
@@ -22,4 +22,18 @@ export async function faultPoint(host: string, point: FaultPoint): Promise<void>
   }
   if (armed !== name) return;
   await waitUntil(() => existsSync(join(dir, `${name}.go`)), 120_000, 5);
+}
+
+/**
+ * The pre-copy round whose written pages are re-armed but not sent (DIR/drop-round), so a test
+ * can show that a lost write is caught by its memory check. Only under FERRY_FAULT_POINTS.
+ */
+export function debugDropRound(): string | undefined {
+  const dir = process.env['FERRY_FAULT_POINTS'];
+  if (!dir) return undefined;
+  try {
+    return readFileSync(join(dir, 'drop-round'), 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
 }

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import type { Mode } from '../wire/schemas.js';
 
-export type JournalPhase = 'checks' | 'presync' | 'frozen' | 'restore' | 'decided';
+export type JournalPhase = 'checks' | 'presync' | 'precopy' | 'frozen' | 'restore' | 'decided';
 
 export interface JournalEntry {
   id: string;

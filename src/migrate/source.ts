@@ -20,14 +20,16 @@ import { run, startProgram } from '../exec/run.js';
 import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
-import type { Mode, PrepareRequest } from '../wire/schemas.js';
+import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
+import { Tracker, expectedMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
+import { FEW_PAGES } from '../precopy/tracker.js';
 import { Hold } from './hold.js';
-import { faultPoint } from './fault-points.js';
+import { debugDropRound, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
-export type Phase = 'checks' | 'presync' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
+export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
 export interface MigrationReport {
   id: string;
@@ -48,6 +50,17 @@ export interface MigrationReport {
   pid?: number;
   /** Things that went wrong after the task was safely on the destination. */
   warnings?: string[];
+  /** Pre-copy and auto: each round while the task ran, why they stopped, and how it finished. */
+  precopy?: {
+    rounds: RoundStat[];
+    verdict: Verdict;
+    /** 'residue sent': all memory was on the destination before it resumed; 'post-copy': the rest followed. */
+    finish: 'residue sent' | 'post-copy';
+    finalPages: number;
+    finalBytes: number;
+    expectedDowntimeMs: number;
+    method: string;
+  };
   /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
   destination?: { pageWaitMs: number; criuRestoreMs: number };
 }
@@ -55,7 +68,9 @@ export interface MigrationReport {
 export type ProgressEvent =
   | { type: 'start'; id: string }
   | { type: 'phase'; phase: Phase; elapsedMs: number }
-  | { type: 'bytes'; pages: number; images: number; files: number; elapsedMs: number };
+  | { type: 'bytes'; pages: number; images: number; files: number; elapsedMs: number }
+  | { type: 'round'; round: RoundStat }
+  | { type: 'note'; message: string };
 
 export interface MigrateContext {
   rt: Runtime;
@@ -81,12 +96,20 @@ const POSTCOPY_GRACE_MS = 120_000;
 const COMMIT_RETRY_MS = 180_000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
+/** QEMU's default downtime limit; P.Haul's round limit. */
+export const DEFAULT_MAX_DOWNTIME_MS = 300;
+export const DEFAULT_MAX_ROUNDS = 8;
+/**
+ * What a switch-over costs besides the last delta: CRIU's freeze and dump without memory, the
+ * other images, the restore, the resume (measured: 180-250 ms for a one-process task here).
+ */
+const SWITCH_OVERHEAD_MS = 200;
 
 export async function migrateOut(
   ctx: MigrateContext,
   name: string,
   target: { name: string; address: string },
-  mode: Mode,
+  opts: MigrateOptions,
   onProgress: (e: ProgressEvent) => void,
   signal?: AbortSignal,
 ): Promise<MigrationReport> {
@@ -95,7 +118,7 @@ export async function migrateOut(
   return rt.store.withLock(name, `migration to ${target.name}`, async () => {
     const rec = await rt.store.get(name);
     requireRunning(rec, 'migrate');
-    const m = new OutgoingMigration(ctx, rec, target, mode, onProgress);
+    const m = new OutgoingMigration(ctx, rec, target, opts, onProgress);
     ctx.active.set(m.id, m);
     const onAbort = () => m.cancel(signal?.reason);
     signal?.addEventListener('abort', onAbort, { once: true });
@@ -144,14 +167,23 @@ export class OutgoingMigration {
   private readonly servers: Server[] = [];
   private readonly sockets = new Set<Socket>();
   private progressTimer?: NodeJS.Timeout;
+  private readonly mode: Mode;
+  /** Pre-copy: the helper that tracks written pages, and the stream its pages go out on. */
+  private tracker?: Tracker;
+  private precopyStream?: MuxStream;
+  private precopyStored?: Promise<unknown>;
+  /** Auto that did not converge and may post-copy: the residue follows the running task. */
+  private residueLazy = false;
 
   constructor(
     private readonly ctx: MigrateContext,
     private readonly rec: TaskRecord,
     private readonly target: { name: string; address: string },
-    private readonly mode: Mode,
+    private readonly opts: MigrateOptions,
     private readonly onProgress: (e: ProgressEvent) => void,
   ) {
+    const mode = opts.mode;
+    this.mode = mode;
     this.entry = { id: this.id, task: rec.name, to: target, mode, phase: 'checks', taskPid: rec.pid!, ...(rec.pidStart !== undefined ? { taskPidStart: rec.pidStart } : {}), at: '' };
     this.report = {
       id: this.id,
@@ -225,11 +257,12 @@ export class OutgoingMigration {
     try {
       await this.checks();
       await this.presync();
+      if (this.precopying) await this.precopy();
       await this.freeze();
       await this.transfer();
       await this.restoreThere();
       await this.handOver();
-      if (this.mode === 'post-copy') await this.pushPages();
+      if (this.lazyFlow) await this.pushPages();
       await this.letGo();
       this.report.ok = true;
       return this.finish();
@@ -278,6 +311,83 @@ export class OutgoingMigration {
     this.endPhase('presync');
   }
 
+  /** Pre-copy and auto send memory in rounds first; post-copy and pre-copy restore through lazy pages. */
+  private get precopying(): boolean {
+    return this.mode === 'pre-copy' || this.mode === 'auto';
+  }
+
+  private get lazyFlow(): boolean {
+    return this.mode !== 'stop-copy';
+  }
+
+  /**
+   * Memory while the task runs: the first round sends all of it, each next one what was written
+   * during the one before, until what is left fits the allowed pause (or it will not get there).
+   */
+  private async precopy(): Promise<void> {
+    this.phase('precopy');
+    await this.journal({ phase: 'precopy' });
+    await faultPoint(this.ctx.self, 'precopy');
+    const maxDowntimeMs = this.opts.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
+    const maxRounds = this.opts.maxRounds ?? DEFAULT_MAX_ROUNDS;
+    const drop = debugDropRound();
+    this.tracker = new Tracker(this.ctx.rt.nativeDir, drop ? { ...process.env, FERRY_DEBUG_DROP_ROUND: drop } : process.env);
+    const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy` });
+    this.precopyStream = stream;
+    this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));
+    this.precopyStored.catch(() => {});
+    this.tracker.pages.on('data', (c: Buffer) => this.pages.add(c.length));
+    this.tracker.pages.pipe(stream);
+    const rounds: RoundStat[] = [];
+    let v: Verdict = 'continue';
+    while (v === 'continue') {
+      if (this.cancelled) throw this.cancelled;
+      const t0 = performance.now();
+      const r = await this.tracker.round(treePids(this.rec.pid!));
+      if (r.armed === 0) throw new FerryError('PRECOPY', `cannot track the pages of '${this.rec.name}': ${r.note || 'no process could be armed'}`, { hint: 'use --mode stop-copy or post-copy' });
+      const ms = performance.now() - t0;
+      const dirtyPages = await this.tracker.written();
+      const since = performance.now() - t0;
+      const linkMBps = r.bytes > 1 << 20 ? r.bytes / 1e6 / (ms / 1000) : (rounds.at(-1)?.linkMBps ?? 0);
+      const round: RoundStat = {
+        round: rounds.length + 1,
+        pages: r.pages,
+        bytes: r.bytes,
+        zeroPages: r.zero,
+        ms: Math.round(ms),
+        dirtyPages,
+        dirtyRateMBps: Math.round(((dirtyPages * 4096) / 1e6 / (since / 1000)) * 10) / 10,
+        linkMBps: Math.round(linkMBps * 10) / 10,
+        expectedDowntimeMs: SWITCH_OVERHEAD_MS + (dirtyPages <= FEW_PAGES ? 0 : expectedMs(dirtyPages, linkMBps)),
+      };
+      rounds.push(round);
+      this.onProgress({ type: 'round', round });
+      v = verdict(rounds, { maxDowntimeMs, maxRounds });
+    }
+    const last = rounds.at(-1)!;
+    this.residueLazy = v !== 'converged' && this.mode === 'auto' && !!this.opts.allowPostCopy;
+    this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: 'userfaultfd write-protect + PAGEMAP_SCAN' };
+    if (v !== 'converged') {
+      const why = v === 'too-fast' ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s` : v === 'stalled' ? 'the written set stopped shrinking' : `${rounds.length} rounds, the limit`;
+      this.onProgress({
+        type: 'note',
+        message: this.residueLazy ? `pre-copy does not converge (${why}): the last ${Math.round((last.dirtyPages * 4096) / 2 ** 20)} MiB follow by post-copy` : `pre-copy does not converge (${why}): expect a pause of about ${(last.expectedDowntimeMs / 1000).toFixed(1)} s${this.mode === 'auto' ? ' (--allow-post-copy would shorten it)' : ''}`,
+      });
+    }
+    this.endPhase('precopy');
+  }
+
+  /** Frozen: the pages written since the last round (or, for a post-copy residue, which are stale). */
+  private async finalDelta(): Promise<void> {
+    if (!this.tracker) return;
+    const r = await this.tracker.final(this.imagesDir!, this.residueLazy);
+    if (r.note && !/was not tracked/.test(r.note)) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
+    this.report.precopy!.finalPages = r.pages;
+    this.report.precopy!.finalBytes = r.bytes;
+    await this.tracker.exited;
+    await this.precopyStored;
+  }
+
   /** CRIU freezes and dumps the task, then holds it at post-dump until the decision. */
   private async freeze(): Promise<void> {
     const { rt } = this.ctx;
@@ -317,7 +427,7 @@ export class OutgoingMigration {
   private async transfer(): Promise<void> {
     this.phase('transfer');
     await faultPoint(this.ctx.self, 'transfer');
-    await Promise.all([this.sendImages(this.imagesDir!), this.rsync()]);
+    await Promise.all([this.sendImages(this.imagesDir!), this.rsync(), this.finalDelta()]);
     this.endPhase('transfer');
   }
 
@@ -326,7 +436,7 @@ export class OutgoingMigration {
     this.phase('restore');
     await this.journal({ phase: 'restore' });
     const lazyStream = this.lazyPort ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
-    const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.mode === 'post-copy' }, { timeoutMs: CONFIRM_TIMEOUT_MS });
+    const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
     if (this.lazyPort && lazyStream) {
       // The restore cannot finish without pages, and CRIU serves them only after the hold
       // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
@@ -387,7 +497,7 @@ export class OutgoingMigration {
     // Let the source shim record the exit before its directory goes.
     await waitUntil(() => this.rec.shimPid === undefined || !isAlive(this.rec.shimPid, this.rec.shimStart), 2000);
     await this.ctx.rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
-    if (this.mode === 'post-copy') this.endPhase('postcopy');
+    if (this.lazyFlow) this.endPhase('postcopy');
   }
 
   /** The one way back for the state the migration reached; always throws, saying where the task is. */
@@ -734,6 +844,9 @@ export class OutgoingMigration {
 
   private async release(): Promise<void> {
     clearInterval(this.progressTimer);
+    // Disarms the task: the helper's descriptors go, and the kernel drops the write-protection.
+    await this.tracker?.stop();
+    this.precopyStream?.destroy();
     this.releaseDumpSlot();
     for (const s of this.sockets) s.destroy();
     this.lazy?.destroy();

@@ -10,7 +10,7 @@ export const migrationId = z.uuid();
 const text = (max: number) => z.string().max(max);
 const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
 
-export const modes = ['stop-copy', 'post-copy'] as const;
+export const modes = ['stop-copy', 'post-copy', 'pre-copy', 'auto'] as const;
 export const modeSchema = z.enum(modes);
 
 export const runBody = z.object({
@@ -27,6 +27,11 @@ export const emptyBody = z.object({});
 export const migrateBody = z.object({
   to: z.object({ name: hostName, address: text(300) }),
   mode: modeSchema.optional(),
+  /** Pre-copy and auto: the pause the stop policy aims for, and its round limit. */
+  maxDowntimeMs: z.number().int().min(1).max(3_600_000).optional(),
+  maxRounds: z.number().int().min(1).max(100).optional(),
+  /** Auto: a task that does not converge may finish by post-copy of what is left. */
+  allowPostCopy: z.boolean().optional(),
 });
 
 /** A task's record as the source sends it; fields the destination does not use are dropped. */
@@ -66,3 +71,4 @@ export function parse<S extends z.ZodType>(schema: S, value: unknown, what: stri
 
 export type Mode = z.infer<typeof modeSchema>;
 export type PrepareRequest = z.infer<typeof prepareBody>;
+export type MigrateOptions = Omit<z.infer<typeof migrateBody>, 'to'> & { mode: Mode };

@@ -1,0 +1,696 @@
+// ferry-track: finds the pages a running process tree writes, for pre-copy migration, on kernels
+// without soft-dirty. For each process it makes the process itself create a userfaultfd (one
+// syscall run in one of its threads through ptrace, at a `syscall` instruction the process already
+// has, so no code is patched), takes the descriptor with pidfd_getfd, closes the task's copy, and
+// arms asynchronous write-protection over its private anonymous memory. PAGEMAP_SCAN then returns
+// and re-arms the pages written since the last scan. Everything ends when this program exits: the
+// kernel drops the registrations with the last descriptor, so an agent that dies disarms the task.
+//
+// Commands, one per line on stdin; one JSON line per command on fd 3; pages on stdout as records
+// (struct rec, then npages * 4096 bytes for DATA):
+//   round PID...      send what was written since the last round (everything for a new process
+//                     or a mapping that is not armed); PIDs are the tree's processes now
+//   count             how many pages were written since the last round (nothing is re-armed)
+//   final DIR [drop]  the task is frozen and CRIU's images are in DIR: send every page its
+//                     pagemap marks lazy that was written since the last round or never sent
+//                     (with drop: only tell the destination to forget written pages it has)
+//   quit
+// With FERRY_DEBUG_DROP_ROUND=N the written pages of round N are re-armed but not sent: tests use
+// it to prove that a lost write is seen.
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/ptrace.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define PAGE 4096UL
+#define CHUNK 256 /* pages read and sent at a time */
+
+#ifndef UFFD_FEATURE_WP_UNPOPULATED
+#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
+#endif
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1 << 15)
+#endif
+#ifndef UFFD_USER_MODE_ONLY
+#define UFFD_USER_MODE_ONLY 1
+#endif
+
+/* PAGEMAP_SCAN (Linux 6.7); Debian 12's headers predate it. */
+struct pm_scan_arg {
+  uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask, category_anyof_mask, return_mask;
+};
+struct page_region {
+  uint64_t start, end, categories;
+};
+#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
+#define PM_SCAN_WP_MATCHING (1 << 0)
+#define PM_SCAN_CHECK_WPASYNC (1 << 1)
+#define PAGE_IS_WRITTEN (1 << 1)
+#define PAGE_IS_PRESENT (1 << 3)
+#define PAGE_IS_SWAPPED (1 << 4)
+
+enum { REC_DATA = 1, REC_ZERO = 2, REC_DROP = 3 };
+struct rec {
+  uint32_t kind, vpid;
+  uint64_t vaddr;
+  uint32_t npages, pad;
+};
+
+/* Pages sent so far, by page number: an open-addressing set. */
+struct pageset {
+  uint64_t *keys;
+  size_t cap, n;
+};
+
+static int ps_has(const struct pageset *s, uint64_t pg) {
+  if (!s->cap) return 0;
+  uint64_t k = pg + 1;
+  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (s->cap - 1);; i = (i + 1) & (s->cap - 1)) {
+    if (s->keys[i] == k) return 1;
+    if (!s->keys[i]) return 0;
+  }
+}
+
+static void ps_add(struct pageset *s, uint64_t pg);
+static void ps_grow(struct pageset *s) {
+  struct pageset b = {calloc(s->cap ? s->cap * 2 : 4096, 8), s->cap ? s->cap * 2 : 4096, 0};
+  if (!b.keys) abort();
+  for (size_t i = 0; i < s->cap; i++)
+    if (s->keys[i]) ps_add(&b, s->keys[i] - 1);
+  free(s->keys);
+  *s = b;
+}
+static void ps_add(struct pageset *s, uint64_t pg) {
+  if ((s->n + 1) * 2 > s->cap) ps_grow(s);
+  uint64_t k = pg + 1;
+  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (s->cap - 1);; i = (i + 1) & (s->cap - 1)) {
+    if (s->keys[i] == k) return;
+    if (!s->keys[i]) {
+      s->keys[i] = k;
+      s->n++;
+      return;
+    }
+  }
+}
+
+struct proc {
+  pid_t pid, vpid;
+  int uffd; /* -1: not armed, every round sends all its memory */
+  int seen, fresh;
+  struct pageset sent;
+};
+
+static struct proc *procs;
+static size_t nprocs;
+static FILE *ctl;
+static uint8_t buf[CHUNK * PAGE];
+static const uint8_t zero[PAGE];
+static int round_no, drop_round;
+
+/* Per-command counters, reported on fd 3. */
+static struct {
+  uint64_t pages, zero, bytes, dropped, full_vmas;
+  int armed, unarmed;
+  char why[200];
+} st;
+
+static double now_ms(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+
+static void write_all(int fd, const void *p, size_t n) {
+  const char *c = p;
+  while (n) {
+    ssize_t w = write(fd, c, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) _exit(3); /* the agent stopped reading: nothing left to do */
+    c += w;
+    n -= (size_t)w;
+  }
+}
+
+static void emit(uint32_t kind, pid_t vpid, uint64_t vaddr, uint32_t n, const void *data) {
+  struct rec r = {kind, (uint32_t)vpid, vaddr, n, 0};
+  write_all(1, &r, sizeof(r));
+  if (kind == REC_DATA) write_all(1, data, n * PAGE);
+}
+
+/* Reads [start, start + n pages) and sends it as runs of data and zero pages. */
+static void send_range(struct proc *p, uint64_t start, uint64_t n) {
+  while (n) {
+    size_t k = n > CHUNK ? CHUNK : n;
+    struct iovec l = {buf, k * PAGE}, r = {(void *)start, k * PAGE};
+    ssize_t got = process_vm_readv(p->pid, &l, 1, &r, 1, 0);
+    size_t okp = got > 0 ? (size_t)got / PAGE : 0;
+    if (okp == 0) {
+      /* Unmapped meanwhile: nothing there for CRIU to dump either. Skip a page. */
+      start += PAGE;
+      n--;
+      continue;
+    }
+    size_t i = 0;
+    while (i < okp) {
+      int z = memcmp(buf + i * PAGE, zero, PAGE) == 0;
+      size_t j = i + 1;
+      while (j < okp && (memcmp(buf + j * PAGE, zero, PAGE) == 0) == z) j++;
+      emit(z ? REC_ZERO : REC_DATA, p->vpid, start + i * PAGE, (uint32_t)(j - i), buf + i * PAGE);
+      for (size_t q = i; q < j; q++) ps_add(&p->sent, (start + q * PAGE) / PAGE);
+      st.pages += j - i;
+      if (z) st.zero += j - i;
+      else st.bytes += (j - i) * PAGE;
+      i = j;
+    }
+    start += okp * PAGE;
+    n -= okp;
+  }
+}
+
+/* --- ptrace: run one syscall inside the process ------------------------------------------- */
+
+static uint64_t find_syscall_insn(pid_t pid) {
+  char path[64], line[512];
+  snprintf(path, sizeof path, "/proc/%d/maps", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return 0;
+  uint64_t found = 0;
+  while (!found && fgets(line, sizeof line, f)) {
+    uint64_t s, e;
+    char perms[8];
+    if (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s", &s, &e, perms) != 3 || perms[2] != 'x') continue;
+    if (!strstr(line, "[vdso]") && !strstr(line, "libc")) continue;
+    for (uint64_t a = s; a < e && !found; a += sizeof buf) {
+      size_t len = e - a < sizeof buf ? e - a : sizeof buf;
+      struct iovec l = {buf, len}, r = {(void *)a, len};
+      ssize_t got = process_vm_readv(pid, &l, 1, &r, 1, 0);
+      for (ssize_t i = 0; i + 1 < got; i++)
+        if (buf[i] == 0x0f && buf[i + 1] == 0x05) {
+          found = a + (uint64_t)i;
+          break;
+        }
+    }
+  }
+  fclose(f);
+  return found;
+}
+
+static int wait_stop(pid_t tid, int *status) {
+  for (;;) {
+    if (waitpid(tid, status, __WALL) < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    return WIFSTOPPED(*status) ? 0 : -1;
+  }
+}
+
+/* Seized and stopped: execute nr(a0) at insn, returns the syscall's result. */
+static int pending_sig;
+
+static long remote_syscall(pid_t tid, const struct user_regs_struct *saved, uint64_t insn, long nr, long a0) {
+  struct user_regs_struct r = *saved;
+  r.rip = insn;
+  r.rax = (uint64_t)nr;
+  r.rdi = (uint64_t)a0;
+  r.orig_rax = (uint64_t)-1; /* not inside a syscall: no restart handling on the way out */
+  r.eflags &= ~((1UL << 8) | (1UL << 10)); /* TF, DF */
+  if (ptrace(PTRACE_SETREGS, tid, 0, &r)) return -ENOSYS;
+  for (int tries = 0; tries < 8; tries++) {
+    int status;
+    if (ptrace(PTRACE_SINGLESTEP, tid, 0, 0) || wait_stop(tid, &status)) return -ESRCH;
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r)) return -ESRCH;
+    if (WSTOPSIG(status) == SIGTRAP && r.rip == insn + 2) return (long)r.rax;
+    /* A signal arrived for the task: it is delivered when the thread is let go. */
+    if (WSTOPSIG(status) != SIGTRAP && (status >> 16) == 0) pending_sig = WSTOPSIG(status);
+    if (r.rip != insn) return -EFAULT; /* a signal handler ran: give up on this process */
+  }
+  return -EAGAIN;
+}
+
+/* The saved registers, rewritten the way compel does so an interrupted syscall restarts. */
+static void prepare_restore(struct user_regs_struct *r) {
+  if ((long)r->orig_rax < 0) return;
+  switch ((long)r->rax) {
+    case -512: /* ERESTARTSYS */
+    case -513: /* ERESTARTNOINTR */
+    case -514: /* ERESTARTNOHAND */
+      r->rax = r->orig_rax;
+      r->rip -= 2;
+      break;
+    case -516: /* ERESTART_RESTARTBLOCK */
+      r->rax = __NR_restart_syscall;
+      r->rip -= 2;
+      break;
+  }
+}
+
+static int arm_uffd(int uffd) {
+  struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED};
+  return ioctl(uffd, UFFDIO_API, &api);
+}
+
+/* A userfaultfd on the process's memory, held here; -errno when it cannot be had. */
+static int take_uffd(pid_t pid) {
+  uint64_t insn = find_syscall_insn(pid);
+  if (!insn) return -ENOEXEC;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/task", pid);
+  DIR *d = opendir(path);
+  if (!d) return -ESRCH;
+  int result = -ESRCH;
+  struct dirent *de;
+  while ((de = readdir(d)) && result == -ESRCH) {
+    pid_t tid = atoi(de->d_name);
+    if (tid <= 0) continue;
+    if (ptrace(PTRACE_SEIZE, tid, 0, 0)) {
+      result = errno == EPERM ? -EPERM : -ESRCH;
+      if (result == -EPERM) break;
+      continue;
+    }
+    int status, ok = 0;
+    if (ptrace(PTRACE_INTERRUPT, tid, 0, 0) == 0) {
+      /* A pending signal may be reported first: hand it back and stop again. */
+      for (int i = 0; i < 16 && wait_stop(tid, &status) == 0; i++) {
+        if ((status >> 16) == PTRACE_EVENT_STOP) {
+          ok = 1;
+          break;
+        }
+        ptrace(PTRACE_CONT, tid, 0, WSTOPSIG(status));
+        ptrace(PTRACE_INTERRUPT, tid, 0, 0);
+      }
+      if (!ok) {
+        ptrace(PTRACE_DETACH, tid, 0, 0);
+        continue;
+      }
+    }
+    struct user_regs_struct saved;
+    if (ok && ptrace(PTRACE_GETREGS, tid, 0, &saved) == 0) {
+      long fd = remote_syscall(tid, &saved, insn, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+      if (fd == -EPERM) fd = remote_syscall(tid, &saved, insn, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+      if (fd >= 0) {
+        int pidfd = (int)syscall(SYS_pidfd_open, pid, 0);
+        int mine = pidfd >= 0 ? (int)syscall(SYS_pidfd_getfd, pidfd, (int)fd, 0) : -1;
+        if (pidfd >= 0) close(pidfd);
+        remote_syscall(tid, &saved, insn, __NR_close, fd);
+        result = mine >= 0 ? mine : -EBADF;
+      } else {
+        result = fd == -ESRCH ? -ESRCH : (int)fd;
+        if (result == -ESRCH) result = -EIO;
+      }
+      prepare_restore(&saved);
+      ptrace(PTRACE_SETREGS, tid, 0, &saved);
+    }
+    ptrace(PTRACE_DETACH, tid, 0, pending_sig);
+    pending_sig = 0;
+  }
+  closedir(d);
+  if (result >= 0 && arm_uffd(result)) {
+    int e = errno;
+    close(result);
+    return -e;
+  }
+  return result;
+}
+
+/* --- memory maps ---------------------------------------------------------------------------- */
+
+struct vma {
+  uint64_t start, end;
+};
+
+/* Private anonymous mappings: what CRIU moves as lazy pages, and what pre-copy covers. */
+static size_t anon_vmas(pid_t pid, struct vma **out) {
+  char path[64], line[4096];
+  snprintf(path, sizeof path, "/proc/%d/maps", pid);
+  FILE *f = fopen(path, "r");
+  size_t n = 0, cap = 0;
+  *out = NULL;
+  if (!f) return 0;
+  while (fgets(line, sizeof line, f)) {
+    uint64_t s, e, off, ino;
+    char perms[8], dev[32];
+    int pos = 0;
+    if (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s %" SCNx64 " %31s %" SCNu64 " %n", &s, &e, perms, &off, dev, &ino, &pos) < 6) continue;
+    const char *name = line + pos;
+    if (perms[3] != 'p' || ino != 0) continue;
+    if (name[0] == '[' && strncmp(name, "[heap]", 6) && strncmp(name, "[stack", 6) && strncmp(name, "[anon:", 6)) continue;
+    if (n == cap) {
+      cap = cap ? cap * 2 : 64;
+      *out = realloc(*out, cap * sizeof **out);
+    }
+    (*out)[n++] = (struct vma){s, e};
+  }
+  fclose(f);
+  return n;
+}
+
+static int open_pagemap(pid_t pid) {
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/pagemap", pid);
+  return open(path, O_RDONLY | O_CLOEXEC);
+}
+
+typedef void (*range_fn)(struct proc *, uint64_t, uint64_t, void *);
+
+/*
+ * PAGEMAP_SCAN over [s, e): the pages in any of the categories `anyof` (with wp: written pages,
+ * re-armed). Returns -errno; -EPERM means the mapping is not armed.
+ */
+static int scan(int pm, struct proc *p, uint64_t s, uint64_t e, int wp, uint64_t anyof, range_fn fn, void *arg) {
+  static struct page_region vec[1024];
+  while (s < e) {
+    struct pm_scan_arg a = {.size = sizeof a, .flags = (wp ? PM_SCAN_WP_MATCHING : 0) | (wp >= 0 ? PM_SCAN_CHECK_WPASYNC : 0), .start = s, .end = e, .vec = (uint64_t)(uintptr_t)vec, .vec_len = 1024, .category_anyof_mask = anyof, .return_mask = anyof};
+    if (wp < 0) a.flags = 0;
+    long r = ioctl(pm, PAGEMAP_SCAN, &a);
+    if (r < 0) return -errno;
+    for (long i = 0; i < r; i++) fn(p, vec[i].start, (vec[i].end - vec[i].start) / PAGE, arg);
+    if (a.walk_end <= s) break;
+    s = a.walk_end;
+  }
+  return 0;
+}
+
+static void cb_send(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  (void)arg;
+  send_range(p, s, n);
+}
+static void cb_count(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  (void)p;
+  (void)s;
+  *(uint64_t *)arg += n;
+}
+static void cb_drop(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  (void)p, (void)s, (void)arg;
+  st.dropped += n;
+}
+
+/* Arms [s, e) with the process's userfaultfd; -errno when that mapping cannot be armed. */
+static int arm_range(struct proc *p, uint64_t s, uint64_t e) {
+  struct uffdio_register reg = {.range = {s, e - s}, .mode = UFFDIO_REGISTER_MODE_WP};
+  if (ioctl(p->uffd, UFFDIO_REGISTER, &reg)) return -errno;
+  struct uffdio_writeprotect wp = {.range = {s, e - s}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+  if (ioctl(p->uffd, UFFDIO_WRITEPROTECT, &wp)) return -errno;
+  return 0;
+}
+
+static pid_t read_vpid(pid_t pid) {
+  char path[64], line[256];
+  snprintf(path, sizeof path, "/proc/%d/status", pid);
+  FILE *f = fopen(path, "r");
+  pid_t v = 0;
+  if (!f) return 0;
+  while (fgets(line, sizeof line, f))
+    if (!strncmp(line, "NSpid:", 6)) {
+      char *save, *t = strtok_r(line + 6, " \t\n", &save);
+      for (; t; t = strtok_r(NULL, " \t\n", &save)) v = atoi(t);
+    }
+  fclose(f);
+  return v;
+}
+
+static struct proc *find(pid_t pid) {
+  for (size_t i = 0; i < nprocs; i++)
+    if (procs[i].pid == pid) return &procs[i];
+  return NULL;
+}
+
+/*
+ * One process's pages for this round. mode: 'r' send written (everything where not armed),
+ * 'c' count written, 'f' final (like 'r', plus never-sent lazy pages, done by the caller).
+ */
+static uint64_t visit(struct proc *p, int mode, int drop) {
+  uint64_t counted = 0;
+  int pm = open_pagemap(p->pid);
+  if (pm < 0) return 0;
+  struct vma *v;
+  size_t n = anon_vmas(p->pid, &v);
+  for (size_t i = 0; i < n; i++) {
+    int r = -EPERM;
+    if (p->fresh && mode != 'c') r = -EAGAIN; /* armed just now: all of it is new */
+    else if (p->uffd >= 0) {
+      if (mode == 'c') r = scan(pm, p, v[i].start, v[i].end, 0, PAGE_IS_WRITTEN, cb_count, &counted);
+      else r = scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, drop ? cb_drop : cb_send, NULL);
+    }
+    if (r == 0) continue;
+    /* Not armed (new since the last round, moved, or the process exec'd): all of it counts. */
+    if (mode == 'c') {
+      scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_count, &counted);
+      continue;
+    }
+    if (mode == 'r' && r == -EPERM && p->uffd >= 0 && arm_range(p, v[i].start, v[i].end) == -ESRCH) {
+      /* The process has a new address space (exec): it needs a new userfaultfd. */
+      close(p->uffd);
+      p->uffd = take_uffd(p->pid);
+      if (p->uffd < 0) p->uffd = -1;
+      else arm_range(p, v[i].start, v[i].end);
+    }
+    if (r == -EPERM) st.full_vmas++;
+    if (drop) scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_drop, NULL);
+    else scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_send, NULL);
+  }
+  free(v);
+  close(pm);
+  if (mode != 'c') p->fresh = 0;
+  return counted;
+}
+
+static void cmd_round(char *args) {
+  round_no++;
+  for (size_t i = 0; i < nprocs; i++) procs[i].seen = 0;
+  char *save;
+  for (char *t = strtok_r(args, " \t\n", &save); t; t = strtok_r(NULL, " \t\n", &save)) {
+    pid_t pid = atoi(t);
+    if (pid <= 0) continue;
+    struct proc *p = find(pid);
+    if (!p) {
+      procs = realloc(procs, (nprocs + 1) * sizeof *procs);
+      p = &procs[nprocs++];
+      memset(p, 0, sizeof *p);
+      p->pid = pid;
+      p->vpid = read_vpid(pid);
+      p->fresh = 1;
+      p->uffd = take_uffd(pid);
+      if (p->uffd < 0) {
+        snprintf(st.why, sizeof st.why, "process %d: %s", pid, strerror(-p->uffd));
+        p->uffd = -1;
+      } else {
+        /* Armed before anything is read: a write during the read is seen by the next round. */
+        struct vma *v;
+        size_t n = anon_vmas(pid, &v);
+        for (size_t i = 0; i < n; i++) arm_range(p, v[i].start, v[i].end);
+        free(v);
+      }
+    }
+    p->seen = 1;
+  }
+  /* Processes that exited: their memory is gone with them. */
+  for (size_t i = 0; i < nprocs;) {
+    if (procs[i].seen) {
+      i++;
+      continue;
+    }
+    if (procs[i].uffd >= 0) close(procs[i].uffd);
+    free(procs[i].sent.keys);
+    procs[i] = procs[--nprocs];
+  }
+  for (size_t i = 0; i < nprocs; i++) {
+    if (procs[i].uffd >= 0) st.armed++;
+    else st.unarmed++;
+    visit(&procs[i], 'r', round_no == drop_round);
+  }
+}
+
+/* --- CRIU's pagemap image ------------------------------------------------------------------- */
+
+static int varint(const uint8_t **p, const uint8_t *end, uint64_t *v) {
+  *v = 0;
+  for (int sh = 0; *p < end && sh < 64; sh += 7) {
+    uint8_t b = *(*p)++;
+    *v |= (uint64_t)(b & 0x7f) << sh;
+    if (!(b & 0x80)) return 0;
+  }
+  return -1;
+}
+
+/* Calls fn for each PE_LAZY run of pagemap-VPID.img in dir; -1 on a malformed image. */
+static int lazy_runs(const char *dir, pid_t vpid, void (*fn)(pid_t, uint64_t, uint64_t, void *), void *arg) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/pagemap-%d.img", dir, vpid);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  uint32_t magic[2], len;
+  int rc = fread(magic, 4, 2, f) == 2 && magic[0] == 0x54564319 && magic[1] == 0x56084025 ? 0 : -1;
+  for (int first = 1; rc == 0 && fread(&len, 4, 1, f) == 1; first = 0) {
+    uint8_t msg[256];
+    if (len > sizeof msg || fread(msg, 1, len, f) != len) {
+      rc = -1;
+      break;
+    }
+    if (first) continue; /* pagemap_head */
+    uint64_t vaddr = 0, compat = 0, nr = 0, flags = 0, key, val;
+    const uint8_t *q = msg, *end = msg + len;
+    while (q < end && rc == 0) {
+      if (varint(&q, end, &key) || (key & 7) != 0 || varint(&q, end, &val)) {
+        rc = -1;
+        break;
+      }
+      switch (key >> 3) {
+        case 1: vaddr = val; break;
+        case 2: compat = val; break;
+        case 4: flags = val; break;
+        case 5: nr = val; break;
+      }
+    }
+    if (!nr) nr = compat;
+    if (rc == 0 && (flags & 2 /* PE_LAZY */)) fn(vpid, vaddr, nr, arg);
+  }
+  fclose(f);
+  return rc;
+}
+
+struct final_ctx {
+  struct proc *p;
+  struct pageset dirty;
+  int drop;
+};
+
+static void cb_mark(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  (void)p;
+  for (uint64_t i = 0; i < n; i++) ps_add((struct pageset *)arg, s / PAGE + i);
+}
+
+static void final_run(pid_t vpid, uint64_t vaddr, uint64_t nr, void *arg) {
+  struct final_ctx *c = arg;
+  uint64_t i = 0;
+  while (i < nr) {
+    uint64_t pg = vaddr / PAGE + i;
+    int need = ps_has(&c->dirty, pg) || !ps_has(&c->p->sent, pg);
+    uint64_t j = i + 1;
+    while (j < nr && (ps_has(&c->dirty, vaddr / PAGE + j) || !ps_has(&c->p->sent, vaddr / PAGE + j)) == need) j++;
+    if (need) {
+      if (!c->drop) send_range(c->p, vaddr + i * PAGE, j - i);
+      else if (ps_has(&c->p->sent, pg)) {
+        /* Written since it was sent: the destination must not use its copy. */
+        emit(REC_DROP, vpid, vaddr + i * PAGE, (uint32_t)(j - i), NULL);
+        st.dropped += j - i;
+      }
+    }
+    i = j;
+  }
+}
+
+static void cmd_final(char *args) {
+  char *save, *dir = strtok_r(args, " \t\n", &save), *opt = dir ? strtok_r(NULL, " \t\n", &save) : NULL;
+  int drop = opt && !strcmp(opt, "drop");
+  if (!dir) {
+    snprintf(st.why, sizeof st.why, "final needs the images directory");
+    return;
+  }
+  DIR *d = opendir(dir);
+  if (!d) {
+    snprintf(st.why, sizeof st.why, "%s: %s", dir, strerror(errno));
+    return;
+  }
+  struct dirent *de;
+  while ((de = readdir(d))) {
+    int vpid;
+    char tail[8];
+    if (sscanf(de->d_name, "pagemap-%d.%7s", &vpid, tail) != 2 || strcmp(tail, "img")) continue;
+    struct proc *p = NULL;
+    for (size_t i = 0; i < nprocs; i++)
+      if (procs[i].vpid == vpid) p = &procs[i];
+    struct proc fresh = {0};
+    if (!p) {
+      /* Appeared after the last round: nothing of it was sent. Find it by its namespace pid. */
+      snprintf(st.why, sizeof st.why, "process %d was not tracked", vpid);
+      fresh.uffd = -1;
+      fresh.vpid = vpid;
+      fresh.pid = -1;
+      p = &fresh;
+      DIR *pd = opendir("/proc");
+      struct dirent *pe;
+      while (pd && (pe = readdir(pd)) && fresh.pid < 0) {
+        pid_t h = atoi(pe->d_name);
+        if (h > 0 && read_vpid(h) == vpid && fresh.pid < 0) {
+          /* Only a process of the tracked tree's namespace: share a pid namespace with a tracked one. */
+          char a[64], b[64], la[128] = "", lb[128] = "";
+          snprintf(a, sizeof a, "/proc/%d/ns/pid", h);
+          snprintf(b, sizeof b, "/proc/%d/ns/pid", nprocs ? procs[0].pid : 0);
+          if (readlink(a, la, sizeof la - 1) > 0 && readlink(b, lb, sizeof lb - 1) > 0 && !strcmp(la, lb)) fresh.pid = h;
+        }
+      }
+      if (pd) closedir(pd);
+      if (fresh.pid < 0) {
+        snprintf(st.why, sizeof st.why, "process %d of the images is not found", vpid);
+        continue;
+      }
+    }
+    struct final_ctx c = {p, {0}, drop};
+    int pm = open_pagemap(p->pid);
+    if (p->uffd < 0) {
+      /* Not armed: whatever it has may have changed since it was sent. */
+      free(p->sent.keys);
+      memset(&p->sent, 0, sizeof p->sent);
+    } else if (pm >= 0) {
+      struct vma *v;
+      size_t n = anon_vmas(p->pid, &v);
+      for (size_t i = 0; i < n; i++)
+        if (scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, cb_mark, &c.dirty) < 0)
+          scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_mark, &c.dirty);
+      free(v);
+    }
+    if (pm >= 0) close(pm);
+    if (lazy_runs(dir, vpid, final_run, &c)) snprintf(st.why, sizeof st.why, "pagemap-%d.img cannot be read", vpid);
+    free(c.dirty.keys);
+    free(fresh.sent.keys);
+  }
+  closedir(d);
+}
+
+int main(void) {
+  signal(SIGPIPE, SIG_IGN);
+  ctl = fdopen(3, "w");
+  if (!ctl) {
+    fprintf(stderr, "ferry-track: fd 3 must be open for replies\n");
+    return 2;
+  }
+  const char *dr = getenv("FERRY_DEBUG_DROP_ROUND");
+  drop_round = dr ? atoi(dr) : 0;
+  char *line = NULL;
+  size_t cap = 0;
+  while (getline(&line, &cap, stdin) > 0) {
+    memset(&st, 0, sizeof st);
+    double t0 = now_ms();
+    char *sp = strchr(line, ' ');
+    char *args = sp ? sp + 1 : line + strlen(line);
+    uint64_t counted = 0;
+    if (!strncmp(line, "round", 5)) cmd_round(args);
+    else if (!strncmp(line, "count", 5))
+      for (size_t i = 0; i < nprocs; i++) counted += visit(&procs[i], 'c', 0);
+    else if (!strncmp(line, "final", 5)) cmd_final(args);
+    else if (!strncmp(line, "quit", 4)) break;
+    else snprintf(st.why, sizeof st.why, "unknown command");
+    for (char *c = st.why; *c; c++)
+      if (*c == '"' || *c == '\\') *c = '\'';
+    fprintf(ctl, "{\"pages\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"counted\":%" PRIu64 ",\"fullVmas\":%" PRIu64 ",\"armed\":%d,\"unarmed\":%d,\"ms\":%.2f,\"note\":\"%s\"}\n", st.pages, st.zero, st.bytes, st.dropped, counted, st.full_vmas, st.armed, st.unarmed, now_ms() - t0, st.why);
+    fflush(ctl);
+  }
+  return 0;
+}

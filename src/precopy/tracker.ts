@@ -1,0 +1,137 @@
+// Pre-copy on the source: native/ferry-track finds the pages the task writes (userfaultfd
+// write-protect + PAGEMAP_SCAN, armed from outside through ptrace) and writes them as page records
+// on its stdout, which the migration carries to the destination. Its replies come on fd 3, one
+// JSON line per command. The task is disarmed when the helper exits, however it exits: the kernel
+// drops the registrations with the helper's last descriptor.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { createInterface } from 'node:readline';
+import type { Readable, Writable } from 'node:stream';
+import { join } from 'node:path';
+import { FerryError } from '../errors.js';
+
+export interface TrackReply {
+  pages: number;
+  zero: number;
+  bytes: number;
+  dropped: number;
+  counted: number;
+  fullVmas: number;
+  armed: number;
+  unarmed: number;
+  ms: number;
+  note: string;
+}
+
+export class Tracker {
+  private readonly child: ChildProcess;
+  private readonly replies: Array<(r: TrackReply) => void> = [];
+  private exitedWith?: string;
+  readonly exited: Promise<void>;
+
+  constructor(nativeDir: string, env: NodeJS.ProcessEnv = process.env) {
+    this.child = spawn(join(nativeDir, 'ferry-track'), [], { stdio: ['pipe', 'pipe', 'pipe', 'pipe'], env });
+    this.child.stdin!.on('error', () => {});
+    let err = '';
+    this.child.stderr!.on('data', (c: Buffer) => (err = (err + c.toString()).slice(-500)));
+    const ctl = createInterface({ input: this.child.stdio[3] as Readable });
+    ctl.on('line', (l) => this.replies.shift()?.(JSON.parse(l) as TrackReply));
+    this.exited = new Promise((res) => {
+      this.child.once('error', (e) => {
+        this.exitedWith = e.message;
+        res();
+      });
+      this.child.once('close', (code, sig) => {
+        this.exitedWith = `ferry-track ended (${sig ?? `code ${code}`})${err ? `: ${err.trim()}` : ''}`;
+        res();
+      });
+    });
+  }
+
+  /** Page records: carry them to the destination as they come. */
+  get pages(): Readable {
+    return this.child.stdout!;
+  }
+
+  private command(line: string): Promise<TrackReply> {
+    if (this.exitedWith) return Promise.reject(new FerryError('PRECOPY', this.exitedWith));
+    return new Promise((resolve, reject) => {
+      this.replies.push(resolve);
+      void this.exited.then(() => reject(new FerryError('PRECOPY', this.exitedWith ?? 'ferry-track ended')));
+      (this.child.stdin as Writable).write(`${line}\n`);
+    });
+  }
+
+  /** Sends what the processes wrote since the last round (everything the first time). */
+  round(pids: number[]): Promise<TrackReply> {
+    return this.command(`round ${pids.join(' ')}`);
+  }
+
+  /** Pages written since the last round, without sending or re-arming anything. */
+  async written(): Promise<number> {
+    return (await this.command('count')).counted;
+  }
+
+  /**
+   * The task is frozen and CRIU's images are in dir: sends the last delta (or, with drop, tells
+   * the destination which of its pages are stale), then ends the page records.
+   */
+  async final(dir: string, drop: boolean): Promise<TrackReply> {
+    if (/\s/.test(dir)) throw new FerryError('PRECOPY', `images directory with white space: ${dir}`);
+    const r = await this.command(`final ${dir}${drop ? ' drop' : ''}`);
+    this.child.stdin!.end('quit\n');
+    return r;
+  }
+
+  /** Disarms the task (the helper's descriptors close) and waits for that. */
+  async stop(): Promise<void> {
+    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGKILL');
+    await this.exited;
+  }
+}
+
+/** How a pre-copy ends its rounds. */
+export type Verdict = 'continue' | 'converged' | 'round-limit' | 'stalled' | 'too-fast';
+
+export interface RoundStat {
+  round: number;
+  pages: number;
+  bytes: number;
+  zeroPages: number;
+  ms: number;
+  /** Pages written while this round was sent: the next round, or the pause. */
+  dirtyPages: number;
+  dirtyRateMBps: number;
+  linkMBps: number;
+  expectedDowntimeMs: number;
+}
+
+export interface StopPolicy {
+  maxDowntimeMs: number;
+  maxRounds: number;
+}
+
+/** Below this many written pages a round costs more than it saves (P.Haul's threshold). */
+export const FEW_PAGES = 64;
+
+/**
+ * QEMU's rule: switch over once what is left fits the allowed downtime at the measured link
+ * rate; P.Haul's limits: a round limit, and a round that grew by more than 10 % means no progress.
+ * A task that writes faster than the link carries will never converge: said after two rounds.
+ */
+export function verdict(rounds: RoundStat[], p: StopPolicy): Verdict {
+  const last = rounds.at(-1);
+  if (!last) return 'continue';
+  if (last.dirtyPages <= FEW_PAGES || last.expectedDowntimeMs <= p.maxDowntimeMs) return 'converged';
+  if (rounds.length >= p.maxRounds) return 'round-limit';
+  if (rounds.length >= 2 && last.dirtyRateMBps >= 0.9 * last.linkMBps) return 'too-fast';
+  // P.Haul gives up when a round grows by 10 %; a set that does not shrink by 10 % will not fit either.
+  const prev = rounds.at(-2);
+  if (prev && last.dirtyPages > prev.dirtyPages * 0.9) return 'stalled';
+  return 'continue';
+}
+
+/** Time to send `pages` at `MBps`, in ms (all written pages count as data: the worst case). */
+export function expectedMs(pages: number, MBps: number): number {
+  if (MBps <= 0) return Number.POSITIVE_INFINITY;
+  return Math.round(((pages * 4096) / 1e6 / MBps) * 1000);
+}
