@@ -1,12 +1,14 @@
 // ferry-workload: a task for Ferry's tests, demo and benchmark.
 //
-//   ferry-workload [--mib N] [--dirty MIB_PER_S] [--interval-ms MS]
-//                  [--threads N] [--files N] [--procs N]
+//   ferry-workload [--mib N] [--dirty MIB_PER_S] [--pattern seq|uniform|hot] [--scan 0|1]
+//                  [--interval-ms MS] [--threads N] [--files N] [--procs N]
 //
 // Allocates N MiB of incompressible data and appends a heartbeat line to stdout every interval:
 //   hb SEQ MONOTONIC_NS REALTIME_NS
 // Pages are dirtied at the given rate by rewriting their own bytes (content and checksum stay the
-// same, so a test can compare checksums while the pages still count as written). SIGUSR1 makes it
+// same, so a test can compare checksums while the pages still count as written): in address order
+// (seq), at random (uniform) or 90 % of them in the first 10 % of memory (hot). --scan 1 reads
+// its memory in address order between heartbeats (every page, over and over). SIGUSR1 makes it
 // print "sum HEX" of its memory. --threads, --files and --procs make the task that many threads,
 // open descriptors (of /dev/null) and processes, for measuring how a migration scales with them.
 #define _GNU_SOURCE
@@ -56,7 +58,7 @@ static void *idle_thread(void *arg) {
 }
 
 int main(int argc, char **argv) {
-  long mib = 64, dirty = 0, interval_ms = 10, threads = 1, files = 0, procs = 1;
+  long mib = 64, dirty = 0, interval_ms = 10, threads = 1, files = 0, procs = 1, pattern = 0, scan = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--mib")) mib = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--dirty")) dirty = atol(argv[i + 1]);
@@ -64,6 +66,8 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--threads")) threads = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--files")) files = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--procs")) procs = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--pattern")) pattern = !strcmp(argv[i + 1], "uniform") ? 1 : !strcmp(argv[i + 1], "hot") ? 2 : 0;
+    else if (!strcmp(argv[i], "--scan")) scan = atol(argv[i + 1]);
     else {
       fprintf(stderr, "ferry-workload: unknown option %s\n", argv[i]);
       return 2;
@@ -130,7 +134,8 @@ int main(int argc, char **argv) {
 
   double pages_per_tick = pages ? (double)dirty * 256.0 * (double)interval_ms / 1000.0 : 0;
   double owed = 0;
-  size_t next_page = 0;
+  size_t next_page = 0, scan_page = 0;
+  uint64_t rnd = 0x2545F4914F6CDD1Dull ^ (uint64_t)getpid(), scan_sum = 0;
   uint64_t seq = 0;
   struct timespec tick = {interval_ms / 1000, (interval_ms % 1000) * 1000000L};
   for (;;) {
@@ -142,11 +147,23 @@ int main(int argc, char **argv) {
     }
     owed += pages_per_tick;
     while (owed >= 1.0) {
-      volatile uint64_t *w = mem + next_page * 512;
+      size_t pg = next_page;
+      if (pattern) {
+        rnd ^= rnd << 13, rnd ^= rnd >> 7, rnd ^= rnd << 17;
+        pg = pattern == 2 && rnd % 10 ? (rnd >> 8) % (pages / 10 + 1) : (rnd >> 8) % pages;
+      }
+      volatile uint64_t *w = mem + pg * 512;
       *w = *w;  // a write of the same value: the page is dirty, the checksum unchanged
       next_page = (next_page + 1) % pages;
       owed -= 1.0;
     }
-    nanosleep(&tick, NULL);
+    if (scan && pages) {
+      // Reads on, page after page, until the next heartbeat is due.
+      uint64_t due = now_ns(CLOCK_MONOTONIC) + (uint64_t)interval_ms * 1000000ull;
+      while (now_ns(CLOCK_MONOTONIC) < due)
+        for (int k = 0; k < 64; k++, scan_page = (scan_page + 1) % pages) scan_sum += ((volatile uint64_t *)mem)[scan_page * 512];
+    } else {
+      nanosleep(&tick, NULL);
+    }
   }
 }

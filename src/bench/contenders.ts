@@ -14,6 +14,13 @@ import { beatRate, checkBeats, parseBeats, readySum } from './heartbeat.js';
 export interface Workload {
   mib: number;
   dirtyMiBps: number;
+  /** How the writes spread: at random, or 90 % to 10 % of memory; scan: also reads all memory in order. */
+  pattern: 'uniform' | 'hot' | 'scan';
+}
+
+/** ferry-workload's options for a workload. */
+export function workloadArgs(w: Workload): string[] {
+  return ['--mib', String(w.mib), '--dirty', String(w.dirtyMiBps), '--pattern', w.pattern === 'hot' ? 'hot' : 'uniform', '--scan', w.pattern === 'scan' ? '1' : '0'];
 }
 
 export interface RunMetrics {
@@ -30,6 +37,9 @@ export interface RunMetrics {
   /** Post-copy: resume until all pages were local, and the heartbeat rate then vs before. */
   postCopyWindowMs?: number;
   postCopyRateRatio?: number;
+  /** Pre-copy: rounds run, and the heartbeat rate while they ran vs before. */
+  rounds?: number;
+  roundsRateRatio?: number;
 }
 
 export interface Contender {
@@ -134,7 +144,7 @@ async function startPlainTask(ctx: BenchContext, w: Workload, dir: string): Prom
   const log = join(dir, 'hb.log');
   const parent = spawn(
     'ip',
-    ['netns', 'exec', h(ctx, 1).netns, 'unshare', '--pid', '--uts', '--ipc', '--time', '--fork', 'setsid', 'sh', '-c', `exec ${WORKLOAD} --mib ${w.mib} --dirty ${w.dirtyMiBps} >>${log} 2>&1 </dev/null`],
+    ['netns', 'exec', h(ctx, 1).netns, 'unshare', '--pid', '--uts', '--ipc', '--time', '--fork', 'setsid', 'sh', '-c', `exec ${WORKLOAD} ${workloadArgs(w).join(' ')} >>${log} 2>&1 </dev/null`],
     { stdio: 'ignore', detached: true },
   );
   parent.unref();
@@ -247,23 +257,24 @@ const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 100) / 100
 
 // ---- Ferry ---------------------------------------------------------------------------------------
 
-async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop-copy' | 'post-copy'): Promise<RunMetrics> {
+async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop-copy' | 'post-copy' | 'pre-copy' | 'auto', extra: string[] = []): Promise<RunMetrics> {
   const name = `bench-${mode}-${tag}`.replace(/[^A-Za-z0-9_.-]/g, '');
   const ferry = (...args: string[]) => run(process.execPath, [ctx.cli, '--cluster', ctx.lab.cluster, ...args], { timeoutMs: 600_000 });
   const srcState = join(h(ctx, 1).dir, 'state');
   const dstState = join(h(ctx, 2).dir, 'state');
   const log = (host: 1 | 2) => readText(join(h(ctx, host).dir, 'state', 'tasks', name, 'task.log'));
-  await ferry('--host', 'h1', 'run', '--name', name, '--', WORKLOAD, '--mib', String(w.mib), '--dirty', String(w.dirtyMiBps));
+  await ferry('--host', 'h1', 'run', '--name', name, '--', WORKLOAD, ...workloadArgs(w));
   try {
     await waitFor('the workload to fill its memory', () => readySum(log(1)), 180_000);
     await waitFor('heartbeats', () => (parseBeats(log(1)).length > 100 ? true : undefined));
     const fromBeat = parseBeats(log(1)).length;
     const disk = new DiskSampler([srcState], [dstState]);
     const tx0 = await txBytes(ctx);
-    const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, '--json');
+    const startedS = Date.now() / 1000;
+    const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, ...extra, '--json');
     const wireBytes = (await txBytes(ctx)) - tx0;
     const d = disk.stop();
-    const report = JSON.parse(r.stdout) as { totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number };
+    const report = JSON.parse(r.stdout) as { totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string } };
     await sleep(300);
     const p = pauseAfter(log(2), fromBeat);
     const m: RunMetrics = {
@@ -274,6 +285,12 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
       peakDiskSrcMiB: d.src,
       peakDiskDstMiB: d.dst,
     };
+    if (report.precopy) {
+      m.rounds = report.precopy.rounds.length;
+      // The heartbeat rate while the rounds ran, against the rate before the migration started.
+      const frozenS = p.resumedAtS - p.pauseMs / 1000;
+      m.roundsRateRatio = ratio(beatRate(p.beats, startedS, frozenS), beatRate(p.beats, startedS - 2, startedS));
+    }
     if (report.postCopyWindowMs !== undefined) {
       m.postCopyWindowMs = report.postCopyWindowMs;
       m.postCopyRateRatio = ratio(beatRate(p.beats, p.resumedAtS, p.resumedAtS + report.postCopyWindowMs / 1000), p.beforeRate);
@@ -330,7 +347,7 @@ async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<R
   const port = 7900 + Math.floor(Math.random() * 90);
   const disk = new DiskSampler([src], [dst]);
   try {
-    await podmanAt(ctx, 1, ['run', '-d', '--name', c1, '--network', 'host', '--ulimit', 'nofile=20000:20000', '--ulimit', 'nproc=32768:32768', IMAGE, '/ferry-workload', '--mib', String(w.mib), '--dirty', String(w.dirtyMiBps)]);
+    await podmanAt(ctx, 1, ['run', '-d', '--name', c1, '--network', 'host', '--ulimit', 'nofile=20000:20000', '--ulimit', 'nproc=32768:32768', IMAGE, '/ferry-workload', ...workloadArgs(w)]);
     const log1 = await podmanAt(ctx, 1, ['container', 'inspect', c1, '--format', '{{.HostConfig.LogConfig.Path}}']);
     const beatsOf = (p: string) => readText(p).split('\n').map((l) => /((?:hb|ready) .*)$/.exec(l)?.[1] ?? '').join('\n');
     await waitFor('the workload to fill its memory', () => readySum(beatsOf(log1)), 180_000);
@@ -380,4 +397,6 @@ export const CONTENDERS: Contender[] = [
   podman,
   { name: 'ferry stop-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'stop-copy') },
   { name: 'ferry post-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'post-copy') },
+  { name: 'ferry pre-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'pre-copy') },
+  { name: 'ferry auto (post-copy allowed)', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'auto', ['--allow-post-copy']) },
 ];

@@ -18,6 +18,7 @@ interface Options {
   bandwidth: string;
   sizes: number[];
   dirtyRates: number[];
+  patterns: Workload['pattern'][];
   runs: number;
   out: string;
   only?: string[];
@@ -33,7 +34,8 @@ function parse(argv: string[]): Options {
   const p = new Command('bench')
     .option('--bandwidth <rate>', 'link rate between the two hosts (tc tbf)', '1gbit')
     .option('--sizes <MiB,...>', 'workload sizes', '256,1024')
-    .option('--dirty-rates <MiB/s,...>', 'page dirtying rates', '0,16')
+    .option('--dirty-rates <MiB/s,...>', 'page dirtying rates', '0,16,64,256')
+    .option('--patterns <p,...>', 'uniform (writes at random), hot (90 % of writes to 10 % of memory), scan (uniform, and reads all memory in order)', 'uniform,hot,scan')
     .option('--runs <n>', 'runs per contender and workload (medians are reported)', '3')
     .option('--quick', 'one size (256 MiB), one dirty rate (16 MiB/s), one run')
     .option('--only <names>', 'comma-separated contender name fragments')
@@ -42,13 +44,20 @@ function parse(argv: string[]): Options {
     .option('--scale', 'instead: how migrations scale with threads, files and processes, concurrent migrations, many tasks, and a soak checked for leaks')
     .exitOverride()
     .parse(argv, { from: 'user' });
-  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean }>();
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean }>();
   return {
     scale: !!o.scale,
     quick: !!o.quick,
     bandwidth: o.bandwidth,
     sizes: o.quick ? [256] : list(o.sizes),
     dirtyRates: o.quick ? [16] : list(o.dirtyRates),
+    patterns: o.quick
+      ? ['uniform']
+      : o.patterns.split(',').map((x) => {
+          const v = x.trim();
+          if (v !== 'uniform' && v !== 'hot' && v !== 'scan') throw new FerryError('USAGE', `unknown pattern '${v}': use uniform, hot or scan`);
+          return v;
+        }),
     runs: o.quick ? 1 : Math.max(1, Math.floor(Number(o.runs))),
     out: o.out,
     ...(o.only ? { only: o.only.split(',') } : {}),
@@ -81,13 +90,16 @@ async function main(): Promise<void> {
   try {
     for (const mib of o.sizes) {
       for (const dirty of o.dirtyRates) {
-        const w: Workload = { mib, dirtyMiBps: dirty };
+       for (const pattern of o.patterns) {
+        // Pattern does not matter without writes, except for the scanner.
+        if (dirty === 0 && pattern === 'hot') continue;
+        const w: Workload = { mib, dirtyMiBps: dirty, pattern };
         for (const c of runnable) {
           const runs: RunMetrics[] = [];
           const errors: string[] = [];
           for (let i = 0; i < o.runs; i++) {
             try {
-              const m = await c.run(ctx, w, `${mib}-${dirty}-${i}`);
+              const m = await c.run(ctx, w, `${mib}-${dirty}-${pattern}-${i}`);
               runs.push(m);
               say(`${c.name.padEnd(38)} ${String(mib).padStart(5)} MiB ${String(dirty).padStart(3)} MiB/s run ${i + 1}: pause ${m.pauseMs} ms, total ${m.totalMs} ms, wire ${(m.wireBytes / 2 ** 20).toFixed(0)} MiB`);
             } catch (e) {
@@ -98,6 +110,7 @@ async function main(): Promise<void> {
           }
           results.push(summarize(c.name, w, runs, errors));
         }
+       }
       }
     }
   } finally {

@@ -20,6 +20,7 @@ export interface BenchResult {
   peakDiskDstMiB?: Stat;
   postCopyWindowMs?: Stat;
   postCopyRateRatio?: Stat;
+  roundsRateRatio?: Stat;
 }
 
 export function stat(values: number[]): Stat | undefined {
@@ -44,6 +45,7 @@ export function summarize(contender: string, workload: Workload, runs: RunMetric
   put('peakDiskDstMiB', pick((m) => m.peakDiskDstMiB));
   put('postCopyWindowMs', pick((m) => m.postCopyWindowMs));
   put('postCopyRateRatio', pick((m) => m.postCopyRateRatio));
+  put('roundsRateRatio', pick((m) => m.roundsRateRatio));
   return r;
 }
 
@@ -53,17 +55,17 @@ export function renderMarkdown(meta: { date: string; machine: string; link: stri
   const lines = [
     `Benchmark of ${meta.date}: ${meta.machine}; ${meta.link}; medians of ${meta.runs} run(s), min–max in brackets.`,
     '',
-    '| workload | contender | pause the task saw | total (to all memory local) | on the wire (MiB) | tool-reported (MiB) | peak extra disk src / dst (MiB) | post-copy window | heartbeat rate in window |',
-    '| --- | --- | --- | --- | --- | --- | --- | --- | --- |',
+    '| workload | contender | pause the task saw | total (to all memory local) | on the wire (MiB) | tool-reported (MiB) | peak extra disk src / dst (MiB) | post-copy window | heartbeat rate in window | heartbeat rate during pre-copy rounds |',
+    '| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |',
   ];
   for (const r of results) {
-    const wl = `${r.workload.mib} MiB, ${r.workload.dirtyMiBps} MiB/s dirty`;
+    const wl = `${r.workload.mib} MiB, ${r.workload.dirtyMiBps} MiB/s dirty, ${r.workload.pattern ?? 'uniform'}`;
     if (r.runs === 0) {
-      lines.push(`| ${wl} | ${r.contender} | failed: ${r.errors[0] ?? 'no run'} | | | | | | |`);
+      lines.push(`| ${wl} | ${r.contender} | failed: ${r.errors[0] ?? 'no run'} | | | | | | | |`);
       continue;
     }
     lines.push(
-      `| ${wl} | ${r.contender} | ${fmt(r.pauseMs, ' ms')} | ${fmt(r.totalMs, ' ms')} | ${fmt(r.wireMiB)} | ${fmt(r.reportedMiB)} | ${fmt(r.peakDiskSrcMiB)} / ${fmt(r.peakDiskDstMiB)} | ${fmt(r.postCopyWindowMs, ' ms')} | ${r.postCopyRateRatio ? `${Math.round(r.postCopyRateRatio.median * 100)} %` : '–'} |`,
+      `| ${wl} | ${r.contender} | ${fmt(r.pauseMs, ' ms')} | ${fmt(r.totalMs, ' ms')} | ${fmt(r.wireMiB)} | ${fmt(r.reportedMiB)} | ${fmt(r.peakDiskSrcMiB)} / ${fmt(r.peakDiskDstMiB)} | ${fmt(r.postCopyWindowMs, ' ms')} | ${r.postCopyRateRatio ? `${Math.round(r.postCopyRateRatio.median * 100)} %` : '–'} | ${r.roundsRateRatio ? `${Math.round(r.roundsRateRatio.median * 100)} %` : '–'} |`,
     );
   }
   for (const s of skipped) lines.push(`| all | ${s.contender} | skipped: ${s.reason} | | | | | | |`);
@@ -74,7 +76,7 @@ export function renderMarkdown(meta: { date: string; machine: string; link: stri
 /** Two grouped bar charts (pause, total time) per workload and contender. */
 export function renderSvg(meta: { date: string; machine: string; link: string }, results: BenchResult[]): string {
   const ok = results.filter((r) => r.runs > 0);
-  const groups = [...new Set(ok.map((r) => `${r.workload.mib} MiB, ${r.workload.dirtyMiBps} MiB/s`))];
+  const groups = [...new Set(ok.map((r) => `${r.workload.mib} MiB, ${r.workload.dirtyMiBps} MiB/s, ${r.workload.pattern ?? 'uniform'}`))];
   const contenders = [...new Set(ok.map((r) => r.contender))];
   const colors = ['#8c8c8c', '#4e79a7', '#59a14f', '#e15759', '#f28e2b', '#b07aa1', '#76b7b2'];
   const barH = 14;

@@ -12,7 +12,7 @@ test('medians, min and max', () => {
   assert.deepEqual(stat([3, 1, 2]), { median: 2, min: 1, max: 3 });
   assert.deepEqual(stat([4, 1, 2, 3]), { median: 2.5, min: 1, max: 4 });
   assert.equal(stat([]), undefined);
-  const r = summarize('x', { mib: 1, dirtyMiBps: 0 }, [], ['boom']);
+  const r = summarize('x', { mib: 1, dirtyMiBps: 0, pattern: 'uniform' as const }, [], ['boom']);
   assert.match(renderMarkdown({ date: 'd', machine: 'm', link: 'l', runs: 1 }, [r], []), /failed: boom/);
 });
 

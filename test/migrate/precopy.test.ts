@@ -1,0 +1,154 @@
+// Pre-copy and auto between two test hosts: tasks that log every write they make outside their
+// memory (native/ferry-memcheck.c) check every page after the move. Several processes, threads,
+// forks, new, grown and moved mappings, dropped pages and shared memory, while the rounds run.
+import assert from 'node:assert/strict';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import type { MigrationReport } from '../../src/migrate/source.js';
+import { NATIVE, SOCKETS, ask, waitFor } from '../support/ferry.js';
+import { Lab, oneLine } from '../support/lab.js';
+
+const MEMCHECK = join(NATIVE, 'ferry-memcheck');
+const debugDir = join('/var/tmp', 'ferry-precopy-debug');
+const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir });
+const work = join('/var/tmp', 'ferry-precopy-work');
+
+before(async () => {
+  rmSync(debugDir, { recursive: true, force: true });
+  mkdirSync(debugDir, { recursive: true });
+  await lab.down();
+  await lab.up();
+});
+after(async () => {
+  await lab.down();
+  rmSync(debugDir, { recursive: true, force: true });
+  rmSync(work, { recursive: true, force: true });
+});
+
+/** Starts a memcheck task on h1 in a directory of its own (its write logs live there). */
+async function startMemcheck(name: string, args: string[]): Promise<void> {
+  const dir = join(work, name);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--cwd', dir, '--', MEMCHECK, ...args]);
+  await waitFor('memcheck ready', () => (/^ready p0$/m.test(lab.logOf('h1', name)) ? true : undefined), 60_000);
+  // Let it write for a while, forks and mappings included, before the move.
+  await new Promise((r) => setTimeout(r, 2500));
+}
+
+/** Asks every process of the task to check its memory; returns the check lines. */
+async function checkMemory(host: string, name: string): Promise<string[]> {
+  const t = (await lab.tasksOn(host)).find((x) => x.name === name);
+  assert.ok(t?.pid, `task ${name} must run on ${host}`);
+  const log = () => lab.logOf(host, name);
+  const procs = new Set([...log().matchAll(/^ready (\S+)$/gm)].map((m) => m[1]!));
+  const before = log().length;
+  process.kill(t.pid, 'SIGUSR1');
+  return waitFor(
+    'every process to check its memory',
+    () => {
+      const lines = [...log().slice(before).matchAll(/^check (\S+) (.*)$/gm)];
+      const seen = new Set(lines.map((m) => m[1]!));
+      return [...procs].every((p) => seen.has(p)) ? lines.map((m) => `${m[1]} ${m[2]}`) : undefined;
+    },
+    60_000,
+  );
+}
+
+async function migrate(name: string, args: string[]): Promise<MigrationReport> {
+  return JSON.parse(await lab.ok(['--host', 'h1', 'migrate', name, '--to', 'h2', '--json', ...args])) as MigrationReport;
+}
+
+function assertAllOk(lines: string[]): void {
+  assert.ok(lines.length >= 1);
+  for (const l of lines) assert.match(l, / ok \d+$/, `memory check failed: ${l}`);
+}
+
+test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
+  t.after(() => lab.removeEverywhere('pc'));
+  await startMemcheck('pc', ['--mib', '96', '--rate', '16', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '8']);
+  const r = await migrate('pc', ['--mode', 'pre-copy']);
+  assert.equal(r.ok, true);
+  assert.ok(r.precopy, 'the report has the rounds');
+  assert.equal(r.precopy.finish, 'residue sent');
+  assert.ok(r.precopy.rounds.length >= 1 && r.precopy.rounds[0]!.bytes > 96 * 2 ** 20, `first round sends all memory: ${JSON.stringify(r.precopy.rounds[0])}`);
+  t.diagnostic(`pre-copy: ${r.precopy.rounds.length} rounds (${r.precopy.verdict}), last delta ${r.precopy.finalBytes} B, blackout ${r.blackoutMs} ms`);
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pc'), false);
+  assertAllOk(await checkMemory('h2', 'pc'));
+});
+
+test('auto: a task that writes faster than the link finishes by post-copy when allowed, memory intact', async (t) => {
+  t.after(() => lab.removeEverywhere('fast'));
+  await startMemcheck('fast', ['--mib', '64', '--rate', '256', '--threads', '2']);
+  const r = await migrate('fast', ['--allow-post-copy', '--max-rounds', '4']);
+  assert.equal(r.mode, 'auto');
+  assert.ok(r.precopy);
+  assert.notEqual(r.precopy.verdict, 'converged');
+  assert.equal(r.precopy.finish, 'post-copy');
+  t.diagnostic(`auto: ${r.precopy.rounds.length} rounds (${r.precopy.verdict}), post-copy window ${r.postCopyWindowMs} ms, blackout ${r.blackoutMs} ms`);
+  assertAllOk(await checkMemory('h2', 'fast'));
+});
+
+test('auto without post-copy sends the residue while frozen, and says the pause first', async (t) => {
+  t.after(() => lab.removeEverywhere('fast2'));
+  await startMemcheck('fast2', ['--mib', '64', '--rate', '256']);
+  const r = await lab.ferry(['--host', 'h1', 'migrate', 'fast2', '--to', 'h2', '--max-rounds', '3']);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stderr, /note: pre-copy does not converge .*expect a pause of about/);
+  assert.match(r.stdout, /pre-copy: \d rounds .*\(residue sent\)/);
+  assertAllOk(await checkMemory('h2', 'fast2'));
+});
+
+test('a round whose written pages are dropped on purpose is caught by the memory check', async (t) => {
+  t.after(() => {
+    rmSync(join(debugDir, 'drop-round'), { force: true });
+    return lab.removeEverywhere('lossy');
+  });
+  writeFileSync(join(debugDir, 'drop-round'), '2\n');
+  await startMemcheck('lossy', ['--mib', '32', '--rate', '16']);
+  const r = await migrate('lossy', ['--mode', 'pre-copy', '--max-downtime', '1', '--max-rounds', '3']);
+  assert.ok(r.precopy!.rounds.length >= 2, 'round 2 ran (and was dropped)');
+  const lines = await checkMemory('h2', 'lossy');
+  assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
+});
+
+/** The task's memory is no longer armed and it holds no userfaultfd. */
+function assertDisarmed(pid: number): void {
+  const smaps = readFileSync(`/proc/${pid}/smaps`, 'utf8');
+  assert.equal(/^VmFlags:.* uw/m.test(smaps), false, 'write-protect registration left in the task');
+  const fds = readdirSync(`/proc/${pid}/fd`).map((f) => {
+    try {
+      return readlinkSync(`/proc/${pid}/fd/${f}`);
+    } catch {
+      return '';
+    }
+  });
+  assert.equal(fds.some((l) => l.includes('userfaultfd')), false, 'a userfaultfd left in the task');
+}
+
+test('fault: a pre-copy whose restore fails leaves the task running on the source, disarmed', async (t) => {
+  // The port the task listens on is taken on the destination: CRIU cannot restore the socket.
+  const blocker: ChildProcess = spawn('ip', ['netns', 'exec', lab.netns('h2'), SOCKETS, '7300', '/dev/null'], { stdio: 'ignore' });
+  t.after(async () => {
+    blocker.kill('SIGKILL');
+    await lab.removeEverywhere('busy');
+  });
+  await waitFor('blocker listening', () => ask(lab.addr('h2'), 7300, 'x').then(() => true, () => undefined));
+  await lab.ok(['--host', 'h1', 'run', '--name', 'busy', '--', SOCKETS, '7300', '/dev/null']);
+  await waitFor('listening', () => (lab.logOf('h1', 'busy').includes('listening') ? true : undefined));
+  const r = await lab.ferry(['--host', 'h1', 'migrate', 'busy', '--to', 'h2', '--mode', 'pre-copy']);
+  oneLine(r, /migration of 'busy' to h2 failed: .*running on h1 again/);
+  assert.equal(await ask(lab.addr('h1'), 7300, 'still'), 'pong still');
+  const task = (await lab.tasksOn('h1')).find((x) => x.name === 'busy');
+  assert.equal(task?.state, 'running');
+  assertDisarmed(task.pid!);
+});
+
+test('bad pre-copy options get one line', async () => {
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-post-copy']), /--allow-post-copy applies to --mode auto/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'stop-copy', '--max-rounds', '3']), /apply to --mode pre-copy and auto/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'sideways']), /unknown --mode 'sideways'/);
+});

@@ -1,0 +1,128 @@
+// Pre-copy's stop policy and the destination's page store and CRIU page-server answers (parsing
+// and policy only; the migration itself is tested between real hosts in test/migrate).
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { createServer, connect, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { test } from 'node:test';
+import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO, servePages } from '../../src/precopy/store.js';
+import { verdict, type RoundStat } from '../../src/precopy/tracker.js';
+
+const round = (n: number, dirtyPages: number, expectedDowntimeMs: number, dirtyRateMBps = 10, linkMBps = 110): RoundStat => ({ round: n, pages: 0, bytes: 0, zeroPages: 0, ms: 100, dirtyPages, dirtyRateMBps, linkMBps, expectedDowntimeMs });
+const policy = { maxDowntimeMs: 300, maxRounds: 8 };
+
+test('stop policy: converged, round limit, stalled, faster than the link', () => {
+  assert.equal(verdict([round(1, 100_000, 5000)], policy), 'continue');
+  assert.equal(verdict([round(1, 100_000, 5000), round(2, 2000, 280)], policy), 'converged');
+  assert.equal(verdict([round(1, 100_000, 5000), round(2, 40, 900)], policy), 'converged', 'a handful of pages is not worth a round');
+  assert.equal(verdict([round(1, 100_000, 5000), round(2, 95_000, 4800)], policy), 'stalled');
+  assert.equal(verdict([round(1, 100_000, 5000), round(2, 50_000, 2500, 120)], policy), 'too-fast');
+  const shrinking = Array.from({ length: 8 }, (_, i) => round(i + 1, 100_000 / 2 ** i, 5000 / 2 ** i));
+  assert.equal(verdict(shrinking, { maxDowntimeMs: 1, maxRounds: 8 }), 'round-limit');
+});
+
+function record(kind: number, vpid: number, vaddr: number, n: number, fillByte?: number): Buffer {
+  const h = Buffer.alloc(REC_HEADER);
+  h.writeUInt32LE(kind, 0);
+  h.writeUInt32LE(vpid, 4);
+  h.writeBigUInt64LE(BigInt(vaddr), 8);
+  h.writeUInt32LE(n, 16);
+  return kind === REC_DATA ? Buffer.concat([h, Buffer.alloc(n * PAGE, fillByte ?? 1)]) : h;
+}
+
+async function feed(store: PageStore, bytes: Buffer, chunk: number): Promise<void> {
+  const w = store.writer();
+  w.on('error', () => {});
+  for (let i = 0; i < bytes.length; i += chunk) await new Promise<void>((r, j) => w.write(bytes.subarray(i, i + chunk), (e) => (e ? j(e) : r())));
+  await new Promise<void>((r, j) => w.end((e?: Error | null) => (e ? j(e) : r())));
+}
+
+test('page store: records split anywhere, later rounds overwrite, zero and dropped pages', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  try {
+    const store = new PageStore(join(dir, 'pages'));
+    const base = 0x7f0000000000;
+    const stream = Buffer.concat([record(REC_DATA, 7, base, 4, 0xaa), record(REC_ZERO, 7, base + 4 * PAGE, 2), record(REC_DATA, 7, base + PAGE, 1, 0xbb), record(REC_DROP, 7, base + 3 * PAGE, 1)]);
+    await feed(store, stream, 1000);
+    assert.equal(store.has(7, base, 3), true);
+    assert.equal(store.has(7, base, 4), false, 'a dropped page is not served');
+    assert.equal(store.has(8, base, 1), false);
+    const out = Buffer.alloc(6 * PAGE, 0xff);
+    store.read(7, base, 3, out, 0);
+    assert.equal(out[0], 0xaa);
+    assert.equal(out[PAGE], 0xbb, 'the later round wins');
+    assert.equal(out[2 * PAGE], 0xaa);
+    store.read(7, base + 4 * PAGE, 2, out, 0);
+    assert.equal(out.subarray(0, 2 * PAGE).every((b) => b === 0), true);
+    await assert.rejects(feed(new PageStore(join(dir, 'bad')), record(9, 1, 0, 1), 64), /malformed page record/);
+    await assert.rejects(feed(new PageStore(join(dir, 'bad2')), record(REC_DATA, 1, 0x1001, 1), 64), /malformed page record/);
+    store.remove();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+function psRequest(cmd: number, n: number, vaddr: number, id: number): Buffer {
+  const b = Buffer.alloc(32);
+  b.writeUInt32LE(cmd, 0);
+  b.writeBigUInt64LE(BigInt(n), 8);
+  b.writeBigUInt64LE(BigInt(vaddr), 16);
+  b.writeBigUInt64LE(BigInt(id), 24);
+  return b;
+}
+
+test('page server: answers from the store, forwards what it lacks, keeps the order', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  const store = new PageStore(join(dir, 'pages'));
+  await feed(store, record(REC_DATA, 3, 0x10000, 2, 0x11), 4096);
+  // A fake upstream: the source's CRIU answering one GET, then CLOSE.
+  const sockets: Socket[] = [];
+  const up = createServer((s) => {
+    sockets.push(s);
+    let buf = Buffer.alloc(0);
+    s.on('data', (d: Buffer) => {
+      buf = Buffer.concat([buf, d]);
+      for (; buf.length >= 32; buf = buf.subarray(32)) {
+        const req = buf.subarray(0, 32);
+        if ((req.readUInt32LE(0) & 0xffff) !== 7) {
+          s.write(Buffer.alloc(4));
+          continue;
+        }
+        const ans = Buffer.from(req);
+        ans.writeUInt32LE((4 << 16) | 6, 0);
+        s.write(Buffer.concat([ans, Buffer.alloc(Number(req.readBigUInt64LE(8)) * PAGE, 0x22)]));
+      }
+    });
+  });
+  await new Promise<void>((r) => up.listen(0, '127.0.0.1', r));
+  const front = createServer((daemon) => {
+    const upstream = connect((up.address() as { port: number }).port, '127.0.0.1');
+    sockets.push(daemon, upstream);
+    servePages(daemon, store, upstream, stats);
+  });
+  const stats = { localPages: 0, forwardedPages: 0 };
+  await new Promise<void>((r) => front.listen(0, '127.0.0.1', r));
+  const c: Socket = connect((front.address() as { port: number }).port, '127.0.0.1');
+  const got: Buffer[] = [];
+  c.on('data', (d: Buffer) => got.push(d));
+  // Missing first (forwarded), then local: the local answer must wait for the forwarded one.
+  c.write(Buffer.concat([psRequest(7, 1, 0x20000, 3), psRequest(7, 2, 0x10000, 3), psRequest(0x1023, 0, 0, 0)]));
+  const want = 32 + PAGE + 32 + 2 * PAGE + 4;
+  await new Promise<void>((r) => {
+    const check = () => (Buffer.concat(got).length >= want ? r() : setTimeout(check, 10));
+    check();
+  });
+  const all = Buffer.concat(got);
+  assert.equal(all.readBigUInt64LE(16), 0x20000n);
+  assert.equal(all[32], 0x22);
+  assert.equal(all.readBigUInt64LE(32 + PAGE + 16), 0x10000n);
+  assert.equal(all[32 + PAGE + 32], 0x11);
+  assert.deepEqual(stats, { localPages: 2, forwardedPages: 1 });
+  c.destroy();
+  for (const s of sockets) s.destroy();
+  front.close();
+  up.close();
+  store.remove();
+  rmSync(dir, { recursive: true, force: true });
+});
