@@ -4,6 +4,9 @@ import type { FerryConfig } from '../config.js';
 import { Criu, isSupported } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
 import { run } from '../exec/run.js';
+import { spawn } from 'node:child_process';
+import { Tracker } from '../precopy/tracker.js';
+import { sleep } from '../util/proc.js';
 
 export type CheckStatus = 'ok' | 'missing' | 'warn';
 
@@ -39,6 +42,23 @@ function sysctl(name: string): number | undefined {
     return Number(readFileSync(`/proc/sys/${name.replace(/\./g, '/')}`, 'utf8').trim());
   } catch {
     return undefined;
+  }
+}
+
+/** Arms a throw-away child the way pre-copy arms a task, and reads its written pages once. */
+async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: string }> {
+  const child = spawn('sleep', ['30'], { stdio: 'ignore' });
+  const tracker = new Tracker(nativeDir);
+  tracker.pages.resume();
+  try {
+    const r = await Promise.race([tracker.round([child.pid!]), sleep(10_000).then(() => undefined)]);
+    if (!r) return { ok: false, why: 'ferry-track did not answer' };
+    return r.armed === 1 ? { ok: true, why: '' } : { ok: false, why: `a process cannot be armed: ${r.note || 'unknown reason'}` };
+  } catch (e) {
+    return { ok: false, why: (e as Error).message };
+  } finally {
+    await tracker.stop();
+    child.kill('SIGKILL');
   }
 }
 
@@ -102,8 +122,15 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     name: 'soft-dirty',
     status: dirty ? 'ok' : 'warn',
     detail: dirty ? 'memory changes can be tracked' : 'kernel built without CONFIG_MEM_SOFT_DIRTY',
-    effect: dirty ? "CRIU's iterative pre-dump is possible" : "CRIU's pre-dump/--track-mem is impossible; Ferry uses stop-copy or post-copy",
-    ...(dirty ? {} : { fix: 'a kernel with CONFIG_MEM_SOFT_DIRTY enables pre-copy' }),
+    effect: dirty ? "CRIU's iterative pre-dump is possible" : "CRIU's pre-dump/--track-mem is impossible (Ferry's pre-copy does not need it)",
+  });
+  const wp = await canTrackWrites(cfg.nativeDir);
+  checks.push({
+    name: 'write tracking',
+    status: wp.ok ? 'ok' : 'warn',
+    detail: wp.ok ? 'userfaultfd write-protect + PAGEMAP_SCAN, armed through ptrace (tried on a child process)' : wp.why,
+    effect: wp.ok ? 'pre-copy and auto migrate memory in rounds while the task runs' : 'pre-copy and auto fail here; use --mode stop-copy or post-copy',
+    ...(wp.ok ? {} : { fix: 'Linux >= 6.7 on x86_64 with userfaultfd, and CAP_SYS_PTRACE' }),
   });
   const timens = await feature('timens');
   checks.push({
