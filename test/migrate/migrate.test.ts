@@ -134,7 +134,8 @@ for (const mode of ['stop-copy', 'post-copy'] as const) {
 }
 
 async function migrateInBackground(name: string): Promise<Promise<CliResult>> {
-  return ferry(['--host', 'h1', 'migrate', name, '--to', 'h2']);
+  // The page transfer these faults strike is stop-copy's (auto moves memory before the freeze).
+  return ferry(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy']);
 }
 
 test('fault: the link cut during the page transfer leaves the task on the source', async (t) => {
