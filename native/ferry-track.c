@@ -619,7 +619,6 @@ static void cmd_final(char *args) {
     struct proc fresh = {0};
     if (!p) {
       /* Appeared after the last round: nothing of it was sent. Find it by its namespace pid. */
-      snprintf(st.why, sizeof st.why, "process %d was not tracked", vpid);
       fresh.uffd = -1;
       fresh.vpid = vpid;
       fresh.pid = -1;

@@ -21,7 +21,7 @@ import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
-import { FEW_PAGES, Tracker, expectedMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
+import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { Hold } from './hold.js';
 import { debugDropRound, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
@@ -98,11 +98,6 @@ const DUMP_TIMEOUT_MS = 10 * 60_000;
 /** QEMU's default downtime limit; P.Haul's round limit. */
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 8;
-/**
- * What a switch-over costs besides the last delta: CRIU's freeze and dump without memory, the
- * other images, the restore, the resume (measured: 180-250 ms for a one-process task here).
- */
-const SWITCH_OVERHEAD_MS = 200;
 
 export async function migrateOut(
   ctx: MigrateContext,
@@ -357,7 +352,7 @@ export class OutgoingMigration {
         dirtyPages,
         dirtyRateMBps: Math.round(((dirtyPages * 4096) / 1e6 / (since / 1000)) * 10) / 10,
         linkMBps: Math.round(linkMBps * 10) / 10,
-        expectedDowntimeMs: SWITCH_OVERHEAD_MS + (dirtyPages <= FEW_PAGES ? 0 : expectedMs(dirtyPages, linkMBps)),
+        expectedDowntimeMs: expectedDowntimeMs(dirtyPages, linkMBps),
       };
       rounds.push(round);
       this.onProgress({ type: 'round', round });
@@ -380,7 +375,7 @@ export class OutgoingMigration {
   private async finalDelta(): Promise<void> {
     if (!this.tracker) return;
     const r = await this.tracker.final(this.imagesDir!, this.residueLazy);
-    if (r.note && !/was not tracked/.test(r.note)) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
+    if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
     await this.tracker.exited;
