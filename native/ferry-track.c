@@ -279,7 +279,15 @@ static int take_uffd(pid_t pid) {
   while ((de = readdir(d)) && result == -ESRCH) {
     pid_t tid = atoi(de->d_name);
     if (tid <= 0) continue;
+    /* From seize to detach the thread runs our registers: ending now would leave it broken. */
+    sigset_t hold, was;
+    sigemptyset(&hold);
+    sigaddset(&hold, SIGTERM);
+    sigaddset(&hold, SIGINT);
+    sigaddset(&hold, SIGHUP);
+    sigprocmask(SIG_BLOCK, &hold, &was);
     if (ptrace(PTRACE_SEIZE, tid, 0, 0)) {
+      sigprocmask(SIG_SETMASK, &was, NULL);
       result = errno == EPERM ? -EPERM : -ESRCH;
       if (result == -EPERM) break;
       continue;
@@ -297,6 +305,7 @@ static int take_uffd(pid_t pid) {
       }
       if (!ok) {
         ptrace(PTRACE_DETACH, tid, 0, 0);
+        sigprocmask(SIG_SETMASK, &was, NULL);
         continue;
       }
     }
@@ -319,6 +328,7 @@ static int take_uffd(pid_t pid) {
     }
     ptrace(PTRACE_DETACH, tid, 0, pending_sig);
     pending_sig = 0;
+    sigprocmask(SIG_SETMASK, &was, NULL);
   }
   closedir(d);
   if (result >= 0 && arm_uffd(result)) {

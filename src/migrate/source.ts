@@ -166,6 +166,7 @@ export class OutgoingMigration {
   private tracker?: Tracker;
   private precopyStream?: MuxStream;
   private precopyStored?: Promise<unknown>;
+  private precopyError?: Error;
   /** Auto that did not converge and may post-copy: the residue follows the running task. */
   private residueLazy = false;
 
@@ -329,7 +330,9 @@ export class OutgoingMigration {
     const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy` });
     this.precopyStream = stream;
     this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));
-    this.precopyStored.catch(() => {});
+    this.precopyStored.catch((e: Error) => (this.precopyError = e));
+    // The destination refused or dropped the stream: nothing reads the records any more.
+    stream.once('close', () => void this.tracker?.stop());
     this.tracker.pages.on('data', (c: Buffer) => this.pages.add(c.length));
     this.tracker.pages.pipe(stream);
     const rounds: RoundStat[] = [];
@@ -337,10 +340,10 @@ export class OutgoingMigration {
     while (v === 'continue') {
       if (this.cancelled) throw this.cancelled;
       const t0 = performance.now();
-      const r = await this.tracker.round(treePids(this.rec.pid!));
+      const r = await this.tracked(this.tracker.round(treePids(this.rec.pid!)));
       if (r.armed === 0) throw new FerryError('PRECOPY', `cannot track the pages of '${this.rec.name}': ${r.note || 'no process could be armed'}`, { hint: 'use --mode stop-copy or post-copy' });
       const ms = performance.now() - t0;
-      const dirtyPages = await this.tracker.written();
+      const dirtyPages = await this.tracked(this.tracker.written());
       const since = performance.now() - t0;
       const linkMBps = r.bytes > 1 << 20 ? r.bytes / 1e6 / (ms / 1000) : (rounds.at(-1)?.linkMBps ?? 0);
       const round: RoundStat = {
@@ -371,10 +374,20 @@ export class OutgoingMigration {
     this.endPhase('precopy');
   }
 
+  /** A tracker step; when it fails because the destination dropped the page stream, that is the reason given. */
+  private async tracked<T>(step: Promise<T>): Promise<T> {
+    try {
+      return await step;
+    } catch (e) {
+      await new Promise((r) => setImmediate(r)); // the stream's own error settles first
+      throw this.precopyError ?? e;
+    }
+  }
+
   /** Frozen: the pages written since the last round (or, for a post-copy residue, which are stale). */
   private async finalDelta(): Promise<void> {
     if (!this.tracker) return;
-    const r = await this.tracker.final(this.imagesDir!, this.residueLazy);
+    const r = await this.tracked(this.tracker.final(this.imagesDir!, this.residueLazy));
     if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
@@ -556,6 +569,7 @@ export class OutgoingMigration {
     s.keepalive(1000, 3);
     s.once('close', () => {
       for (const sock of this.sockets) sock.destroy(); // CRIU sees its page stream break
+      void this.tracker?.stop(); // its page records have nowhere to go: a round would wait forever
     });
   }
 

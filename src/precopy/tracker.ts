@@ -82,10 +82,16 @@ export class Tracker {
     return r;
   }
 
-  /** Disarms the task (the helper's descriptors close) and waits for that. */
+  /**
+   * Disarms the task (the helper's descriptors close) and waits for that. SIGTERM first: the
+   * helper holds it while it has a thread of the task stopped with borrowed registers.
+   */
   async stop(): Promise<void> {
-    if (this.child.exitCode === null && this.child.signalCode === null) this.child.kill('SIGKILL');
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return this.exited;
+    this.child.kill('SIGTERM');
+    const hard = setTimeout(() => this.child.kill('SIGKILL'), 5000);
     await this.exited;
+    clearTimeout(hard);
   }
 }
 
