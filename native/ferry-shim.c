@@ -9,7 +9,7 @@
 //
 // Reports "ok <host pid of the task root>" or "err <reason>" on fd 3, then waits for the task
 // root and writes DIR/exit-INCARNATION.json. The task root is a small init (pid 1 of the task's
-// PID namespace) that forwards signals to the command and reaps orphans.
+// PID namespace) that forwards signals, reaps orphans and lives until the task's last process ends.
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -55,9 +55,13 @@ static void close_from(int lowfd) {
 
 // ---- the task's init (pid 1 of its PID namespace) -------------------------------------------
 static volatile pid_t main_child = -1;
+static volatile sig_atomic_t main_alive = 1;
 
+// Stopping signals reach every process of the task (a forked daemon too, as systemd's
+// control-group kill does); the others reach the command while it lives, then everyone left.
 static void forward(int sig) {
-  if (main_child > 0) kill(main_child, sig);
+  if (sig == SIGTERM || sig == SIGINT || sig == SIGQUIT || !main_alive) kill(-1, sig);  // pid 1: all but us
+  else if (main_child > 0) kill(main_child, sig);
 }
 
 static void run_init(const char *hostname, const char *cwd, int logfd, char **argv) {
@@ -97,18 +101,22 @@ static void run_init(const char *hostname, const char *cwd, int logfd, char **ar
   sa.sa_handler = forward;
   int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
   for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) sigaction(sigs[i], &sa, NULL);
+  // The task lives while any of its processes does: orphans (a daemon whose parent exited) are
+  // ours as pid 1, so no child left means no process left. The task's status is the last one's.
+  int last = 0;
   for (;;) {
     int st;
     pid_t p = waitpid(-1, &st, 0);
     if (p < 0) {
       if (errno == EINTR) continue;
+      if (errno == ECHILD) break;
       _exit(125);
     }
-    if (p == c) {
-      if (WIFEXITED(st)) _exit(WEXITSTATUS(st));
-      _exit(128 + WTERMSIG(st));
-    }
+    if (p == c) main_alive = 0;
+    last = st;
   }
+  if (WIFEXITED(last)) _exit(WEXITSTATUS(last));
+  _exit(128 + WTERMSIG(last));
 }
 
 // ---- shim ---------------------------------------------------------------------------------------

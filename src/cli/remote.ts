@@ -51,7 +51,7 @@ export interface TaskApi {
 export function localApi(rt: Runtime): TaskApi {
   return {
     run: (spec) => rt.run(spec),
-    list: () => rt.list(),
+    list: () => rt.listLive(),
     stop: (name, graceMs, signal) => rt.stop(name, { graceMs, ...(signal ? { signal } : {}) }),
     remove: (name, force) => rt.remove(name, { force }),
     checkpoint: (name, leaveRunning, signal) => rt.checkpoint(name, { leaveRunning, ...(signal ? { signal } : {}) }),

@@ -34,6 +34,8 @@ function taskSummary(t: TaskRecord) {
     state: t.state,
     status: describeState(t),
     pid: t.pid ?? null,
+    mainPid: t.mainPid ?? null,
+    processes: t.processes ?? null,
     incarnation: t.incarnation,
     command: t.command,
     createdAt: t.createdAt,
@@ -85,8 +87,8 @@ export function registerTaskCommands(program: Command): void {
       if (opts.json) return printJson(all.map(taskSummary));
       process.stdout.write(
         table(
-          ['NAME', 'STATUS', 'PID', 'AGE', 'COMMAND'],
-          all.map((t) => [t.name, describeState(t), t.pid ? String(t.pid) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
+          ['NAME', 'STATUS', 'PID', 'PROCS', 'AGE', 'COMMAND'],
+          all.map((t) => [t.name, describeState(t), t.mainPid ? String(t.mainPid) : t.pid ? String(t.pid) : '-', t.processes !== undefined ? String(t.processes) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
         ),
       );
     });

@@ -149,7 +149,15 @@ async function ensureMountNs(state: LabState, h: LabHost): Promise<string> {
   if (!mounts.includes(` ${file} `)) {
     await writeFile(file, '');
     await mkdir(join(h.dir, 'state'), { recursive: true, mode: 0o700 });
-    await run('unshare', [`--mount=${file}`, '--propagation', 'private', '--', 'sh', '-c', `mkdir -p /var/lib/ferry && mount --bind ${h.dir}/state /var/lib/ferry`], { timeoutMs: 10_000 });
+    // Its own devpts instance too, as a separate machine has: a restored pseudo-terminal gets
+    // the index it had, which the held source copy's terminal still takes in the shared one.
+    const setup = [
+      'mkdir -p /var/lib/ferry',
+      `mount --bind ${h.dir}/state /var/lib/ferry`,
+      'mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /dev/pts',
+      'mount --bind /dev/pts/ptmx /dev/ptmx',
+    ].join(' && ');
+    await run('unshare', [`--mount=${file}`, '--propagation', 'private', '--', 'sh', '-c', setup], { timeoutMs: 10_000 });
   }
   return file;
 }

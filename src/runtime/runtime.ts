@@ -3,7 +3,7 @@
 // it for migrations.
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { constants, createReadStream } from 'node:fs';
+import { constants, createReadStream, readFileSync } from 'node:fs';
 import { access, mkdir, open, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { Criu } from '../criu/driver.js';
@@ -11,7 +11,7 @@ import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
-import { isAlive, sleep, startTime } from '../util/proc.js';
+import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { TaskStore, validateName, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -127,6 +127,15 @@ export class Runtime {
 
   async get(name: string): Promise<TaskRecord> {
     return this.store.get(name);
+  }
+
+  /** The tasks as users see them: with the main process and the process count of running ones. */
+  async listLive(): Promise<TaskRecord[]> {
+    return (await this.store.list()).map(withLive);
+  }
+
+  async getLive(name: string): Promise<TaskRecord> {
+    return withLive(await this.store.get(name));
   }
 
   /** SIGTERM, then SIGKILL after the grace period. Returns the final record. */
@@ -349,4 +358,21 @@ async function resolveCommand(cmd: string, path: string, cwd: string): Promise<v
     }
   }
   throw new FerryError('USAGE', `command not found: ${cmd}`, { hint: 'give a path or a program on the task PATH' });
+}
+
+/**
+ * The task's root is Ferry's init; the main process is its oldest child: the command, or once that
+ * exited, the daemon it left behind.
+ */
+function withLive(rec: TaskRecord): TaskRecord {
+  if (rec.pid === undefined || (rec.state !== 'running' && rec.state !== 'frozen')) return rec;
+  const pids = treePids(rec.pid).slice(1);
+  let kids: number[] = [];
+  try {
+    kids = readFileSync(`/proc/${rec.pid}/task/${rec.pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean).map(Number);
+  } catch {
+    /* exited meanwhile */
+  }
+  const oldest = kids.map((p) => ({ p, t: startTime(p) ?? Infinity })).sort((a, b) => a.t - b.t || a.p - b.p)[0]?.p;
+  return { ...rec, processes: pids.length, ...(oldest !== undefined ? { mainPid: oldest } : {}) };
 }

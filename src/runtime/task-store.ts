@@ -52,6 +52,9 @@ export interface TaskRecord {
   checkpoint?: CheckpointInfo;
   /** Where the task came from, when it arrived by migration. */
   origin?: string;
+  /** Read live, never stored: the user's main process (host pid) and how many processes the task has. */
+  mainPid?: number;
+  processes?: number;
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;

@@ -97,6 +97,8 @@ export interface TaskInfo {
   state: string;
   status: string;
   pid: number | null;
+  mainPid?: number | null;
+  processes?: number | null;
   incarnation: number;
   command: string[];
   exit: { exitCode?: number; signal?: string } | null;

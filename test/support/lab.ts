@@ -5,6 +5,15 @@ import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkBeats, parseBeats, readySum, sums } from './heartbeat.js';
 import { WORKLOAD, runCli, waitFor, type CliResult, type TaskInfo } from './ferry.js';
+import { treePids } from '../../src/util/proc.js';
+
+export function comm(pid: number): string | undefined {
+  try {
+    return readFileSync(`/proc/${pid}/comm`, 'utf8').trim();
+  } catch {
+    return undefined;
+  }
+}
 
 export class Lab {
   readonly dir: string;
@@ -98,7 +107,9 @@ export class Lab {
     const n = parseBeats(this.logOf(host, name)).length;
     await waitFor('heartbeats to continue', () => parseBeats(this.logOf(host, name)).length > n + 10 || undefined, 10_000);
     const before = sums(this.logOf(host, name)).length;
-    process.kill(t.pid!, 'SIGUSR1');
+    // The workload itself, wherever it sits in the tree (a daemon's parent may ignore SIGUSR1).
+    const workload = treePids(t.pid!).find((p) => comm(p) === 'ferry-workload') ?? t.pid!;
+    process.kill(workload, 'SIGUSR1');
     const s = await waitFor('checksum', () => sums(this.logOf(host, name))[before]);
     assert.equal(s, sum, 'memory checksum changed');
     const c = checkBeats(parseBeats(this.logOf(host, name)));

@@ -1,0 +1,110 @@
+// Tasks that daemonize: the main process forks and exits, the daemon carries on. The task lives
+// while any of its processes does, and such trees checkpoint, restore and migrate in every mode.
+import assert from 'node:assert/strict';
+import { readlinkSync } from 'node:fs';
+import { after, before, test } from 'node:test';
+import { Lab, comm } from '../support/lab.js';
+import { WORKLOAD, waitFor, type TaskInfo } from '../support/ferry.js';
+import { parseBeats, readySum } from '../support/heartbeat.js';
+import { treePids } from '../../src/util/proc.js';
+
+const lab = new Lab('d', 80);
+before(async () => {
+  await lab.down().catch(() => {});
+  await lab.up();
+});
+after(() => lab.down());
+
+async function task(host: string, name: string): Promise<TaskInfo> {
+  const t = (await lab.tasksOn(host)).find((x) => x.name === name);
+  assert.ok(t, `${name} must be listed on ${host}`);
+  return t;
+}
+
+/** A classic daemon: fork, setsid in the child, fork again, both parents exit. */
+const daemonized = (cmd: string) => ['sh', '-c', `setsid sh -c '${cmd} & exit 0' & exit 0`];
+
+async function startDaemonHeartbeat(name: string, mib: number, shape: string[]): Promise<string> {
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', ...shape]);
+  const sum = await waitFor('workload ready', () => readySum(lab.logOf('h1', name)), 60_000);
+  await waitFor('heartbeats', () => parseBeats(lab.logOf('h1', name)).length > 20 || undefined);
+  return sum;
+}
+
+test('a task whose main process forks a daemon and exits keeps running until the daemon ends', async (t) => {
+  const name = 'bg';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', 'sleep 1000 & exit 3']);
+  await new Promise((r) => setTimeout(r, 1500));
+  const info = await task('h1', name);
+  assert.equal(info.state, 'running', `${name}: ${info.status}`);
+  assert.equal(info.processes, 1);
+  assert.ok(info.mainPid, 'the daemon is the main process now');
+  assert.equal(comm(info.mainPid), 'sleep');
+  const ps = await lab.ok(['--host', 'h1', 'ps']);
+  assert.match(ps, new RegExp(`^${name}\\s+running\\s+${info.mainPid}\\s+1\\s`, 'm'), ps);
+  // stop reaches the daemon, not only the process Ferry started.
+  const stopped = JSON.parse(await lab.ok(['--host', 'h1', 'stop', '--time', '5', name, '--json'])) as TaskInfo;
+  assert.equal(stopped.state, 'exited');
+  assert.equal(stopped.exit?.exitCode, 128 + 15, 'the status is the last process\'s (sleep, SIGTERM)');
+});
+
+test('a task ends when its last process does, with that process\'s status', async (t) => {
+  const name = 'bg-end';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', '(sleep 1; exit 7) & exit 0']);
+  const done = await waitFor('the task to end', async () => {
+    const i = await task('h1', name);
+    return i.state === 'exited' ? i : undefined;
+  }, 15_000, 100);
+  assert.equal(done.exit?.exitCode, 7);
+});
+
+test('a daemonized task checkpoints and restores on its host', async (t) => {
+  const name = 'd-ckpt';
+  t.after(() => lab.removeEverywhere(name));
+  const sum = await startDaemonHeartbeat(name, 32, daemonized(`${WORKLOAD} --mib 32`));
+  await lab.ok(['--host', 'h1', 'checkpoint', name]);
+  assert.equal((await task('h1', name)).state, 'checkpointed');
+  await lab.ok(['--host', 'h1', 'restore', name]);
+  await lab.assertIntact('h1', name, sum);
+});
+
+// The daemon's session leader exited (its sid names a dead process) or is a zombie its parent
+// never reaps: CRIU rebuilds such sessions with helpers, which it can only do for children of the
+// tree's root — Ferry's init is that root, and it adopts every orphan.
+const shapes: Array<[string, (cmd: string) => string[]]> = [
+  ['double fork, dead session leader', daemonized],
+  ['zombie session leader', (cmd) => ['sh', '-c', `setsid sh -c '${cmd} & exit 0' & trap '' USR1; exec sleep 100000`]],
+];
+for (const [shape, make] of shapes) {
+  for (const mode of ['stop-copy', 'post-copy', 'pre-copy'] as const) {
+    test(`${shape}: the daemon migrates A -> B -> A with ${mode}, memory intact`, async (t) => {
+      const name = `d-${shape.split(' ')[0]}-${mode}`;
+      t.after(() => lab.removeEverywhere(name));
+      const sum = await startDaemonHeartbeat(name, 32, make(`${WORKLOAD} --mib 32`));
+      const procs = (await task('h1', name)).processes;
+      for (const [from, to] of [['h1', 'h2'], ['h2', 'h1']] as const) {
+        await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+        await lab.assertIntact(to, name, sum);
+        assert.equal((await task(to, name)).processes, procs, 'the same processes arrive');
+      }
+    });
+  }
+}
+
+test('a task with a pseudo-terminal migrates and keeps writing to it', async (t) => {
+  const name = 'pty';
+  t.after(() => lab.removeEverywhere(name));
+  // Python's pty.spawn runs the command on a new pty and copies its output to the task's log.
+  const spawnOnPty = 'import pty; pty.spawn(["sh", "-c", "while :; do echo tick; sleep 0.05; done"])';
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'python3', '-c', spawnOnPty]);
+  await waitFor('output through the pty', () => (lab.logOf('h1', name).match(/tick/g)?.length ?? 0) > 5 || undefined);
+  const root = (await task('h1', name)).pid!;
+  assert.ok(treePids(root).some((p) => readlinkSync(`/proc/${p}/fd/1`).startsWith('/dev/pts/')), 'the loop writes to a pty');
+  for (const [from, to] of [['h1', 'h2'], ['h2', 'h1']] as const) {
+    await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', 'stop-copy']);
+    const n = lab.logOf(to, name).match(/tick/g)?.length ?? 0;
+    await waitFor(`output through the pty on ${to}`, () => (lab.logOf(to, name).match(/tick/g)?.length ?? 0) > n + 5 || undefined, 10_000);
+  }
+});
