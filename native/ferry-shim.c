@@ -64,8 +64,23 @@ static void forward(int sig) {
   else if (main_child > 0) kill(main_child, sig);
 }
 
+// A task with its own address runs in the network namespace Ferry made for it (FERRY_NETNS).
+static int join_netns(void) {
+  const char *ns = getenv("FERRY_NETNS");
+  if (!ns) return 0;
+  int fd = open(ns, O_RDONLY | O_CLOEXEC);
+  if (fd < 0 || setns(fd, CLONE_NEWNET) != 0) return -1;
+  close(fd);
+  unsetenv("FERRY_NETNS");
+  return 0;
+}
+
 static void run_init(const char *hostname, const char *cwd, int logfd, char **argv) {
   setsid();  // CRIU needs the session leader inside the task's PID namespace
+  if (join_netns() != 0) {
+    dprintf(logfd, "ferry: cannot join the task's network namespace: %s\n", strerror(errno));
+    _exit(125);
+  }
   if (unshare(CLONE_NEWUTS | CLONE_NEWIPC) != 0) {
     dprintf(logfd, "ferry: cannot create UTS/IPC namespaces: %s\n", strerror(errno));
     _exit(125);
@@ -230,6 +245,15 @@ int main(int argc, char **argv) {
   }
   if (criu == 0) {
     close_from(3);
+    // CRIU finds the task's network namespace as an inherited fd 3 (--inherit-fd fd[3]:...).
+    const char *ns = getenv("FERRY_NETNS");
+    if (ns) {
+      int fd = open(ns, O_RDONLY);
+      if (fd < 0 || (fd != 3 && dup2(fd, 3) != 3)) {
+        fprintf(stderr, "ferry-shim: cannot open %s: %s\n", ns, strerror(errno));
+        _exit(127);
+      }
+    }
     execvp(cmd[0], cmd);
     fprintf(stderr, "ferry-shim: cannot execute %s: %s\n", cmd[0], strerror(errno));
     _exit(127);

@@ -25,6 +25,10 @@ export const ErrorCodes = {
   MIGRATION: 'a migration failed and was rolled back',
   LAB: 'the test lab could not be set up',
   PRECOPY: 'tracking the pages a task writes failed',
+  NET: "setting up a task's own network failed",
+  NET_UNCONFIGURED: 'the host has no address pool for tasks',
+  NET_ADDRESS_IN_USE: 'the address is taken by another task',
+  NET_POOL_EXHAUSTED: 'no address of the pool is free',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;

@@ -1,5 +1,6 @@
 // Commands about agents and hosts: agent, ca, cert, lab, migrate, history.
 import type { Command } from 'commander';
+import { existsSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { Agent } from '../agent/agent.js';
 import { hostAddress, type Cluster } from '../agent/client.js';
@@ -8,6 +9,7 @@ import { FerryError } from '../errors.js';
 import type { MigrationReport, ProgressEvent } from '../migrate/source.js';
 import { labDown, labStatus, labUp } from '../lab/lab.js';
 import { Runtime } from '../runtime/runtime.js';
+import { parseCidr } from '../net/tasknet.js';
 import { ROLES, type Role } from '../tls/identity.js';
 import { caInit, certIssue, certRevoke, loadTls, revokedPath } from '../tls/pki.js';
 import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
@@ -27,11 +29,16 @@ export function registerClusterCommands(program: Command): void {
     .requiredOption('--cert <file>', "this host's certificate")
     .requiredOption('--key <file>', "this host's private key")
     .option('--revoked <file>', 'revoked certificate serials, one per line; re-read when it changes (default: revoked.txt beside the CA certificate)')
-    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string; revoked?: string }, cmd: Command) => {
+    .option('--net-pool <cidr>', 'cluster-wide address pool for tasks run with --net (the same on every host)')
+    .option('--net-uplink <iface>', 'the interface the neighbours reach this host on (with --net-pool)')
+    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string; revoked?: string; netPool?: string; netUplink?: string }, cmd: Command) => {
       requireRoot();
       const cfg = configFor(cmd);
+      if (!!opts.netPool !== !!opts.netUplink) throw new FerryError('USAGE', '--net-pool and --net-uplink go together', { hint: 'give both, e.g. --net-pool 10.0.8.0/24 --net-uplink eth0' });
+      if (opts.netPool) parseCidr(opts.netPool);
+      if (opts.netUplink && !existsSync(`/sys/class/net/${opts.netUplink}`)) throw new FerryError('USAGE', `--net-uplink: no interface named '${opts.netUplink}' on this host`, { hint: 'see `ip link` for the names' });
       const tls = await loadTls({ ca: opts.ca, cert: opts.cert, key: opts.key });
-      const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir);
+      const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir, opts.netPool && opts.netUplink ? { pool: opts.netPool, uplink: opts.netUplink } : undefined);
       const revoked = resolve(opts.revoked ?? join(dirname(opts.ca), 'revoked.txt'));
       const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, revoked, log: (l) => process.stdout.write(l + '\n') });
       await agent.start();

@@ -3,8 +3,30 @@ import type { Command } from 'commander';
 import { doctor } from '../doctor/doctor.js';
 import { FerryError } from '../errors.js';
 import { describeState, type TaskRecord } from '../runtime/task-store.js';
+import type { RunSpec } from '../runtime/runtime.js';
+import { ipToInt } from '../net/tasknet.js';
 import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
 import { agentApi, localApi, remoteTarget, type TaskApi } from './remote.js';
+
+/**
+ * The addresses tasks hold on every host of the cluster (a host that does not answer counts for
+ * none): the pool is cluster-wide, so the host picking one must avoid them all.
+ */
+async function addressesInCluster(cmd: Command): Promise<string[]> {
+  const remote = await remoteTarget(cmd);
+  if (!remote) return [];
+  const lists = await Promise.all(
+    Object.keys(remote.cluster.hosts).map(async (h) => {
+      const api = await agentApi(remote.cluster, h).catch(() => undefined);
+      try {
+        return (await api?.list().catch(() => [])) ?? [];
+      } finally {
+        api?.close();
+      }
+    }),
+  );
+  return lists.flat().flatMap((t) => (t.net ? [t.net.address] : []));
+}
 
 /** The local runtime, or the agent of --host. */
 async function tasks(cmd: Command): Promise<TaskApi> {
@@ -41,6 +63,7 @@ function taskSummary(t: TaskRecord) {
     createdAt: t.createdAt,
     exit: t.exit ?? null,
     origin: t.origin ?? null,
+    address: t.net?.address ?? null,
     checkpoint: t.checkpoint ?? null,
   };
 }
@@ -70,10 +93,18 @@ export function registerTaskCommands(program: Command): void {
     .option('--name <name>', 'task name (default: command name and a random suffix)')
     .option('--cwd <dir>', 'working directory of the task')
     .option('--env <KEY=VALUE>', 'environment variable for the task (repeatable)', collectEnv, {})
+    .option('--net [address]', "its own network namespace and an address from the cluster's pool (or this one), which moves with it")
     .option('--json', 'print the task as JSON')
     .argument('<command...>', 'command and arguments, after --')
-    .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; json?: boolean }, cmd: Command) => {
-      const t = await withTasks(cmd, (api) => api.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}) }));
+    .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; net?: string | true; json?: boolean }, cmd: Command) => {
+      let net: RunSpec['net'];
+      if (typeof opts.net === 'string') {
+        if (ipToInt(opts.net) === undefined) throw new FerryError('USAGE', `--net takes an IPv4 address, got '${opts.net}'`, { hint: 'give an address of the pool, or --net alone to get one' });
+        net = { address: opts.net };
+      } else if (opts.net) {
+        net = { avoid: await addressesInCluster(cmd) };
+      }
+      const t = await withTasks(cmd, (api) => api.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}), ...(net ? { net } : {}) }));
       if (opts.json) printJson(taskSummary(t));
       else process.stdout.write(`${t.name}\n`);
     });
@@ -87,8 +118,8 @@ export function registerTaskCommands(program: Command): void {
       if (opts.json) return printJson(all.map(taskSummary));
       process.stdout.write(
         table(
-          ['NAME', 'STATUS', 'PID', 'PROCS', 'AGE', 'COMMAND'],
-          all.map((t) => [t.name, describeState(t), t.mainPid ? String(t.mainPid) : t.pid ? String(t.pid) : '-', t.processes !== undefined ? String(t.processes) : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
+          ['NAME', 'STATUS', 'PID', 'PROCS', 'ADDRESS', 'AGE', 'COMMAND'],
+          all.map((t) => [t.name, describeState(t), t.mainPid ? String(t.mainPid) : t.pid ? String(t.pid) : '-', t.processes !== undefined ? String(t.processes) : '-', t.net?.address ?? '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
         ),
       );
     });

@@ -28,7 +28,9 @@ export function isSupported(v: CriuVersion): boolean {
 }
 
 /** Options common to dump and restore of Ferry tasks. */
-const COMMON = ['--file-locks', '--tcp-close'];
+const COMMON = ['--file-locks'];
+/** A task in its host's network namespace cannot keep connections: they close (see tasknet.ts for the others). */
+const HOST_NET = ['--tcp-close'];
 
 export interface DumpOptions {
   pid: number;
@@ -40,6 +42,8 @@ export interface DumpOptions {
   lazyPages?: { address: string; port: number };
   /** Runs at CRIU's hook points (post-dump holds the frozen task). */
   actionScript?: string;
+  /** A task with its own network namespace: replaces --tcp-close. */
+  netArgs?: string[];
   env?: NodeJS.ProcessEnv;
   signal?: AbortSignal;
   timeoutMs?: number;
@@ -86,7 +90,7 @@ export class Criu {
 
   async dump(o: DumpOptions): Promise<DumpResult> {
     await mkdir(o.imagesDir, { recursive: true });
-    const args = ['dump', '-t', String(o.pid), '-D', o.imagesDir, '-o', 'dump.log', '-v4', ...COMMON];
+    const args = ['dump', '-t', String(o.pid), '-D', o.imagesDir, '-o', 'dump.log', '-v4', ...COMMON, ...(o.netArgs ?? HOST_NET)];
     if (o.leaveRunning) args.push('--leave-running');
     if (o.pageServer) args.push('--page-server', '--address', o.pageServer.address, '--port', String(o.pageServer.port));
     if (o.lazyPages) args.push('--lazy-pages', '--address', o.lazyPages.address, '--port', String(o.lazyPages.port));
@@ -97,8 +101,8 @@ export class Criu {
   }
 
   /** The argv of a detached restore; the task shim runs it so it becomes the restored tree's parent. */
-  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; leaveStopped?: boolean; logName?: string }): string[] {
-    const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON];
+  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; leaveStopped?: boolean; logName?: string; netArgs?: string[] }): string[] {
+    const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON, ...(o.netArgs ?? HOST_NET)];
     if (o.lazyPages) args.push('--lazy-pages');
     if (o.leaveStopped) args.push('--leave-stopped');
     return [this.bin, ...args];

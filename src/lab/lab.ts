@@ -114,7 +114,7 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     );
     for (const h of state.hosts) {
       if (h.agentPid && isAlive(h.agentPid, h.agentStart)) continue;
-      await startAgent(h, caDir, await ensureMountNs(state, h));
+      await startAgent(h, caDir, await ensureMountNs(state, h), labPool(state.subnet));
       await writeJsonAtomic(join(dir, 'lab.json'), state);
       log(`agent ${h.name} pid ${h.agentPid}`);
     }
@@ -125,6 +125,11 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     if (e instanceof FerryError && e.code !== 'PROGRAM_FAILED') throw e;
     throw new FerryError('LAB', `lab '${opts.name}' could not be set up: ${(e as Error).message}`, { hint: `remove what was made with \`ferry lab down --name ${opts.name}\`` });
   }
+}
+
+/** Task addresses (ferry run --net) on the lab's bridge: .65 to .126, clear of the hosts and the bridge's .254. */
+export function labPool(subnet: number): string {
+  return `10.213.${subnet}.64/26`;
 }
 
 /** Where the lab keeps each host's mount namespace, bound to a file like `ip netns` does. */
@@ -163,9 +168,9 @@ async function ensureMountNs(state: LabState, h: LabHost): Promise<string> {
 }
 
 /** Starts (or restarts) a host's agent inside its namespaces. */
-export async function startAgent(h: LabHost, caDir: string, mountNs: string): Promise<void> {
+export async function startAgent(h: LabHost, caDir: string, mountNs: string, netPool: string): Promise<void> {
   const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry'];
+  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry', '--net-pool', netPool, '--net-uplink', 'eth0'];
   const logFd = openSync(join(h.dir, 'agent.log'), 'a');
   // nsenter, not `ip netns exec`: that one makes a new mount namespace at every start.
   const child = spawn('nsenter', args, {

@@ -19,6 +19,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
+import { createTaskNet } from '../net/tasknet.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
@@ -38,6 +39,8 @@ interface IncomingMark {
   from: string;
   /** receiving: images and files arrive; restored: the task is here, stopped, awaiting the decision. */
   phase: 'receiving' | 'restored';
+  /** The task's own address: its namespace here goes with the migration if it fails. */
+  address?: string;
 }
 
 interface Incoming {
@@ -106,6 +109,7 @@ export class Destination {
       if (mark.complete) continue;
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      await this.rt.netGone(name, rec?.net?.address);
       await rm(dir, { recursive: true, force: true });
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
@@ -114,6 +118,7 @@ export class Destination {
         inDoubt.push(`${name} (migration ${mark.id} from ${mark.from})`);
         continue;
       }
+      await this.rt.netGone(name, mark.address);
       await rm(dir, { recursive: true, force: true });
       removed.push(name);
     }
@@ -168,14 +173,26 @@ export class Destination {
     if (free.diskBytes < needDisk) {
       throw new FerryError('PRECHECK', `destination has ${mib(free.diskBytes)} MiB of disk free in ${this.rt.stateDir}, the task needs ${mib(needDisk)} MiB`, { hint: 'free disk there or pick another host' });
     }
+    const address = req.task.net?.address;
+    if (address) {
+      try {
+        this.rt.requireNet(address);
+      } catch (e) {
+        throw new FerryError('PRECHECK', `destination: ${(e as FerryError).message}`, { hint: 'give the destination agent the same --net-pool, or pick a host that has it' });
+      }
+      const holder = (await this.rt.store.list()).find((t) => t.net?.address === address);
+      if (holder) throw new FerryError('PRECHECK', `destination: address ${address} is in use there by task '${holder.name}'`, { hint: 'remove that task or migrate to another host' });
+    }
     const imagesDir = this.rt.store.imagesDir(name);
     await mkdir(imagesDir, { recursive: true, mode: 0o700 });
-    await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving' } satisfies IncomingMark);
+    await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving', ...(address ? { address } : {}) } satisfies IncomingMark);
     const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false, images: 0 };
     this.incoming.set(req.id, m);
     try {
       await writeFile(join(imagesDir, 'cpuinfo.img'), Buffer.from(req.cpuinfo, 'base64'));
       await criu.cpuinfoCheck(imagesDir);
+      // The namespace waits, cut off and unrouted, until the decision: the source still answers.
+      if (address) await createTaskNet(this.rt.stateDir, name, address);
       if (req.mode === 'stop-copy') {
         const port = await freeLocalPort();
         m.pageServerPort = port;
@@ -302,7 +319,7 @@ export class Destination {
     });
     const restored = await restoring;
     m.restored = restored;
-    await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored' } satisfies IncomingMark);
+    await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
 
@@ -393,6 +410,8 @@ export class Destination {
       link.committed = true;
       await writeJsonAtomic(join(found.dir, 'postcopy.json'), { id, from: found.mark.from, complete: false } satisfies PostCopyMark);
     }
+    // The address routes here and the namespace opens before the task runs (the source let go of it).
+    await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
     if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid);
     if (rec.state === 'frozen') {
       rec.state = 'running';
@@ -421,6 +440,7 @@ export class Destination {
       if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      await this.rt.netGone(found.name, found.mark.address);
       await rm(found.dir, { recursive: true, force: true });
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
@@ -435,6 +455,7 @@ export class Destination {
     const r = m.restored;
     if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
+    await this.rt.netGone(m.req.task.name, m.req.task.net?.address);
     await rm(m.dir, { recursive: true, force: true });
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
@@ -456,6 +477,7 @@ export class Destination {
     if (this.lazyLinks.get(link.id) !== link) return;
     const rec = await this.rt.store.get(link.task).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+    await this.rt.netGone(link.task, rec?.net?.address);
     this.closeLazy(link);
     if (this.dropped.size > 1000) this.dropped.clear();
     this.dropped.set(link.id, why);

@@ -8,13 +8,15 @@ import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
 import { run } from '../exec/run.js';
+import { LOCK_SCRIPT } from '../net/tasknet.js';
 
 /** Seconds without a word from the agent after which the held task resumes. */
 export const PATIENCE_S = 5;
 
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
-# pre-dump runs just before CRIU freezes the task: note when (bash's clock, no process spawned).
+# network-lock/unlock: a task with its own namespace is cut off while CRIU dumps its connections.
+${LOCK_SCRIPT}# pre-dump runs just before CRIU freezes the task: note when (bash's clock, no process spawned).
 [ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && { echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"; exit 0; }
 [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
 # Read-write opens of a FIFO never block, so the time limits below hold even when no Ferry

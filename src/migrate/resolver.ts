@@ -96,10 +96,15 @@ export class Resolver {
       .withLock(e.task, 'migration recovery', async () => {
         const rec = await rt.store.get(e.task);
         if (rec.pid !== e.taskPid) return; // another incarnation; not ours to touch
-        if (outcome === 'commit') await rt.store.remove(e.task);
-        else if (rec.state === 'frozen') {
-          rec.state = alive ? 'running' : 'exited';
-          await rt.store.save(rec);
+        if (outcome === 'commit') {
+          await rt.netGone(rec.name, rec.net?.address);
+          await rt.store.remove(e.task);
+        } else {
+          if (rec.state === 'frozen') {
+            rec.state = alive ? 'running' : 'exited';
+            await rt.store.save(rec);
+          }
+          if (alive) await rt.netHere(rec);
         }
       })
       .catch((err: unknown) => {

@@ -6,7 +6,7 @@
 // is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { readFileSync } from 'node:fs';
+import { readFileSync, statSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -21,6 +21,7 @@ import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
+import { criuDumpNetArgs } from '../net/tasknet.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { Hold } from './hold.js';
 import { debugDropRound, faultPoint } from './fault-points.js';
@@ -476,6 +477,8 @@ export class OutgoingMigration {
       throw await this.dumpEnded();
     }
     await faultPoint(this.ctx.self, 'commit');
+    // From here the address answers on the destination: this host stops routing it first.
+    await this.ctx.rt.netAway(this.rec);
     await this.tellCommit();
     this.confirmed = true;
     this.resumedAt = performance.now();
@@ -503,6 +506,7 @@ export class OutgoingMigration {
     await this.ctx.journal.remove(this.id);
     // Let the source shim record the exit before its directory goes.
     await waitUntil(() => this.rec.shimPid === undefined || !isAlive(this.rec.shimPid, this.rec.shimStart), 2000);
+    await this.ctx.rt.netGone(this.rec.name, this.rec.net?.address).catch((e: Error) => this.warn(`could not remove the task's old network on ${this.ctx.self}: ${e.message}`));
     await this.ctx.rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
     if (this.lazyFlow) this.endPhase('postcopy');
   }
@@ -575,8 +579,10 @@ export class OutgoingMigration {
 
   private startDump(imagesDir: string, extra: string[]): void {
     const { rt } = this.ctx;
-    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', '--tcp-close', '--action-script', this.hold!.script, ...extra];
-    const program = startProgram(rt.criu.bin, args, { env: this.hold!.env(HOLD_TIMEOUT_S), captureStderr: false });
+    // A task with its own network keeps its connections; the hold script locks its namespace.
+    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : ['--tcp-close'];
+    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', ...net, '--action-script', this.hold!.script, ...extra];
+    const program = startProgram(rt.criu.bin, args, { env: { ...this.hold!.env(HOLD_TIMEOUT_S), ...rt.netEnv(this.rec) }, captureStderr: false });
     const child = program.child;
     this.dump = child;
     // A CRIU that hangs before post-dump is killed: the migration then rolls back.
@@ -788,6 +794,7 @@ export class OutgoingMigration {
       now.state = alive ? 'running' : 'exited';
       await this.ctx.rt.store.save(now);
     }
+    if (alive) await this.ctx.rt.netHere(this.rec).catch((e: Error) => this.warn(`the task's address could not be routed back to ${this.ctx.self}: ${e.message}`));
     // Tell the destination to drop its copy now if it can be reached; the resolver goes on otherwise.
     const told = await this.ensureSession()
       .then((s) => requestJson(s, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }))
@@ -848,6 +855,9 @@ export class OutgoingMigration {
       now.state = now.pid !== undefined && isAlive(now.pid, now.pidStart) ? 'running' : 'exited';
       await rt.store.save(now);
     }
+    // The task runs here again: its address too (CRIU's unlock hook opened it already, unless
+    // the hand-over had begun and this host had let the address go).
+    if (now?.state === 'running') await rt.netHere(now).catch((e: Error) => this.warn(`the task's address could not be routed back to ${this.ctx.self}: ${e.message}`));
   }
 
   private async release(): Promise<void> {

@@ -12,6 +12,7 @@ import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
+import { attach, createTaskNet, detach, pickAddress, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
 import { TaskStore, validateName, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -19,6 +20,8 @@ export interface RunSpec {
   command: string[];
   cwd?: string;
   env?: Record<string, string>;
+  /** Its own network namespace: this address, or the lowest free one of the pool not in avoid. */
+  net?: { address?: string; avoid?: string[] };
 }
 
 const INVENTORY_MAGIC = 0x58313116;
@@ -33,8 +36,50 @@ export class Runtime {
     readonly stateDir: string,
     readonly criu: Criu,
     readonly nativeDir: string,
+    /** Set when this host gives tasks their own address (agent --net-pool/--net-uplink). */
+    readonly netConfig?: NetConfig,
   ) {
     this.store = new TaskStore(stateDir);
+  }
+
+  get garpPath(): string {
+    return join(this.nativeDir, 'ferry-garp');
+  }
+
+  /** The host can give tasks an address from the pool; says how to fix it when not. */
+  requireNet(address?: string): NetConfig {
+    const cfg = this.netConfig;
+    if (!cfg) throw new FerryError('NET_UNCONFIGURED', 'this host has no address pool for tasks with their own network', { hint: 'start the agent with --net-pool CIDR --net-uplink IFACE' });
+    if (address !== undefined && !inPool(cfg.pool, address)) throw new FerryError('USAGE', `address ${address} is not in this host's pool ${cfg.pool}`, { hint: `pick an address in ${cfg.pool}, or leave it to Ferry (--net without an address)` });
+    return cfg;
+  }
+
+  /** Addresses of this host's tasks (also stopped ones: they keep theirs until removed). */
+  async usedAddresses(): Promise<string[]> {
+    return (await this.store.list()).flatMap((t) => (t.net ? [t.net.address] : []));
+  }
+
+  /** The task runs here: its address routes here and its namespace is open. Idempotent. */
+  async netHere(rec: TaskRecord): Promise<void> {
+    if (!rec.net || !this.netConfig) return;
+    await prepareHost(this.netConfig);
+    await attach(this.netConfig, rec.name, rec.net.address, this.garpPath);
+    await unlock(netnsPath(this.stateDir, rec.name));
+  }
+
+  /** The task is about to run elsewhere: this host stops answering for its address. */
+  async netAway(rec: TaskRecord): Promise<void> {
+    if (rec.net) await detach(rec.name, rec.net.address);
+  }
+
+  /** The task left or was removed: its namespace, veth and route go. */
+  async netGone(name: string, address: string | undefined): Promise<void> {
+    if (address) await destroyTaskNet(this.stateDir, name, address);
+  }
+
+  /** The environment CRIU and the shim need for a task with its own network. */
+  netEnv(rec: TaskRecord): NodeJS.ProcessEnv {
+    return rec.net ? { FERRY_NETNS: netnsPath(this.stateDir, rec.name) } : {};
   }
 
   get shimPath(): string {
@@ -74,8 +119,23 @@ export class Runtime {
       incarnation: 1,
       state: 'running',
     };
+    let netMade = false;
     try {
-      const { rootPid, shimPid } = await this.spawnShim(['run', dir, '1', name.slice(0, 63), cwd, '--', ...spec.command], env);
+      if (spec.net) {
+        const cfg = this.requireNet(spec.net.address);
+        const address = spec.net.address ?? pickAddress(cfg.pool, [...(await this.usedAddresses()), ...(spec.net.avoid ?? [])]);
+        rec.net = { address };
+        // Saved first, so the address counts as taken while the namespace is being made.
+        await this.store.save(rec);
+        const others = (await this.store.list()).filter((t) => t.name !== name && t.net?.address === address);
+        if (others.length) throw new FerryError('NET_ADDRESS_IN_USE', `address ${address} is in use by task '${others[0]!.name}' on this host`, { hint: 'pick another address, or leave it to Ferry (--net without an address)' });
+        await prepareHost(cfg);
+        netMade = true;
+        const ns = await createTaskNet(this.stateDir, name, address);
+        await attach(cfg, name, address, this.garpPath);
+        await unlock(ns);
+      }
+      const { rootPid, shimPid } = await this.spawnShim(['run', dir, '1', name.slice(0, 63), cwd, '--', ...spec.command], { ...env, ...this.netEnv(rec) });
       rec.pid = rootPid;
       rec.pidStart = startTime(rootPid);
       rec.shimPid = shimPid;
@@ -83,6 +143,7 @@ export class Runtime {
       await this.store.save(rec);
       return rec;
     } catch (e) {
+      if (netMade) await destroyTaskNet(this.stateDir, name, rec.net!.address);
       await rm(dir, { recursive: true, force: true });
       throw e;
     }
@@ -188,6 +249,7 @@ export class Runtime {
         }
         await this.terminate(rec, 0);
       }
+      if (rec.net) await destroyTaskNet(this.stateDir, name, rec.net.address);
       await this.store.remove(name);
     });
   }
@@ -241,7 +303,17 @@ export class Runtime {
       await this.store.save(rec);
       const releaseSlot = await dumpSlot(rec.cwd);
       try {
-        const res = await this.criu.dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS }).finally(releaseSlot);
+        // Connections are dumped established; nothing may reach or leave them meanwhile.
+        const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
+        if (ns) await lock(ns);
+        const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : undefined;
+        const res = await this.criu
+          .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}) })
+          .finally(async () => {
+            releaseSlot();
+            // Stopped, the namespace stays locked until the restore: a reset must not escape.
+            if (ns && (opts.leaveRunning || (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)))) await unlock(ns);
+          });
         await rm(final, { recursive: true, force: true });
         await rename(fresh, final);
         rec.checkpoint = { at: new Date().toISOString(), leftRunning: !!opts.leaveRunning, durationMs: Math.round(res.durationMs), ...(res.stats ? { stats: res.stats } : {}) };
@@ -295,10 +367,10 @@ export class Runtime {
     await unlink(pidfile).catch(() => undefined);
     await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
     const started = performance.now();
-    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped });
+    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(rec.net ? { netArgs: criuRestoreNetArgs() } : {}) });
     let rootPid: number, shimPid: number;
     try {
-      ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], process.env));
+      ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], { ...process.env, ...this.netEnv(rec) }));
     } catch (e) {
       const lines = await readErrorLines(join(imagesDir, 'restore.log'));
       if (!lines.length) throw e;

@@ -52,6 +52,8 @@ export interface TaskRecord {
   checkpoint?: CheckpointInfo;
   /** Where the task came from, when it arrived by migration. */
   origin?: string;
+  /** The task's own network namespace and address (ferry run --net); moves with the task. */
+  net?: { address: string };
   /** Read live, never stored: the user's main process (host pid) and how many processes the task has. */
   mainPid?: number;
   processes?: number;

@@ -13,11 +13,15 @@ const count = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
 export const modes = ['stop-copy', 'post-copy', 'pre-copy', 'auto'] as const;
 export const modeSchema = z.enum(modes);
 
+const ipv4 = z.ipv4();
+
 export const runBody = z.object({
   name: taskName.optional(),
   command: z.array(text(65_536)).min(1).max(4096),
   cwd: text(4096).optional(),
   env: z.record(text(1024), text(65_536)).optional(),
+  /** Its own network: this address, or one the host picks from its pool avoiding those given. */
+  net: z.object({ address: ipv4.optional(), avoid: z.array(ipv4).max(65_536).optional() }).optional(),
 });
 
 export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
@@ -45,6 +49,7 @@ const taskRecord = z.object({
   state: z.enum(['running', 'frozen', 'checkpointed', 'exited']),
   origin: hostName.optional(),
   checkpoint: z.object({ at: text(64), leftRunning: z.boolean(), durationMs: z.number() }).loose().optional(),
+  net: z.object({ address: ipv4 }).optional(),
 });
 
 export const prepareBody = z.object({
