@@ -30,8 +30,8 @@ done
 export DEBIAN_FRONTEND=noninteractive
 
 # ---- Debian packages -------------------------------------------------------------------------
-# python3: the tests run a task on a pseudo-terminal with its pty module.
-runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd python3)
+# python3 and redis-server: tests run a task on a pseudo-terminal (pty module) and a real redis.
+runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd python3 redis-server)
 build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
   libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils)

@@ -1,11 +1,17 @@
-// An echo server for the network tests: every line comes back as it was sent.
-//   node echo-server.js PORT
+// Servers for the network tests.
+//   node echo-server.js PORT         every line comes back as it was sent
+//   node echo-server.js PORT http    an HTTP server answering "ok", keep-alive
+import http from 'node:http';
 import net from 'node:net';
 
-net
-  .createServer((s) => {
-    s.setNoDelay(true);
-    s.on('error', () => {});
-    s.on('data', (d) => s.write(d));
-  })
-  .listen(Number(process.argv[2]), () => process.stdout.write('listening\n'));
+const port = Number(process.argv[2]);
+const server =
+  process.argv[3] === 'http'
+    ? http.createServer((_req, res) => res.end('ok'))
+    : net.createServer((s) => {
+        s.setNoDelay(true);
+        s.on('error', () => {});
+        s.on('data', (d) => s.write(d));
+      });
+if (server instanceof http.Server) server.keepAliveTimeout = 60_000;
+server.listen(port, () => process.stdout.write('listening\n'));
