@@ -11,6 +11,7 @@ import { labDown, labUp } from '../lab/lab.js';
 import { CONTENDERS, type RunMetrics, type Workload } from './contenders.js';
 import { renderMarkdown, renderSvg, summarize, type BenchResult } from './report.js';
 import { runScale } from './scale.js';
+import { renderService, runService, type ServiceResult } from './service.js';
 
 interface Options {
   scale: boolean;
@@ -23,6 +24,8 @@ interface Options {
   out: string;
   only?: string[];
   subnet: number;
+  service: boolean;
+  serviceMiB: number;
 }
 
 function parse(argv: string[]): Options {
@@ -41,10 +44,14 @@ function parse(argv: string[]): Options {
     .option('--only <names>', 'comma-separated contender name fragments')
     .option('--out <dir>', 'where to write the results', join(repoRoot, 'bench', 'results'))
     .option('--subnet <n>', 'lab subnet (10.213.N.0/24)', '98')
+    .option('--no-service', 'skip the service benchmark (redis with a connected client, per Ferry mode)')
+    .option('--service-mib <n>', 'data loaded into redis for the service benchmark', '64')
     .option('--scale', 'instead: how migrations scale with threads, files and processes, concurrent migrations, many tasks, and a soak checked for leaks')
     .exitOverride()
     .parse(argv, { from: 'user' });
-  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean }>();
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean; service: boolean; serviceMib: string }>();
+  const serviceMiB = Number(o.serviceMib);
+  if (!Number.isInteger(serviceMiB) || serviceMiB < 1 || serviceMiB > 65_536) throw new FerryError('USAGE', `--service-mib takes a whole number of MiB, got '${o.serviceMib}'`);
   return {
     scale: !!o.scale,
     quick: !!o.quick,
@@ -62,6 +69,8 @@ function parse(argv: string[]): Options {
     out: o.out,
     ...(o.only ? { only: o.only.split(',') } : {}),
     subnet: Number(o.subnet),
+    service: o.service,
+    serviceMiB: o.quick ? 16 : serviceMiB,
   };
 }
 
@@ -72,6 +81,7 @@ async function main(): Promise<void> {
   if (o.scale) return runScale({ quick: o.quick, out: o.out, subnet: o.subnet, say });
   const contenders = CONTENDERS.filter((c) => !o.only || o.only.some((f) => c.name.includes(f)));
   const results: BenchResult[] = [];
+  let service: ServiceResult[] = [];
   const skipped: Array<{ contender: string; reason: string }> = [];
   for (const c of contenders) {
     const why = await c.unavailable();
@@ -113,6 +123,7 @@ async function main(): Promise<void> {
        }
       }
     }
+    if (o.service) service = await runService({ lab, cli: ctx.cli, runs: o.runs, dataMiB: o.serviceMiB, say });
   } finally {
     for (const c of runnable) await c.teardown?.();
     await rm(workDir, { recursive: true, force: true });
@@ -127,11 +138,12 @@ async function main(): Promise<void> {
     runs: o.runs,
   };
   await mkdir(o.out, { recursive: true });
-  await writeFile(join(o.out, 'latest.json'), JSON.stringify({ meta, results, skipped }, null, 2) + '\n');
-  await writeFile(join(o.out, 'latest.md'), renderMarkdown(meta, results, skipped));
+  const markdown = renderMarkdown(meta, results, skipped) + (service.length ? '\n' + renderService(service, o.serviceMiB) : '');
+  await writeFile(join(o.out, 'latest.json'), JSON.stringify({ meta, results, skipped, service }, null, 2) + '\n');
+  await writeFile(join(o.out, 'latest.md'), markdown);
   await writeFile(join(o.out, 'latest.svg'), renderSvg(meta, results));
   say(`\nwrote ${join(o.out, 'latest.json')}, latest.md and latest.svg`);
-  process.stdout.write('\n' + renderMarkdown(meta, results, skipped));
+  process.stdout.write('\n' + markdown);
 }
 
 main().catch((e: unknown) => {

@@ -14,8 +14,8 @@ import { Lab, comm, oneLine } from '../support/lab.js';
 import { waitFor, type TaskInfo } from '../support/ferry.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const ECHO = join(here, '..', 'support', 'echo-server.js');
-const CLIENT = join(here, '..', 'support', 'tcp-client.js');
+const ECHO = join(here, '..', '..', 'src', 'bench', 'service-server.js');
+const CLIENT = join(here, '..', '..', 'src', 'bench', 'service-client.js');
 const PORT = 7300;
 const REDIS = 6380;
 const HTTP = 7301;

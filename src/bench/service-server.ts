@@ -1,6 +1,6 @@
-// Servers for the network tests.
-//   node echo-server.js PORT         every line comes back as it was sent
-//   node echo-server.js PORT http    an HTTP server answering "ok", keep-alive
+// Servers for the network tests and the service benchmark.
+//   node service-server.js PORT         every line comes back as it was sent
+//   node service-server.js PORT http    an HTTP server answering "ok", keep-alive
 import http from 'node:http';
 import net from 'node:net';
 

@@ -1,7 +1,8 @@
-// A client that keeps its connections to a server and sends a request every few milliseconds,
-// waiting for each answer. On SIGTERM it prints what it saw as one JSON line: answers, wrong
-// answers, failed requests, connections made beyond the first ones, and the longest wait.
-//   node tcp-client.js echo|redis|http HOST PORT [INTERVAL_MS] [LANES]
+// Load for the service benchmark and the network tests: a client that keeps its connections to
+// a server and sends a request every few milliseconds, waiting for each answer. On SIGTERM it
+// prints what it saw as one JSON line: answers, wrong answers, failed requests, connections made
+// beyond the first ones, and the longest wait.
+//   node service-client.js echo|redis|http HOST PORT [INTERVAL_MS] [LANES]
 // echo: numbered lines to an echo server. redis: INCR of a counter it first sets to 0 (each answer
 // must be the next number). http: keep-alive GETs on LANES connections.
 import http from 'node:http';
