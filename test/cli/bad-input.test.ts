@@ -25,6 +25,10 @@ test('unknown task, exited task, double checkpoint and bad names are refused', a
   assertOneLineError(await host.cli(['run', '--name', '../evil', '--', '/bin/true']), /invalid task name/);
   assertOneLineError(await host.cli(['run', '--', '/no/such/program']), /command not found/);
   assertOneLineError(await host.cli(['frobnicate']), /unknown command/);
+  // A host without an address pool cannot give a task its own network; nothing is left of it.
+  assertOneLineError(await host.cli(['run', '--name', 'netless', '--net', '--', '/bin/true']), /no address pool/);
+  assertOneLineError(await host.cli(['run', '--name', 'netless', '--net', '300.1.2.3', '--', '/bin/true']), /--net takes an IPv4 address/);
+  assert.equal(existsSync(join(host.stateDir, 'tasks', 'netless')), false);
 
   await host.ok(['run', '--name', 'short', '--', '/bin/sh', '-c', 'exit 3']);
   await waitFor('the task to exit', async () => ((await host.task('short')).state === 'exited' ? true : undefined));
