@@ -2,7 +2,7 @@
 import type { Command } from 'commander';
 import { doctor } from '../doctor/doctor.js';
 import { FerryError } from '../errors.js';
-import { describeState, type TaskRecord } from '../runtime/task-store.js';
+import { describeState, type Publish, type TaskRecord } from '../runtime/task-store.js';
 import type { RunSpec } from '../runtime/runtime.js';
 import { ipToInt } from '../net/tasknet.js';
 import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
@@ -44,6 +44,14 @@ async function withTasks<T>(cmd: Command, fn: (api: TaskApi) => Promise<T>): Pro
 }
 import { formatDuration, table } from './format.js';
 
+function collectPublish(value: string, prev: Publish[]): Publish[] {
+  const m = /^(?:(\d{1,5}):)?(\d{1,5})(?:\/(tcp|udp))?$/.exec(value);
+  const hostPort = Number(m?.[1] ?? m?.[2]);
+  const port = Number(m?.[2]);
+  if (!m || hostPort < 1 || hostPort > 65_535 || port < 1 || port > 65_535) throw new FerryError('USAGE', `--publish takes [hostPort:]port[/udp] with ports 1-65535, got '${value}'`);
+  return [...prev, { hostPort, port, proto: (m[3] ?? 'tcp') as 'tcp' | 'udp' }];
+}
+
 function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
   const eq = value.indexOf('=');
   if (eq <= 0) throw new FerryError('USAGE', `--env takes KEY=VALUE, got '${value}'`);
@@ -64,6 +72,7 @@ function taskSummary(t: TaskRecord) {
     exit: t.exit ?? null,
     origin: t.origin ?? null,
     address: t.net?.address ?? null,
+    publish: t.net?.publish ?? [],
     checkpoint: t.checkpoint ?? null,
   };
 }
@@ -94,9 +103,11 @@ export function registerTaskCommands(program: Command): void {
     .option('--cwd <dir>', 'working directory of the task')
     .option('--env <KEY=VALUE>', 'environment variable for the task (repeatable)', collectEnv, {})
     .option('--net [address]', "its own network namespace and an address from the cluster's pool (or this one), which moves with it")
+    .option('--publish <[hostPort:]port[/udp]>', "forward a port of the host's addresses to the task (with --net; repeatable)", collectPublish, [])
     .option('--json', 'print the task as JSON')
     .argument('<command...>', 'command and arguments, after --')
-    .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; net?: string | true; json?: boolean }, cmd: Command) => {
+    .action(async (command: string[], opts: { name?: string; cwd?: string; env: Record<string, string>; net?: string | true; publish: Publish[]; json?: boolean }, cmd: Command) => {
+      if (opts.publish.length && !opts.net) throw new FerryError('USAGE', '--publish forwards ports to a task with its own address: add --net', { hint: 'ferry run --net --publish 8080:80 -- ...' });
       let net: RunSpec['net'];
       if (typeof opts.net === 'string') {
         if (ipToInt(opts.net) === undefined) throw new FerryError('USAGE', `--net takes an IPv4 address, got '${opts.net}'`, { hint: 'give an address of the pool, or --net alone to get one' });
@@ -104,6 +115,7 @@ export function registerTaskCommands(program: Command): void {
       } else if (opts.net) {
         net = { avoid: await addressesInCluster(cmd) };
       }
+      if (net && opts.publish.length) net.publish = opts.publish;
       const t = await withTasks(cmd, (api) => api.run({ command, env: opts.env, ...(opts.name ? { name: opts.name } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}), ...(net ? { net } : {}) }));
       if (opts.json) printJson(taskSummary(t));
       else process.stdout.write(`${t.name}\n`);
@@ -119,7 +131,7 @@ export function registerTaskCommands(program: Command): void {
       process.stdout.write(
         table(
           ['NAME', 'STATUS', 'PID', 'PROCS', 'ADDRESS', 'AGE', 'COMMAND'],
-          all.map((t) => [t.name, describeState(t), t.mainPid ? String(t.mainPid) : t.pid ? String(t.pid) : '-', t.processes !== undefined ? String(t.processes) : '-', t.net?.address ?? '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
+          all.map((t) => [t.name, describeState(t), t.mainPid ? String(t.mainPid) : t.pid ? String(t.pid) : '-', t.processes !== undefined ? String(t.processes) : '-', t.net ? `${t.net.address}${t.net.publish?.length ? ` (${t.net.publish.map((p) => `${p.hostPort}->${p.port}${p.proto === 'udp' ? '/udp' : ''}`).join(', ')})` : ''}` : '-', formatDuration(Date.now() - Date.parse(t.createdAt)), t.command.join(' ')]),
         ),
       );
     });

@@ -20,6 +20,7 @@ import { isValidName, validateName, type TaskRecord } from '../runtime/task-stor
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
+import { publishClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
@@ -182,6 +183,8 @@ export class Destination {
       }
       const holder = (await this.rt.store.list()).find((t) => t.net?.address === address);
       if (holder) throw new FerryError('PRECHECK', `destination: address ${address} is in use there by task '${holder.name}'`, { hint: 'remove that task or migrate to another host' });
+      const clash = publishClash(req.task, await this.rt.store.list());
+      if (clash) throw new FerryError('PRECHECK', `destination: ${clash}`, { hint: 'remove that task or migrate to another host' });
     }
     const imagesDir = this.rt.store.imagesDir(name);
     await mkdir(imagesDir, { recursive: true, mode: 0o700 });

@@ -162,9 +162,33 @@ if [ "$CRTOOLS_SCRIPT_ACTION" = network-unlock ]; then
 fi
 `;
 
-/** Everything the task's network was: route, veth (goes with the namespace), namespace file. */
+const pubTable = (task: string) => `ferry_pub_${hostIf(task).slice(3)}`;
+
+/**
+ * Forwards the host's ports to the task (a table of the task's own in the host's nftables, so
+ * it goes in one command). Connections to the host's addresses only, not to loopback.
+ */
+export async function publish(task: string, address: string, ports: Array<{ hostPort: number; port: number; proto: 'tcp' | 'udp' }>): Promise<void> {
+  await unpublish(task);
+  if (!ports.length) return;
+  const rules = ports.map((p) => `fib daddr type local ip daddr != 127.0.0.0/8 ${p.proto} dport ${p.hostPort} dnat to ${address}:${p.port}`);
+  const text = `table ip ${pubTable(task)} {
+  chain pre { type nat hook prerouting priority -100; ${rules.join('; ')}; }
+  chain out { type nat hook output priority -100; ${rules.join('; ')}; }
+}
+`;
+  const r = await run('nft', ['-f', '-'], { input: text, timeoutMs: 20_000, reject: false });
+  if (r.exitCode !== 0) throw new FerryError('NET', `cannot publish the ports of '${task}': ${r.stderr.trim().split('\n')[0] ?? 'nft failed'}`);
+}
+
+export async function unpublish(task: string): Promise<void> {
+  await run('nft', ['delete', 'table', 'ip', pubTable(task)], { timeoutMs: 20_000, reject: false }).catch(() => undefined);
+}
+
+/** Everything the task's network was: route, forwarded ports, veth (goes with the namespace), namespace file. */
 export async function destroyTaskNet(stateDir: string, task: string, address: string): Promise<void> {
   const ns = netnsPath(stateDir, task);
+  await unpublish(task);
   await detach(task, address);
   await run('ip', ['link', 'del', hostIf(task)], { timeoutMs: 20_000, reject: false }).catch(() => undefined);
   await run('umount', [ns], { timeoutMs: 20_000, reject: false }).catch(() => undefined);

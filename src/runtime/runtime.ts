@@ -12,8 +12,8 @@ import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
-import { attach, createTaskNet, detach, pickAddress, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
-import { TaskStore, validateName, type TaskRecord, describeState } from './task-store.js';
+import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
+import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
   name?: string;
@@ -21,7 +21,7 @@ export interface RunSpec {
   cwd?: string;
   env?: Record<string, string>;
   /** Its own network namespace: this address, or the lowest free one of the pool not in avoid. */
-  net?: { address?: string; avoid?: string[] };
+  net?: { address?: string; avoid?: string[]; publish?: Publish[] };
 }
 
 const INVENTORY_MAGIC = 0x58313116;
@@ -64,12 +64,15 @@ export class Runtime {
     if (!rec.net || !this.netConfig) return;
     await prepareHost(this.netConfig);
     await attach(this.netConfig, rec.name, rec.net.address, this.garpPath);
+    await publish(rec.name, rec.net.address, rec.net.publish ?? []);
     await unlock(netnsPath(this.stateDir, rec.name));
   }
 
   /** The task is about to run elsewhere: this host stops answering for its address. */
   async netAway(rec: TaskRecord): Promise<void> {
-    if (rec.net) await detach(rec.name, rec.net.address);
+    if (!rec.net) return;
+    await unpublish(rec.name);
+    await detach(rec.name, rec.net.address);
   }
 
   /** The task left or was removed: its namespace, veth and route go. */
@@ -124,15 +127,19 @@ export class Runtime {
       if (spec.net) {
         const cfg = this.requireNet(spec.net.address);
         const address = spec.net.address ?? pickAddress(cfg.pool, [...(await this.usedAddresses()), ...(spec.net.avoid ?? [])]);
-        rec.net = { address };
+        rec.net = { address, ...(spec.net.publish?.length ? { publish: spec.net.publish } : {}) };
         // Saved first, so the address counts as taken while the namespace is being made.
         await this.store.save(rec);
-        const others = (await this.store.list()).filter((t) => t.name !== name && t.net?.address === address);
-        if (others.length) throw new FerryError('NET_ADDRESS_IN_USE', `address ${address} is in use by task '${others[0]!.name}' on this host`, { hint: 'pick another address, or leave it to Ferry (--net without an address)' });
+        const others = (await this.store.list()).filter((t) => t.name !== name);
+        const holder = others.find((t) => t.net?.address === address);
+        if (holder) throw new FerryError('NET_ADDRESS_IN_USE', `address ${address} is in use by task '${holder.name}' on this host`, { hint: 'pick another address, or leave it to Ferry (--net without an address)' });
+        const clash = publishClash(rec, others);
+        if (clash) throw new FerryError('NET_ADDRESS_IN_USE', clash, { hint: 'publish another host port' });
         await prepareHost(cfg);
         netMade = true;
         const ns = await createTaskNet(this.stateDir, name, address);
         await attach(cfg, name, address, this.garpPath);
+        await publish(name, address, rec.net.publish ?? []);
         await unlock(ns);
       }
       const { rootPid, shimPid } = await this.spawnShim(['run', dir, '1', name.slice(0, 63), cwd, '--', ...spec.command], { ...env, ...this.netEnv(rec) });
@@ -447,4 +454,13 @@ function withLive(rec: TaskRecord): TaskRecord {
   }
   const oldest = kids.map((p) => ({ p, t: startTime(p) ?? Infinity })).sort((a, b) => a.t - b.t || a.p - b.p)[0]?.p;
   return { ...rec, processes: pids.length, ...(oldest !== undefined ? { mainPid: oldest } : {}) };
+}
+
+/** Says which host port of rec another task here already publishes, if any. */
+export function publishClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[]): string | undefined {
+  for (const p of rec.net?.publish ?? []) {
+    const holder = others.find((t) => t.net?.publish?.some((q) => q.hostPort === p.hostPort && q.proto === p.proto));
+    if (holder) return `host port ${p.hostPort}/${p.proto} is published by task '${holder.name}' on this host`;
+  }
+  return undefined;
 }

@@ -53,10 +53,17 @@ export interface TaskRecord {
   /** Where the task came from, when it arrived by migration. */
   origin?: string;
   /** The task's own network namespace and address (ferry run --net); moves with the task. */
-  net?: { address: string };
+  net?: { address: string; publish?: Publish[] };
   /** Read live, never stored: the user's main process (host pid) and how many processes the task has. */
   mainPid?: number;
   processes?: number;
+}
+
+/** A port of the host forwarded to the task's own address (ferry run --net --publish). */
+export interface Publish {
+  hostPort: number;
+  port: number;
+  proto: 'tcp' | 'udp';
 }
 
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;

@@ -14,6 +14,9 @@ export const modes = ['stop-copy', 'post-copy', 'pre-copy', 'auto'] as const;
 export const modeSchema = z.enum(modes);
 
 const ipv4 = z.ipv4();
+const port = z.number().int().min(1).max(65_535);
+/** A port of the host forwarded to the task (ferry run --publish). */
+export const publishSchema = z.object({ hostPort: port, port, proto: z.enum(['tcp', 'udp']) });
 
 export const runBody = z.object({
   name: taskName.optional(),
@@ -21,7 +24,7 @@ export const runBody = z.object({
   cwd: text(4096).optional(),
   env: z.record(text(1024), text(65_536)).optional(),
   /** Its own network: this address, or one the host picks from its pool avoiding those given. */
-  net: z.object({ address: ipv4.optional(), avoid: z.array(ipv4).max(65_536).optional() }).optional(),
+  net: z.object({ address: ipv4.optional(), avoid: z.array(ipv4).max(65_536).optional(), publish: z.array(publishSchema).max(256).optional() }).optional(),
 });
 
 export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
@@ -49,7 +52,7 @@ const taskRecord = z.object({
   state: z.enum(['running', 'frozen', 'checkpointed', 'exited']),
   origin: hostName.optional(),
   checkpoint: z.object({ at: text(64), leftRunning: z.boolean(), durationMs: z.number() }).loose().optional(),
-  net: z.object({ address: ipv4 }).optional(),
+  net: z.object({ address: ipv4, publish: z.array(publishSchema).max(256).optional() }).optional(),
 });
 
 export const prepareBody = z.object({

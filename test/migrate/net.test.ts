@@ -212,6 +212,29 @@ test('bad --net input gets one line and leaves nothing behind', async (t) => {
   assert.equal((await task('h1', `${name}-a`)).state, 'running');
 });
 
+test("--publish forwards a host port to the task, and it moves to the new host's address", async (t) => {
+  const name = 'n-pub';
+  t.after(() => lab.removeEverywhere(name));
+  oneLine(await lab.ferry(['--host', 'h1', 'run', '--name', name, '--publish', '7400:7300', '--', 'sleep', '100']), /--publish .* add --net/);
+  oneLine(await lab.ferry(['--host', 'h1', 'run', '--name', name, '--net', '--publish', '70000', '--', 'sleep', '100']), /--publish takes \[hostPort:\]port/);
+  await startEcho(name, ['--publish', `7400:${PORT}`]);
+  assert.match(await lab.ok(['--host', 'h1', 'ps']), /\(7400->7300\)/);
+  const viaHost = async (h: string) => {
+    const c = client('echo', lab.addr(h), 7400, h === 'h1' ? 'h2' : 'h1');
+    await c.connected;
+    await new Promise((r) => setTimeout(r, 200));
+    return c.finish();
+  };
+  assert.ok((await viaHost('h1')).answers > 5, 'reachable through h1:7400');
+  await lab.ok(['--host', 'h1', 'migrate', name, '--to', 'h2']);
+  assert.ok((await viaHost('h2')).answers > 5, 'reachable through h2:7400 after the move');
+  assert.doesNotMatch((await run('ip', ['netns', 'exec', lab.netns('h1'), 'nft', 'list', 'tables'])).stdout, /ferry_pub/, 'h1 forwards nothing any more');
+  // Another task cannot publish the same host port where this one runs.
+  oneLine(await lab.ferry(['--host', 'h2', 'run', '--name', `${name}-2`, '--net', '--publish', '7400', '--', 'sleep', '100']), /host port 7400\/tcp is published by task 'n-pub'/);
+  await lab.ok(['--host', 'h2', 'rm', '--force', name]);
+  assert.doesNotMatch((await run('ip', ['netns', 'exec', lab.netns('h2'), 'nft', 'list', 'tables'])).stdout, /ferry_pub/);
+});
+
 test('a removed task leaves no namespace, veth or route', async () => {
   const name = 'n-rm';
   const address = await startEcho(name);
