@@ -11,7 +11,7 @@ import { labDown, labUp } from '../lab/lab.js';
 import { CONTENDERS, type RunMetrics, type Workload } from './contenders.js';
 import { renderMarkdown, renderSvg, summarize, type BenchResult } from './report.js';
 import { runScale } from './scale.js';
-import { renderService, runService, type ServiceResult } from './service.js';
+import { renderService, renderSoak, runService, runServiceSoak, type ServiceResult } from './service.js';
 
 interface Options {
   scale: boolean;
@@ -26,6 +26,7 @@ interface Options {
   subnet: number;
   service: boolean;
   serviceMiB: number;
+  soak: number;
 }
 
 function parse(argv: string[]): Options {
@@ -46,10 +47,13 @@ function parse(argv: string[]): Options {
     .option('--subnet <n>', 'lab subnet (10.213.N.0/24)', '98')
     .option('--no-service', 'skip the service benchmark (redis with a connected client, per Ferry mode)')
     .option('--service-mib <n>', 'data loaded into redis for the service benchmark', '64')
+    .option('--service-soak <n>', 'instead: one connected redis migrated n times back and forth (auto mode); counts resets', '0')
     .option('--scale', 'instead: how migrations scale with threads, files and processes, concurrent migrations, many tasks, and a soak checked for leaks')
     .exitOverride()
     .parse(argv, { from: 'user' });
-  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean; service: boolean; serviceMib: string }>();
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean; service: boolean; serviceMib: string; serviceSoak: string }>();
+  const soak = Number(o.serviceSoak);
+  if (!Number.isInteger(soak) || soak < 0 || soak > 100_000) throw new FerryError('USAGE', `--service-soak takes a number of migrations, got '${o.serviceSoak}'`);
   const serviceMiB = Number(o.serviceMib);
   if (!Number.isInteger(serviceMiB) || serviceMiB < 1 || serviceMiB > 65_536) throw new FerryError('USAGE', `--service-mib takes a whole number of MiB, got '${o.serviceMib}'`);
   return {
@@ -71,6 +75,7 @@ function parse(argv: string[]): Options {
     subnet: Number(o.subnet),
     service: o.service,
     serviceMiB: o.quick ? 16 : serviceMiB,
+    soak,
   };
 }
 
@@ -79,6 +84,7 @@ async function main(): Promise<void> {
   const cfg = loadConfig();
   const say = (s: string) => process.stdout.write(s + '\n');
   if (o.scale) return runScale({ quick: o.quick, out: o.out, subnet: o.subnet, say });
+  if (o.soak) return soakOnly(o, say);
   const contenders = CONTENDERS.filter((c) => !o.only || o.only.some((f) => c.name.includes(f)));
   const results: BenchResult[] = [];
   let service: ServiceResult[] = [];
@@ -144,6 +150,22 @@ async function main(): Promise<void> {
   await writeFile(join(o.out, 'latest.svg'), renderSvg(meta, results));
   say(`\nwrote ${join(o.out, 'latest.json')}, latest.md and latest.svg`);
   process.stdout.write('\n' + markdown);
+}
+
+/** --service-soak: its own lab, its own result file. */
+async function soakOnly(o: Options, say: (s: string) => void): Promise<void> {
+  await labDown('bench');
+  const lab = await labUp({ name: 'bench', hosts: 2, bandwidth: o.bandwidth, subnet: o.subnet });
+  try {
+    const r = await runServiceSoak({ lab, cli: join(repoRoot, 'dist', 'src', 'cli', 'main.js'), runs: 1, dataMiB: o.serviceMiB, say, migrations: o.soak, mode: 'auto' });
+    const md = renderSoak(r, 'auto', o.serviceMiB);
+    await mkdir(o.out, { recursive: true });
+    await writeFile(join(o.out, 'soak.json'), JSON.stringify({ date: new Date().toISOString(), ...r }, null, 2) + '\n');
+    await writeFile(join(o.out, 'soak.md'), md);
+    process.stdout.write('\n' + md);
+  } finally {
+    await labDown('bench');
+  }
 }
 
 main().catch((e: unknown) => {

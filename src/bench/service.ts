@@ -37,8 +37,83 @@ export interface ServiceOptions {
   say: (s: string) => void;
 }
 
+type Ferry = (args: string[]) => Promise<{ stdout: string }>;
+
+/** redis on h1 with its own address and dataMiB of 1 KiB values; returns the address. */
+async function startRedis(ferry: Ferry, name: string, dataMiB: number): Promise<string> {
+  await ferry(['--host', 'h1', 'run', '--name', name, '--net', '--', 'redis-server', '--daemonize', 'yes', '--port', String(PORT), '--bind', '0.0.0.0', '--protected-mode', 'no', '--save', '', '--appendonly', 'no', '--logfile', '']);
+  const tasks = JSON.parse((await ferry(['--host', 'h1', 'ps', '--json'])).stdout) as Array<{ name: string; address: string | null }>;
+  const address = tasks.find((t) => t.name === name)?.address;
+  if (!address) throw new Error('the task has no address');
+  const cli = (args: string[], input?: string) => run('redis-cli', ['-h', address, '-p', String(PORT), ...args], { timeoutMs: 60_000, ...(input ? { input } : {}) });
+  for (let t = 0; (await cli(['PING']).catch(() => undefined))?.stdout.trim() !== 'PONG'; t++) {
+    if (t > 100) throw new Error('redis did not answer');
+    await sleep(100);
+  }
+  const value = 'x'.repeat(1024);
+  let resp = '';
+  for (let k = 0; k < dataMiB * 1024; k++) resp += `*3\r\n$3\r\nSET\r\n$${String(k).length + 2}\r\nk:${k}\r\n$1024\r\n${value}\r\n`;
+  await cli(['--pipe'], resp);
+  return address;
+}
+
+/** The redis client on h2; finish() stops it and returns what it saw. */
+function redisClient(lab: LabState, address: string): { finish: () => Promise<{ maxWaitMs?: number; broke?: string; wrong?: number; answers?: number }> } {
+  const c = spawn('ip', ['netns', 'exec', lab.hosts[1]!.netns, process.execPath, CLIENT, 'redis', address, String(PORT), '2'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  let text = '';
+  c.stdout.on('data', (d: Buffer) => (text += d));
+  return {
+    finish: async () => {
+      c.kill('SIGTERM');
+      await new Promise((res) => c.once('close', res));
+      return JSON.parse(text.trim().split('\n').pop() ?? '{}') as { maxWaitMs?: number; broke?: string; wrong?: number; answers?: number };
+    },
+  };
+}
+
+export interface SoakResult {
+  migrations: number;
+  failedMigrations: number;
+  answers: number;
+  broke: string;
+  wrong: number;
+  maxWaitMs: number;
+  blackoutMs?: Stat;
+}
+
+/** One redis and one client; the task goes back and forth n times. */
+export async function runServiceSoak(o: ServiceOptions & { migrations: number; mode: string }): Promise<SoakResult> {
+  const ferry: Ferry = (args) => run(process.execPath, [o.cli, '--cluster', o.lab.cluster, ...args], { timeoutMs: 300_000 });
+  const name = 'svc-soak';
+  const blackouts: number[] = [];
+  let failed = 0;
+  try {
+    const address = await startRedis(ferry, name, o.dataMiB);
+    const c = redisClient(o.lab, address);
+    await sleep(1000);
+    let at = 'h1';
+    for (let i = 0; i < o.migrations; i++) {
+      const to = at === 'h1' ? 'h2' : 'h1';
+      try {
+        const rep = JSON.parse((await ferry(['--host', at, 'migrate', name, '--to', to, '--mode', o.mode, '--json'])).stdout) as { blackoutMs: number };
+        blackouts.push(rep.blackoutMs);
+        at = to;
+      } catch (e) {
+        failed++;
+        o.say(`soak migration ${i + 1} failed: ${e instanceof Error ? e.message.split('\n')[0] : String(e)}`);
+      }
+      if ((i + 1) % 10 === 0) o.say(`soak: ${i + 1} of ${o.migrations} migrations`);
+      await sleep(200);
+    }
+    const seen = await c.finish();
+    return { migrations: o.migrations, failedMigrations: failed, answers: seen.answers ?? 0, broke: seen.broke ?? '', wrong: seen.wrong ?? 0, maxWaitMs: seen.maxWaitMs ?? 0, ...(stat(blackouts) ? { blackoutMs: stat(blackouts)! } : {}) };
+  } finally {
+    for (const h of ['h1', 'h2']) await ferry(['--host', h, 'rm', '--force', name]).catch(() => undefined);
+  }
+}
+
 export async function runService(o: ServiceOptions): Promise<ServiceResult[]> {
-  const ferry = (args: string[]) => run(process.execPath, [o.cli, '--cluster', o.lab.cluster, ...args], { timeoutMs: 300_000 });
+  const ferry: Ferry = (args) => run(process.execPath, [o.cli, '--cluster', o.lab.cluster, ...args], { timeoutMs: 300_000 });
   const out: ServiceResult[] = [];
   for (const mode of MODES) {
     const r: ServiceResult = { mode, runs: 0, errors: [], broken: 0, wrong: 0 };
@@ -48,30 +123,12 @@ export async function runService(o: ServiceOptions): Promise<ServiceResult[]> {
     for (let i = 0; i < o.runs; i++) {
       const name = `svc-${mode}-${i}`;
       try {
-        await ferry(['--host', 'h1', 'run', '--name', name, '--net', '--', 'redis-server', '--daemonize', 'yes', '--port', String(PORT), '--bind', '0.0.0.0', '--protected-mode', 'no', '--save', '', '--appendonly', 'no', '--logfile', '']);
-        const tasks = JSON.parse((await ferry(['--host', 'h1', 'ps', '--json'])).stdout) as Array<{ name: string; address: string | null }>;
-        const address = tasks.find((t) => t.name === name)?.address;
-        if (!address) throw new Error('the task has no address');
-        const cli = (args: string[], input?: string) => run('redis-cli', ['-h', address, '-p', String(PORT), ...args], { timeoutMs: 60_000, ...(input ? { input } : {}) });
-        for (let t = 0; (await cli(['PING']).catch(() => undefined))?.stdout.trim() !== 'PONG'; t++) {
-          if (t > 100) throw new Error('redis did not answer');
-          await sleep(100);
-        }
-        // Values of 1 KiB: dataMiB of them.
-        const value = 'x'.repeat(1024);
-        const n = o.dataMiB * 1024;
-        let resp = '';
-        for (let k = 0; k < n; k++) resp += `*3\r\n$3\r\nSET\r\n$${String(k).length + 2}\r\nk:${k}\r\n$1024\r\n${value}\r\n`;
-        await cli(['--pipe'], resp);
-        const c = spawn('ip', ['netns', 'exec', o.lab.hosts[1]!.netns, process.execPath, CLIENT, 'redis', address, String(PORT), '2'], { stdio: ['ignore', 'pipe', 'ignore'] });
-        let text = '';
-        c.stdout.on('data', (d: Buffer) => (text += d));
+        const address = await startRedis(ferry, name, o.dataMiB);
+        const c = redisClient(o.lab, address);
         await sleep(1000);
         const rep = JSON.parse((await ferry(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, '--json'])).stdout) as { blackoutMs: number; totalMs: number };
         await sleep(1000);
-        c.kill('SIGTERM');
-        await new Promise((res) => c.once('close', res));
-        const seen = JSON.parse(text.trim().split('\n').pop() ?? '{}') as { maxWaitMs?: number; broke?: string; wrong?: number };
+        const seen = await c.finish();
         if (seen.maxWaitMs === undefined) throw new Error('the client reported nothing');
         blackout.push(rep.blackoutMs);
         total.push(rep.totalMs);
@@ -115,4 +172,13 @@ export function renderService(results: ServiceResult[], dataMiB: number): string
   }
   lines.push('', 'Where the client waited longer than the blackout, a request it sent while the task was frozen was dropped by the lock and went again on its TCP retransmission timer (200 ms, doubling).', '');
   return lines.join('\n');
+}
+
+export function renderSoak(r: SoakResult, mode: string, dataMiB: number): string {
+  return [
+    `### Soak: one redis (${dataMiB} MiB) and one connected client, ${r.migrations} migrations back and forth with ferry ${mode}`,
+    '',
+    `${r.migrations - r.failedMigrations} of ${r.migrations} migrations done; the client's connection ${r.broke ? `broke (${r.broke})` : 'never broke'}; ${r.answers} answers, ${r.wrong} wrong; longest wait ${r.maxWaitMs} ms; blackout ${fmt(r.blackoutMs, ' ms')}.`,
+    '',
+  ].join('\n');
 }
