@@ -41,9 +41,6 @@
 #define PAGE 4096UL
 #define CHUNK 256 /* pages read and sent at a time */
 
-#ifndef UFFD_FEATURE_WP_UNPOPULATED
-#define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
-#endif
 #ifndef UFFD_FEATURE_WP_ASYNC
 #define UFFD_FEATURE_WP_ASYNC (1 << 15)
 #endif
@@ -262,7 +259,12 @@ static void prepare_restore(struct user_regs_struct *r) {
 }
 
 static int arm_uffd(int uffd) {
-  struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED};
+  /* Not WP_UNPOPULATED: with it every empty page table entry a scan or protect passes over gets a
+     marker, which /proc/PID/pagemap reports as a swapped page: CRIU then dumps every reserved,
+     never-touched page of the task as zeros and the destination populates them (a 45 MiB
+     Node.js process arrived with 870 MiB). Without it an entry first filled after arming has no
+     write-protect bit and scans as written, so nothing is missed. */
+  struct uffdio_api api = {.api = UFFD_API, .features = UFFD_FEATURE_WP_ASYNC};
   return ioctl(uffd, UFFDIO_API, &api);
 }
 
@@ -343,29 +345,42 @@ static int take_uffd(pid_t pid) {
 
 struct vma {
   uint64_t start, end;
+  int registered;
 };
 
 /* Private anonymous mappings: what CRIU moves as lazy pages, and what pre-copy covers. */
 static size_t anon_vmas(pid_t pid, struct vma **out) {
   char path[64], line[4096];
-  snprintf(path, sizeof path, "/proc/%d/maps", pid);
+  /* smaps, for VmFlags: "uw" says the mapping is registered for write-protect with us. */
+  snprintf(path, sizeof path, "/proc/%d/smaps", pid);
   FILE *f = fopen(path, "r");
   size_t n = 0, cap = 0;
+  int keep = 0;
   *out = NULL;
   if (!f) return 0;
   while (fgets(line, sizeof line, f)) {
     uint64_t s, e, off, ino;
     char perms[8], dev[32];
     int pos = 0;
+    if (!strncmp(line, "VmFlags:", 8)) {
+      if (keep) (*out)[n - 1].registered = strstr(line, " uw") != NULL;
+      continue;
+    }
     if (sscanf(line, "%" SCNx64 "-%" SCNx64 " %7s %" SCNx64 " %31s %" SCNu64 " %n", &s, &e, perms, &off, dev, &ino, &pos) < 6) continue;
+    keep = 0;
     const char *name = line + pos;
     if (perms[3] != 'p' || ino != 0) continue;
+    /* Inaccessible reservations and guards (PROT_NONE): tracking them leaves page table markers
+       that read as swapped pages (CRIU dumps them, the destination fills them with zeros). A
+       page they do hold goes in the frozen pass, as one never sent. */
+    if (perms[0] == '-' && perms[1] == '-') continue;
     if (name[0] == '[' && strncmp(name, "[heap]", 6) && strncmp(name, "[stack", 6) && strncmp(name, "[anon:", 6)) continue;
     if (n == cap) {
       cap = cap ? cap * 2 : 64;
       *out = realloc(*out, cap * sizeof **out);
     }
-    (*out)[n++] = (struct vma){s, e};
+    (*out)[n++] = (struct vma){s, e, 0};
+    keep = 1;
   }
   fclose(f);
   return n;
@@ -386,8 +401,9 @@ typedef void (*range_fn)(struct proc *, uint64_t, uint64_t, void *);
 static int scan(int pm, struct proc *p, uint64_t s, uint64_t e, int wp, uint64_t anyof, range_fn fn, void *arg) {
   static struct page_region vec[1024];
   while (s < e) {
-    struct pm_scan_arg a = {.size = sizeof a, .flags = (wp ? PM_SCAN_WP_MATCHING : 0) | (wp >= 0 ? PM_SCAN_CHECK_WPASYNC : 0), .start = s, .end = e, .vec = (uint64_t)(uintptr_t)vec, .vec_len = 1024, .category_anyof_mask = anyof, .return_mask = anyof};
-    if (wp < 0) a.flags = 0;
+    /* No PM_SCAN_CHECK_WPASYNC: it insists on WP_UNPOPULATED (see arm_uffd); whether a mapping
+       is registered comes from its VmFlags instead. */
+    struct pm_scan_arg a = {.size = sizeof a, .flags = wp > 0 ? PM_SCAN_WP_MATCHING : 0, .start = s, .end = e, .vec = (uint64_t)(uintptr_t)vec, .vec_len = 1024, .category_anyof_mask = anyof, .return_mask = anyof};
     long r = ioctl(pm, PAGEMAP_SCAN, &a);
     if (r < 0) return -errno;
     for (long i = 0; i < r; i++) fn(p, vec[i].start, (vec[i].end - vec[i].start) / PAGE, arg);
@@ -412,12 +428,21 @@ static void cb_drop(struct proc *p, uint64_t s, uint64_t n, void *arg) {
 }
 
 /* Arms [s, e) with the process's userfaultfd; -errno when that mapping cannot be armed. */
+static void cb_protect(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  struct uffdio_writeprotect wp = {.range = {s, n * PAGE}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
+  if (ioctl(p->uffd, UFFDIO_WRITEPROTECT, &wp)) *(int *)arg = -errno;
+}
+
+/* Registers the mapping and write-protects its populated pages (empty entries need nothing). */
 static int arm_range(struct proc *p, uint64_t s, uint64_t e) {
   struct uffdio_register reg = {.range = {s, e - s}, .mode = UFFDIO_REGISTER_MODE_WP};
   if (ioctl(p->uffd, UFFDIO_REGISTER, &reg)) return -errno;
-  struct uffdio_writeprotect wp = {.range = {s, e - s}, .mode = UFFDIO_WRITEPROTECT_MODE_WP};
-  if (ioctl(p->uffd, UFFDIO_WRITEPROTECT, &wp)) return -errno;
-  return 0;
+  int pm = open_pagemap(p->pid);
+  if (pm < 0) return -ESRCH;
+  int err = 0;
+  int r = scan(pm, p, s, e, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_protect, &err);
+  close(pm);
+  return r ? r : err;
 }
 
 static pid_t read_vpid(pid_t pid) {
@@ -454,6 +479,7 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
   for (size_t i = 0; i < n; i++) {
     int r = -EPERM;
     if (p->fresh && mode != 'c') r = -EAGAIN; /* armed just now: all of it is new */
+    else if (p->uffd >= 0 && !v[i].registered) r = -EPERM; /* new, moved, or a new address space (exec) */
     else if (p->uffd >= 0) {
       if (mode == 'c') r = scan(pm, p, v[i].start, v[i].end, 0, PAGE_IS_WRITTEN, cb_count, &counted);
       else r = scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, drop ? cb_drop : cb_send, NULL);

@@ -6,7 +6,7 @@
 // is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
 import type { ChildProcess } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
-import { readFileSync, statSync } from 'node:fs';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
@@ -22,6 +22,7 @@ import { hintFor, readErrorLines } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
+import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { Hold } from './hold.js';
 import { debugDropRound, faultPoint } from './fault-points.js';
@@ -580,7 +581,7 @@ export class OutgoingMigration {
   private startDump(imagesDir: string, extra: string[]): void {
     const { rt } = this.ctx;
     // A task with its own network keeps its connections; the hold script locks its namespace.
-    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : ['--tcp-close'];
+    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : this.hostTcp(imagesDir);
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', ...net, '--action-script', this.hold!.script, ...extra];
     const program = startProgram(rt.criu.bin, args, { env: { ...this.hold!.env(HOLD_TIMEOUT_S), ...rt.netEnv(this.rec) }, captureStderr: false });
     const child = program.child;
@@ -593,6 +594,13 @@ export class OutgoingMigration {
     child.once('close', () => clearTimeout(deadline));
     this.dumpExit = program.exited;
     this.imagesDir = imagesDir;
+  }
+
+  /** See hostTcpArgs: connections among the task's own sockets move, the marker tells the destination. */
+  private hostTcp(imagesDir: string): string[] {
+    const kind = tcpConnections(this.rec.pid!);
+    if (kind === 'internal') writeFileSync(join(imagesDir, TCP_MARKER), '');
+    return hostNetArgs(kind);
   }
 
   private async untilFrozen(): Promise<void> {

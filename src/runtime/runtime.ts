@@ -3,8 +3,8 @@
 // it for migrations.
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { constants, createReadStream, readFileSync } from 'node:fs';
-import { access, mkdir, open, readFile, rename, rm, stat, unlink } from 'node:fs/promises';
+import { constants, createReadStream, existsSync, readFileSync } from 'node:fs';
+import { access, mkdir, open, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { Criu } from '../criu/driver.js';
 import { dumpSlot } from '../criu/dump-slot.js';
@@ -13,6 +13,7 @@ import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
+import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -313,7 +314,7 @@ export class Runtime {
         // Connections are dumped established; nothing may reach or leave them meanwhile.
         const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
         if (ns) await lock(ns);
-        const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : undefined;
+        const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : await hostTcpArgs(rec.pid!, fresh);
         const res = await this.criu
           .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}) })
           .finally(async () => {
@@ -374,7 +375,8 @@ export class Runtime {
     await unlink(pidfile).catch(() => undefined);
     await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
     const started = performance.now();
-    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(rec.net ? { netArgs: criuRestoreNetArgs() } : {}) });
+    const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
+    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
     let rootPid: number, shimPid: number;
     try {
       ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], { ...process.env, ...this.netEnv(rec) }));
@@ -463,4 +465,14 @@ export function publishClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[])
     if (holder) return `host port ${p.hostPort}/${p.proto} is published by task '${holder.name}' on this host`;
   }
   return undefined;
+}
+
+/**
+ * A task in its host's network keeps the connections between its own sockets (they move with
+ * it); any other connection makes them all close, as before. Marks the images when they move.
+ */
+export async function hostTcpArgs(pid: number, imagesDir: string): Promise<string[]> {
+  const kind = tcpConnections(pid);
+  if (kind === 'internal') await writeFile(join(imagesDir, TCP_MARKER), '');
+  return hostNetArgs(kind);
 }

@@ -16,6 +16,7 @@ import { waitFor, type TaskInfo } from '../support/ferry.js';
 const here = dirname(fileURLToPath(import.meta.url));
 const ECHO = join(here, '..', '..', 'src', 'bench', 'service-server.js');
 const CLIENT = join(here, '..', '..', 'src', 'bench', 'service-client.js');
+const PAIR = join(here, '..', 'support', 'loopback-pair.js');
 const PORT = 7300;
 const REDIS = 6380;
 const HTTP = 7301;
@@ -233,6 +234,32 @@ test("--publish forwards a host port to the task, and it moves to the new host's
   oneLine(await lab.ferry(['--host', 'h2', 'run', '--name', `${name}-2`, '--net', '--publish', '7400', '--', 'sleep', '100']), /host port 7400\/tcp is published by task 'n-pub'/);
   await lab.ok(['--host', 'h2', 'rm', '--force', name]);
   assert.doesNotMatch((await run('ip', ['netns', 'exec', lab.netns('h2'), 'nft', 'list', 'tables'])).stdout, /ferry_pub/);
+});
+
+// Without --net: a connection between two of the task's own sockets moves with it (CRIU's
+// --tcp-established, no lock needed: both ends freeze together); others still close.
+test('without --net, a loopback connection inside the task survives checkpoint/restore and every migration mode', async (t) => {
+  const name = 'n-pair';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', process.execPath, PAIR, '7500']);
+  const okCount = (h: string) => (lab.logOf(h, name).match(/^pair \d+ ok$/gm) ?? []).length;
+  const progressed = async (h: string) => {
+    const n = okCount(h);
+    await waitFor(`the pair to go on talking on ${h}`, () => okCount(h) > n + 1 || undefined, 15_000);
+    assert.doesNotMatch(lab.logOf(h, name), /BROKEN/);
+  };
+  await waitFor('the pair', () => lab.logOf('h1', name).includes('pair ready') || undefined, 20_000);
+  await progressed('h1');
+  await lab.ok(['--host', 'h1', 'checkpoint', name]);
+  await lab.ok(['--host', 'h1', 'restore', name]);
+  await progressed('h1');
+  let at = 'h1';
+  for (const mode of MODES) {
+    const to = at === 'h1' ? 'h2' : 'h1';
+    await lab.ok(['--host', at, 'migrate', name, '--to', to, '--mode', mode]);
+    at = to;
+    await progressed(at);
+  }
 });
 
 test('a removed task leaves no namespace, veth or route', async () => {

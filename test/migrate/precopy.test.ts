@@ -9,6 +9,7 @@ import { after, before, test } from 'node:test';
 import type { MigrationReport } from '../../src/migrate/source.js';
 import { NATIVE, SOCKETS, ask, waitFor } from '../support/ferry.js';
 import { Lab, oneLine } from '../support/lab.js';
+import { treePids } from '../../src/util/proc.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
@@ -151,4 +152,32 @@ test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'stop-copy', '--max-rounds', '3']), /apply to --mode pre-copy and auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'sideways']), /unknown --mode 'sideways'/);
+});
+
+// Memory a task reserved but never touched (a big malloc arena, a runtime's heap reservation,
+// PROT_NONE guards) must stay untouched: tracking it must not make CRIU dump it as zeros, nor the
+// destination fill it.
+test('pre-copy moves only the memory a task uses, not what it merely reserved', async (t) => {
+  const name = 'pc-reserved';
+  t.after(() => lab.removeEverywhere(name));
+  const script = [
+    'import mmap, time',
+    'flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS',
+    'rw = mmap.mmap(-1, 1 << 30, flags=flags)',
+    'rw[0:4 << 20] = b"x" * (4 << 20)',
+    'guard = mmap.mmap(-1, 256 << 20, flags=flags, prot=0)',
+    'print("reserved", flush=True)',
+    'while True:',
+    '    rw[0:4096] = b"y" * 4096',
+    '    time.sleep(0.01)',
+  ].join('\n');
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'python3', '-c', script]);
+  await waitFor('the reservation', () => (lab.logOf('h1', name).includes('reserved') ? true : undefined), 20_000);
+  for (const [from, to] of [['h1', 'h2'], ['h2', 'h1']] as const) {
+    const r = JSON.parse(await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', 'pre-copy', '--json'])) as MigrationReport;
+    assert.ok(r.bytes.pages < 64 * 2 ** 20, `${from} -> ${to}: ${r.bytes.pages} bytes of pages for a task using ~12 MiB`);
+    const t2 = (await lab.tasksOn(to)).find((x) => x.name === name)!;
+    const rss = treePids(t2.pid!).reduce((sum, p) => sum + Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${p}/status`, 'utf8'))?.[1] ?? 0), 0);
+    assert.ok(rss < 64 * 1024, `${to}: the task's resident memory is ${rss} KiB after the move`);
+  }
 });
