@@ -4,7 +4,7 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdirSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { after, before, test } from 'node:test';
@@ -25,15 +25,19 @@ async function redisCli(address: string, args: string[]): Promise<string> {
   return (await run('redis-cli', ['-h', address, '-p', String(REDIS), '--raw', ...args], { timeoutMs: 20_000 })).stdout;
 }
 
-const lab = new Lab('n', 81);
+const points = join('/var/tmp', 'ferry-net-points');
+const lab = new Lab('n', 81, 2, undefined, { FERRY_FAULT_POINTS: points });
 const clients: ChildProcess[] = [];
 before(async () => {
+  rmSync(points, { recursive: true, force: true });
+  mkdirSync(points, { recursive: true });
   await lab.down().catch(() => {});
   await lab.up();
 });
 after(async () => {
   for (const c of clients) if (c.exitCode === null) c.kill('SIGKILL');
   await lab.down();
+  rmSync(points, { recursive: true, force: true });
 });
 
 async function task(host: string, name: string): Promise<TaskInfo & { address: string | null }> {
@@ -193,6 +197,48 @@ test('a Node.js HTTP server under keep-alive load moves A -> B -> A in every mod
   assert.ok(r.answers > 200, JSON.stringify(r));
   t.diagnostic(`http: ${r.answers} requests on 4 keep-alive connections across 6 migrations, longest wait ${r.maxWaitMs} ms`);
 });
+
+// The destination's agent dies while the source is frozen and its namespace locked: the task
+// resumes on the source with its address routed there and the lock gone, and the client, which
+// saw nothing but a pause, keeps its connection.
+for (const mode of ['stop-copy', 'pre-copy'] as const) {
+  test(`a failed migration (${mode}) leaves the task, its address and its client's connection on the source`, async (t) => {
+    const name = `n-fail-${mode}`;
+    t.after(async () => {
+      rmSync(join(points, 'arm'), { force: true });
+      await lab.up();
+      await lab.removeEverywhere(name);
+    });
+    const address = await startEcho(name);
+    const c = client('echo', address, PORT, 'h2');
+    await c.connected;
+    await new Promise((r) => setTimeout(r, 300));
+    for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
+    writeFileSync(join(points, 'arm'), 'h2.restore');
+    const migration = lab.ferry(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode]);
+    await waitFor('the destination to reach its restore', () => (existsSync(join(points, 'h2.restore.reached')) ? true : undefined), 60_000);
+    process.kill(lab.agentPid('h2'), 'SIGKILL');
+    writeFileSync(join(points, 'h2.restore.go'), '');
+    const r = await migration;
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /running on h1/);
+    await lab.up();
+    const info = await task('h1', name);
+    assert.equal(info.state, 'running');
+    assert.equal(info.address, address);
+    await new Promise((res) => setTimeout(res, 1500));
+    const seen = await c.finish();
+    assert.equal(seen.broke, '', 'the connection must survive the failed migration');
+    assert.equal(seen.wrong, 0);
+    // The namespace file is a mount in h1's own mount namespace.
+    const tables = await run('nsenter', [`--mount=${join(lab.dir, 'mntns', 'h1')}`, '--', 'nsenter', `--net=/var/lib/ferry/netns/${name}`, '--', 'nft', 'list', 'tables'], { reject: false });
+    assert.equal(tables.exitCode, 0, tables.stderr);
+    assert.doesNotMatch(tables.stdout, /ferry_lock/, 'the lock must be gone');
+    assert.match(await linksOn('h1'), new RegExp(`${address.replace(/\./g, '\\.')} dev ${hostIf(name)}`), 'the address routes to the task on h1');
+    assert.doesNotMatch(await linksOn('h2'), new RegExp(hostIf(name)), 'nothing of it stays on h2');
+    t.diagnostic(`${mode}: the client waited at most ${seen.maxWaitMs} ms over the failed migration`);
+  });
+}
 
 test('bad --net input gets one line and leaves nothing behind', async (t) => {
   const name = 'n-bad';
