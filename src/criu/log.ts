@@ -15,6 +15,7 @@ const HINTS: Array<[RegExp, string]> = [
   [/Address already in use/, 'a port the task listens on is taken where it was being restored; stop whatever holds it there'],
   [/Connection refused|Can't connect to server/, 'the page server or lazy-pages peer is not reachable'],
   [/Unsupported link .* kind|doesn't have a proper root mount/, "criu was run outside the task's mount/network namespace; run it where the task runs"],
+  [/Can't find a session leader/, "a process of the task lives under a child subreaper of its own while its session leader exited; CRIU rebuilds such sessions only for children of the tree's root (Ferry's init), so this tree cannot be restored"],
   [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],
   [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
   [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],

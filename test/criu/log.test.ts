@@ -16,6 +16,7 @@ test('error lines skip the harmless lines and strip prefixes', () => {
   assert.deepEqual(lines, ['File /var/lib/ferry/tasks/x/task.log has bad size 100 (expect 200)', 'Restoring FAILED.']);
   assert.match(hintFor(lines) ?? '', /changed after the checkpoint/);
   assert.equal(hintFor(['something unknown']), undefined);
+  assert.match(hintFor(["(00.001) Error (criu/pstree.c:801): Can't find a session leader for 7"]) ?? '', /child subreaper/);
 });
 
 test('CRIU versions are parsed and compared against 4.2', () => {
