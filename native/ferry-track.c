@@ -346,10 +346,11 @@ static int take_uffd(pid_t pid) {
 struct vma {
   uint64_t start, end;
   int registered;
+  int inaccessible; /* PROT_NONE */
 };
 
 /* Private anonymous mappings: what CRIU moves as lazy pages, and what pre-copy covers. */
-static size_t anon_vmas(pid_t pid, struct vma **out) {
+static size_t anon_vmas(pid_t pid, struct vma **out, int with_none) {
   char path[64], line[4096];
   /* smaps, for VmFlags: "uw" says the mapping is registered for write-protect with us. */
   snprintf(path, sizeof path, "/proc/%d/smaps", pid);
@@ -373,13 +374,14 @@ static size_t anon_vmas(pid_t pid, struct vma **out) {
     /* Inaccessible reservations and guards (PROT_NONE): tracking them leaves page table markers
        that read as swapped pages (CRIU dumps them, the destination fills them with zeros). A
        page they do hold goes in the frozen pass, as one never sent. */
-    if (perms[0] == '-' && perms[1] == '-') continue;
+    int none = perms[0] == '-' && perms[1] == '-';
+    if (none && !with_none) continue;
     if (name[0] == '[' && strncmp(name, "[heap]", 6) && strncmp(name, "[stack", 6) && strncmp(name, "[anon:", 6)) continue;
     if (n == cap) {
       cap = cap ? cap * 2 : 64;
       *out = realloc(*out, cap * sizeof **out);
     }
-    (*out)[n++] = (struct vma){s, e, 0};
+    (*out)[n++] = (struct vma){s, e, 0, none};
     keep = 1;
   }
   fclose(f);
@@ -475,7 +477,7 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
   int pm = open_pagemap(p->pid);
   if (pm < 0) return 0;
   struct vma *v;
-  size_t n = anon_vmas(p->pid, &v);
+  size_t n = anon_vmas(p->pid, &v, 0);
   for (size_t i = 0; i < n; i++) {
     int r = -EPERM;
     if (p->fresh && mode != 'c') r = -EAGAIN; /* armed just now: all of it is new */
@@ -529,7 +531,7 @@ static void cmd_round(char *args) {
       } else {
         /* Armed before anything is read: a write during the read is seen by the next round. */
         struct vma *v;
-        size_t n = anon_vmas(pid, &v);
+        size_t n = anon_vmas(pid, &v, 0);
         for (size_t i = 0; i < n; i++) arm_range(p, v[i].start, v[i].end);
         free(v);
       }
@@ -685,9 +687,11 @@ static void cmd_final(char *args) {
       memset(&p->sent, 0, sizeof p->sent);
     } else if (pm >= 0) {
       struct vma *v;
-      size_t n = anon_vmas(p->pid, &v);
+      /* Inaccessible mappings too: one may have been written while it was accessible and sent
+         before. Their pages, and those of mappings not armed, all count as written. */
+      size_t n = anon_vmas(p->pid, &v, 1);
       for (size_t i = 0; i < n; i++)
-        if (scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, cb_mark, &c.dirty) < 0)
+        if (v[i].inaccessible || !v[i].registered || scan(pm, p, v[i].start, v[i].end, 0, PAGE_IS_WRITTEN, cb_mark, &c.dirty) < 0)
           scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_mark, &c.dirty);
       free(v);
     }
