@@ -114,7 +114,8 @@ static void run_init(const char *hostname, const char *cwd, int logfd, char **ar
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = forward;
-  int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+  // Not SIGCONT: Ferry resumes a restored tree with it, and a process the task had stopped must stay so.
+  int sigs[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
   for (size_t i = 0; i < sizeof sigs / sizeof sigs[0]; i++) sigaction(sigs[i], &sa, NULL);
   // The task lives while any of its processes does: orphans (a daemon whose parent exited) are
   // ours as pid 1, so no child left means no process left. The task's status is the last one's.

@@ -268,6 +268,19 @@ static int arm_uffd(int uffd) {
   return ioctl(uffd, UFFDIO_API, &api);
 }
 
+static char thread_state(pid_t pid, pid_t tid) {
+  char path[96], buf[512];
+  snprintf(path, sizeof path, "/proc/%d/task/%d/stat", pid, tid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return 0;
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return 0;
+  buf[n] = 0;
+  char *rp = strrchr(buf, ')'); /* the name may hold spaces and parentheses */
+  return rp && rp[1] == ' ' ? rp[2] : 0;
+}
+
 /* A userfaultfd on the process's memory, held here; -errno when it cannot be had. */
 static int take_uffd(pid_t pid) {
   uint64_t insn = find_syscall_insn(pid);
@@ -278,9 +291,15 @@ static int take_uffd(pid_t pid) {
   if (!d) return -ESRCH;
   int result = -ESRCH;
   struct dirent *de;
-  while ((de = readdir(d)) && result == -ESRCH) {
+  while ((de = readdir(d)) && (result == -ESRCH || result == -EBUSY)) {
     pid_t tid = atoi(de->d_name);
     if (tid <= 0) continue;
+    /* A thread in uninterruptible sleep (a vfork parent waits so until its child execs or exits)
+       would not stop for us, and a seized thread cannot be let go before it stops. */
+    if (thread_state(pid, tid) == 'D') {
+      result = -EBUSY;
+      continue;
+    }
     /* From seize to detach the thread runs our registers: ending now would leave it broken. */
     sigset_t hold, was;
     sigemptyset(&hold);

@@ -20,6 +20,7 @@ import { isValidName, validateName, type TaskRecord } from '../runtime/task-stor
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
+import { stoppedAtDump } from '../criu/task-state.js';
 import { publishClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
@@ -415,7 +416,7 @@ export class Destination {
     }
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
-    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid);
+    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, await stoppedAtDump(this.rt.store.imagesDir(found.name)));
     if (rec.state === 'frozen') {
       rec.state = 'running';
       await this.rt.store.save(rec);

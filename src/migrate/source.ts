@@ -347,7 +347,9 @@ export class OutgoingMigration {
       const ms = performance.now() - t0;
       const dirtyPages = await this.tracked(this.tracker.written());
       const since = performance.now() - t0;
-      const linkMBps = r.bytes > 1 << 20 ? r.bytes / 1e6 / (ms / 1000) : (rounds.at(-1)?.linkMBps ?? 0);
+      // A round under 1 MiB says little about the link; until a bigger one, its rate stands in
+      // (small transfers understate the link, so the expected pause errs long, not short).
+      const linkMBps = r.bytes > 1 << 20 ? r.bytes / 1e6 / (ms / 1000) : rounds.at(-1)?.linkMBps || (r.bytes > 0 && ms > 0 ? r.bytes / 1e6 / (ms / 1000) : 0);
       const round: RoundStat = {
         round: rounds.length + 1,
         pages: r.pages,

@@ -12,20 +12,23 @@ export const TCP_MARKER = 'ferry-tcp-established';
 interface Conn {
   local: string;
   remote: string;
+  /** CLOSE: nothing flows any more, wherever the other end was. */
+  closed: boolean;
 }
 
-/** TCP states CRIU dumps as connections: everything but LISTEN (0A) and CLOSE (07). */
-function connected(state: string): boolean {
-  return state !== '0A' && state !== '07';
+/** An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as /proc/net/tcp writes the IPv4 one. */
+function plain(addr: string): string {
+  const m = /^0{16}FFFF0000([0-9A-F]{8}):([0-9A-F]{4})$/i.exec(addr);
+  return m ? `${m[1]!.toUpperCase()}:${m[2]!.toUpperCase()}` : addr.toUpperCase();
 }
 
-/** Parses /proc/net/tcp{,6}: connections by socket inode. */
+/** Parses /proc/net/tcp{,6}: sockets that are or were connected (not LISTEN), by inode. */
 export function parseProcNetTcp(text: string): Map<string, Conn> {
   const out = new Map<string, Conn>();
   for (const line of text.split('\n').slice(1)) {
     const f = line.trim().split(/\s+/);
-    if (f.length < 10 || !connected(f[3]!)) continue;
-    out.set(f[9]!, { local: f[1]!, remote: f[2]! });
+    if (f.length < 10 || f[3] === '0A') continue;
+    out.set(f[9]!, { local: plain(f[1]!), remote: plain(f[2]!), closed: f[3] === '07' });
   }
   return out;
 }
@@ -52,7 +55,10 @@ function socketInodes(pids: number[]): Set<string> {
   return out;
 }
 
-/** 'internal' when every TCP connection of the tree has its other end in the tree too. */
+/**
+ * 'internal' when every TCP connection of the tree has its other end in the tree too (closed
+ * sockets count as internal: nothing flows); IPv4 and IPv4-mapped IPv6 ends are one address.
+ */
 export function tcpConnections(root: number): 'none' | 'internal' | 'external' {
   const mine = socketInodes(treePids(root));
   const conns = new Map<string, Conn>();
@@ -69,7 +75,7 @@ export function tcpConnections(root: number): 'none' | 'internal' | 'external' {
 export function classify(conns: Conn[]): 'none' | 'internal' | 'external' {
   if (conns.length === 0) return 'none';
   const ends = new Set(conns.map((c) => `${c.local}>${c.remote}`));
-  return conns.every((c) => ends.has(`${c.remote}>${c.local}`)) ? 'internal' : 'external';
+  return conns.every((c) => c.closed || ends.has(`${c.remote}>${c.local}`)) ? 'internal' : 'external';
 }
 
 /** CRIU's options for a task in its host's network namespace, given what its connections are. */

@@ -129,7 +129,7 @@ export function verdict(rounds: RoundStat[], p: StopPolicy): Verdict {
   if (!last) return 'continue';
   if (last.dirtyPages <= FEW_PAGES || last.expectedDowntimeMs <= p.maxDowntimeMs) return 'converged';
   if (rounds.length >= p.maxRounds) return 'round-limit';
-  if (rounds.length >= 2 && last.dirtyRateMBps >= 0.9 * last.linkMBps) return 'too-fast';
+  if (rounds.length >= 2 && last.linkMBps > 0 && last.dirtyRateMBps >= 0.9 * last.linkMBps) return 'too-fast';
   // P.Haul gives up when a round grows by 10 %; a set that does not shrink by 10 % will not fit either.
   const prev = rounds.at(-2);
   if (prev && last.dirtyPages > prev.dirtyPages * 0.9) return 'stalled';

@@ -87,9 +87,12 @@ export function treePids(root: number): number[] {
   return out;
 }
 
-/** Resumes every process of a tree that CRIU restored stopped (--leave-stopped). */
-export function resumeTree(root: number): number {
-  const pids = treePids(root);
+/**
+ * Resumes every process of a tree that CRIU restored stopped (--leave-stopped), except those
+ * whose namespace pid is in keepStopped (they were stopped before the dump, and stay so).
+ */
+export function resumeTree(root: number, keepStopped: ReadonlySet<number> = new Set()): number {
+  const pids = treePids(root).filter((p) => !keepStopped.size || !keepStopped.has(nsPid(p) ?? -1));
   for (const p of pids) {
     try {
       process.kill(p, 'SIGCONT');
@@ -99,3 +102,15 @@ export function resumeTree(root: number): number {
   }
   return pids.length;
 }
+
+/** The process's pid in its own (innermost) PID namespace. */
+export function nsPid(pid: number): number | undefined {
+  try {
+    const m = /^NSpid:\s+(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+    const last = m?.[1]!.trim().split(/\s+/).pop();
+    return last ? Number(last) : undefined;
+  } catch {
+    return undefined;
+  }
+}
+

@@ -18,6 +18,8 @@ test('stop policy: converged, round limit, stalled, faster than the link', () =>
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 40, 900)], policy), 'converged', 'a handful of pages is not worth a round');
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 95_000, 4800)], policy), 'stalled');
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 50_000, 2500, 120)], policy), 'too-fast');
+  // No round measured the link: that is not a task faster than the link.
+  assert.equal(verdict([round(1, 5000, 5000, 30, 0), round(2, 2000, 2500, 30, 0)], policy), 'continue');
   const shrinking = Array.from({ length: 8 }, (_, i) => round(i + 1, 100_000 / 2 ** i, 5000 / 2 ** i));
   assert.equal(verdict(shrinking, { maxDowntimeMs: 1, maxRounds: 8 }), 'round-limit');
 });
