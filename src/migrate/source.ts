@@ -601,7 +601,7 @@ export class OutgoingMigration {
   /** See hostTcpArgs: connections among the task's own sockets move, the marker tells the destination. */
   private hostTcp(imagesDir: string): string[] {
     const kind = tcpConnections(this.rec.pid!);
-    if (kind === 'internal') writeFileSync(join(imagesDir, TCP_MARKER), '');
+    if (kind !== 'external') writeFileSync(join(imagesDir, TCP_MARKER), '');
     return hostNetArgs(kind);
   }
 

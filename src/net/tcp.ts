@@ -78,7 +78,11 @@ export function classify(conns: Conn[]): 'none' | 'internal' | 'external' {
   return conns.every((c) => c.closed || ends.has(`${c.remote}>${c.local}`)) ? 'internal' : 'external';
 }
 
-/** CRIU's options for a task in its host's network namespace, given what its connections are. */
+/**
+ * CRIU's options for a task in its host's network namespace, given what its connections are.
+ * Without connections to the outside nothing needs a lock, and closed sockets (which /proc/net/tcp
+ * does not list) keep their addresses only when dumped as established.
+ */
 export function hostNetArgs(kind: 'none' | 'internal' | 'external'): string[] {
-  return kind === 'internal' ? ['--tcp-established', '--network-lock', 'skip'] : ['--tcp-close'];
+  return kind === 'external' ? ['--tcp-close'] : ['--tcp-established', '--network-lock', 'skip'];
 }

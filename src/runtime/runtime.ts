@@ -473,6 +473,6 @@ export function publishClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[])
  */
 export async function hostTcpArgs(pid: number, imagesDir: string): Promise<string[]> {
   const kind = tcpConnections(pid);
-  if (kind === 'internal') await writeFile(join(imagesDir, TCP_MARKER), '');
+  if (kind !== 'external') await writeFile(join(imagesDir, TCP_MARKER), '');
   return hostNetArgs(kind);
 }

@@ -14,6 +14,7 @@ test('a loopback connection between two of the task\'s sockets is internal; one 
   assert.equal(classify([]), 'none');
   assert.deepEqual(hostNetArgs('internal'), ['--tcp-established', '--network-lock', 'skip']);
   assert.deepEqual(hostNetArgs('external'), ['--tcp-close']);
+  assert.deepEqual(hostNetArgs('none'), hostNetArgs('internal'), 'closed sockets keep their addresses');
 });
 
 test('an IPv4 end and an IPv4-mapped IPv6 end of one connection match; closed sockets do not count against', () => {
