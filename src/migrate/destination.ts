@@ -56,6 +56,8 @@ interface Incoming {
   /** The source's end of the lazy-pages link, held until the local daemon connects. */
   lazyStream?: MuxStream;
   restored?: TaskRecord;
+  /** Namespace pids CRIU found stopped at the dump: the resume leaves them stopped. */
+  stopped?: Set<number>;
   /** Set while CRIU restores here: an abort waits for it rather than pull files from under it. */
   restoring?: Promise<unknown>;
   committed: boolean;
@@ -323,6 +325,8 @@ export class Destination {
     });
     const restored = await restoring;
     m.restored = restored;
+    // Read now, not at the decision: the resume is inside the task's pause.
+    m.stopped = await stoppedAtDump(m.imagesDir);
     await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
@@ -416,7 +420,7 @@ export class Destination {
     }
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
-    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, await stoppedAtDump(this.rt.store.imagesDir(found.name)));
+    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, m?.stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
     if (rec.state === 'frozen') {
       rec.state = 'running';
       await this.rt.store.save(rec);

@@ -1,7 +1,7 @@
 // Tasks that daemonize: the main process forks and exits, the daemon carries on. The task lives
 // while any of its processes does, and such trees checkpoint, restore and migrate in every mode.
 import assert from 'node:assert/strict';
-import { readlinkSync } from 'node:fs';
+import { readFileSync, readlinkSync } from 'node:fs';
 import { after, before, test } from 'node:test';
 import { Lab, comm } from '../support/lab.js';
 import { WORKLOAD, waitFor, type TaskInfo } from '../support/ferry.js';
@@ -106,5 +106,28 @@ test('a task with a pseudo-terminal migrates and keeps writing to it', async (t)
     await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', 'stop-copy']);
     const n = lab.logOf(to, name).match(/tick/g)?.length ?? 0;
     await waitFor(`output through the pty on ${to}`, () => (lab.logOf(to, name).match(/tick/g)?.length ?? 0) > n + 5 || undefined, 10_000);
+  }
+});
+
+test('a process the task stopped stays stopped after a migration, the others run', async (t) => {
+  const name = 'stopped';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', 'sleep 1001 & sleep 0.3; kill -STOP $!; exec sleep 1002']);
+  const states = async (h: string) => {
+    const root = (await task(h, name)).pid!;
+    const out: Record<string, string> = {};
+    for (const p of treePids(root).slice(1)) {
+      const stat = readFileSync(`/proc/${p}/stat`, 'utf8');
+      out[readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0').join(' ').trim()] = stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3);
+    }
+    return out;
+  };
+  await waitFor('the stopped sleep', async () => ((await states('h1'))['sleep 1001'] === 'T' ? true : undefined), 10_000, 100);
+  for (const [from, to, mode] of [['h1', 'h2', 'stop-copy'], ['h2', 'h1', 'post-copy'], ['h1', 'h2', 'pre-copy']] as const) {
+    await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    await new Promise((r) => setTimeout(r, 300));
+    const s = await states(to);
+    assert.equal(s['sleep 1001'], 'T', `${mode}: still stopped: ${JSON.stringify(s)}`);
+    assert.equal(s['sleep 1002'], 'S', `${mode}: the other runs: ${JSON.stringify(s)}`);
   }
 });
