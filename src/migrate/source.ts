@@ -332,7 +332,11 @@ export class OutgoingMigration {
     const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy` });
     this.precopyStream = stream;
     this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));
-    this.precopyStored.catch((e: Error) => (this.precopyError = e));
+    this.precopyStored.catch((e: Error) => {
+      // Refused or failed there: nothing reads the records any more, so a round would block.
+      this.precopyError = e;
+      void this.tracker?.stop();
+    });
     // The destination refused or dropped the stream: nothing reads the records any more.
     stream.once('close', () => void this.tracker?.stop());
     this.tracker.pages.on('data', (c: Buffer) => this.pages.add(c.length));
@@ -410,6 +414,11 @@ export class OutgoingMigration {
     if (this.mode === 'stop-copy') {
       const tunnel = await this.listen(async (sock) => {
         const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
+        // Refused (its page server already gone): the destination answers but reads no more, and
+        // CRIU would wait for ever to write the rest. Breaking the stream fails the dump instead.
+        stream.once('response', (h: Headers) => {
+          if (Number(h[':status']) !== 200) stream.destroy(new FerryError('PEER', `${this.target.name} refused the page stream (status ${h[':status']})`));
+        });
         await splice(sock, stream, this.pages);
       });
       dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
