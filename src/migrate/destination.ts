@@ -21,7 +21,7 @@ import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
-import { publishClash } from '../runtime/runtime.js';
+import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
@@ -184,9 +184,7 @@ export class Destination {
       } catch (e) {
         throw new FerryError('PRECHECK', `destination: ${(e as FerryError).message}`, { hint: 'give the destination agent the same --net-pool, or pick a host that has it' });
       }
-      const holder = (await this.rt.store.list()).find((t) => t.net?.address === address);
-      if (holder) throw new FerryError('PRECHECK', `destination: address ${address} is in use there by task '${holder.name}'`, { hint: 'remove that task or migrate to another host' });
-      const clash = publishClash(req.task, await this.rt.store.list());
+      const clash = netClash(req.task, await this.rt.store.list(), true);
       if (clash) throw new FerryError('PRECHECK', `destination: ${clash}`, { hint: 'remove that task or migrate to another host' });
     }
     const imagesDir = this.rt.store.imagesDir(name);

@@ -22,6 +22,12 @@ export interface NetConfig {
 export const NETNS_KEY = 'ferry-net';
 
 const LOCK_TABLE = 'ferry_lock';
+/** Everything but loopback dropped, both ways; used by lock() and by CRIU's network-lock hook. */
+const LOCK_RULES = `table inet ${LOCK_TABLE} {
+  chain in { type filter hook input priority -300; policy drop; iif "lo" accept; }
+  chain out { type filter hook output priority -300; policy drop; oif "lo" accept; }
+}
+`;
 
 export function parseCidr(cidr: string): { base: number; bits: number } {
   const m = /^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})\/(\d{1,2})$/.exec(cidr.trim());
@@ -137,12 +143,7 @@ export async function detach(task: string, address: string): Promise<void> {
  * no reset escapes from the copy that is ending and no packet from the one not yet chosen.
  */
 export async function lock(ns: string): Promise<void> {
-  const rules = `table inet ${LOCK_TABLE} {
-  chain in { type filter hook input priority -300; policy drop; iif "lo" accept; }
-  chain out { type filter hook output priority -300; policy drop; oif "lo" accept; }
-}
-`;
-  const r = await run('nsenter', inNs(ns, ['nft', '-f', '-']), { input: rules, timeoutMs: 20_000, reject: false });
+  const r = await run('nsenter', inNs(ns, ['nft', '-f', '-']), { input: LOCK_RULES, timeoutMs: 20_000, reject: false });
   if (r.exitCode !== 0) throw new FerryError('NET', `cannot lock the task's network: ${r.stderr.trim().split('\n')[0] ?? 'nft failed'}`);
 }
 
@@ -153,7 +154,8 @@ export async function unlock(ns: string): Promise<void> {
 /** The lines of the CRIU action script that lock and unlock the namespace named by FERRY_NETNS. */
 export const LOCK_SCRIPT = `if [ "$CRTOOLS_SCRIPT_ACTION" = network-lock ]; then
   [ -n "$FERRY_NETNS" ] || exit 0
-  printf 'table inet ${LOCK_TABLE} {\\n chain in { type filter hook input priority -300; policy drop; iif "lo" accept; }\\n chain out { type filter hook output priority -300; policy drop; oif "lo" accept; }\\n}\\n' | nsenter --net="$FERRY_NETNS" -- nft -f -
+  nsenter --net="$FERRY_NETNS" -- nft -f - <<'FERRY_LOCK'
+${LOCK_RULES}FERRY_LOCK
   exit
 fi
 if [ "$CRTOOLS_SCRIPT_ACTION" = network-unlock ]; then

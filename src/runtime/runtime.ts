@@ -131,17 +131,11 @@ export class Runtime {
         rec.net = { address, ...(spec.net.publish?.length ? { publish: spec.net.publish } : {}) };
         // Saved first, so the address counts as taken while the namespace is being made.
         await this.store.save(rec);
-        const others = (await this.store.list()).filter((t) => t.name !== name);
-        const holder = others.find((t) => t.net?.address === address);
-        if (holder) throw new FerryError('NET_ADDRESS_IN_USE', `address ${address} is in use by task '${holder.name}' on this host`, { hint: 'pick another address, or leave it to Ferry (--net without an address)' });
-        const clash = publishClash(rec, others);
-        if (clash) throw new FerryError('NET_ADDRESS_IN_USE', clash, { hint: 'publish another host port' });
-        await prepareHost(cfg);
+        const clash = netClash(rec, (await this.store.list()).filter((t) => t.name !== name));
+        if (clash) throw new FerryError('NET_ADDRESS_IN_USE', clash, { hint: 'pick another address or host port, or leave the address to Ferry (--net alone)' });
         netMade = true;
-        const ns = await createTaskNet(this.stateDir, name, address);
-        await attach(cfg, name, address, this.garpPath);
-        await publish(name, address, rec.net.publish ?? []);
-        await unlock(ns);
+        await createTaskNet(this.stateDir, name, address);
+        await this.netHere(rec);
       }
       const { rootPid, shimPid } = await this.spawnShim(['run', dir, '1', name.slice(0, 63), cwd, '--', ...spec.command], { ...env, ...this.netEnv(rec) });
       rec.pid = rootPid;
@@ -458,11 +452,17 @@ function withLive(rec: TaskRecord): TaskRecord {
   return { ...rec, processes: pids.length, ...(oldest !== undefined ? { mainPid: oldest } : {}) };
 }
 
-/** Says which host port of rec another task here already publishes, if any. */
-export function publishClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[]): string | undefined {
-  for (const p of rec.net?.publish ?? []) {
-    const holder = others.find((t) => t.net?.publish?.some((q) => q.hostPort === p.hostPort && q.proto === p.proto));
-    if (holder) return `host port ${p.hostPort}/${p.proto} is published by task '${holder.name}' on this host`;
+/**
+ * What of rec's network (its address, a published host port) another task here holds, said
+ * from this host (or, with there, from the host asking to move the task here).
+ */
+export function netClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[], there = false): string | undefined {
+  if (!rec.net) return undefined;
+  const holder = others.find((t) => t.net?.address === rec.net!.address);
+  if (holder) return there ? `address ${rec.net.address} is in use there by task '${holder.name}'` : `address ${rec.net.address} is in use by task '${holder.name}' on this host`;
+  for (const p of rec.net.publish ?? []) {
+    const pub = others.find((t) => t.net?.publish?.some((q) => q.hostPort === p.hostPort && q.proto === p.proto));
+    if (pub) return there ? `host port ${p.hostPort}/${p.proto} is published there by task '${pub.name}'` : `host port ${p.hostPort}/${p.proto} is published by task '${pub.name}' on this host`;
   }
   return undefined;
 }
