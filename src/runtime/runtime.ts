@@ -309,12 +309,15 @@ export class Runtime {
         const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
         if (ns) await lock(ns);
         const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : await hostTcpArgs(rec.pid!, fresh);
+        let stopped = false;
         const res = await this.criu
           .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}) })
+          .then((r) => ((stopped = !opts.leaveRunning), r))
           .finally(async () => {
             releaseSlot();
-            // Stopped, the namespace stays locked until the restore: a reset must not escape.
-            if (ns && (opts.leaveRunning || (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)))) await unlock(ns);
+            // Stopped, the namespace stays locked until the restore opens it: no reset escapes.
+            // (Deciding by whether the task still lives raced with its exit.)
+            if (ns && !stopped) await unlock(ns);
           });
         await rm(final, { recursive: true, force: true });
         await rename(fresh, final);
@@ -353,7 +356,10 @@ export class Runtime {
       await this.criu.ensureUsable(opts.signal);
       const imagesDir = this.store.imagesDir(name);
       await checkImages(imagesDir, name);
-      return this.restoreFrom(rec, imagesDir);
+      const restored = await this.restoreFrom(rec, imagesDir);
+      // A checkpoint that stopped the task left its namespace locked (no reset could escape).
+      await this.netHere(restored);
+      return restored;
     });
   }
 

@@ -240,6 +240,27 @@ for (const mode of ['stop-copy', 'pre-copy'] as const) {
   });
 }
 
+test('a --net task checkpointed and restored on its host keeps its client connected', async (t) => {
+  const name = 'n-ckpt';
+  t.after(() => lab.removeEverywhere(name));
+  const address = await startEcho(name);
+  const c = client('echo', address, PORT, 'h2');
+  await c.connected;
+  await new Promise((r) => setTimeout(r, 300));
+  await lab.ok(['--host', 'h1', 'checkpoint', name]);
+  await lab.ok(['--host', 'h1', 'restore', name]);
+  // It answers again: a new client gets in.
+  const fresh = client('echo', address, PORT, 'h2');
+  await fresh.connected;
+  await fresh.finish();
+  await new Promise((r) => setTimeout(r, 1500));
+  const seen = await c.finish();
+  assert.equal(seen.broke, '', 'the connection must survive the checkpoint and restore');
+  assert.ok(seen.maxWaitMs < 5000, `the old connection answers again (longest wait ${seen.maxWaitMs} ms)`);
+  assert.equal(seen.wrong, 0);
+  assert.ok(seen.answers > 20, JSON.stringify(seen));
+});
+
 test('bad --net input gets one line and leaves nothing behind', async (t) => {
   const name = 'n-bad';
   t.after(() => lab.removeEverywhere(name));
