@@ -25,7 +25,9 @@ import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
-import { PageStore, servePages, type ServeStats } from '../precopy/store.js';
+import { PageStore } from '../precopy/store.js';
+import { MemPageHolder, serveLazy, type FrontStats } from '../precopy/front.js';
+import { lazyRuns } from '../criu/image.js';
 import { connect as tcpConnect } from 'node:net';
 import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
 
@@ -87,6 +89,9 @@ interface LazyLink {
   committed: boolean;
   grace?: NodeJS.Timeout;
   close: () => void;
+  /** The task runs: the front may prefetch (set once the daemon connected). */
+  running?: boolean;
+  prefetch?: () => void;
 }
 
 export class Destination {
@@ -332,7 +337,10 @@ export class Destination {
   private async startLazyDaemon(m: Incoming): Promise<void> {
     const link: LazyLink = { id: m.id, from: m.req.from, task: m.req.task.name, committed: false, close: () => {} };
     const store = m.store;
-    const stats: ServeStats = { localPages: 0, forwardedPages: 0 };
+    const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+    const runs = await lazyRuns(m.imagesDir).catch((e: Error) => {
+      throw new FerryError('PEER', `the pagemap images from ${m.req.from} cannot be read: ${e.message}`);
+    });
     const local = await listenLocal((sock) => {
       // The daemon closing its socket means "every page is here" only if it then exits with 0.
       const tunnel = new ResumableTunnel(sock, { holdEnd: true });
@@ -347,28 +355,25 @@ export class Destination {
       });
       if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     });
-    // Pre-copy: the daemon asks the store first; only what it lacks goes on to the source.
-    const front = store
-      ? await listenLocal((sock) => {
-          const upstream = tcpConnect(local.port, '127.0.0.1');
-          upstream.setNoDelay(true);
-          servePages(sock, store, upstream, stats);
-        })
-      : undefined;
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front?.port ?? local.port });
+    // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
+    const holder = store ?? new MemPageHolder();
+    const front = await listenLocal((sock) => {
+      const upstream = tcpConnect(local.port, '127.0.0.1');
+      link.prefetch = serveLazy(sock, holder, upstream, runs, stats).prefetch;
+      if (link.running) link.prefetch();
+    });
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port });
     link.daemon = daemon;
     link.close = () => {
       local.server.close();
-      front?.server.close();
+      front.server.close();
     };
     this.lazyLinks.set(m.id, link);
     void daemon.exited.then((code) => {
       local.server.close();
-      front?.server.close();
-      if (store) {
-        store.remove();
-        this.onEvent({ event: 'pre-copy pages served', id: m.id, task: m.req.task.name, fromStore: stats.localPages, fromSource: stats.forwardedPages });
-      }
+      front.server.close();
+      store?.remove();
+      this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded });
       if (this.lazyLinks.get(m.id) !== link) return;
       // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
       // would read them as zeros: it must not run on.
@@ -419,6 +424,10 @@ export class Destination {
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
     if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, m?.stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
+    if (link) {
+      link.running = true;
+      link.prefetch?.();
+    }
     if (rec.state === 'frozen') {
       rec.state = 'running';
       await this.rt.store.save(rec);

@@ -1,12 +1,8 @@
 // Pre-copy on the destination: the pages that arrive in rounds while the task still runs on the
 // source are kept in one file, a slot per page (a later round overwrites in place), and served to
-// CRIU's lazy-pages daemon when the restored task is filled: requests the store can answer are
-// answered here, the rest go on to the source's CRIU (post-copy of a residue). The daemon speaks
-// CRIU's page-server protocol (criu/page-xfer.c): 32-byte requests {u32 cmd, pad, u64 nr_pages,
-// u64 vaddr, u64 dst_id}; a GET is answered with the same header (cmd PS_IOV_ADD_F|PE_PRESENT)
-// and the pages; CLOSE with a 4-byte status.
+// CRIU's lazy-pages daemon when the restored task is filled (through the front, front.ts; what
+// the store lacks comes from the source's CRIU: post-copy of a residue).
 import { closeSync, openSync, readSync, rmSync, writeSync } from 'node:fs';
-import type { Socket } from 'node:net';
 import { Writable } from 'node:stream';
 import { FerryError } from '../errors.js';
 
@@ -22,7 +18,7 @@ const MAX_RECORD_PAGES = 1024;
 const ZERO_SLOT = -1;
 
 /** Bytes as they arrived, taken from the front without copying them all on every chunk. */
-class ChunkQueue {
+export class ChunkQueue {
   private chunks: Buffer[] = [];
   length = 0;
 
@@ -118,6 +114,15 @@ export class PageStore {
     return true;
   }
 
+  hasPage(vpid: number, page: number): boolean {
+    return this.slots.has(PageStore.key(vpid, page));
+  }
+
+  /** The file keeps what it served (a failed fill may be retried from it): nothing to free. */
+  served(): void {}
+
+  readonly heldBytes = 0;
+
   /** Copies n stored pages into out (all must be there: see has()). */
   read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void {
     const first = vaddr / PAGE;
@@ -176,108 +181,4 @@ export class PageStore {
       final: (cb) => cb(q.length ? new FerryError('PEER', 'the page records ended mid-record') : null),
     });
   }
-}
-
-const PS_IOV_GET = 7;
-const PS_IOV_ADD_F = 6;
-const PE_PRESENT = 1 << 2;
-const PS_IOV_CLOSE = 0x1023;
-const PS_IOV_FORCE_CLOSE = 0x1024;
-const PS_HEADER = 32;
-/** CRIU's lazy-pages daemon asks for at most 4 MiB at once. */
-const MAX_GET_PAGES = 4096;
-
-type Answer = { kind: 'ready'; data: Buffer } | { kind: 'remote'; need: 'get' | 'close' };
-
-export interface ServeStats {
-  localPages: number;
-  forwardedPages: number;
-}
-
-/**
- * Answers a lazy-pages daemon from the store; what the store lacks goes to `upstream` (the
- * source's CRIU, through the migration's pages link) when there is one. Answers leave in the
- * order the requests came, as the daemon expects.
- */
-export function servePages(daemon: Socket, store: PageStore, upstream: Socket | undefined, stats: ServeStats): void {
-  const queue: Answer[] = [];
-  let inbuf: Buffer = Buffer.alloc(0);
-  const up = new ChunkQueue();
-  /** Bytes of the answer at the head of the queue still to pass from upstream to the daemon. */
-  let passing = 0;
-  const fail = (why: string) => {
-    daemon.destroy(new FerryError('PEER', why));
-    upstream?.destroy();
-  };
-  const flush = () => {
-    while (queue.length) {
-      const head = queue[0]!;
-      if (head.kind === 'ready') {
-        daemon.write(head.data);
-        queue.shift();
-        continue;
-      }
-      // Upstream answers, passed on as they come: a header and its pages, or a close status.
-      if (passing === 0) {
-        const need = head.need === 'close' ? 4 : PS_HEADER;
-        if (up.length < need) return;
-        const n = head.need === 'close' ? 0 : Number(up.peek(PS_HEADER).readBigUInt64LE(8));
-        if (n > MAX_GET_PAGES) return fail(`the source answered with ${n} pages`);
-        stats.forwardedPages += n;
-        passing = need + n * PAGE;
-      }
-      for (const c of up.take(passing)) {
-        daemon.write(c);
-        passing -= c.length;
-      }
-      if (passing > 0) return;
-      queue.shift();
-    }
-  };
-  upstream?.on('data', (c: Buffer) => {
-    up.push(c);
-    flush();
-  });
-  upstream?.on('error', () => daemon.destroy());
-  daemon.on('data', (c: Buffer) => {
-    inbuf = inbuf.length ? Buffer.concat([inbuf, c]) : c;
-    let off = 0;
-    for (; inbuf.length - off >= PS_HEADER; off += PS_HEADER) {
-      const req = inbuf.subarray(off, off + PS_HEADER);
-      const cmd = req.readUInt32LE(0) & 0xffff;
-      if (cmd === PS_IOV_GET) {
-        const n = Number(req.readBigUInt64LE(8));
-        const vaddr = Number(req.readBigUInt64LE(16));
-        const vpid = Number(req.readBigUInt64LE(24));
-        if (n < 1 || n > MAX_GET_PAGES) return fail(`lazy-pages asked for ${n} pages`);
-        if (store.has(vpid, vaddr, n)) {
-          const out = Buffer.allocUnsafe(PS_HEADER + n * PAGE);
-          req.copy(out, 0);
-          out.writeUInt32LE((PE_PRESENT << 16) | PS_IOV_ADD_F, 0);
-          store.read(vpid, vaddr, n, out, PS_HEADER);
-          stats.localPages += n;
-          queue.push({ kind: 'ready', data: out });
-        } else if (upstream) {
-          upstream.write(Buffer.from(req));
-          queue.push({ kind: 'remote', need: 'get' });
-        } else {
-          return fail(`page 0x${vaddr.toString(16)} of process ${vpid} never arrived`);
-        }
-      } else if (cmd === PS_IOV_CLOSE || cmd === PS_IOV_FORCE_CLOSE) {
-        if (upstream) {
-          upstream.write(Buffer.from(req));
-          queue.push({ kind: 'remote', need: 'close' });
-        } else {
-          queue.push({ kind: 'ready', data: Buffer.alloc(4) });
-        }
-      } else {
-        return fail(`lazy-pages sent an unknown command ${cmd}`);
-      }
-    }
-    inbuf = Buffer.from(inbuf.subarray(off));
-    flush();
-  });
-  daemon.on('end', () => upstream?.end());
-  daemon.on('error', () => upstream?.destroy());
-  daemon.on('close', () => upstream?.end());
 }

@@ -6,7 +6,8 @@ import { createServer, connect, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO, servePages } from '../../src/precopy/store.js';
+import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO } from '../../src/precopy/store.js';
+import { serveLazy } from '../../src/precopy/front.js';
 import { verdict, type RoundStat } from '../../src/precopy/tracker.js';
 
 const round = (n: number, dirtyPages: number, expectedDowntimeMs: number, dirtyRateMBps = 10, linkMBps = 110): RoundStat => ({ round: n, pages: 0, bytes: 0, zeroPages: 0, ms: 100, dirtyPages, dirtyRateMBps, linkMBps, expectedDowntimeMs });
@@ -101,9 +102,9 @@ test('page server: answers from the store, forwards what it lacks, keeps the ord
   const front = createServer((daemon) => {
     const upstream = connect((up.address() as { port: number }).port, '127.0.0.1');
     sockets.push(daemon, upstream);
-    servePages(daemon, store, upstream, stats);
+    serveLazy(daemon, store, upstream, [], stats);
   });
-  const stats = { localPages: 0, forwardedPages: 0 };
+  const stats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
   await new Promise<void>((r) => front.listen(0, '127.0.0.1', r));
   const c: Socket = connect((front.address() as { port: number }).port, '127.0.0.1');
   const got: Buffer[] = [];
@@ -120,7 +121,7 @@ test('page server: answers from the store, forwards what it lacks, keeps the ord
   assert.equal(all[32], 0x22);
   assert.equal(all.readBigUInt64LE(32 + PAGE + 16), 0x10000n);
   assert.equal(all[32 + PAGE + 32], 0x11);
-  assert.deepEqual(stats, { localPages: 2, forwardedPages: 1 });
+  assert.deepEqual(stats, { localPages: 2, forwardedPages: 1, prefetchedPages: 0, faultsForwarded: 1 });
   c.destroy();
   for (const s of sockets) s.destroy();
   front.close();

@@ -1,0 +1,335 @@
+// The destination's end of the lazy-pages link: it stands between CRIU's lazy-pages daemon and
+// the source's CRIU page server, speaking CRIU's page-server protocol (criu/page-xfer.c:
+// 32-byte requests {u32 cmd, pad, u64 nr_pages, u64 vaddr, u64 pid}; a GET is answered with the
+// same header (cmd PS_IOV_ADD_F|PE_PRESENT, nr_pages possibly fewer) and the pages; CLOSE with a
+// 4-byte status).
+//
+// Left alone, the daemon pulls the pages it has not faulted on one request at a time per process,
+// 64 KiB after every fault: through two agents and TLS each request costs a round trip, so a task
+// that faults often gets its memory at a fraction of the link's rate. The front instead keeps a
+// bounded amount of prefetch in flight on the same link (the pagemap images say which pages are
+// lazy), follows the task's faults with it, and answers the daemon from what arrived. What the
+// daemon asks for and the front does not have goes to the source at once; its answer waits behind
+// at most PREFETCH_WINDOW of prefetched pages (QEMU's postcopy-preempt gets the same from a second
+// channel; Ferry's rule is one connection). The daemon takes answers in the order it asked, but
+// accepts fewer pages than it asked for (uffd_io_complete re-queues the rest), which lets the
+// front answer the prefix it has.
+import type { Socket } from 'node:net';
+import { FerryError } from '../errors.js';
+import type { PageRun } from '../criu/image.js';
+import { ChunkQueue, PAGE } from './store.js';
+
+const PS_IOV_GET = 7;
+const PS_IOV_ADD_F = 6;
+const PE_PRESENT = 1 << 2;
+const PS_IOV_CLOSE = 0x1023;
+const PS_IOV_FORCE_CLOSE = 0x1024;
+const PS_HEADER = 32;
+/** CRIU's lazy-pages daemon asks for at most 4 MiB at once. */
+const MAX_GET_PAGES = 1024;
+/**
+ * Prefetch in flight. A fault's answer waits behind it, so it drops to the minimum at every
+ * fault and grows by a step per answer while none comes (CRIU's own rule for its background
+ * transfers): ~2 ms behind a fault at 1 Gbit/s, enough in flight to fill the link when idle.
+ */
+const MIN_WINDOW = 256 << 10;
+export const PREFETCH_WINDOW = 4 << 20;
+const PREFETCH_PAGES = 32;
+/** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
+const FORWARD_PAGES = 16;
+/** Prefetched pages held in memory, not yet taken by the daemon. */
+const HOLD_CAP = 64 << 20;
+
+/** Where pages that arrived wait for the daemon. */
+export interface PageHolder {
+  hasPage(vpid: number, page: number): boolean;
+  /** Copies n pages (all present) into out. */
+  read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void;
+  put(vpid: number, vaddr: number, n: number, data?: Buffer): void;
+  /** The daemon has these pages now. */
+  served(vpid: number, vaddr: number, n: number): void;
+  readonly heldBytes: number;
+}
+
+const key = (vpid: number, page: number) => vpid * 2 ** 36 + page;
+
+/** Post-copy: prefetched pages in memory until the daemon takes them, once. */
+export class MemPageHolder implements PageHolder {
+  private readonly pages = new Map<number, Buffer>();
+  heldBytes = 0;
+
+  hasPage(vpid: number, page: number): boolean {
+    return this.pages.has(key(vpid, page));
+  }
+
+  read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void {
+    const first = vaddr / PAGE;
+    for (let i = 0; i < n; i++) this.pages.get(key(vpid, first + i))!.copy(out, outOffset + i * PAGE);
+  }
+
+  put(vpid: number, vaddr: number, n: number, data: Buffer): void {
+    const first = vaddr / PAGE;
+    for (let i = 0; i < n; i++) {
+      const k = key(vpid, first + i);
+      if (!this.pages.has(k)) this.heldBytes += PAGE;
+      this.pages.set(k, data.subarray(i * PAGE, (i + 1) * PAGE));
+    }
+  }
+
+  served(vpid: number, vaddr: number, n: number): void {
+    const first = vaddr / PAGE;
+    for (let i = 0; i < n; i++) if (this.pages.delete(key(vpid, first + i))) this.heldBytes -= PAGE;
+  }
+}
+
+export interface FrontStats {
+  /** Answered from what had arrived (pre-copy rounds or prefetch). */
+  localPages: number;
+  /** Asked of the source for the daemon (faults, and pages the prefetch had not reached). */
+  forwardedPages: number;
+  prefetchedPages: number;
+  /** Single-page requests (the task's faults) that had to go to the source. */
+  faultsForwarded: number;
+}
+
+type Entry =
+  | { kind: 'ready'; data: Buffer }
+  /** Waits for a prefetch already in flight for its first page. */
+  | { kind: 'wait'; req: Buffer; vpid: number; first: number; n: number }
+  /** Answered by the source: bytes as they come, passed on when this entry is at the head. */
+  | { kind: 'remote'; q: ChunkQueue; left: number };
+
+type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number } | { kind: 'daemon'; entry: Entry & { kind: 'remote' }; close: boolean };
+
+/**
+ * Serves one lazy-pages daemon connection. `runs` are the lazy runs of the dump; `upstream` is
+ * the link to the source's CRIU (none: every page must already be in `holder`). The prefetch
+ * waits for `prefetch()`: before the task runs, the link carries the migration's own messages.
+ */
+export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket | undefined, runs: PageRun[], stats: FrontStats): { prefetch: () => void } {
+  // Requests and answers are small and each waits for the one before: no Nagle on either side.
+  daemon.setNoDelay(true);
+  upstream?.setNoDelay(true);
+  const entries: Entry[] = [];
+  const sent: Sent[] = [];
+  const up = new ChunkQueue();
+  let inbuf: Buffer = Buffer.alloc(0);
+  /** Pages asked of the source: 1 by the prefetch (in flight), 2 for the daemon (it gets them directly). */
+  const asked = new Map<number, 1 | 2>();
+  let inflight = 0;
+  let window = MIN_WINDOW;
+  let closed = !upstream;
+  let started = false;
+  // The prefetch walks the runs once, in order; a fault moves a second cursor (`follow`) to
+  // just after it, so a task reading its memory in order finds its next pages already here.
+  let cursor = { run: 0, page: runs[0]?.first ?? 0 };
+  let follow: { run: number; page: number } | undefined;
+
+  const fail = (why: string) => {
+    daemon.destroy(new FerryError('PEER', why));
+    upstream?.destroy();
+  };
+  const wanted = (vpid: number, page: number) => !holder.hasPage(vpid, page) && !asked.has(key(vpid, page));
+  const request = (cmd: number, vpid: number, page: number, n: number) => {
+    const b = Buffer.alloc(PS_HEADER);
+    b.writeUInt32LE(cmd, 0);
+    b.writeBigUInt64LE(BigInt(n), 8);
+    b.writeBigUInt64LE(BigInt(page * PAGE), 16);
+    b.writeBigUInt64LE(BigInt(vpid), 24);
+    upstream!.write(b);
+  };
+  const sendPrefetch = (vpid: number, first: number, n: number) => {
+    for (let i = 0; i < n; i++) asked.set(key(vpid, first + i), 1);
+    inflight += n * PAGE;
+    sent.push({ kind: 'prefetch', vpid, first, n });
+    request(PS_IOV_GET, vpid, first, n);
+  };
+  /** The next pages to prefetch from a cursor, or undefined when its run (or all runs) are done. */
+  const take = (c: { run: number; page: number }, oneRun: boolean): [number, number, number] | undefined => {
+    while (c.run < runs.length) {
+      const r = runs[c.run]!;
+      const end = r.first + r.n;
+      while (c.page < end && !wanted(r.vpid, c.page)) c.page++;
+      if (c.page < end) {
+        const start = c.page;
+        while (c.page < end && c.page - start < PREFETCH_PAGES && wanted(r.vpid, c.page)) c.page++;
+        return [r.vpid, start, c.page - start];
+      }
+      if (oneRun) return undefined;
+      c.run++;
+      c.page = runs[c.run]?.first ?? 0;
+    }
+    return undefined;
+  };
+  const pump = () => {
+    while (started && !closed && inflight < window && holder.heldBytes < HOLD_CAP) {
+      let next = follow ? take(follow, true) : undefined;
+      if (!next) {
+        follow = undefined;
+        next = take(cursor, false);
+      }
+      if (!next) return;
+      sendPrefetch(...next);
+    }
+  };
+  const runOf = (vpid: number, page: number): number => {
+    let lo = 0;
+    let hi = runs.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >> 1;
+      const r = runs[mid]!;
+      if (r.vpid < vpid || (r.vpid === vpid && r.first + r.n <= page)) lo = mid + 1;
+      else if (r.vpid > vpid || r.first > page) hi = mid - 1;
+      else return mid;
+    }
+    return -1;
+  };
+  /** An answer with the first k (>= 1) pages of the request that are here. */
+  const local = (req: Buffer, vpid: number, first: number, n: number): Entry => {
+    let k = 1;
+    while (k < n && holder.hasPage(vpid, first + k)) k++;
+    const out = Buffer.allocUnsafe(PS_HEADER + k * PAGE);
+    req.copy(out, 0, 0, PS_HEADER);
+    out.writeUInt32LE((PE_PRESENT << 16) | PS_IOV_ADD_F, 0);
+    out.writeBigUInt64LE(BigInt(k), 8);
+    holder.read(vpid, first * PAGE, k, out, PS_HEADER);
+    holder.served(vpid, first * PAGE, k);
+    for (let i = 0; i < k; i++) asked.set(key(vpid, first + i), 2);
+    stats.localPages += k;
+    return { kind: 'ready', data: out };
+  };
+  const forward = (vpid: number, first: number, n: number): Entry => {
+    let m = 1;
+    while (m < n && m < FORWARD_PAGES && wanted(vpid, first + m)) m++;
+    for (let i = 0; i < m; i++) asked.set(key(vpid, first + i), 2);
+    const entry = { kind: 'remote' as const, q: new ChunkQueue(), left: -1 };
+    sent.push({ kind: 'daemon', entry, close: false });
+    request(PS_IOV_GET, vpid, first, m);
+    if (n === 1) {
+      stats.faultsForwarded++;
+      window = MIN_WINDOW;
+      // A fault: what the task reads next is most likely what follows it.
+      const run = runOf(vpid, first);
+      if (run >= 0) follow = { run, page: first + 1 };
+    }
+    return entry;
+  };
+
+  const flush = () => {
+    while (entries.length) {
+      const head = entries[0]!;
+      if (head.kind === 'wait') {
+        if (holder.hasPage(head.vpid, head.first)) entries[0] = local(head.req, head.vpid, head.first, head.n);
+        else if (asked.get(key(head.vpid, head.first)) !== 1) entries[0] = forward(head.vpid, head.first, head.n);
+        else return;
+        continue;
+      }
+      if (head.kind === 'ready') {
+        daemon.write(head.data);
+        entries.shift();
+        continue;
+      }
+      for (const c of head.q.take(head.q.length)) daemon.write(c);
+      if (head.left !== 0) return;
+      entries.shift();
+    }
+  };
+
+  /** Answers from the source, in the order they were asked for. */
+  const onUpstream = () => {
+    while (sent.length) {
+      const s = sent[0]!;
+      if (s.kind === 'daemon') {
+        const e = s.entry;
+        if (e.left < 0) {
+          const need = s.close ? 4 : PS_HEADER;
+          if (up.length < need) break;
+          const n = s.close ? 0 : Number(up.peek(PS_HEADER).readBigUInt64LE(8));
+          if (n > MAX_GET_PAGES) return fail(`the source answered with ${n} pages`);
+          stats.forwardedPages += n;
+          e.left = need + n * PAGE;
+        }
+        for (const c of up.take(Math.min(e.left, up.length))) {
+          e.q.push(c);
+          e.left -= c.length;
+        }
+        if (e.left > 0) break;
+        sent.shift();
+        continue;
+      }
+      if (up.length < PS_HEADER) break;
+      const got = Number(up.peek(PS_HEADER).readBigUInt64LE(8));
+      if (got < 1 || got > s.n) return fail(`the source answered a prefetch of ${s.n} pages with ${got}`);
+      if (up.length < PS_HEADER + got * PAGE) break;
+      const parts = up.take(PS_HEADER + got * PAGE);
+      const data = Buffer.concat(parts).subarray(PS_HEADER);
+      sent.shift();
+      inflight -= s.n * PAGE;
+      window = Math.min(PREFETCH_WINDOW, window + PREFETCH_PAGES * PAGE);
+      holder.put(s.vpid, s.first * PAGE, got, data);
+      stats.prefetchedPages += got;
+      for (let i = 0; i < got; i++) {
+        const k = key(s.vpid, s.first + i);
+        if (asked.get(k) === 1) asked.delete(k);
+      }
+      // CRIU answers up to the end of one of its buffers: the rest right away (still marked).
+      if (got < s.n && !closed) sendPrefetch(s.vpid, s.first + got, s.n - got);
+      else for (let i = got; i < s.n; i++) asked.delete(key(s.vpid, s.first + i));
+    }
+    flush();
+    pump();
+  };
+
+  upstream?.on('data', (c: Buffer) => {
+    up.push(c);
+    onUpstream();
+  });
+  upstream?.on('error', () => daemon.destroy());
+  daemon.on('data', (c: Buffer) => {
+    inbuf = inbuf.length ? Buffer.concat([inbuf, c]) : c;
+    let off = 0;
+    for (; inbuf.length - off >= PS_HEADER; off += PS_HEADER) {
+      const req = inbuf.subarray(off, off + PS_HEADER);
+      const cmd = req.readUInt32LE(0) & 0xffff;
+      if (cmd === PS_IOV_GET) {
+        const n = Number(req.readBigUInt64LE(8));
+        const vaddr = Number(req.readBigUInt64LE(16));
+        const vpid = Number(req.readBigUInt64LE(24));
+        if (n < 1 || n > 4096 || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
+        const first = vaddr / PAGE;
+        if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
+        else if (asked.get(key(vpid, first)) === 1) {
+          if (n === 1) window = MIN_WINDOW;
+          entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n });
+        }
+        else if (upstream) entries.push(forward(vpid, first, n));
+        else return fail(`page 0x${vaddr.toString(16)} of process ${vpid} never arrived`);
+      } else if (cmd === PS_IOV_CLOSE || cmd === PS_IOV_FORCE_CLOSE) {
+        // Every page is in the task: no more prefetch; the source answers after what is in flight.
+        closed = true;
+        if (upstream) {
+          const entry = { kind: 'remote' as const, q: new ChunkQueue(), left: -1 };
+          sent.push({ kind: 'daemon', entry, close: true });
+          upstream.write(Buffer.from(req));
+          entries.push(entry);
+        } else {
+          entries.push({ kind: 'ready', data: Buffer.alloc(4) });
+        }
+      } else {
+        return fail(`lazy-pages sent an unknown command ${cmd}`);
+      }
+    }
+    inbuf = Buffer.from(inbuf.subarray(off));
+    flush();
+    pump();
+  });
+  daemon.on('end', () => upstream?.end());
+  daemon.on('error', () => upstream?.destroy());
+  daemon.on('close', () => upstream?.end());
+  return {
+    prefetch: () => {
+      started = true;
+      pump();
+    },
+  };
+}

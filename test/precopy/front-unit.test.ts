@@ -1,0 +1,258 @@
+// The lazy-pages front between CRIU's lazy-pages daemon and the source's page server, against
+// models of both that follow CRIU's rules (criu/uffd.c, criu/page-xfer.c): the daemon keeps one
+// background request per process, asks single pages on faults, takes answers in order and accepts
+// fewer pages than it asked for; the page server answers up to the end of one of its buffers and
+// dies on a request for a page it does not hold. The real thing runs in test/migrate.
+import assert from 'node:assert/strict';
+import { once } from 'node:events';
+import { createServer, connect, type AddressInfo, type Server, type Socket } from 'node:net';
+import { test } from 'node:test';
+import { MemPageHolder, PREFETCH_WINDOW, serveLazy, type FrontStats } from '../../src/precopy/front.js';
+import type { PageRun } from '../../src/criu/image.js';
+import { PAGE } from '../../src/precopy/store.js';
+
+const GET = 7;
+const CLOSE = 0x1023;
+
+function header(cmd: number, n: number, page: number, vpid: number): Buffer {
+  const b = Buffer.alloc(32);
+  b.writeUInt32LE(cmd, 0);
+  b.writeBigUInt64LE(BigInt(n), 8);
+  b.writeBigUInt64LE(BigInt(page * PAGE), 16);
+  b.writeBigUInt64LE(BigInt(vpid), 24);
+  return b;
+}
+
+/** What the source's memory holds at a page: its own identity, so a misplaced page shows. */
+function content(vpid: number, page: number): Buffer {
+  const b = Buffer.alloc(PAGE, (page * 7 + vpid) & 0xff);
+  b.writeUInt32LE(vpid, 0);
+  b.writeUInt32LE(page, 4);
+  return b;
+}
+
+/**
+ * CRIU's page server on the source: answers from buffers of `buf` pages; a stray request kills
+ * it. Answers leave at `mbps` MB/s, as over a link.
+ */
+function pageServer(runs: PageRun[], buf: number, mbps = 200) {
+  const state = { pagesSent: 0, died: '', log: [] as Array<[number, number]> };
+  const holds = (vpid: number, page: number) => runs.some((r) => r.vpid === vpid && page >= r.first && page < r.first + r.n);
+  const server = createServer((s) => {
+    s.setNoDelay(true);
+    let inb = Buffer.alloc(0);
+    // One queue, one timer at a time: answers must leave in the order they were asked for.
+    const out: Array<{ b: Buffer; end: boolean }> = [];
+    let busy = false;
+    const drain = () => {
+      const next = out.shift();
+      if (!next) return void (busy = false);
+      busy = true;
+      setTimeout(() => {
+        if (next.end) s.end(next.b);
+        else s.write(next.b);
+        drain();
+      }, next.b.length / (mbps * 1000));
+    };
+    const send = (b: Buffer, end = false) => {
+      out.push({ b, end });
+      if (!busy) drain();
+    };
+    s.on('error', () => {});
+    s.on('data', (d: Buffer) => {
+      inb = Buffer.concat([inb, d]);
+      for (; inb.length >= 32; inb = inb.subarray(32)) {
+        const cmd = inb.readUInt32LE(0);
+        if (cmd === CLOSE) {
+          send(Buffer.alloc(4), true);
+          return;
+        }
+        const n = Number(inb.readBigUInt64LE(8));
+        const page = Number(inb.readBigUInt64LE(16)) / PAGE;
+        const vpid = Number(inb.readBigUInt64LE(24));
+        if (cmd !== GET || !holds(vpid, page)) {
+          state.died = `asked for page ${page} of ${vpid}`;
+          s.destroy();
+          return;
+        }
+        state.log.push([page, n]);
+        const run = runs.find((r) => r.vpid === vpid && page >= r.first && page < r.first + r.n)!;
+        const bufEnd = Math.min(run.first + run.n, run.first + (Math.floor((page - run.first) / buf) + 1) * buf);
+        const k = Math.min(n, bufEnd - page);
+        const parts = [header((4 << 16) | 6, k, page, vpid)];
+        for (let i = 0; i < k; i++) parts.push(content(vpid, page + i));
+        state.pagesSent += k;
+        send(Buffer.concat(parts));
+      }
+    });
+  });
+  return { server, state };
+}
+
+/**
+ * CRIU's lazy-pages daemon: fills every lazy page once, one background request per process at a
+ * time (64 KiB after a fault, growing by 64 KiB to 4 MiB). The task touches `touches` pages in
+ * order, ten per millisecond; one that is not there yet is a fault (asked for alone unless a
+ * request already covers it) and the task waits for it.
+ */
+async function daemon(port: number, runs: PageRun[], touches: Array<[number, number]>): Promise<{ got: number }> {
+  const missing = new Map<number, Set<number>>();
+  for (const r of runs) {
+    const s = missing.get(r.vpid) ?? new Set<number>();
+    for (let i = 0; i < r.n; i++) s.add(r.first + i);
+    missing.set(r.vpid, s);
+  }
+  const sock = connect(port, '127.0.0.1');
+  await once(sock, 'connect');
+  type Req = { vpid: number; page: number; n: number; fault?: true };
+  const pending: Req[] = [];
+  const queued = (vpid: number, page: number) => pending.some((q) => q.vpid === vpid && page >= q.page && page < q.page + q.n);
+  const xfer = new Map<number, number>();
+  let got = 0;
+  let arrived = () => {};
+  let closing = false;
+  const ask = (q: Req) => {
+    pending.push(q);
+    sock.write(header(GET, q.n, q.page, q.vpid));
+  };
+  const background = () => {
+    for (const [vpid, set] of missing) {
+      if (!set.size || pending.some((q) => q.vpid === vpid && q.fault === undefined)) continue;
+      const pages = [...set].filter((p) => !queued(vpid, p)).sort((a, b) => a - b);
+      if (!pages.length) continue;
+      const len = xfer.get(vpid) ?? 16;
+      let n = 1;
+      while (n < len && pages[n] === pages[0]! + n) n++;
+      xfer.set(vpid, Math.min(1024, len + 16));
+      ask({ vpid, page: pages[0]!, n });
+      return;
+    }
+    if (!pending.length && [...missing.values()].every((s) => !s.size) && !closing) {
+      closing = true;
+      sock.write(header(CLOSE, 0, 0, 0));
+    }
+  };
+  let inb = Buffer.alloc(0);
+  const done = new Promise<void>((resolve, reject) => {
+    sock.on('error', reject);
+    sock.on('close', () => reject(new Error(`the front closed the daemon's socket with ${[...missing.values()].reduce((a, s) => a + s.size, 0)} pages missing`)));
+    sock.on('data', (d: Buffer) => {
+      inb = Buffer.concat([inb, d]);
+      for (;;) {
+        if (closing && !pending.length) {
+          if (inb.length >= 4) resolve();
+          return;
+        }
+        if (inb.length < 32) return;
+        const n = Number(inb.readBigUInt64LE(8));
+        if (inb.length < 32 + n * PAGE) return;
+        const q = pending.shift()!;
+        const page = Number(inb.readBigUInt64LE(16)) / PAGE;
+        assert.equal(page, q.page, 'answers come in the order asked');
+        assert.ok(n >= 1 && n <= q.n, `answered ${n} of ${q.n} pages`);
+        for (let i = 0; i < n; i++) {
+          assert.ok(missing.get(q.vpid)!.delete(q.page + i), `page ${q.page + i} answered twice`);
+          assert.ok(inb.subarray(32 + i * PAGE, 32 + (i + 1) * PAGE).equals(content(q.vpid, q.page + i)), `page ${q.page + i} of ${q.vpid} intact`);
+          got++;
+        }
+        arrived();
+        inb = inb.subarray(32 + n * PAGE);
+        background();
+      }
+    });
+  });
+  background();
+  for (let i = 0; i < touches.length; i++) {
+    const [vpid, page] = touches[i]!;
+    if (i % 10 === 0) await new Promise((r) => setTimeout(r, 1));
+    if (!missing.get(vpid)!.has(page)) continue;
+    if (!queued(vpid, page)) {
+      xfer.set(vpid, 16);
+      ask({ vpid, page, n: 1, fault: true });
+    }
+    while (missing.get(vpid)!.has(page)) await new Promise<void>((r) => (arrived = r));
+  }
+  await done;
+  sock.destroy();
+  return { got };
+}
+
+async function listen(s: Server): Promise<number> {
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  return (s.address() as AddressInfo).port;
+}
+
+test('lazy-pages front: every page once and intact, prefetch within its window, faults answered in order', async () => {
+  // Two processes, runs of odd sizes, CRIU buffers of 48 pages (answers stop at their ends).
+  const runs: PageRun[] = [
+    { vpid: 1, first: 0x400, n: 700 },
+    { vpid: 1, first: 0x1000, n: 3 },
+    { vpid: 1, first: 0x2000, n: 1500 },
+    { vpid: 7, first: 0x10, n: 900 },
+  ];
+  const total = runs.reduce((a, r) => a + r.n, 0);
+  const src = pageServer(runs, 48);
+  const srcPort = await listen(src.server);
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+  const holder = new MemPageHolder();
+  const sockets: Socket[] = [];
+  let maxHeld = 0;
+  const front = createServer((d) => {
+    const up = connect(srcPort, '127.0.0.1');
+    sockets.push(d, up);
+    serveLazy(d, holder, up, runs, stats).prefetch();
+  });
+  const frontPort = await listen(front);
+  const probe = setInterval(() => (maxHeld = Math.max(maxHeld, holder.heldBytes)), 1);
+  try {
+    const touches: Array<[number, number]> = [];
+    for (let i = 0; i < 40; i++) touches.push(i % 2 ? [7, 0x10 + ((i * 37) % 900)] : [1, 0x2000 + ((i * 113) % 1500)]);
+    const r = await daemon(frontPort, runs, touches);
+    assert.equal(r.got, total);
+    assert.equal(src.state.died, '');
+    // Nothing crossed twice: what the daemon got from the front's memory was prefetched once.
+    assert.equal(src.state.pagesSent, stats.prefetchedPages + stats.forwardedPages);
+    assert.equal(stats.localPages + stats.forwardedPages, total);
+    assert.ok(src.state.pagesSent <= total, `${src.state.pagesSent} pages sent for ${total}`);
+    assert.ok(stats.prefetchedPages > total / 2, `prefetch carried ${stats.prefetchedPages} of ${total} pages`);
+    assert.equal(holder.heldBytes, 0, 'every prefetched page was taken');
+  } finally {
+    clearInterval(probe);
+    for (const s of sockets) s.destroy();
+    front.close();
+    src.server.close();
+  }
+  assert.ok(maxHeld > 0 && maxHeld < 64 << 20);
+  assert.ok(PREFETCH_WINDOW <= 4 << 20);
+});
+
+test('lazy-pages front: the prefetch follows a fault', async () => {
+  const runs: PageRun[] = [{ vpid: 3, first: 0x100, n: 4096 }];
+  const src = pageServer(runs, 256, 80);
+  const srcPort = await listen(src.server);
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+  const sockets: Socket[] = [];
+  const front = createServer((d) => {
+    const up = connect(srcPort, '127.0.0.1');
+    sockets.push(d, up);
+    serveLazy(d, new MemPageHolder(), up, runs, stats).prefetch();
+  });
+  const frontPort = await listen(front);
+  try {
+    // The task touches a page in the middle, then reads on from there: after the fault the
+    // prefetch goes on from the page after it, not from where it was.
+    const touches: Array<[number, number]> = [];
+    for (let p = 0x100 + 2048; p < 0x100 + 2048 + 200; p++) touches.push([3, p]);
+    const r = await daemon(frontPort, runs, touches);
+    assert.equal(r.got, 4096);
+    const fault = src.state.log.findIndex(([p, n]) => p === 0x100 + 2048 && n === 1);
+    assert.ok(fault >= 0, 'the fault went to the source');
+    const next = src.state.log.slice(fault + 1).find(([, n]) => n > 1)!;
+    assert.equal(next[0], 0x100 + 2049, `the prefetch after the fault asked for page ${next[0]}`);
+    assert.equal(stats.faultsForwarded, 1, 'the pages after the fault were prefetched');
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+    src.server.close();
+  }
+});
