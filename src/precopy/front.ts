@@ -25,8 +25,8 @@ const PE_PRESENT = 1 << 2;
 const PS_IOV_CLOSE = 0x1023;
 const PS_IOV_FORCE_CLOSE = 0x1024;
 const PS_HEADER = 32;
-/** CRIU's lazy-pages daemon asks for at most 4 MiB at once. */
-const MAX_GET_PAGES = 1024;
+/** CRIU's lazy-pages daemon asks for at most 4 MiB at once; more is a broken daemon. */
+const MAX_DAEMON_PAGES = 1024;
 /**
  * Prefetch in flight. A fault's answer waits behind it, so it drops to the minimum at every
  * fault and grows by a step per answer while none comes (CRIU's own rule for its background
@@ -100,7 +100,7 @@ type Entry =
   /** Answered by the source: bytes as they come, passed on when this entry is at the head. */
   | { kind: 'remote'; q: ChunkQueue; left: number };
 
-type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number } | { kind: 'daemon'; entry: Entry & { kind: 'remote' }; close: boolean };
+type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number } | { kind: 'daemon'; entry: Entry & { kind: 'remote' }; n: number; close: boolean };
 
 /**
  * Serves one lazy-pages daemon connection. `runs` are the lazy runs of the dump; `upstream` is
@@ -204,7 +204,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
     while (m < n && m < FORWARD_PAGES && wanted(vpid, first + m)) m++;
     for (let i = 0; i < m; i++) asked.set(key(vpid, first + i), 2);
     const entry = { kind: 'remote' as const, q: new ChunkQueue(), left: -1 };
-    sent.push({ kind: 'daemon', entry, close: false });
+    sent.push({ kind: 'daemon', entry, n: m, close: false });
     request(PS_IOV_GET, vpid, first, m);
     if (n === 1) {
       stats.faultsForwarded++;
@@ -246,7 +246,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
           const need = s.close ? 4 : PS_HEADER;
           if (up.length < need) break;
           const n = s.close ? 0 : Number(up.peek(PS_HEADER).readBigUInt64LE(8));
-          if (n > MAX_GET_PAGES) return fail(`the source answered with ${n} pages`);
+          if (n > s.n) return fail(`the source answered a request for ${s.n} pages with ${n}`);
           stats.forwardedPages += n;
           e.left = need + n * PAGE;
         }
@@ -296,7 +296,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
         const n = Number(req.readBigUInt64LE(8));
         const vaddr = Number(req.readBigUInt64LE(16));
         const vpid = Number(req.readBigUInt64LE(24));
-        if (n < 1 || n > 4096 || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
+        if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
         if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
         else if (asked.get(key(vpid, first)) === 1) {
@@ -310,7 +310,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
         closed = true;
         if (upstream) {
           const entry = { kind: 'remote' as const, q: new ChunkQueue(), left: -1 };
-          sent.push({ kind: 'daemon', entry, close: true });
+          sent.push({ kind: 'daemon', entry, n: 0, close: true });
           upstream.write(Buffer.from(req));
           entries.push(entry);
         } else {

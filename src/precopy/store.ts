@@ -108,12 +108,6 @@ export class PageStore {
     for (let i = 0; i < n; i++) this.slots.delete(PageStore.key(vpid, first + i));
   }
 
-  has(vpid: number, vaddr: number, n: number): boolean {
-    const first = vaddr / PAGE;
-    for (let i = 0; i < n; i++) if (!this.slots.has(PageStore.key(vpid, first + i))) return false;
-    return true;
-  }
-
   hasPage(vpid: number, page: number): boolean {
     return this.slots.has(PageStore.key(vpid, page));
   }
@@ -123,7 +117,7 @@ export class PageStore {
 
   readonly heldBytes = 0;
 
-  /** Copies n stored pages into out (all must be there: see has()). */
+  /** Copies n stored pages into out (all must be there: see hasPage()). */
   read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void {
     const first = vaddr / PAGE;
     let i = 0;
