@@ -2,6 +2,7 @@
 //
 //   ferry-memcheck [--mib N] [--rate MIB_PER_S] [--pattern uniform|hot|seq] [--threads N]
 //                  [--procs N] [--shared MIB] [--churn 0|1] [--scan 0|1] [--interval-ms MS]
+//                  [--text 0|1]
 //
 // Every process writes pages of its memory at the given rate (hot: 90 % of writes to 10 % of the
 // pages; seq: in address order). Before each write it appends (page, sequence number) to a log
@@ -13,7 +14,8 @@
 //
 // --churn 1 also maps, grows (mremap), moves and unmaps regions, drops pages and forks new
 // processes while it runs; --shared puts a shared anonymous region in the tree; --scan 1 reads
-// all memory in address order without pause (what post-copy handles worst). The main process
+// all memory in address order without pause (what post-copy handles worst); --text 1 makes pages
+// as compressible as text (64 bytes repeated). The main process
 // prints heartbeats like ferry-workload: "hb SEQ MONOTONIC_NS REALTIME_NS".
 #define _GNU_SOURCE
 #include <errno.h>
@@ -35,7 +37,7 @@
 #define PAGE 4096UL
 #define MAX_CHILDREN 64
 
-static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10;
+static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0;
 static int pattern; /* 0 uniform, 1 hot, 2 seq */
 static volatile sig_atomic_t want_check;
 static pid_t children[MAX_CHILDREN];
@@ -67,9 +69,11 @@ static void say(const char *fmt, ...) {
 static void fill(uint8_t *page, uint32_t idx, uint32_t seq) {
   uint64_t *w = (uint64_t *)page;
   uint64_t x = ((uint64_t)seq << 32 | idx) * 0x9E3779B97F4A7C15ull | 1;
+  /* --text 1: 64 bytes repeated over the page, as compressible as text; still unique per write. */
+  size_t fresh = text ? 8 : PAGE / 8;
   for (size_t i = 0; i < PAGE / 8; i++) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    w[i] = x;
+    if (i < fresh) x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    w[i] = i < fresh ? x : w[i % fresh];
   }
 }
 
@@ -322,6 +326,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--shared")) shared_mib = atol(v);
     else if (!strcmp(k, "--churn")) churn = atol(v);
     else if (!strcmp(k, "--scan")) scan = atol(v);
+    else if (!strcmp(k, "--text")) text = atol(v);
     else if (!strcmp(k, "--interval-ms")) interval_ms = atol(v);
     else if (!strcmp(k, "--pattern")) pattern = !strcmp(v, "hot") ? 1 : !strcmp(v, "seq") ? 2 : 0;
     else {

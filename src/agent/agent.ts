@@ -16,6 +16,8 @@ import { allows, identify, type Permission, type PeerIdentity } from '../tls/ide
 import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
 import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, taskName } from '../wire/schemas.js';
+import { CODEC_HEADER, streamCodec } from '../wire/codec.js';
+import { releaseLeftThrottles } from '../precopy/throttle.js';
 import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
 
 /** Sessions one agent serves at once; more are refused at the door. */
@@ -74,6 +76,8 @@ export class Agent {
   async start(): Promise<{ port: number }> {
     await this.o.runtime.store.init();
     const swept = await this.dest.sweep();
+    const unthrottled = releaseLeftThrottles(this.o.name);
+    if (unthrottled.length) this.log(`lifted CPU throttles left by an earlier run: ${unthrottled.join(', ')}`);
     if (swept.removed.length) this.log(`removed unfinished incoming migrations: ${swept.removed.join(', ')}`);
     if (swept.inDoubt.length) this.log(`restored, stopped, awaiting the source's decision: ${swept.inDoubt.join(', ')}`);
     // Outgoing migrations of an agent that died are settled from the journal before serving.
@@ -231,7 +235,8 @@ export class Agent {
       };
       let report: MigrationReport;
       try {
-        report = await migrateOut(this.ctx, n, b.to, { mode, ...(b.maxDowntimeMs !== undefined ? { maxDowntimeMs: b.maxDowntimeMs } : {}), ...(b.maxRounds !== undefined ? { maxRounds: b.maxRounds } : {}), ...(b.allowPostCopy !== undefined ? { allowPostCopy: b.allowPostCopy } : {}) }, (e: ProgressEvent) => send({ progress: e }), ac.signal);
+        const { to: _to, mode: _mode, ...rest } = b;
+        report = await migrateOut(this.ctx, n, b.to, { ...rest, mode }, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
         if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {
           await this.history({ id: migrationIdOf(e), task: n, from: this.o.name, to: b.to.name, mode, ok: false, error: e.message, at: new Date().toISOString() });
@@ -284,8 +289,8 @@ export class Agent {
       if (m.req.from !== r.peer.name) throw new FerryError('FORBIDDEN', `migration ${m.id} is not from '${r.peer.name}'`);
       return m.id;
     };
-    this.route('POST', incoming('/pages'), 'migrate-in', async (r) => this.dest.pages(own(r), r.stream));
-    this.route('POST', incoming('/precopy'), 'migrate-in', async (r) => this.dest.precopy(own(r), r.stream));
+    this.route('POST', incoming('/pages'), 'migrate-in', async (r) => this.dest.pages(own(r), r.stream, streamCodec(r.headers[CODEC_HEADER])));
+    this.route('POST', incoming('/precopy'), 'migrate-in', async (r) => this.dest.precopy(own(r), r.stream, streamCodec(r.headers[CODEC_HEADER])));
     // The lazy-pages link; after a cut the source reattaches with what it has received so far.
     this.route('POST', incoming('/lazy'), 'migrate-in', async (r) => {
       const received = Number(r.headers['x-ferry-received'] ?? 0);

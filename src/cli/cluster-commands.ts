@@ -14,6 +14,7 @@ import { ROLES, type Role } from '../tls/identity.js';
 import { caInit, certIssue, certRevoke, loadTls, revokedPath } from '../tls/pki.js';
 import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
 import { modes } from '../wire/schemas.js';
+import { COMPRESS_MODES } from '../wire/codec.js';
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
 import { formatBytes, table } from './format.js';
@@ -133,9 +134,11 @@ export function registerClusterCommands(program: Command): void {
     .option('--max-downtime <ms>', 'pre-copy/auto: the pause to aim for, in ms (default 300)')
     .option('--max-rounds <n>', 'pre-copy/auto: at most this many rounds while the task runs (default 8)')
     .option('--allow-post-copy', 'auto: a task that writes faster than the link finishes by post-copy of what is left')
+    .option('--allow-throttle', "auto: a task that writes faster than the link is slowed (its CPU quota) until pre-copy converges")
+    .option('--compress <when>', 'compress memory on the way with lz4: off, on, or auto (where the codec outruns the link and the pages shrink)', 'auto')
     .option('--cancel <id>', 'cancel a migration under way on --host (see `ferry migrations`)')
     .option('--json', 'print the report as JSON')
-    .action(async (task: string | undefined, opts: { to?: string; mode: string; maxDowntime?: string; maxRounds?: string; allowPostCopy?: boolean; cancel?: string; json?: boolean }, cmd: Command) => {
+    .action(async (task: string | undefined, opts: { to?: string; mode: string; maxDowntime?: string; maxRounds?: string; allowPostCopy?: boolean; allowThrottle?: boolean; compress: string; cancel?: string; json?: boolean }, cmd: Command) => {
       if (opts.cancel) {
         const r = await withAgent(cmd, (s) => requestJson<{ message: string }>(s, 'POST', `/v1/migrations/${encodeURIComponent(opts.cancel!)}/cancel`, {}));
         if (opts.json) printJson(r);
@@ -156,6 +159,8 @@ export function registerClusterCommands(program: Command): void {
       const maxRounds = positive(opts.maxRounds, '--max-rounds', 100);
       if ((maxDowntimeMs !== undefined || maxRounds !== undefined) && opts.mode !== 'pre-copy' && opts.mode !== 'auto') throw new FerryError('USAGE', `--max-downtime and --max-rounds apply to --mode pre-copy and auto, not ${opts.mode}`);
       if (opts.allowPostCopy && opts.mode !== 'auto') throw new FerryError('USAGE', `--allow-post-copy applies to --mode auto, not ${opts.mode}`);
+      if (opts.allowThrottle && opts.mode !== 'auto') throw new FerryError('USAGE', `--allow-throttle applies to --mode auto, not ${opts.mode}`);
+      if (!(COMPRESS_MODES as readonly string[]).includes(opts.compress)) throw new FerryError('USAGE', `unknown --compress '${opts.compress}': use off, auto or on`);
       if (opts.to === host) throw new FerryError('USAGE', `task '${task}' is on ${host} already: --to must name another host`);
       const to = { name: opts.to, address: hostAddress(cluster, opts.to) };
       const session = await agentSession(cluster, host);
@@ -175,7 +180,7 @@ export function registerClusterCommands(program: Command): void {
       process.on('SIGINT', onInt);
       try {
         const stream = session.request({ ':method': 'POST', ':path': `/v1/tasks/${encodeURIComponent(task)}/migrate`, 'content-type': 'application/json' });
-        stream.end(JSON.stringify({ to, mode: opts.mode, ...(maxDowntimeMs !== undefined ? { maxDowntimeMs } : {}), ...(maxRounds !== undefined ? { maxRounds } : {}), ...(opts.allowPostCopy ? { allowPostCopy: true } : {}) }));
+        stream.end(JSON.stringify({ to, mode: opts.mode, ...(maxDowntimeMs !== undefined ? { maxDowntimeMs } : {}), ...(maxRounds !== undefined ? { maxRounds } : {}), ...(opts.allowPostCopy ? { allowPostCopy: true } : {}), ...(opts.allowThrottle ? { allowThrottle: true } : {}), compress: opts.compress }));
         let report: MigrationReport;
         try {
           report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
@@ -272,7 +277,7 @@ async function readMigration(stream: MuxStream, live: boolean, onId: (id: string
         const p = msg.progress;
         const text =
           p.type === 'round'
-            ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s), pause if stopped now ~${p.round.expectedDowntimeMs} ms`
+            ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s), pause if stopped now ~${p.round.expectedDowntimeMs} ms${p.round.throttle ? `, task at ${Math.round((1 - p.round.throttle) * 100)} % CPU` : ''}`
             : `note: ${p.message}`;
         if (live || p.type === 'note') process.stderr.write(`\r\x1b[K${text}\n`);
         continue;
@@ -304,6 +309,9 @@ function printReport(r: MigrationReport): void {
       '\n' +
       (r.precopy
         ? `  pre-copy: ${r.precopy.rounds.length} rounds (${r.precopy.verdict}), ${r.precopy.rounds.map((x) => `${formatBytes(x.bytes)}/${x.ms} ms`).join(', ')}; last delta ${formatBytes(r.precopy.finalBytes)} (${r.precopy.finish})\n`
+        : '') +
+      (r.compression && r.compression.rawBytes > 0
+        ? `  compression (${r.compression.mode}): ${formatBytes(r.compression.rawBytes)} of memory went as ${formatBytes(r.compression.wireBytes)}, lz4 on ${r.compression.compressedFrames} of ${r.compression.frames} frames\n`
         : '') +
       (r.postCopyWindowMs !== undefined ? `  ${r.precopy?.finish === 'residue sent' ? 'local fill' : 'post-copy'}: all pages in the task ${r.postCopyWindowMs} ms after resume\n` : '') +
       (r.warnings ?? []).map((w) => `  note: ${w}\n`).join(''),

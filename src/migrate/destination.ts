@@ -26,6 +26,7 @@ import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
 import { PageStore } from '../precopy/store.js';
+import { Decompressor } from '../wire/codec.js';
 import { MemPageHolder, serveLazy, type FrontStats } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { connect as tcpConnect } from 'node:net';
@@ -221,13 +222,13 @@ export class Destination {
   }
 
   /** The page stream of a stop-copy dump, handed to the local `criu page-server`. */
-  async pages(id: string, stream: MuxStream): Promise<void> {
+  async pages(id: string, stream: MuxStream, codec: 'lz4' | undefined): Promise<void> {
     const m = this.get(id);
     if (!m.pageServer || !m.pageServerPort) throw new FerryError('PEER', 'this migration has no page server');
     const server = m.pageServer;
     const sock = await connectWhenListening(m.pageServerPort, 10_000, () => server.child.exitCode === null && server.child.signalCode === null);
     stream.respond({ ':status': 200 });
-    await splice(stream, sock);
+    await splice(stream, sock, undefined, undefined, codec ? new Decompressor() : undefined);
   }
 
   /**
@@ -268,13 +269,13 @@ export class Destination {
   }
 
   /** Pre-copy rounds: page records into the store; answered once the last one is stored. */
-  async precopy(id: string, stream: MuxStream): Promise<void> {
+  async precopy(id: string, stream: MuxStream, codec: 'lz4' | undefined): Promise<void> {
     const m = this.get(id);
     if (m.req.mode !== 'pre-copy' && m.req.mode !== 'auto') throw new FerryError('USAGE', `migration ${id} is not a pre-copy`);
     if (m.store) throw new FerryError('USAGE', `migration ${id} already has its pre-copy stream`);
     const store = new PageStore(join(m.imagesDir, 'precopy.pages'));
     m.store = store;
-    await pipeline(stream, store.writer());
+    await (codec ? pipeline(stream, new Decompressor(), store.writer()) : pipeline(stream, store.writer()));
     stream.respond(jsonHeaders(200));
     stream.end(JSON.stringify({ pages: store.size }));
   }

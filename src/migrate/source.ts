@@ -5,6 +5,7 @@
 // decision the source resumes its copy and the destination removes what it received. The source
 // is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
 import type { ChildProcess } from 'node:child_process';
+import type { Readable } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
@@ -24,6 +25,8 @@ import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
+import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
+import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
 import { debugDropRound, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
@@ -61,7 +64,11 @@ export interface MigrationReport {
     finalBytes: number;
     expectedDowntimeMs: number;
     method: string;
+    /** Auto-converge: the largest share of the task's CPU taken away. */
+    maxThrottle?: number;
   };
+  /** Memory streams compressed on the way (bytes.pages counts what crossed the link). */
+  compression?: CodecStats;
   /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
   destination?: { pageWaitMs: number; criuRestoreMs: number };
 }
@@ -166,6 +173,8 @@ export class OutgoingMigration {
   private readonly mode: Mode;
   /** Pre-copy: the helper that tracks written pages, and the stream its pages go out on. */
   private tracker?: Tracker;
+  /** Auto with --allow-throttle: the task's CPU quota while it does not converge. */
+  private throttle?: Throttle;
   private precopyStream?: MuxStream;
   private precopyStored?: Promise<unknown>;
   private precopyError?: Error;
@@ -329,7 +338,7 @@ export class OutgoingMigration {
     const maxRounds = this.opts.maxRounds ?? DEFAULT_MAX_ROUNDS;
     const drop = debugDropRound();
     this.tracker = new Tracker(this.ctx.rt.nativeDir, drop ? { ...process.env, FERRY_DEBUG_DROP_ROUND: drop } : process.env);
-    const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy` });
+    const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy`, ...this.codecHeaders() });
     this.precopyStream = stream;
     this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));
     this.precopyStored.catch((e: Error) => {
@@ -339,14 +348,18 @@ export class OutgoingMigration {
     });
     // The destination refused or dropped the stream: nothing reads the records any more.
     stream.once('close', () => void this.tracker?.stop());
-    this.tracker.pages.on('data', (c: Buffer) => this.pages.add(c.length));
-    this.tracker.pages.pipe(stream);
+    const wire = this.compressing(this.tracker.pages);
+    wire.on('data', (c: Buffer) => this.pages.add(c.length));
+    wire.pipe(stream);
     const rounds: RoundStat[] = [];
     let v: Verdict = 'continue';
+    if (this.mode === 'auto' && this.opts.allowThrottle) this.throttle = new Throttle(this.ctx.self, this.id);
     while (v === 'continue') {
       if (this.cancelled) throw this.cancelled;
       const t0 = performance.now();
-      const r = await this.tracked(this.tracker.round(treePids(this.rec.pid!)));
+      const pids = treePids(this.rec.pid!);
+      this.throttle?.sample(pids);
+      const r = await this.tracked(this.tracker.round(pids));
       if (r.armed === 0) throw new FerryError('PRECOPY', `cannot track the pages of '${this.rec.name}': ${r.note || 'no process could be armed'}`, { hint: 'use --mode stop-copy or post-copy' });
       const ms = performance.now() - t0;
       const dirtyPages = await this.tracked(this.tracker.written());
@@ -364,14 +377,32 @@ export class OutgoingMigration {
         dirtyRateMBps: Math.round(((dirtyPages * 4096) / 1e6 / (since / 1000)) * 10) / 10,
         linkMBps: Math.round(linkMBps * 10) / 10,
         expectedDowntimeMs: expectedDowntimeMs(dirtyPages, linkMBps),
+        ...(this.throttle?.level ? { throttle: this.throttle.level } : {}),
       };
       rounds.push(round);
       this.onProgress({ type: 'round', round });
       v = verdict(rounds, { maxDowntimeMs, maxRounds });
+      // QEMU's auto-converge rule: a round in which the task wrote more than half what the link
+      // carried raises the throttle; the first step aims at half the link at once.
+      if (v !== 'converged' && v !== 'round-limit' && this.throttle && this.throttle.level < THROTTLE_MAX && round.dirtyRateMBps > 0.5 * round.linkMBps) {
+        const level = this.throttle.level ? this.throttle.level + THROTTLE_STEP : Math.max(THROTTLE_START, 1 - (0.5 * round.linkMBps) / Math.max(round.dirtyRateMBps, 0.1));
+        try {
+          this.throttle.set(level, treePids(this.rec.pid!));
+          this.onProgress({ type: 'note', message: `pre-copy does not converge (the task writes ${round.dirtyRateMBps} MB/s, the link carries ${round.linkMBps} MB/s): throttling it to ${Math.round((1 - this.throttle.level) * 100)} % of its CPU` });
+          v = 'continue';
+        } catch (e) {
+          this.onProgress({ type: 'note', message: `cannot throttle the task (${(e as Error).message}): it finishes without` });
+          this.throttle.release();
+          this.throttle = undefined;
+        }
+      }
     }
+    const throttled = this.throttle?.level;
+    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them.
+    this.throttle?.release();
     const last = rounds.at(-1)!;
     this.residueLazy = v !== 'converged' && this.mode === 'auto' && !!this.opts.allowPostCopy;
-    this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: 'userfaultfd write-protect + PAGEMAP_SCAN' };
+    this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: 'userfaultfd write-protect + PAGEMAP_SCAN', ...(throttled ? { maxThrottle: throttled } : {}) };
     if (v !== 'converged') {
       const why = v === 'too-fast' ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s` : v === 'stalled' ? 'the written set stopped shrinking' : `${rounds.length} rounds, the limit`;
       this.onProgress({
@@ -380,6 +411,24 @@ export class OutgoingMigration {
       });
     }
     this.endPhase('precopy');
+  }
+
+  /** The compressor of this migration's memory stream, if it compresses; one per migration. */
+  private compressor(): Compressor | undefined {
+    const mode = this.opts.compress ?? 'auto';
+    if (mode === 'off') return undefined;
+    const c = new Compressor(mode, () => this.pages.rateMBps());
+    this.report.compression = c.stats; // counted as it goes
+    return c;
+  }
+
+  private compressing(raw: Readable): Readable {
+    const c = this.compressor();
+    return c ? raw.pipe(c) : raw;
+  }
+
+  private codecHeaders(): Record<string, string> {
+    return (this.opts.compress ?? 'auto') === 'off' ? {} : { [CODEC_HEADER]: CODEC };
   }
 
   /** A tracker step; when it fails because the destination dropped the page stream, that is the reason given. */
@@ -413,13 +462,13 @@ export class OutgoingMigration {
     let dumpArgs: string[];
     if (this.mode === 'stop-copy') {
       const tunnel = await this.listen(async (sock) => {
-        const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages` });
+        const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages`, ...this.codecHeaders() });
         // Refused (its page server already gone): the destination answers but reads no more, and
         // CRIU would wait for ever to write the rest. Breaking the stream fails the dump instead.
         stream.once('response', (h: Headers) => {
           if (Number(h[':status']) !== 200) stream.destroy(new FerryError('PEER', `${this.target.name} refused the page stream (status ${h[':status']})`));
         });
-        await splice(sock, stream, this.pages);
+        await splice(sock, stream, this.pages, undefined, this.compressor());
       });
       dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
     } else {
@@ -883,6 +932,11 @@ export class OutgoingMigration {
     clearInterval(this.progressTimer);
     // Disarms the task: the helper's descriptors go, and the kernel drops the write-protection.
     await this.tracker?.stop();
+    try {
+      this.throttle?.release();
+    } catch (e) {
+      this.onProgress({ type: 'note', message: `could not lift the task's CPU throttle: ${(e as Error).message}` });
+    }
     this.precopyStream?.destroy();
     this.releaseDumpSlot();
     for (const s of this.sockets) s.destroy();

@@ -1,7 +1,7 @@
 // Bridges between local TCP sockets (CRIU's page server, lazy pages) and the multiplexed streams of the
 // one agent-to-agent session, counting the bytes that cross.
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
-import type { Duplex } from 'node:stream';
+import type { Duplex, Readable, Transform } from 'node:stream';
 
 /** Bytes through a stream, and when the first and the last of them passed. */
 export class ByteCounter {
@@ -23,8 +23,11 @@ export class ByteCounter {
   }
 }
 
-/** Pipes a and b both ways; resolves when both directions ended, counting bytes a -> b. */
-export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?: ByteCounter): Promise<void> {
+/**
+ * Joins two streams both ways until both ends finish; a→b may pass through a transform (a
+ * compressor or decompressor), and counter counts what b is given.
+ */
+export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?: ByteCounter, through?: Transform): Promise<void> {
   return new Promise((resolve) => {
     let open = 2;
     const done = () => {
@@ -35,9 +38,11 @@ export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?
       b.destroy();
       resolve();
     };
-    if (counter) a.on('data', (c: Buffer) => counter.add(c.length));
+    const ab: Readable = through ? a.pipe(through) : a;
+    if (counter) ab.on('data', (c: Buffer) => counter.add(c.length));
     if (counterBack) b.on('data', (c: Buffer) => counterBack.add(c.length));
-    a.pipe(b).on('finish', done);
+    if (through) through.once('error', fail);
+    ab.pipe(b).on('finish', done);
     b.pipe(a).on('finish', done);
     a.once('error', fail);
     b.once('error', fail);

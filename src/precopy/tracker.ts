@@ -109,6 +109,8 @@ export interface RoundStat {
   dirtyRateMBps: number;
   linkMBps: number;
   expectedDowntimeMs: number;
+  /** Auto-converge: the share of the task's CPU taken away during this round. */
+  throttle?: number;
 }
 
 export interface StopPolicy {

@@ -39,6 +39,10 @@ export const migrateBody = z.object({
   maxRounds: z.number().int().min(1).max(100).optional(),
   /** Auto: a task that does not converge may finish by post-copy of what is left. */
   allowPostCopy: z.boolean().optional(),
+  /** Auto: a task that does not converge is slowed through its CPU quota until it does. */
+  allowThrottle: z.boolean().optional(),
+  /** Page streams compressed with lz4: always, never, or where the codec outruns the link. */
+  compress: z.enum(['off', 'auto', 'on']).optional(),
 });
 
 /** A task's record as the source sends it; fields the destination does not use are dropped. */

@@ -102,6 +102,63 @@ test('auto without post-copy sends the residue while frozen, and says the pause 
   assertAllOk(await checkMemory('h2', 'fast2'));
 });
 
+/** Ferry's throttle cgroups anywhere under the cpu controller. */
+function throttleCgroups(): string[] {
+  const found: string[] = [];
+  const walk = (dir: string, depth: number) => {
+    for (const e of readdirSync(dir, { withFileTypes: true })) {
+      if (!e.isDirectory()) continue;
+      if (e.name.startsWith('ferry-throttle')) found.push(join(dir, e.name));
+      else if (depth < 3) walk(join(dir, e.name), depth + 1);
+    }
+  };
+  for (const m of ['/sys/fs/cgroup/cpu', '/sys/fs/cgroup']) {
+    try {
+      walk(m, 0);
+      break;
+    } catch {
+      // not this layout
+    }
+  }
+  return found;
+}
+
+function cpuCgroupOf(pid: number): string {
+  return readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => /^\d+:([^:]*,)?cpu(,[^:]*)?:/.test(l) || l.startsWith('0::')) ?? '';
+}
+
+test('auto with --allow-throttle slows a task that out-writes the link until it converges, then gives its CPU back', async (t) => {
+  t.after(() => lab.removeEverywhere('hog'));
+  await startMemcheck('hog', ['--mib', '64', '--rate', '256', '--threads', '2']);
+  const pid = (await lab.tasksOn('h1')).find((x) => x.name === 'hog')!.pid!;
+  const cgBefore = treePids(pid).map(cpuCgroupOf);
+  const r = await migrate('hog', ['--allow-throttle', '--max-rounds', '8']);
+  assert.ok(r.precopy);
+  assert.ok((r.precopy.maxThrottle ?? 0) > 0, `the task was throttled: ${JSON.stringify(r.precopy.rounds)}`);
+  assert.ok(r.precopy.rounds.some((x) => x.throttle), 'rounds say the throttle');
+  assert.equal(r.precopy.verdict, 'converged', JSON.stringify(r.precopy.rounds));
+  assert.equal(r.precopy.finish, 'residue sent');
+  t.diagnostic(`throttled up to ${Math.round(r.precopy.maxThrottle! * 100)} %: ${r.precopy.rounds.length} rounds, blackout ${r.blackoutMs} ms`);
+  assert.deepEqual(throttleCgroups(), [], 'no throttle cgroup is left');
+  const there = (await lab.tasksOn('h2')).find((x) => x.name === 'hog')!.pid!;
+  assert.deepEqual(treePids(there).map(cpuCgroupOf), cgBefore, 'the task is back in the cgroups it had');
+  assertAllOk(await checkMemory('h2', 'hog'));
+});
+
+test('--compress on: compressible memory crosses in fewer bytes, stop-copy and pre-copy, every page intact', async (t) => {
+  t.after(() => lab.removeEverywhere('text'));
+  await startMemcheck('text', ['--mib', '64', '--rate', '8', '--text', '1', '--threads', '2']);
+  const there = JSON.parse(await lab.ok(['--host', 'h1', 'migrate', 'text', '--to', 'h2', '--json', '--mode', 'stop-copy', '--compress', 'on'])) as MigrationReport;
+  assert.ok(there.compression && there.compression.compressedFrames > 0, JSON.stringify(there.compression));
+  assert.ok(there.bytes.pages < 16 * 2 ** 20, `64 MiB of text-like pages crossed as ${there.bytes.pages} B`);
+  assertAllOk(await checkMemory('h2', 'text'));
+  const back = JSON.parse(await lab.ok(['--host', 'h2', 'migrate', 'text', '--to', 'h1', '--json', '--mode', 'pre-copy', '--compress', 'on'])) as MigrationReport;
+  assert.ok(back.compression && back.compression.compressedFrames > 0);
+  assert.ok(back.bytes.pages < 16 * 2 ** 20, `pre-copy: ${back.bytes.pages} B`);
+  t.diagnostic(`64 MiB: stop-copy ${there.bytes.pages} B on the wire, pre-copy ${back.bytes.pages} B`);
+  assertAllOk(await checkMemory('h1', 'text'));
+});
+
 test('a round whose written pages are dropped on purpose is caught by the memory check', async (t) => {
   t.after(() => {
     rmSync(join(debugDir, 'drop-round'), { force: true });
@@ -152,6 +209,8 @@ test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'stop-copy', '--max-rounds', '3']), /apply to --mode pre-copy and auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'sideways']), /unknown --mode 'sideways'/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--compress', 'zip']), /unknown --compress 'zip': use off, auto or on/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-throttle']), /--allow-throttle applies to --mode auto/);
 });
 
 // Memory a task reserved but never touched (a big malloc arena, a runtime's heap reservation,

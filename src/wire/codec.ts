@@ -1,0 +1,203 @@
+// Page streams compressed on the way: lz4 (lz4-napi, the LZ4 block format, with the raw length
+// in front), in frames that each say whether they are compressed, so a sender can stop
+// compressing where it does not pay (incompressible pages, or a link faster than the codec)
+// without telling the receiver.
+//
+// A frame: u8 kind (0 raw, 1 lz4), u32 raw length, u32 wire length, then the wire bytes.
+import { Transform, type TransformCallback } from 'node:stream';
+import { compress, uncompress } from 'lz4-napi';
+import { FerryError } from '../errors.js';
+
+export type CompressMode = 'off' | 'auto' | 'on';
+export const COMPRESS_MODES: readonly CompressMode[] = ['off', 'auto', 'on'];
+/** The header naming a stream's codec; absent means raw bytes. */
+export const CODEC_HEADER = 'x-ferry-codec';
+export const CODEC = 'lz4';
+
+const FRAME_HEADER = 9;
+const RAW = 0;
+const LZ4 = 1;
+/** Bytes gathered into one frame: big enough for lz4 to find repeats, small enough to pipeline. */
+const FRAME_BYTES = 256 << 10;
+/** A receiver refuses frames above this: a hostile peer must not make it allocate much. */
+const MAX_FRAME = 4 << 20;
+/** Compressed below this share of the raw size, a frame is worth sending compressed. */
+const WORTH = 0.9;
+/** In auto, while not compressing, one frame in this many is compressed to see whether it would pay now. */
+const PROBE_EVERY = 32;
+/** A partial frame waits at most this long for more bytes. */
+const IDLE_MS = 1;
+
+/** What a compressor did: the report's bytes in and out, and how often it chose to compress. */
+export interface CodecStats {
+  mode: 'auto' | 'on';
+  rawBytes: number;
+  wireBytes: number;
+  frames: number;
+  compressedFrames: number;
+  /** Measured codec rate (MB/s of raw input), 0 before the first compressed frame. */
+  codecMBps: number;
+}
+
+/**
+ * The sender's half. In auto it compresses while the codec is faster than the link (so
+ * compressing never slows the stream) and the data shrinks; linkMBps is the caller's latest
+ * measure of the link (undefined: not known yet, so compress and measure).
+ */
+export class Compressor extends Transform {
+  readonly stats: CodecStats;
+  private pending: Buffer[] = [];
+  private pendingBytes = 0;
+  private ratio = 0.5;
+  private sinceProbe = 0;
+  /** Frames go out one after another, whoever started them. */
+  private chain: Promise<void> = Promise.resolve();
+  private idle?: NodeJS.Timeout;
+
+  constructor(
+    private readonly mode: 'auto' | 'on',
+    private readonly linkMBps: () => number | undefined = () => undefined,
+  ) {
+    super({ highWaterMark: 4 });
+    this.stats = { mode, rawBytes: 0, wireBytes: 0, frames: 0, compressedFrames: 0, codecMBps: 0 };
+  }
+
+  /** Whether the next frame is compressed. */
+  private worthIt(): boolean {
+    if (this.mode === 'on') return true;
+    const link = this.linkMBps();
+    const pays = this.ratio < WORTH && (link === undefined || this.stats.codecMBps === 0 || this.stats.codecMBps > link);
+    if (pays) return true;
+    // The data or the link may change: look again now and then.
+    if (++this.sinceProbe >= PROBE_EVERY) {
+      this.sinceProbe = 0;
+      return true;
+    }
+    return false;
+  }
+
+  private async frame(raw: Buffer): Promise<Buffer[]> {
+    this.stats.frames++;
+    this.stats.rawBytes += raw.length;
+    if (this.worthIt()) {
+      const t0 = performance.now();
+      const z = await compress(raw);
+      const ms = Math.max(performance.now() - t0, 0.01);
+      const rate = raw.length / 1e6 / (ms / 1000);
+      this.stats.codecMBps = this.stats.codecMBps ? 0.8 * this.stats.codecMBps + 0.2 * rate : rate;
+      const ratio = z.length / raw.length;
+      this.ratio = 0.7 * this.ratio + 0.3 * ratio;
+      if (ratio < 1) {
+        this.stats.compressedFrames++;
+        return this.framed(LZ4, raw.length, z);
+      }
+    }
+    return this.framed(RAW, raw.length, raw);
+  }
+
+  private framed(kind: number, rawLen: number, body: Buffer): Buffer[] {
+    const h = Buffer.alloc(FRAME_HEADER);
+    h.writeUInt8(kind, 0);
+    h.writeUInt32LE(rawLen, 1);
+    h.writeUInt32LE(body.length, 5);
+    this.stats.wireBytes += FRAME_HEADER + body.length;
+    return [h, body];
+  }
+
+  private async flushPending(): Promise<void> {
+    if (!this.pendingBytes) return;
+    const raw = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.pendingBytes);
+    this.pending = [];
+    this.pendingBytes = 0;
+    for (let off = 0; off < raw.length; off += FRAME_BYTES) {
+      for (const b of await this.frame(raw.subarray(off, off + FRAME_BYTES))) this.push(b);
+    }
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.pending.push(chunk);
+    this.pendingBytes += chunk.length;
+    clearTimeout(this.idle);
+    if (this.pendingBytes >= FRAME_BYTES) {
+      this.chain = this.chain.then(() => this.flushPending());
+      this.chain.then(() => done(), done);
+      return;
+    }
+    // A sender that waits for an answer (CRIU's page-server protocol), or the end of a round,
+    // must not wait for a full frame: what sits here a moment goes out as it is.
+    this.idle = setTimeout(() => {
+      this.chain = this.chain.then(() => this.flushPending()).catch((e: Error) => {
+        this.destroy(e);
+      });
+    }, IDLE_MS);
+    done();
+  }
+
+  override _flush(done: TransformCallback): void {
+    clearTimeout(this.idle);
+    this.chain = this.chain.then(() => this.flushPending());
+    this.chain.then(() => done(), done);
+  }
+
+  override _destroy(err: Error | null, cb: (e: Error | null) => void): void {
+    clearTimeout(this.idle);
+    cb(err);
+  }
+}
+
+/** The receiver's half: checks every frame before it allocates for it. */
+export class Decompressor extends Transform {
+  private buf: Buffer = Buffer.alloc(0);
+
+  constructor() {
+    super({ highWaterMark: 4 });
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    this.drain().then(() => done(), done);
+  }
+
+  private async drain(): Promise<void> {
+    while (this.buf.length >= FRAME_HEADER) {
+      const kind = this.buf.readUInt8(0);
+      const rawLen = this.buf.readUInt32LE(1);
+      const wireLen = this.buf.readUInt32LE(5);
+      if (kind !== RAW && kind !== LZ4) throw bad(`unknown frame kind ${kind}`);
+      if (rawLen > MAX_FRAME || wireLen > MAX_FRAME + 64) throw bad(`frame of ${rawLen} bytes (at most ${MAX_FRAME})`);
+      if (kind === RAW && wireLen !== rawLen) throw bad('raw frame whose lengths differ');
+      if (this.buf.length < FRAME_HEADER + wireLen) return;
+      const body = this.buf.subarray(FRAME_HEADER, FRAME_HEADER + wireLen);
+      this.buf = this.buf.subarray(FRAME_HEADER + wireLen);
+      if (kind === RAW) {
+        this.push(Buffer.from(body));
+        continue;
+      }
+      // lz4-napi's block starts with the raw length: it must be the one the frame declared.
+      if (wireLen < 4 || body.readUInt32LE(0) !== rawLen) throw bad('lz4 frame whose length does not match');
+      let raw: Buffer;
+      try {
+        raw = await uncompress(Buffer.from(body));
+      } catch (e) {
+        throw bad(`lz4 frame does not decode (${(e as Error).message})`);
+      }
+      if (raw.length !== rawLen) throw bad('lz4 frame decoded to the wrong length');
+      this.push(raw);
+    }
+  }
+
+  override _flush(done: TransformCallback): void {
+    done(this.buf.length ? bad(`stream ends inside a frame (${this.buf.length} bytes left)`) : undefined);
+  }
+}
+
+function bad(what: string): FerryError {
+  return new FerryError('PEER', `compressed page stream: ${what}`);
+}
+
+/** The codec a stream's headers name, checked: raw, or lz4. */
+export function streamCodec(value: unknown): 'lz4' | undefined {
+  if (value === undefined) return undefined;
+  if (value === CODEC) return CODEC;
+  throw new FerryError('USAGE', `unknown page stream codec '${String(value)}' (this agent knows '${CODEC}')`);
+}
