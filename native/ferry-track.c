@@ -5,6 +5,10 @@
 // arms asynchronous write-protection over its private anonymous memory. PAGEMAP_SCAN then returns
 // and re-arms the pages written since the last scan. Everything ends when this program exits: the
 // kernel drops the registrations with the last descriptor, so an agent that dies disarms the task.
+// A process that cannot be armed (a debugger holds it; a kernel without asynchronous write-protect
+// or PAGEMAP_SCAN) is tracked by content hash instead: each round reads its present pages and
+// sends those whose hash differs from what was sent (FERRY_TRACK_METHOD=hash asks for that
+// method for every process).
 //
 // Commands, one per line on stdin; one JSON line per command on fd 3; pages on stdout as records
 // (struct rec, then npages * 4096 bytes for DATA):
@@ -106,11 +110,67 @@ static void ps_add(struct pageset *s, uint64_t pg) {
   }
 }
 
+/* Content hash of each page as it was sent, by page number (the last-resort method). */
+struct pagehash {
+  uint64_t *keys, *vals;
+  size_t cap, n;
+};
+
+static uint64_t *ph_slot(const struct pagehash *h, uint64_t pg) {
+  if (!h->cap) return NULL;
+  uint64_t k = pg + 1;
+  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (h->cap - 1);; i = (i + 1) & (h->cap - 1)) {
+    if (h->keys[i] == k) return &h->vals[i];
+    if (!h->keys[i]) return NULL;
+  }
+}
+
+static void ph_put(struct pagehash *h, uint64_t pg, uint64_t v) {
+  if ((h->n + 1) * 2 > h->cap) {
+    struct pagehash b = {calloc(h->cap ? h->cap * 2 : 4096, 8), calloc(h->cap ? h->cap * 2 : 4096, 8), h->cap ? h->cap * 2 : 4096, 0};
+    if (!b.keys || !b.vals) abort();
+    for (size_t i = 0; i < h->cap; i++)
+      if (h->keys[i]) ph_put(&b, h->keys[i] - 1, h->vals[i]);
+    free(h->keys);
+    free(h->vals);
+    *h = b;
+  }
+  uint64_t k = pg + 1;
+  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (h->cap - 1);; i = (i + 1) & (h->cap - 1)) {
+    if (h->keys[i] == k || !h->keys[i]) {
+      if (!h->keys[i]) h->n++;
+      h->keys[i] = k;
+      h->vals[i] = v;
+      return;
+    }
+  }
+}
+
+/* 64-bit hash of a page: four multiply-rotate lanes (fast enough to stay near memory speed). */
+static uint64_t page_hash(const uint8_t *page) {
+  const uint64_t *w = (const uint64_t *)page;
+  uint64_t a = 0x9E3779B97F4A7C15ULL, b = 0xC2B2AE3D27D4EB4FULL, c = 0x165667B19E3779F9ULL, d = 0x27D4EB2F165667C5ULL;
+#define LANE(x, v) x = (((x) ^ (v)) * 0x9FB21C651E98DF25ULL), x = (x << 31) | (x >> 33)
+  for (size_t i = 0; i < PAGE / 8; i += 4) {
+    LANE(a, w[i]);
+    LANE(b, w[i + 1]);
+    LANE(c, w[i + 2]);
+    LANE(d, w[i + 3]);
+  }
+#undef LANE
+  uint64_t h = a ^ (b * 0x94D049BB133111EBULL) ^ ((c << 17) | (c >> 47)) ^ (d * 0xBF58476D1CE4E5B9ULL);
+  h ^= h >> 31;
+  h *= 0xD6E8FEB86659FD93ULL;
+  return h ^ (h >> 32);
+}
+
 struct proc {
   pid_t pid, vpid;
-  int uffd; /* -1: not armed, every round sends all its memory */
+  int uffd; /* -1: not armed */
+  int hashed; /* tracked by content hash instead: each round reads all its memory */
   int seen, fresh;
   struct pageset sent;
+  struct pagehash hashes;
 };
 
 static struct proc *procs;
@@ -118,12 +178,12 @@ static size_t nprocs;
 static FILE *ctl;
 static uint8_t buf[CHUNK * PAGE];
 static const uint8_t zero[PAGE];
-static int round_no, drop_round;
+static int round_no, drop_round, force_hash;
 
 /* Per-command counters, reported on fd 3. */
 static struct {
   uint64_t pages, zero, bytes, dropped, full_vmas;
-  int armed, unarmed;
+  int armed, unarmed, hashed;
   char why[200];
 } st;
 
@@ -488,6 +548,78 @@ static struct proc *find(pid_t pid) {
 }
 
 /*
+ * Content hash, the last resort for a process that cannot be armed: reads the pages of [s, e)
+ * that pagemap (plain reads, any kernel) says are present or swapped, and compares each page's
+ * hash with that of what was sent; a page sent before and gone since reads as zeros. What the
+ * destination holds is exactly what was hashed, so a page torn by a write during the read only
+ * differs later and goes again. mode 'r': send what changed (with drop: remember it, send
+ * nothing); 'c': count it; 'm': mark it in marks; 'a': mark every present page.
+ */
+static uint64_t hash_range(struct proc *p, int pm, uint64_t s, uint64_t e, int mode, int drop, struct pageset *marks) {
+  static uint64_t ents[CHUNK], hs[CHUNK];
+  static uint8_t ch[CHUNK];
+  const uint64_t zero_hash = page_hash(zero);
+  uint64_t changed = 0;
+  for (uint64_t at = s; at < e;) {
+    size_t k = (e - at) / PAGE > CHUNK ? CHUNK : (e - at) / PAGE;
+    if (pread(pm, ents, k * 8, (off_t)(at / PAGE * 8)) != (ssize_t)(k * 8)) break;
+    for (size_t i = 0; i < k;) {
+      int present = (ents[i] >> 62) != 0; /* bit 63 present, bit 62 swapped */
+      size_t j = i + 1;
+      while (j < k && ((ents[j] >> 62) != 0) == present) j++;
+      if (present && mode != 'a') {
+        struct iovec l = {buf + i * PAGE, (j - i) * PAGE}, r = {(void *)(at + i * PAGE), (j - i) * PAGE};
+        ssize_t got = process_vm_readv(p->pid, &l, 1, &r, 1, 0);
+        size_t okp = got > 0 ? (size_t)got / PAGE : 0;
+        /* Unmapped meanwhile: those pages are gone, nothing to send for them. */
+        for (size_t q = i + okp; q < j; q++) ents[q] = 0;
+        if (okp < j - i) memset(buf + (i + okp) * PAGE, 0, (j - i - okp) * PAGE);
+      } else if (!present)
+        memset(buf + i * PAGE, 0, (j - i) * PAGE);
+      i = j;
+    }
+    for (size_t i = 0; i < k; i++) {
+      uint64_t pg = at / PAGE + i, *old = ph_slot(&p->hashes, pg);
+      int present = (ents[i] >> 62) != 0;
+      if (mode == 'a') {
+        ch[i] = present;
+        continue;
+      }
+      hs[i] = present ? page_hash(buf + i * PAGE) : zero_hash;
+      ch[i] = old ? *old != hs[i] : present;
+    }
+    for (size_t i = 0; i < k;) {
+      size_t j = i + 1;
+      while (j < k && ch[j] == ch[i]) j++;
+      if (ch[i]) {
+        changed += j - i;
+        if (mode == 'm' || mode == 'a')
+          for (size_t q = i; q < j; q++) ps_add(marks, at / PAGE + q);
+        else if (mode == 'r') {
+          for (size_t q = i; q < j; q++) ph_put(&p->hashes, at / PAGE + q, hs[q]);
+          if (drop) st.dropped += j - i;
+          else
+            for (size_t q = i; q < j;) {
+              int z = memcmp(buf + q * PAGE, zero, PAGE) == 0;
+              size_t r = q + 1;
+              while (r < j && (memcmp(buf + r * PAGE, zero, PAGE) == 0) == z) r++;
+              emit(z ? REC_ZERO : REC_DATA, p->vpid, at + q * PAGE, (uint32_t)(r - q), buf + q * PAGE);
+              for (size_t t = q; t < r; t++) ps_add(&p->sent, at / PAGE + t);
+              st.pages += r - q;
+              if (z) st.zero += r - q;
+              else st.bytes += (r - q) * PAGE;
+              q = r;
+            }
+        }
+      }
+      i = j;
+    }
+    at += k * PAGE;
+  }
+  return changed;
+}
+
+/*
  * One process's pages for this round. mode: 'r' send written (everything where not armed),
  * 'c' count written, 'f' final (like 'r', plus never-sent lazy pages, done by the caller).
  */
@@ -497,6 +629,13 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
   if (pm < 0) return 0;
   struct vma *v;
   size_t n = anon_vmas(p->pid, &v, 0);
+  if (p->hashed) {
+    for (size_t i = 0; i < n; i++) counted += hash_range(p, pm, v[i].start, v[i].end, mode == 'c' ? 'c' : 'r', drop, NULL);
+    free(v);
+    close(pm);
+    p->fresh = 0;
+    return counted;
+  }
   for (size_t i = 0; i < n; i++) {
     int r = -EPERM;
     if (p->fresh && mode != 'c') r = -EAGAIN; /* armed just now: all of it is new */
@@ -515,8 +654,12 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
       /* The process has a new address space (exec): it needs a new userfaultfd. */
       close(p->uffd);
       p->uffd = take_uffd(p->pid);
-      if (p->uffd < 0) p->uffd = -1;
-      else arm_range(p, v[i].start, v[i].end);
+      if (p->uffd < 0) {
+        /* From now on by content hash; this round sends it all (nothing is hashed yet). */
+        p->uffd = -1;
+        p->hashed = 1;
+      } else
+        arm_range(p, v[i].start, v[i].end);
     }
     if (r == -EPERM) st.full_vmas++;
     if (drop) scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_drop, NULL);
@@ -543,10 +686,12 @@ static void cmd_round(char *args) {
       p->pid = pid;
       p->vpid = read_vpid(pid);
       p->fresh = 1;
-      p->uffd = take_uffd(pid);
+      p->uffd = force_hash ? -EPERM : take_uffd(pid);
       if (p->uffd < 0) {
-        snprintf(st.why, sizeof st.why, "process %d: %s", pid, strerror(-p->uffd));
+        /* Cannot be armed (a debugger holds it, an old kernel...): its pages are hashed. */
+        snprintf(st.why, sizeof st.why, "process %d: %s", pid, force_hash ? "content hash asked for" : strerror(-p->uffd));
         p->uffd = -1;
+        p->hashed = 1;
       } else {
         /* Armed before anything is read: a write during the read is seen by the next round. */
         struct vma *v;
@@ -565,10 +710,13 @@ static void cmd_round(char *args) {
     }
     if (procs[i].uffd >= 0) close(procs[i].uffd);
     free(procs[i].sent.keys);
+    free(procs[i].hashes.keys);
+    free(procs[i].hashes.vals);
     procs[i] = procs[--nprocs];
   }
   for (size_t i = 0; i < nprocs; i++) {
     if (procs[i].uffd >= 0) st.armed++;
+    else if (procs[i].hashed) st.hashed++;
     else st.unarmed++;
     visit(&procs[i], 'r', round_no == drop_round);
   }
@@ -700,7 +848,14 @@ static void cmd_final(char *args) {
     }
     struct final_ctx c = {p, {0}, drop};
     int pm = open_pagemap(p->pid);
-    if (p->uffd < 0) {
+    if (p->hashed && pm >= 0) {
+      /* Frozen now: every page whose content differs from what was sent. Inaccessible mappings
+         cannot be read: all their pages count as written. */
+      struct vma *v;
+      size_t n = anon_vmas(p->pid, &v, 1);
+      for (size_t i = 0; i < n; i++) hash_range(p, pm, v[i].start, v[i].end, v[i].inaccessible ? 'a' : 'm', 0, &c.dirty);
+      free(v);
+    } else if (p->uffd < 0) {
       /* Not armed: whatever it has may have changed since it was sent. */
       free(p->sent.keys);
       memset(&p->sent, 0, sizeof p->sent);
@@ -731,6 +886,8 @@ int main(void) {
   }
   const char *dr = getenv("FERRY_DEBUG_DROP_ROUND");
   drop_round = dr ? atoi(dr) : 0;
+  const char *method = getenv("FERRY_TRACK_METHOD");
+  force_hash = method && !strcmp(method, "hash");
   char *line = NULL;
   size_t cap = 0;
   while (getline(&line, &cap, stdin) > 0) {
@@ -747,7 +904,7 @@ int main(void) {
     else snprintf(st.why, sizeof st.why, "unknown command");
     for (char *c = st.why; *c; c++)
       if (*c == '"' || *c == '\\') *c = '\'';
-    fprintf(ctl, "{\"pages\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"counted\":%" PRIu64 ",\"fullVmas\":%" PRIu64 ",\"armed\":%d,\"unarmed\":%d,\"ms\":%.2f,\"note\":\"%s\"}\n", st.pages, st.zero, st.bytes, st.dropped, counted, st.full_vmas, st.armed, st.unarmed, now_ms() - t0, st.why);
+    fprintf(ctl, "{\"pages\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"counted\":%" PRIu64 ",\"fullVmas\":%" PRIu64 ",\"armed\":%d,\"hashed\":%d,\"unarmed\":%d,\"ms\":%.2f,\"note\":\"%s\"}\n", st.pages, st.zero, st.bytes, st.dropped, counted, st.full_vmas, st.armed, st.hashed, st.unarmed, now_ms() - t0, st.why);
     fflush(ctl);
   }
   return 0;

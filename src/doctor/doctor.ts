@@ -128,9 +128,9 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
   checks.push({
     name: 'write tracking',
     status: wp.ok ? 'ok' : 'warn',
-    detail: wp.ok ? 'userfaultfd write-protect + PAGEMAP_SCAN, armed through ptrace (tried on a child process)' : wp.why,
-    effect: wp.ok ? 'pre-copy and auto migrate memory in rounds while the task runs' : 'pre-copy and auto fail here; use --mode stop-copy or post-copy',
-    ...(wp.ok ? {} : { fix: 'Linux >= 6.7 on x86_64 with userfaultfd, and CAP_SYS_PTRACE' }),
+    detail: wp.ok ? 'userfaultfd write-protect + PAGEMAP_SCAN, armed through ptrace (tried on a child process)' : `content hash (${wp.why})`,
+    effect: wp.ok ? 'pre-copy and auto find written pages at no cost to the task' : 'pre-copy and auto work, but every round reads all of the task\'s memory to find what changed',
+    ...(wp.ok ? {} : { fix: 'Linux >= 6.7 on x86_64 with userfaultfd, and CAP_SYS_PTRACE, for the cheap method' }),
   });
   const timens = await feature('timens');
   checks.push({

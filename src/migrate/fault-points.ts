@@ -37,3 +37,17 @@ export function debugDropRound(): string | undefined {
     return undefined;
   }
 }
+
+/**
+ * Tests only: `track-method` in the same directory holding "hash" makes pre-copy track every
+ * process by content hash, the method of hosts where write-protect cannot arm a task.
+ */
+export function debugTrackMethod(): string | undefined {
+  const dir = process.env['FERRY_FAULT_POINTS'];
+  if (!dir) return undefined;
+  try {
+    return readFileSync(join(dir, 'track-method'), 'utf8').trim() || undefined;
+  } catch {
+    return undefined;
+  }
+}

@@ -28,7 +28,7 @@ import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } fr
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
 import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
-import { debugDropRound, faultPoint } from './fault-points.js';
+import { debugDropRound, debugTrackMethod, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
@@ -104,6 +104,12 @@ const POSTCOPY_GRACE_MS = 120_000;
 const COMMIT_RETRY_MS = 180_000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
+function trackMethod(armed: boolean, hashed: boolean): string {
+  const wp = 'userfaultfd write-protect + PAGEMAP_SCAN';
+  if (!hashed) return wp;
+  return armed ? `${wp}; content hash for processes that could not be armed` : 'content hash';
+}
+
 /** QEMU's default downtime limit; P.Haul's round limit. */
 export const DEFAULT_MAX_DOWNTIME_MS = 300;
 export const DEFAULT_MAX_ROUNDS = 8;
@@ -173,6 +179,9 @@ export class OutgoingMigration {
   private readonly mode: Mode;
   /** Pre-copy: the helper that tracks written pages, and the stream its pages go out on. */
   private tracker?: Tracker;
+  /** How the task's writes were found: some process armed, some tracked by content hash (it could not be armed). */
+  private armedProcs = false;
+  private hashedProcs = false;
   /** Auto with --allow-throttle: the task's CPU quota while it does not converge. */
   private throttle?: Throttle;
   private precopyStream?: MuxStream;
@@ -337,7 +346,8 @@ export class OutgoingMigration {
     const maxDowntimeMs = this.opts.maxDowntimeMs ?? DEFAULT_MAX_DOWNTIME_MS;
     const maxRounds = this.opts.maxRounds ?? DEFAULT_MAX_ROUNDS;
     const drop = debugDropRound();
-    this.tracker = new Tracker(this.ctx.rt.nativeDir, drop ? { ...process.env, FERRY_DEBUG_DROP_ROUND: drop } : process.env);
+    const method = debugTrackMethod();
+    this.tracker = new Tracker(this.ctx.rt.nativeDir, { ...process.env, ...(drop ? { FERRY_DEBUG_DROP_ROUND: drop } : {}), ...(method ? { FERRY_TRACK_METHOD: method } : {}) });
     const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy`, ...this.codecHeaders() });
     this.precopyStream = stream;
     this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));
@@ -360,7 +370,9 @@ export class OutgoingMigration {
       const pids = treePids(this.rec.pid!);
       this.throttle?.sample(pids);
       const r = await this.tracked(this.tracker.round(pids));
-      if (r.armed === 0) throw new FerryError('PRECOPY', `cannot track the pages of '${this.rec.name}': ${r.note || 'no process could be armed'}`, { hint: 'use --mode stop-copy or post-copy' });
+      if (r.hashed) this.hashedProcs = true;
+      if (r.armed) this.armedProcs = true;
+      if (r.armed + r.hashed === 0) throw new FerryError('PRECOPY', `cannot track the pages of '${this.rec.name}': ${r.note || 'no process could be armed'}`, { hint: 'use --mode stop-copy or post-copy' });
       const ms = performance.now() - t0;
       const dirtyPages = await this.tracked(this.tracker.written());
       const since = performance.now() - t0;
@@ -402,7 +414,7 @@ export class OutgoingMigration {
     this.throttle?.release();
     const last = rounds.at(-1)!;
     this.residueLazy = v !== 'converged' && this.mode === 'auto' && !!this.opts.allowPostCopy;
-    this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: 'userfaultfd write-protect + PAGEMAP_SCAN', ...(throttled ? { maxThrottle: throttled } : {}) };
+    this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: trackMethod(this.armedProcs, this.hashedProcs), ...(throttled ? { maxThrottle: throttled } : {}) };
     if (v !== 'converged') {
       const why = v === 'too-fast' ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s` : v === 'stalled' ? 'the written set stopped shrinking' : `${rounds.length} rounds, the limit`;
       this.onProgress({

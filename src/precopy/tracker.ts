@@ -16,7 +16,9 @@ export interface TrackReply {
   dropped: number;
   counted: number;
   fullVmas: number;
+  /** Processes whose writes are found by userfaultfd write-protect, by content hash, by neither. */
   armed: number;
+  hashed: number;
   unarmed: number;
   ms: number;
   note: string;

@@ -172,6 +172,32 @@ test('a round whose written pages are dropped on purpose is caught by the memory
   assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
 });
 
+test('content hash (where write-protect cannot arm a task): a busy tree moves by pre-copy and auto with every page intact, and a dropped round is caught', async (t) => {
+  t.after(() => {
+    rmSync(join(debugDir, 'track-method'), { force: true });
+    rmSync(join(debugDir, 'drop-round'), { force: true });
+    return Promise.all([lab.removeEverywhere('hashed'), lab.removeEverywhere('hashfast'), lab.removeEverywhere('hashlossy')]);
+  });
+  writeFileSync(join(debugDir, 'track-method'), 'hash\n');
+  await startMemcheck('hashed', ['--mib', '64', '--rate', '8', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '4']);
+  const r = await migrate('hashed', ['--mode', 'pre-copy']);
+  assert.equal(r.precopy?.method, 'content hash');
+  assert.ok(r.precopy.rounds.length >= 2 || r.precopy.verdict === 'converged');
+  assert.ok(r.precopy.rounds.at(-1)!.bytes < r.precopy.rounds[0]!.bytes, `later rounds send only what changed: ${JSON.stringify(r.precopy.rounds)}`);
+  t.diagnostic(`content hash: ${r.precopy.rounds.length} rounds, ${r.precopy.rounds.map((x) => `${x.bytes} B/${x.ms} ms`).join(', ')}, blackout ${r.blackoutMs} ms`);
+  assertAllOk(await checkMemory('h2', 'hashed'));
+  // A residue that follows by post-copy: the destination drops what changed since it was sent.
+  await startMemcheck('hashfast', ['--mib', '48', '--rate', '256', '--threads', '2']);
+  const f = await migrate('hashfast', ['--allow-post-copy', '--max-rounds', '3']);
+  assert.equal(f.precopy?.finish, 'post-copy');
+  assertAllOk(await checkMemory('h2', 'hashfast'));
+  writeFileSync(join(debugDir, 'drop-round'), '2\n');
+  await startMemcheck('hashlossy', ['--mib', '32', '--rate', '16']);
+  await migrate('hashlossy', ['--mode', 'pre-copy', '--max-downtime', '1', '--max-rounds', '3']);
+  const lines = await checkMemory('h2', 'hashlossy');
+  assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
+});
+
 /** The task's memory is no longer armed and it holds no userfaultfd. */
 function assertDisarmed(pid: number): void {
   const smaps = readFileSync(`/proc/${pid}/smaps`, 'utf8');
