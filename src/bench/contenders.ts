@@ -399,4 +399,5 @@ export const CONTENDERS: Contender[] = [
   { name: 'ferry post-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'post-copy') },
   { name: 'ferry pre-copy', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'pre-copy') },
   { name: 'ferry auto (post-copy allowed)', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'auto', ['--allow-post-copy']) },
+  { name: 'ferry auto (throttle allowed)', unavailable: always, run: (c, w, t) => ferryRun(c, w, t, 'auto', ['--allow-throttle']) },
 ];
