@@ -5,8 +5,8 @@
 // arms asynchronous write-protection over its private anonymous memory. PAGEMAP_SCAN then returns
 // and re-arms the pages written since the last scan. Everything ends when this program exits: the
 // kernel drops the registrations with the last descriptor, so an agent that dies disarms the task.
-// A process that cannot be armed (a debugger holds it; a kernel without asynchronous write-protect
-// or PAGEMAP_SCAN) is tracked by content hash instead: each round reads its present pages and
+// A process that cannot be armed (ptrace refused; a kernel without asynchronous write-protect or
+// PAGEMAP_SCAN) is tracked by content hash instead: each round reads its present pages and
 // sends those whose hash differs from what was sent (FERRY_TRACK_METHOD=hash asks for that
 // method for every process).
 //
@@ -688,7 +688,7 @@ static void cmd_round(char *args) {
       p->fresh = 1;
       p->uffd = force_hash ? -EPERM : take_uffd(pid);
       if (p->uffd < 0) {
-        /* Cannot be armed (a debugger holds it, an old kernel...): its pages are hashed. */
+        /* Cannot be armed (ptrace refused, an old kernel...): its pages are hashed. */
         snprintf(st.why, sizeof st.why, "process %d: %s", pid, force_hash ? "content hash asked for" : strerror(-p->uffd));
         p->uffd = -1;
         p->hashed = 1;

@@ -129,7 +129,7 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     name: 'write tracking',
     status: wp.ok ? 'ok' : 'warn',
     detail: wp.ok ? 'userfaultfd write-protect + PAGEMAP_SCAN, armed through ptrace (tried on a child process)' : `content hash (${wp.why})`,
-    effect: wp.ok ? 'pre-copy and auto find written pages at no cost to the task' : 'pre-copy and auto work, but every round reads all of the task\'s memory to find what changed',
+    effect: wp.ok ? 'pre-copy and auto find written pages without reading the task\'s memory' : 'pre-copy and auto work, but every round reads all of the task\'s memory to find what changed',
     ...(wp.ok ? {} : { fix: 'Linux >= 6.7 on x86_64 with userfaultfd, and CAP_SYS_PTRACE, for the cheap method' }),
   });
   const timens = await feature('timens');

@@ -361,6 +361,8 @@ export class OutgoingMigration {
     const wire = this.compressing(this.tracker.pages);
     wire.on('data', (c: Buffer) => this.pages.add(c.length));
     wire.pipe(stream);
+    // A codec failure ends the stream, and with it the rounds (the destination sees it cut).
+    if (wire !== this.tracker.pages) wire.once('error', (e: Error) => stream.destroy(e));
     const rounds: RoundStat[] = [];
     let v: Verdict = 'continue';
     if (this.mode === 'auto' && this.opts.allowThrottle) this.throttle = new Throttle(this.ctx.self, this.id);

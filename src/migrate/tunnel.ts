@@ -36,6 +36,7 @@ export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?
     const fail = () => {
       a.destroy();
       b.destroy();
+      through?.destroy();
       resolve();
     };
     const ab: Readable = through ? a.pipe(through) : a;
