@@ -8,10 +8,23 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO } from '../../src/precopy/store.js';
 import { serveLazy } from '../../src/precopy/front.js';
-import { verdict, type RoundStat } from '../../src/precopy/tracker.js';
+import { expectedDowntimeMs, verdict, type RoundStat } from '../../src/precopy/tracker.js';
 
 const round = (n: number, dirtyPages: number, expectedDowntimeMs: number, dirtyRateMBps = 10, linkMBps = 110): RoundStat => ({ round: n, pages: 0, bytes: 0, zeroPages: 0, ms: 100, dirtyPages, dirtyRateMBps, linkMBps, expectedDowntimeMs });
 const policy = { maxDowntimeMs: 300, maxRounds: 8 };
+const expectedDowntimeMsOf = (pages: number) => expectedDowntimeMs(pages, 110);
+
+test('stop policy: a fitting delta that still shrinks fast gets one more round, a small one does not', () => {
+  const r = (n: number, pages: number, dirtyPages: number): RoundStat => ({ ...round(n, dirtyPages, expectedDowntimeMsOf(dirtyPages)), pages });
+  // 137 MiB sent, 10 MiB written meanwhile: another round takes ~85 ms off the pause.
+  assert.equal(verdict([r(1, 262_144, 35_000), r(2, 35_000, 2621)], policy), 'continue');
+  // 10 MiB sent, 1.5 MiB written: another round would save ~12 ms.
+  assert.equal(verdict([r(1, 262_144, 35_000), r(2, 35_000, 2621), r(3, 2621, 380)], policy), 'converged');
+  // Not shrinking by half: the set is what the task writes in any round.
+  assert.equal(verdict([r(1, 262_144, 35_000), r(2, 4000, 2500)], policy), 'converged');
+  // The round limit wins.
+  assert.equal(verdict([r(1, 262_144, 35_000), r(2, 35_000, 2621)], { ...policy, maxRounds: 2 }), 'converged');
+});
 
 test('stop policy: converged, round limit, stalled, faster than the link', () => {
   assert.equal(verdict([round(1, 100_000, 5000)], policy), 'continue');
