@@ -42,7 +42,10 @@ export interface CodecStats {
 /**
  * The sender's half. In auto it compresses while the codec is faster than the link (so
  * compressing never slows the stream) and the data shrinks; linkMBps is the caller's latest
- * measure of the link (undefined: not known yet, so compress and measure).
+ * measure of the link (undefined: not known yet, so compress and measure). A link measured
+ * while compressing shows the codec's pace, not the link's: so a compressed frame that left at
+ * once (the link took it) while more input waited says the codec is the bottleneck, and the
+ * frames after it go raw until the next probe.
  */
 export class Compressor extends Transform {
   readonly stats: CodecStats;
@@ -50,6 +53,7 @@ export class Compressor extends Transform {
   private pendingBytes = 0;
   private ratio = 0.5;
   private sinceProbe = 0;
+  private codecBound = false;
   /** Frames go out one after another, whoever started them. */
   private chain: Promise<void> = Promise.resolve();
   private idle?: NodeJS.Timeout;
@@ -58,7 +62,8 @@ export class Compressor extends Transform {
     private readonly mode: 'auto' | 'on',
     private readonly linkMBps: () => number | undefined = () => undefined,
   ) {
-    super({ highWaterMark: 4 });
+    // A few frames each way: a full readable side is the link pushing back.
+    super({ readableHighWaterMark: 4 * FRAME_BYTES, writableHighWaterMark: 4 * FRAME_BYTES });
     this.stats = { mode, rawBytes: 0, wireBytes: 0, frames: 0, compressedFrames: 0, codecMBps: 0 };
   }
 
@@ -66,7 +71,7 @@ export class Compressor extends Transform {
   private worthIt(): boolean {
     if (this.mode === 'on') return true;
     const link = this.linkMBps();
-    const pays = this.ratio < WORTH && (link === undefined || this.stats.codecMBps === 0 || this.stats.codecMBps > link);
+    const pays = this.ratio < WORTH && !this.codecBound && (link === undefined || this.stats.codecMBps === 0 || this.stats.codecMBps > link);
     if (pays) return true;
     // The data or the link may change: look again now and then.
     if (++this.sinceProbe >= PROBE_EVERY) {
@@ -110,7 +115,11 @@ export class Compressor extends Transform {
     this.pending = [];
     this.pendingBytes = 0;
     for (let off = 0; off < raw.length; off += FRAME_BYTES) {
+      const before = this.stats.compressedFrames;
+      // Whatever was pushed before is still queued here when the link is what holds the stream up.
+      const linkIdle = this.readableLength === 0;
       for (const b of await this.frame(raw.subarray(off, off + FRAME_BYTES))) this.push(b);
+      if (this.stats.compressedFrames > before) this.codecBound = linkIdle && (this.writableLength > 0 || off + FRAME_BYTES < raw.length);
     }
   }
 
