@@ -289,7 +289,9 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
       m.rounds = report.precopy.rounds.length;
       // The heartbeat rate while the rounds ran, against the rate before the migration started.
       const frozenS = p.resumedAtS - p.pauseMs / 1000;
-      m.roundsRateRatio = ratio(beatRate(p.beats, startedS, frozenS), beatRate(p.beats, startedS - 2, startedS));
+      // Before: up to 2 s, but not before the first heartbeat (a young task has fewer).
+      const beforeS = Math.max(p.beats[0]?.real ?? startedS, startedS - 2);
+      m.roundsRateRatio = ratio(beatRate(p.beats, startedS, frozenS), beatRate(p.beats, beforeS, startedS));
     }
     if (report.postCopyWindowMs !== undefined) {
       m.postCopyWindowMs = report.postCopyWindowMs;

@@ -27,7 +27,7 @@ import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
 import { PageStore } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
-import { MemPageHolder, serveLazy, type FrontStats } from '../precopy/front.js';
+import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { connect as tcpConnect } from 'node:net';
 import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
@@ -92,7 +92,7 @@ interface LazyLink {
   close: () => void;
   /** The task runs: the front may prefetch (set once the daemon connected). */
   running?: boolean;
-  prefetch?: () => void;
+  front?: LazyFront;
 }
 
 export class Destination {
@@ -360,8 +360,8 @@ export class Destination {
     const holder = store ?? new MemPageHolder();
     const front = await listenLocal((sock) => {
       const upstream = tcpConnect(local.port, '127.0.0.1');
-      link.prefetch = serveLazy(sock, holder, upstream, runs, stats).prefetch;
-      if (link.running) link.prefetch();
+      link.front = serveLazy(sock, holder, upstream, runs, stats);
+      if (link.running) link.front.prefetch();
     });
     const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port });
     link.daemon = daemon;
@@ -415,8 +415,19 @@ export class Destination {
     const found = await this.incomingMark(id);
     if (!found) return { known: !!m };
     if (found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
-    const rec = await this.rt.store.get(found.name);
     const link = this.lazyLinks.get(id);
+    // Held until the task runs: then its faults must be answered at once.
+    link?.front?.hold();
+    try {
+      return await this.resumeHere(id, found, link, m?.stopped);
+    } finally {
+      link?.front?.release();
+    }
+  }
+
+  /** The committed task runs here from now on. */
+  private async resumeHere(id: string, found: { name: string; dir: string; mark: IncomingMark }, link: LazyLink | undefined, stopped: Incoming['stopped']): Promise<{ known: true }> {
+    const rec = await this.rt.store.get(found.name);
     if (link) {
       // Until the last page is here, a restart of this agent cannot feed the task: it is dropped then.
       link.committed = true;
@@ -424,10 +435,11 @@ export class Destination {
     }
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
-    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, m?.stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
+    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
     if (link) {
       link.running = true;
-      link.prefetch?.();
+      link.front?.release();
+      link.front?.prefetch();
     }
     if (rec.state === 'frozen') {
       rec.state = 'running';

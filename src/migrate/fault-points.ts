@@ -24,30 +24,29 @@ export async function faultPoint(host: string, point: FaultPoint): Promise<void>
   await waitUntil(() => existsSync(join(dir, `${name}.go`)), 120_000, 5);
 }
 
-/**
- * The pre-copy round whose written pages are re-armed but not sent (DIR/drop-round), so a test
- * can show that a lost write is caught by its memory check. Only under FERRY_FAULT_POINTS.
- */
-export function debugDropRound(): string | undefined {
+/** A test switch: the content of DIR/name, only under FERRY_FAULT_POINTS. */
+function debugSetting(name: string): string | undefined {
   const dir = process.env['FERRY_FAULT_POINTS'];
   if (!dir) return undefined;
   try {
-    return readFileSync(join(dir, 'drop-round'), 'utf8').trim() || undefined;
+    return readFileSync(join(dir, name), 'utf8').trim() || undefined;
   } catch {
     return undefined;
   }
 }
 
 /**
- * Tests only: `track-method` in the same directory holding "hash" makes pre-copy track every
- * process by content hash, the method of hosts where write-protect cannot arm a task.
+ * The pre-copy round whose written pages are re-armed but not sent (DIR/drop-round), so a test
+ * can show that a lost write is caught by its memory check.
+ */
+export function debugDropRound(): string | undefined {
+  return debugSetting('drop-round');
+}
+
+/**
+ * DIR/track-method holding "hash" makes pre-copy track every process by content hash, the
+ * method of hosts where write-protect cannot arm a task.
  */
 export function debugTrackMethod(): string | undefined {
-  const dir = process.env['FERRY_FAULT_POINTS'];
-  if (!dir) return undefined;
-  try {
-    return readFileSync(join(dir, 'track-method'), 'utf8').trim() || undefined;
-  } catch {
-    return undefined;
-  }
+  return debugSetting('track-method');
 }

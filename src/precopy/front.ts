@@ -39,13 +39,24 @@ const PREFETCH_PAGES = 16;
 /** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
 const FORWARD_PAGES = 16;
 /**
- * Prefetched pages held, not yet taken by the daemon: up to all the task's lazy memory (a page is
- * either held or in the task, so the destination never holds more than the task it agreed to
- * take), at most this. The daemon takes pages only as the task faults while faults keep coming:
- * with 64 MiB held, a 1 GiB task writing 64 MiB/s stalled the prefetch and got the rest 16 pages
- * per round trip (48 s against 28 s with all of it held).
+ * Prefetched pages held in memory, not yet taken by the daemon. The daemon takes pages only as
+ * the task faults while faults keep coming, so a full holder stalls the prefetch: a 1 GiB task
+ * writing 64 MiB/s then got its memory in 48 s (25 s with all of it held). Holding all of it
+ * (a page object each) made the task's largest pause 2.8-3.5 s instead of 0.7-1.3 s at
+ * 16 MiB/s: the pause counts for more.
  */
-const HOLD_CAP = 2 ** 31;
+const HOLD_CAP = 64 << 20;
+
+export interface LazyFront {
+  /** The task runs: prefetch what the daemon has not asked for yet. */
+  prefetch(): void;
+  /**
+   * Stops reading the daemon's requests for a moment: pre-copy's local fill keeps this agent
+   * busy, and the resume of the task must not wait behind it.
+   */
+  hold(): void;
+  release(): void;
+}
 
 /** Where pages that arrived wait for the daemon. */
 export interface PageHolder {
@@ -60,32 +71,58 @@ export interface PageHolder {
 
 const key = (vpid: number, page: number) => vpid * 2 ** 36 + page;
 
-/** Post-copy: prefetched pages in memory until the daemon takes them, once. */
+const SLAB_PAGES = 1024;
+
+/**
+ * Post-copy: prefetched pages in memory until the daemon takes them, once. Pages live in 4 MiB
+ * slabs, a slot each, reused once served: no object per page for the garbage collector to walk.
+ */
 export class MemPageHolder implements PageHolder {
-  private readonly pages = new Map<number, Buffer>();
+  private readonly slots = new Map<number, number>();
+  private readonly slabs: Buffer[] = [];
+  private readonly freeSlots: number[] = [];
+  private next = 0;
   heldBytes = 0;
 
   hasPage(vpid: number, page: number): boolean {
-    return this.pages.has(key(vpid, page));
+    return this.slots.has(key(vpid, page));
   }
 
   read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void {
     const first = vaddr / PAGE;
-    for (let i = 0; i < n; i++) this.pages.get(key(vpid, first + i))!.copy(out, outOffset + i * PAGE);
+    for (let i = 0; i < n; i++) {
+      const slot = this.slots.get(key(vpid, first + i))!;
+      const at = (slot % SLAB_PAGES) * PAGE;
+      this.slabs[Math.floor(slot / SLAB_PAGES)]!.copy(out, outOffset + i * PAGE, at, at + PAGE);
+    }
   }
 
   put(vpid: number, vaddr: number, n: number, data: Buffer): void {
     const first = vaddr / PAGE;
     for (let i = 0; i < n; i++) {
       const k = key(vpid, first + i);
-      if (!this.pages.has(k)) this.heldBytes += PAGE;
-      this.pages.set(k, data.subarray(i * PAGE, (i + 1) * PAGE));
+      let slot = this.slots.get(k);
+      if (slot === undefined) {
+        slot = this.freeSlots.pop() ?? this.next++;
+        this.slots.set(k, slot);
+        this.heldBytes += PAGE;
+      }
+      const s = Math.floor(slot / SLAB_PAGES);
+      this.slabs[s] ??= Buffer.allocUnsafeSlow(SLAB_PAGES * PAGE);
+      data.copy(this.slabs[s]!, (slot % SLAB_PAGES) * PAGE, i * PAGE, (i + 1) * PAGE);
     }
   }
 
   served(vpid: number, vaddr: number, n: number): void {
     const first = vaddr / PAGE;
-    for (let i = 0; i < n; i++) if (this.pages.delete(key(vpid, first + i))) this.heldBytes -= PAGE;
+    for (let i = 0; i < n; i++) {
+      const k = key(vpid, first + i);
+      const slot = this.slots.get(k);
+      if (slot === undefined) continue;
+      this.slots.delete(k);
+      this.freeSlots.push(slot);
+      this.heldBytes -= PAGE;
+    }
   }
 }
 
@@ -113,7 +150,7 @@ type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number } | { kin
  * the link to the source's CRIU (none: every page must already be in `holder`). The prefetch
  * waits for `prefetch()`: before the task runs, the link carries the migration's own messages.
  */
-export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket | undefined, runs: PageRun[], stats: FrontStats): { prefetch: () => void } {
+export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket | undefined, runs: PageRun[], stats: FrontStats): LazyFront {
   // Requests and answers are small and each waits for the one before: no Nagle on either side.
   daemon.setNoDelay(true);
   upstream?.setNoDelay(true);
@@ -125,7 +162,6 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
   const asked = new Map<number, 1 | 2>();
   let inflight = 0;
   let window = MIN_WINDOW;
-  const holdCap = Math.min(HOLD_CAP, runs.reduce((sum, r) => sum + r.n * PAGE, 0));
   let closed = !upstream;
   let started = false;
   // The prefetch walks the runs once, in order; a fault moves a second cursor (`follow`) to
@@ -170,7 +206,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
     return undefined;
   };
   const pump = () => {
-    while (started && !closed && inflight < window && holder.heldBytes < holdCap) {
+    while (started && !closed && inflight < window && holder.heldBytes < HOLD_CAP) {
       let next = follow ? take(follow, true) : undefined;
       if (!next) {
         follow = undefined;
@@ -270,7 +306,8 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
       if (got < 1 || got > s.n) return fail(`the source answered a prefetch of ${s.n} pages with ${got}`);
       if (up.length < PS_HEADER + got * PAGE) break;
       const parts = up.take(PS_HEADER + got * PAGE);
-      const data = Buffer.concat(parts).subarray(PS_HEADER);
+      // The holder copies the pages into its slabs: one buffer of the answer is enough.
+      const data = (parts.length === 1 ? parts[0]! : Buffer.concat(parts)).subarray(PS_HEADER);
       sent.shift();
       inflight -= s.n * PAGE;
       window = Math.min(PREFETCH_WINDOW, window + PREFETCH_PAGES * PAGE);
@@ -339,5 +376,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
       started = true;
       pump();
     },
+    hold: () => daemon.pause(),
+    release: () => daemon.resume(),
   };
 }
