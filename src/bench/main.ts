@@ -11,10 +11,12 @@ import { labDown, labUp } from '../lab/lab.js';
 import { CONTENDERS, type RunMetrics, type Workload } from './contenders.js';
 import { renderMarkdown, renderSvg, summarize, type BenchResult } from './report.js';
 import { runScale } from './scale.js';
+import { DEFAULT_SIM, renderSimulation, simulate } from '../cluster/simulate.js';
 import { renderService, renderSoak, runService, runServiceSoak, type ServiceResult } from './service.js';
 
 interface Options {
   scale: boolean;
+  simulate: boolean;
   quick: boolean;
   bandwidth: string;
   sizes: number[];
@@ -48,16 +50,18 @@ function parse(argv: string[]): Options {
     .option('--no-service', 'skip the service benchmark (redis with a connected client, per Ferry mode)')
     .option('--service-mib <n>', 'data loaded into redis for the service benchmark', '64')
     .option('--service-soak <n>', 'instead: one connected redis migrated n times back and forth (auto mode); counts resets', '0')
+    .option('--simulate', 'instead: the cluster placement and drain code over 1,000 simulated hosts and 100,000 tasks (drain a host, a rack, a rolling upgrade)')
     .option('--scale', 'instead: how migrations scale with threads, files and processes, concurrent migrations, many tasks, and a soak checked for leaks')
     .exitOverride()
     .parse(argv, { from: 'user' });
-  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean; service: boolean; serviceMib: string; serviceSoak: string }>();
+  const o = p.opts<{ bandwidth: string; sizes: string; dirtyRates: string; patterns: string; runs: string; quick?: boolean; out: string; only?: string; subnet: string; scale?: boolean; simulate?: boolean; service: boolean; serviceMib: string; serviceSoak: string }>();
   const soak = Number(o.serviceSoak);
   if (!Number.isInteger(soak) || soak < 0 || soak > 100_000) throw new FerryError('USAGE', `--service-soak takes a number of migrations, got '${o.serviceSoak}'`);
   const serviceMiB = Number(o.serviceMib);
   if (!Number.isInteger(serviceMiB) || serviceMiB < 1 || serviceMiB > 65_536) throw new FerryError('USAGE', `--service-mib takes a whole number of MiB, got '${o.serviceMib}'`);
   return {
     scale: !!o.scale,
+    simulate: !!o.simulate,
     quick: !!o.quick,
     bandwidth: o.bandwidth,
     sizes: o.quick ? [256] : list(o.sizes),
@@ -84,6 +88,15 @@ async function main(): Promise<void> {
   const cfg = loadConfig();
   const say = (s: string) => process.stdout.write(s + '\n');
   if (o.scale) return runScale({ quick: o.quick, out: o.out, subnet: o.subnet, say });
+  if (o.simulate) {
+    const r = simulate(DEFAULT_SIM);
+    const md = renderSimulation(r);
+    await mkdir(o.out, { recursive: true });
+    await writeFile(join(o.out, 'simulate.json'), JSON.stringify(r, null, 2) + '\n');
+    await writeFile(join(o.out, 'simulate.md'), md);
+    say(md);
+    return;
+  }
   if (o.soak) return soakOnly(o, say);
   const contenders = CONTENDERS.filter((c) => !o.only || o.only.some((f) => c.name.includes(f)));
   const results: BenchResult[] = [];
