@@ -7,6 +7,7 @@
 import { Transform, type TransformCallback } from 'node:stream';
 import { compress, uncompress } from 'lz4-napi';
 import { FerryError } from '../errors.js';
+import { ChunkQueue } from '../precopy/store.js';
 
 export type CompressMode = 'off' | 'auto' | 'on';
 export const COMPRESS_MODES: readonly CompressMode[] = ['off', 'auto', 'on'];
@@ -156,37 +157,41 @@ export class Compressor extends Transform {
 
 /** The receiver's half: checks every frame before it allocates for it. */
 export class Decompressor extends Transform {
-  private buf: Buffer = Buffer.alloc(0);
+  /** What arrived, kept as the chunks it came in: a frame split over many is copied once. */
+  private readonly q = new ChunkQueue();
 
   constructor() {
-    super({ highWaterMark: 4 });
+    super({ readableHighWaterMark: 4 * FRAME_BYTES, writableHighWaterMark: 4 * FRAME_BYTES });
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+    this.q.push(chunk);
     this.drain().then(() => done(), done);
   }
 
   private async drain(): Promise<void> {
-    while (this.buf.length >= FRAME_HEADER) {
-      const kind = this.buf.readUInt8(0);
-      const rawLen = this.buf.readUInt32LE(1);
-      const wireLen = this.buf.readUInt32LE(5);
+    while (this.q.length >= FRAME_HEADER) {
+      const h = this.q.peek(FRAME_HEADER);
+      const kind = h.readUInt8(0);
+      const rawLen = h.readUInt32LE(1);
+      const wireLen = h.readUInt32LE(5);
       if (kind !== RAW && kind !== LZ4) throw bad(`unknown frame kind ${kind}`);
       if (rawLen > MAX_FRAME || wireLen > MAX_FRAME + 64) throw bad(`frame of ${rawLen} bytes (at most ${MAX_FRAME})`);
       if (kind === RAW && wireLen !== rawLen) throw bad('raw frame whose lengths differ');
-      if (this.buf.length < FRAME_HEADER + wireLen) return;
-      const body = this.buf.subarray(FRAME_HEADER, FRAME_HEADER + wireLen);
-      this.buf = this.buf.subarray(FRAME_HEADER + wireLen);
+      if (this.q.length < FRAME_HEADER + wireLen) return;
+      this.q.take(FRAME_HEADER);
+      const parts = this.q.take(wireLen);
       if (kind === RAW) {
-        this.push(Buffer.from(body));
+        // Slices of what arrived go on as they are: no copy.
+        for (const p of parts) this.push(p);
         continue;
       }
+      const body = parts.length === 1 ? parts[0]! : Buffer.concat(parts, wireLen);
       // lz4-napi's block starts with the raw length: it must be the one the frame declared.
       if (wireLen < 4 || body.readUInt32LE(0) !== rawLen) throw bad('lz4 frame whose length does not match');
       let raw: Buffer;
       try {
-        raw = await uncompress(Buffer.from(body));
+        raw = await uncompress(body);
       } catch (e) {
         throw bad(`lz4 frame does not decode (${(e as Error).message})`);
       }
@@ -196,7 +201,7 @@ export class Decompressor extends Transform {
   }
 
   override _flush(done: TransformCallback): void {
-    done(this.buf.length ? bad(`stream ends inside a frame (${this.buf.length} bytes left)`) : undefined);
+    done(this.q.length ? bad(`stream ends inside a frame (${this.q.length} bytes left)`) : undefined);
   }
 }
 
