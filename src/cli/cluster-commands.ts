@@ -161,6 +161,7 @@ export function registerClusterCommands(program: Command): void {
       if (opts.allowPostCopy && opts.mode !== 'auto') throw new FerryError('USAGE', `--allow-post-copy applies to --mode auto, not ${opts.mode}`);
       if (opts.allowThrottle && opts.mode !== 'auto') throw new FerryError('USAGE', `--allow-throttle applies to --mode auto, not ${opts.mode}`);
       if (!(COMPRESS_MODES as readonly string[]).includes(opts.compress)) throw new FerryError('USAGE', `unknown --compress '${opts.compress}': use off, auto or on`);
+      if (opts.compress === 'on' && opts.mode === 'post-copy') throw new FerryError('USAGE', '--compress on applies to stop-copy, pre-copy and auto: post-copy pages go uncompressed (a fault must not wait for a codec)');
       if (opts.to === host) throw new FerryError('USAGE', `task '${task}' is on ${host} already: --to must name another host`);
       const to = { name: opts.to, address: hostAddress(cluster, opts.to) };
       const session = await agentSession(cluster, host);

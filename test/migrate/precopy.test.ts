@@ -236,6 +236,7 @@ test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'stop-copy', '--max-rounds', '3']), /apply to --mode pre-copy and auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'sideways']), /unknown --mode 'sideways'/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--compress', 'zip']), /unknown --compress 'zip': use off, auto or on/);
+  oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'post-copy', '--compress', 'on']), /--compress on applies to stop-copy, pre-copy and auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-throttle']), /--allow-throttle applies to --mode auto/);
 });
 
