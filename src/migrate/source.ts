@@ -431,9 +431,9 @@ export class OutgoingMigration {
   private compressor(): Compressor | undefined {
     const mode = this.opts.compress ?? 'auto';
     if (mode === 'off') return undefined;
-    const c = new Compressor(mode, () => this.pages.rateMBps());
-    this.report.compression = c.stats; // counted as it goes
-    return c;
+    // One count for all of the migration's streams, filled in as they go.
+    this.report.compression ??= { mode, rawBytes: 0, wireBytes: 0, frames: 0, compressedFrames: 0, codecMBps: 0 };
+    return new Compressor(mode, () => this.pages.rateMBps(), this.report.compression);
   }
 
   private compressing(raw: Readable): Readable {

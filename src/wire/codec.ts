@@ -62,10 +62,12 @@ export class Compressor extends Transform {
   constructor(
     private readonly mode: 'auto' | 'on',
     private readonly linkMBps: () => number | undefined = () => undefined,
+    /** Counts shared by the compressors of one migration (CRIU opens a page stream per process). */
+    stats?: CodecStats,
   ) {
     // A few frames each way: a full readable side is the link pushing back.
     super({ readableHighWaterMark: 4 * FRAME_BYTES, writableHighWaterMark: 4 * FRAME_BYTES });
-    this.stats = { mode, rawBytes: 0, wireBytes: 0, frames: 0, compressedFrames: 0, codecMBps: 0 };
+    this.stats = stats ?? { mode, rawBytes: 0, wireBytes: 0, frames: 0, compressedFrames: 0, codecMBps: 0 };
   }
 
   /** Whether the next frame is compressed. */
