@@ -418,7 +418,14 @@ export class OutgoingMigration {
     this.residueLazy = v !== 'converged' && this.mode === 'auto' && !!this.opts.allowPostCopy;
     this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: trackMethod(this.armedProcs, this.hashedProcs), ...(throttled ? { maxThrottle: throttled } : {}) };
     if (v !== 'converged') {
-      const why = v === 'too-fast' ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s` : v === 'stalled' ? 'the written set stopped shrinking' : `${rounds.length} rounds, the limit`;
+      const why =
+        v === 'too-fast'
+          ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s`
+          : v === 'stalled'
+            ? 'the written set stopped shrinking'
+            : v === 'too-slow'
+              ? `the written set shrinks too slowly to fit within ${maxRounds} rounds`
+              : `${rounds.length} rounds, the limit`;
       this.onProgress({
         type: 'note',
         message: this.residueLazy ? `pre-copy does not converge (${why}): the last ${Math.round((last.dirtyPages * 4096) / 2 ** 20)} MiB follow by post-copy` : `pre-copy does not converge (${why}): expect a pause of about ${(last.expectedDowntimeMs / 1000).toFixed(1)} s${this.mode === 'auto' ? ' (--allow-post-copy would shorten it)' : ''}`,

@@ -26,6 +26,14 @@ test('stop policy: a fitting delta that still shrinks fast gets one more round, 
   assert.equal(verdict([r(1, 262_144, 35_000), r(2, 35_000, 2621)], { ...policy, maxRounds: 2 }), 'converged');
 });
 
+test('stop policy: a set that shrinks too slowly to fit before the round limit is given up early', () => {
+  const r = (n: number, dirtyPages: number): RoundStat => ({ ...round(n, dirtyPages, expectedDowntimeMsOf(dirtyPages), 78, 119) });
+  // 1 GiB written at ~80 MB/s over a 119 MB/s link: 230k, then 162k pages (x0.7 a round); ~12 more rounds to fit.
+  assert.equal(verdict([r(1, 230_000), r(2, 162_000)], policy), 'too-slow');
+  // Shrinking x0.25 a round: fits in time.
+  assert.equal(verdict([r(1, 230_000), r(2, 57_000)], policy), 'continue');
+});
+
 test('stop policy: converged, round limit, stalled, faster than the link', () => {
   assert.equal(verdict([round(1, 100_000, 5000)], policy), 'continue');
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 2000, 280)], policy), 'converged');
