@@ -1,5 +1,6 @@
 // `npm run demo`: two test hosts joined by a 1 Gbit/s link; a workload with a few hundred MiB
-// of memory moves h1 -> h2 (stop-copy) and back (post-copy) while its heartbeat goes on.
+// of memory moves h1 -> h2 (stop-copy), back (post-copy) and over again (auto: pre-copy rounds
+// while it runs) while its heartbeat goes on.
 import { spawnSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -42,12 +43,13 @@ try {
   console.log('Starting a lab of two hosts (network namespaces h1, h2) with 1 Gbit/s links...');
   spawnSync(process.execPath, [cli, 'lab', 'down', '--name', LAB]);
   ferry('lab', 'up', '--name', LAB, '--hosts', '2', '--bandwidth', '1gbit', '--subnet', SUBNET);
-  console.log('Starting a 256 MiB workload on h1 that writes a heartbeat every 10 ms...');
-  ferry('--host', 'h1', 'run', '--name', 'demo', '--', workload, '--mib', '256');
+  console.log('Starting a 256 MiB workload on h1 that writes 16 MiB/s of its memory and a heartbeat every 10 ms...');
+  ferry('--host', 'h1', 'run', '--name', 'demo', '--', workload, '--mib', '256', '--dirty', '16');
   await sleep(2000);
   console.log(`  h1: heartbeat #${lastSeq('h1')}`);
   const results: string[] = [];
-  for (const [from, to, mode] of [['h1', 'h2', 'stop-copy'], ['h2', 'h1', 'post-copy']] as const) {
+  const legs = [['h1', 'h2', 'stop-copy'], ['h2', 'h1', 'post-copy'], ['h1', 'h2', 'auto']] as const;
+  for (const [from, to, mode] of legs) {
     const startIdx = beats(from).length;
     console.log(`Migrating h${from.slice(1)} -> ${to} (${mode})...`);
     const r = JSON.parse(ferry('--host', from, 'migrate', 'demo', '--to', to, '--mode', mode, '--json'));
@@ -55,11 +57,12 @@ try {
     const pause = pauseSince(to, startIdx);
     console.log(`  ${to}: heartbeat #${lastSeq(to)} and counting; the task saw a ${pause.toFixed(3)} s pause`);
     console.log(`  blackout ${r.blackoutMs} ms, total ${r.totalMs} ms, ${(r.bytes.pages / 2 ** 20).toFixed(0)} MiB of pages at ${r.pageRateMBps} MB/s` + (r.postCopyWindowMs !== undefined ? `, all pages local ${r.postCopyWindowMs} ms after resume` : ''));
+    if (r.precopy) console.log(`  pre-copy: ${r.precopy.rounds.length} rounds while it ran (${r.precopy.rounds.map((x: { bytes: number }) => `${(x.bytes / 2 ** 20).toFixed(0)} MiB`).join(', ')}), ${(r.precopy.finalBytes / 2 ** 20).toFixed(1)} MiB while frozen`);
     results.push(`${mode.padEnd(9)} ${from} -> ${to}: blackout ${r.blackoutMs} ms, task-observed pause ${(pause * 1000).toFixed(0)} ms`);
   }
-  const seq = beats('h1').map((b) => b[1]);
+  const seq = beats(legs.at(-1)![1]).map((b) => b[1]);
   const breaks = seq.slice(1).filter((s, i) => s !== seq[i]! + 1).length;
-  console.log(`\nThe heartbeat ran from #0 to #${seq.at(-1)} across both moves ${breaks === 0 ? 'with no gap or repeat' : `with ${breaks} breaks`}.`);
+  console.log(`\nThe heartbeat ran from #0 to #${seq.at(-1)} across every move ${breaks === 0 ? 'with no gap or repeat' : `with ${breaks} breaks`}.`);
   for (const l of results) console.log(`  ${l}`);
   process.exitCode = breaks === 0 ? 0 : 1;
 } catch (e) {
