@@ -50,8 +50,8 @@ export interface CodecStats {
  */
 export class Compressor extends Transform {
   readonly stats: CodecStats;
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
+  /** Bytes not yet framed, as the chunks they came in (a raw frame sends them without a copy). */
+  private readonly pending = new ChunkQueue();
   private ratio = 0.5;
   private sinceProbe = 0;
   private codecBound = false;
@@ -84,53 +84,52 @@ export class Compressor extends Transform {
     return false;
   }
 
-  private async frame(raw: Buffer): Promise<Buffer[]> {
+  /** One frame of n bytes made of parts: compressed if worth it, else the parts as they came. */
+  private async frame(parts: Buffer[], n: number): Promise<Buffer[]> {
     this.stats.frames++;
-    this.stats.rawBytes += raw.length;
+    this.stats.rawBytes += n;
     if (this.worthIt()) {
+      const raw = parts.length === 1 ? parts[0]! : Buffer.concat(parts, n);
       const t0 = performance.now();
       const z = await compress(raw);
       const ms = Math.max(performance.now() - t0, 0.01);
-      const rate = raw.length / 1e6 / (ms / 1000);
+      const rate = n / 1e6 / (ms / 1000);
       this.stats.codecMBps = this.stats.codecMBps ? 0.8 * this.stats.codecMBps + 0.2 * rate : rate;
-      const ratio = z.length / raw.length;
+      const ratio = z.length / n;
       this.ratio = 0.7 * this.ratio + 0.3 * ratio;
       if (ratio < 1) {
         this.stats.compressedFrames++;
-        return this.framed(LZ4, raw.length, z);
+        return this.framed(LZ4, n, [z]);
       }
     }
-    return this.framed(RAW, raw.length, raw);
+    return this.framed(RAW, n, parts);
   }
 
-  private framed(kind: number, rawLen: number, body: Buffer): Buffer[] {
+  private framed(kind: number, rawLen: number, body: Buffer[]): Buffer[] {
+    const wireLen = body.reduce((sum, b) => sum + b.length, 0);
     const h = Buffer.alloc(FRAME_HEADER);
     h.writeUInt8(kind, 0);
     h.writeUInt32LE(rawLen, 1);
-    h.writeUInt32LE(body.length, 5);
-    this.stats.wireBytes += FRAME_HEADER + body.length;
-    return [h, body];
+    h.writeUInt32LE(wireLen, 5);
+    this.stats.wireBytes += FRAME_HEADER + wireLen;
+    return [h, ...body];
   }
 
   private async flushPending(): Promise<void> {
-    if (!this.pendingBytes) return;
-    const raw = this.pending.length === 1 ? this.pending[0]! : Buffer.concat(this.pending, this.pendingBytes);
-    this.pending = [];
-    this.pendingBytes = 0;
-    for (let off = 0; off < raw.length; off += FRAME_BYTES) {
+    while (this.pending.length) {
+      const n = Math.min(FRAME_BYTES, this.pending.length);
       const before = this.stats.compressedFrames;
       // Whatever was pushed before is still queued here when the link is what holds the stream up.
       const linkIdle = this.readableLength === 0;
-      for (const b of await this.frame(raw.subarray(off, off + FRAME_BYTES))) this.push(b);
-      if (this.stats.compressedFrames > before) this.codecBound = linkIdle && (this.writableLength > 0 || off + FRAME_BYTES < raw.length);
+      for (const b of await this.frame(this.pending.take(n), n)) this.push(b);
+      if (this.stats.compressedFrames > before) this.codecBound = linkIdle && (this.writableLength > 0 || this.pending.length > 0);
     }
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     this.pending.push(chunk);
-    this.pendingBytes += chunk.length;
     clearTimeout(this.idle);
-    if (this.pendingBytes >= FRAME_BYTES) {
+    if (this.pending.length >= FRAME_BYTES) {
       this.chain = this.chain.then(() => this.flushPending());
       this.chain.then(() => done(), done);
       return;
