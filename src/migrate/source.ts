@@ -434,7 +434,7 @@ export class OutgoingMigration {
     this.endPhase('precopy');
   }
 
-  /** The compressor of this migration's memory stream, if it compresses; one per migration. */
+  /** A compressor for one of this migration's memory streams, if it compresses (CRIU opens one per process). */
   private compressor(): Compressor | undefined {
     const mode = this.opts.compress ?? 'auto';
     if (mode === 'off') return undefined;

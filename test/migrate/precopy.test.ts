@@ -3,12 +3,13 @@
 // forks, new, grown and moved mappings, dropped pages and shared memory, while the rounds run.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readFileSync, readdirSync, readlinkSync, rmdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { MigrationReport } from '../../src/migrate/source.js';
 import { NATIVE, SOCKETS, ask, waitFor } from '../support/ferry.js';
 import { Lab, oneLine } from '../support/lab.js';
+import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { treePids } from '../../src/util/proc.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
@@ -121,25 +122,6 @@ function throttleCgroups(): string[] {
     }
   }
   return found;
-}
-
-function cpuCgroupOf(pid: number): string {
-  return readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => /^\d+:([^:]*,)?cpu(,[^:]*)?:/.test(l) || l.startsWith('0::')) ?? '';
-}
-
-/** Whether this machine lets Ferry make a cgroup under the cpu controller (a container may not). */
-function cgroupWritable(): boolean {
-  for (const dir of ['/sys/fs/cgroup/cpu', '/sys/fs/cgroup']) {
-    const probe = join(dir, `ferry-probe-${process.pid}`);
-    try {
-      mkdirSync(probe);
-      rmdirSync(probe);
-      return true;
-    } catch {
-      // not this layout, or not writable
-    }
-  }
-  return false;
 }
 
 test('auto with --allow-throttle slows a task that out-writes the link until it converges, then gives its CPU back', async (t) => {

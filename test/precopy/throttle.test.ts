@@ -3,27 +3,15 @@
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
+import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { join } from 'node:path';
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import { Throttle, releaseLeftThrottles } from '../../src/precopy/throttle.js';
 
 const CPU = '/sys/fs/cgroup/cpu';
 
-function usable(): boolean {
-  const probe = join(CPU, `ferry-probe-${process.pid}`);
-  try {
-    mkdirSync(probe);
-    rmdirSync(probe);
-    return true;
-  } catch {
-    return false;
-  }
-}
-
-function cpuCgroup(pid: number): string {
-  const line = readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => /^\d+:([^:]*,)?cpu(,[^:]*)?:/.test(l));
-  return line?.split(':')[2] ?? '';
-}
+/** The path of a process's v1 cpu cgroup ('/' for the root). */
+const cpuCgroup = (pid: number) => cpuCgroupOf(pid).split(':')[2] ?? '';
 
 function ticks(pid: number): number {
   const s = readFileSync(`/proc/${pid}/stat`, 'utf8');
@@ -33,16 +21,16 @@ function ticks(pid: number): number {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-function busy(): ChildProcess {
-  return spawn('sh', ['-c', 'while :; do :; done'], { stdio: 'ignore' });
+/** A process that burns CPU until the test ends, and the cpu cgroup it started in. */
+function busy(t: TestContext): { pid: number; home: string } {
+  const child: ChildProcess = spawn('sh', ['-c', 'while :; do :; done'], { stdio: 'ignore' });
+  t.after(() => child.kill('SIGKILL'));
+  return { pid: child.pid!, home: cpuCgroup(child.pid!) };
 }
 
 test('throttle: a busy process gets a fraction of its CPU, then goes back to its own cgroup', async (t) => {
-  if (!usable()) return t.skip('no writable cgroup v1 cpu controller on this machine');
-  const child = busy();
-  t.after(() => child.kill('SIGKILL'));
-  const pid = child.pid!;
-  const home = cpuCgroup(pid);
+  if (!cgroupWritable() || !existsSync(CPU)) return t.skip('no writable cgroup v1 cpu controller on this machine');
+  const { pid, home } = busy(t);
   const th = new Throttle('testhost', `t${process.pid}`);
   t.after(() => th.release());
   th.sample([pid]);
@@ -64,11 +52,8 @@ test('throttle: a busy process gets a fraction of its CPU, then goes back to its
 });
 
 test('throttle: one left by an agent that died is lifted when it starts again, and only its own host\'s', async (t) => {
-  if (!usable()) return t.skip('no writable cgroup v1 cpu controller on this machine');
-  const child = busy();
-  t.after(() => child.kill('SIGKILL'));
-  const pid = child.pid!;
-  const home = cpuCgroup(pid);
+  if (!cgroupWritable() || !existsSync(CPU)) return t.skip('no writable cgroup v1 cpu controller on this machine');
+  const { pid, home } = busy(t);
   const mine = join(CPU, home, `ferry-throttle.deadhost.m${process.pid}`);
   const other = join(CPU, home, `ferry-throttle.otherhost.m${process.pid}`);
   mkdirSync(mine);
