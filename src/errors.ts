@@ -29,6 +29,8 @@ export const ErrorCodes = {
   NET_UNCONFIGURED: 'the host has no address pool for tasks',
   NET_ADDRESS_IN_USE: 'the address is taken by another task',
   NET_POOL_EXHAUSTED: 'no address of the pool is free',
+  NO_ROOM: 'no host has room for the task',
+  CONTROLLER: 'the cluster controller failed or is unreachable',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;
@@ -77,4 +79,30 @@ export function ioError(e: unknown, where: string): FerryError | undefined {
   if (!(err instanceof Error) || typeof err.code !== 'string' || typeof err.syscall !== 'string') return undefined;
   const hint = err.code === 'ENOSPC' || err.code === 'EDQUOT' ? `free disk space on ${where}` : undefined;
   return new FerryError('IO', `${where}: ${err.message}`, { cause: e, ...(hint ? { hint } : {}) });
+}
+
+/** The HTTP status an error answers with, at the agents and at the controller. */
+export function httpStatus(code: string): number {
+  switch (code) {
+    case 'USAGE':
+      return 400;
+    case 'TASK_NOT_FOUND':
+    case 'HOST_UNKNOWN':
+      return 404;
+    case 'TASK_EXISTS':
+    case 'TASK_STATE':
+    case 'TASK_BUSY':
+      return 409;
+    case 'PRECHECK':
+      return 412;
+    case 'FORBIDDEN':
+      return 403;
+    case 'NO_ROOM':
+      return 507;
+    case 'CONTROLLER':
+    case 'PEER':
+      return 502;
+    default:
+      return 500;
+  }
 }

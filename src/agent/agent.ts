@@ -4,9 +4,10 @@
 // against the endpoint, its body against a schema, names before any file is touched.
 import { appendFile, readFile, rm } from 'node:fs/promises';
 import tls from 'node:tls';
+import { availableParallelism, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { z } from 'zod';
-import { FerryError, ioError } from '../errors.js';
+import { FerryError, httpStatus, ioError } from '../errors.js';
 import { Destination } from '../migrate/destination.js';
 import { Journal } from '../migrate/journal.js';
 import { Resolver } from '../migrate/resolver.js';
@@ -30,6 +31,8 @@ export interface AgentOptions {
   runtime: Runtime;
   /** Serials refused even with a valid certificate; re-read when it changes. */
   revoked?: string;
+  /** What this host offers tasks, as the cluster's controller places them (default: the machine's). */
+  capacity?: { memBytes: number; cpus: number };
   log?: (line: string) => void;
 }
 
@@ -164,7 +167,7 @@ export class Agent {
       if (!(e instanceof FerryError) && err.code !== 'IO') this.log(`internal error on ${method} ${path}: ${(e as Error).stack}`);
       else if (peer.role === 'agent' || err.code === 'FORBIDDEN') this.log(`refused ${method} ${path.slice(0, 200)} from '${peer.name}': ${err.message}`);
       if (stream.destroyed || stream.closed) return;
-      if (!stream.headersSent) stream.respond(jsonHeaders(statusFor(err.code)));
+      if (!stream.headersSent) stream.respond(jsonHeaders(httpStatus(err.code)));
       stream.end(JSON.stringify({ error: err.toJSON() }));
       // What the peer still sends on this stream is not wanted.
       if (!bodyRead) stream.resume();
@@ -184,7 +187,8 @@ export class Agent {
     const task = (suffix = '') => new RegExp(`^/v1/tasks/${NAME}${suffix}$`);
     const incoming = (suffix: string) => new RegExp(`^/v1/incoming/${NAME}${suffix}$`);
 
-    this.route('GET', /^\/v1\/info$/, 'info', async (r) => reply(r.stream, { name: this.o.name, criu: (await rt.criu.version()).text, peer: { name: r.peer.name, role: r.peer.role } }));
+    const capacity = this.o.capacity ?? { memBytes: totalmem(), cpus: availableParallelism() };
+    this.route('GET', /^\/v1\/info$/, 'info', async (r) => reply(r.stream, { name: this.o.name, criu: (await rt.criu.version()).text, capacity, peer: { name: r.peer.name, role: r.peer.role } }));
     this.route('GET', /^\/v1\/tasks$/, 'read', async (r) => reply(r.stream, await rt.listLive()));
     this.route('POST', /^\/v1\/tasks$/, 'operate', async (r) => reply(r.stream, await rt.run(await r.body(runBody))));
     this.route('GET', task(), 'read', async (r) => reply(r.stream, await rt.getLive(name(r))));
@@ -329,26 +333,6 @@ export class Agent {
 
   private async history(entry: unknown): Promise<void> {
     await appendFile(this.historyFile, JSON.stringify(entry) + '\n');
-  }
-}
-
-function statusFor(code: string): number {
-  switch (code) {
-    case 'USAGE':
-      return 400;
-    case 'TASK_NOT_FOUND':
-    case 'HOST_UNKNOWN':
-      return 404;
-    case 'TASK_EXISTS':
-    case 'TASK_STATE':
-    case 'TASK_BUSY':
-      return 409;
-    case 'PRECHECK':
-      return 412;
-    case 'FORBIDDEN':
-      return 403;
-    default:
-      return 500;
   }
 }
 

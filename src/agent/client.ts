@@ -1,5 +1,5 @@
 // The CLI's view of a cluster: a small file naming hosts and the client certificate to use.
-//   { "hosts": { "h1": "10.0.0.1:7443" }, "ca": "...", "cert": "...", "key": "..." }
+//   { "hosts": { "h1": "10.0.0.1:7443" }, "controller": "10.0.0.254:7450", "ca": "...", "cert": "...", "key": "..." }
 import { readFile } from 'node:fs/promises';
 import { dirname, resolve } from 'node:path';
 import { FerryError } from '../errors.js';
@@ -8,6 +8,8 @@ import { connect, type MuxSession } from '../wire/session.js';
 
 export interface ClusterFile {
   hosts: Record<string, string>;
+  /** The cluster controller's API address, where there is one. */
+  controller?: string;
   ca: string;
   cert: string;
   key: string;
@@ -16,6 +18,7 @@ export interface ClusterFile {
 export interface Cluster {
   file: string;
   hosts: Record<string, string>;
+  controller?: string;
   tls: LoadedTls;
 }
 
@@ -31,7 +34,7 @@ export async function loadCluster(path: string): Promise<Cluster> {
   if (!raw || typeof raw.hosts !== 'object') throw new FerryError('CONFIG', `cluster file ${path} has no "hosts" map`);
   const base = dirname(path);
   const tls = await loadTls({ ca: resolve(base, raw.ca), cert: resolve(base, raw.cert), key: resolve(base, raw.key) });
-  return { file: path, hosts: raw.hosts, tls };
+  return { file: path, hosts: raw.hosts, ...(typeof raw.controller === 'string' ? { controller: raw.controller } : {}), tls };
 }
 
 export function hostAddress(c: Cluster, name: string): string {

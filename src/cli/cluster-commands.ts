@@ -1,6 +1,7 @@
 // Commands about agents and hosts: agent, ca, cert, lab, migrate, history.
 import type { Command } from 'commander';
 import { existsSync } from 'node:fs';
+import { availableParallelism, totalmem } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { Agent } from '../agent/agent.js';
 import { hostAddress, type Cluster } from '../agent/client.js';
@@ -12,12 +13,13 @@ import { Runtime } from '../runtime/runtime.js';
 import { parseCidr } from '../net/tasknet.js';
 import { ROLES, type Role } from '../tls/identity.js';
 import { caInit, certIssue, certRevoke, loadTls, revokedPath } from '../tls/pki.js';
-import { decodeAnswer, requestJson, type Headers, type MuxStream } from '../wire/session.js';
+import { requestJson, type MuxStream } from '../wire/session.js';
+import { readMigrationStream } from '../migrate/progress-stream.js';
 import { modes } from '../wire/schemas.js';
 import { COMPRESS_MODES } from '../wire/codec.js';
 import { isAlive } from '../util/proc.js';
 import { configFor, printJson, requireRoot } from './context.js';
-import { formatBytes, table } from './format.js';
+import { formatBytes, parseSize, table } from './format.js';
 import { agentSession, remoteTarget, withAgent } from './remote.js';
 
 export function registerClusterCommands(program: Command): void {
@@ -32,8 +34,14 @@ export function registerClusterCommands(program: Command): void {
     .option('--revoked <file>', 'revoked certificate serials, one per line; re-read when it changes (default: revoked.txt beside the CA certificate)')
     .option('--net-pool <cidr>', 'cluster-wide address pool for tasks run with --net (the same on every host)')
     .option('--net-uplink <iface>', 'the interface the neighbours reach this host on (with --net-pool)')
-    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string; revoked?: string; netPool?: string; netUplink?: string }, cmd: Command) => {
+    .option('--memory <size>', "memory this host offers tasks placed by the controller, e.g. 64GiB (default: the machine's)")
+    .option('--cpus <n>', "CPUs this host offers tasks (default: the machine's)")
+    .action(async (opts: { name: string; listen: string; ca: string; cert: string; key: string; revoked?: string; netPool?: string; netUplink?: string; memory?: string; cpus?: string }, cmd: Command) => {
       requireRoot();
+      const memBytes = opts.memory === undefined ? totalmem() : parseSize(opts.memory);
+      if (memBytes === undefined) throw new FerryError('USAGE', `--memory takes a size such as 512MiB or 64GiB, not '${opts.memory}'`);
+      const cpus = opts.cpus === undefined ? availableParallelism() : Number(opts.cpus);
+      if (!Number.isInteger(cpus) || cpus < 1 || cpus > 65_536) throw new FerryError('USAGE', `--cpus takes a whole number of CPUs, not '${opts.cpus}'`);
       const cfg = configFor(cmd);
       if (!!opts.netPool !== !!opts.netUplink) throw new FerryError('USAGE', '--net-pool and --net-uplink go together', { hint: 'give both, e.g. --net-pool 10.0.8.0/24 --net-uplink eth0' });
       if (opts.netPool) parseCidr(opts.netPool);
@@ -41,7 +49,7 @@ export function registerClusterCommands(program: Command): void {
       const tls = await loadTls({ ca: opts.ca, cert: opts.cert, key: opts.key });
       const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir, opts.netPool && opts.netUplink ? { pool: opts.netPool, uplink: opts.netUplink } : undefined);
       const revoked = resolve(opts.revoked ?? join(dirname(opts.ca), 'revoked.txt'));
-      const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, revoked, log: (l) => process.stdout.write(l + '\n') });
+      const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, revoked, capacity: { memBytes, cpus }, log: (l) => process.stdout.write(l + '\n') });
       await agent.start();
       await new Promise<void>((resolveStop) => {
         const stop = () => void agent.close().then(resolveStop);
@@ -69,7 +77,7 @@ export function registerClusterCommands(program: Command): void {
     .option('--ca-dir <dir>', 'the cluster CA', '/etc/ferry/ca')
     .option('--out <dir>', 'where to write NAME.crt and NAME.key', '.')
     .option('--san <addr...>', 'extra addresses or DNS names the certificate names')
-    .option('--role <role>', `what the holder may do: ${ROLES.join(', ')} (agent: a host's agent; operator: run, stop and migrate tasks; reader: ps, logs, history)`)
+    .option('--role <role>', `what the holder may do: ${ROLES.join(', ')} (agent: a host's agent; operator: run, stop and migrate tasks; reader: ps, logs, history; controller: the cluster controller)`)
     .action(async (name: string, opts: { caDir: string; out: string; san?: string[]; role?: string }) => {
       if (!opts.role) throw new FerryError('USAGE', `name the certificate's role with --role ${ROLES.join('|')}`);
       if (!(ROLES as readonly string[]).includes(opts.role)) throw new FerryError('USAGE', `unknown --role '${opts.role}': use ${ROLES.join(', ')}`);
@@ -96,12 +104,25 @@ export function registerClusterCommands(program: Command): void {
     .option('--hosts <n>', 'number of hosts', '2')
     .option('--bandwidth <rate>', 'shape each host link, e.g. 1gbit')
     .option('--subnet <n>', 'third octet of 10.213.N.0/24', '0')
+    .option('--with-controller', 'also run a cluster controller (API on the bridge, dashboard on 127.0.0.1:7480+N, DNS on the bridge)')
+    .option('--host-memory <size>', "memory each host offers the controller's tasks, e.g. 512MiB")
     .option('--json', 'print the lab as JSON')
-    .action(async (opts: { name: string; hosts: string; bandwidth?: string; subnet: string; json?: boolean }) => {
+    .action(async (opts: { name: string; hosts: string; bandwidth?: string; subnet: string; withController?: boolean; hostMemory?: string; json?: boolean }) => {
       requireRoot();
-      const st = await labUp({ name: opts.name, hosts: Number(opts.hosts), subnet: Number(opts.subnet), ...(opts.bandwidth ? { bandwidth: opts.bandwidth } : {}), log: opts.json ? undefined : (l) => process.stdout.write(l + '\n') });
+      const hostMemory = opts.hostMemory === undefined ? undefined : parseSize(opts.hostMemory);
+      if (opts.hostMemory !== undefined && hostMemory === undefined) throw new FerryError('USAGE', `--host-memory takes a size such as 512MiB, not '${opts.hostMemory}'`);
+      const st = await labUp({
+        name: opts.name,
+        hosts: Number(opts.hosts),
+        subnet: Number(opts.subnet),
+        ...(opts.bandwidth ? { bandwidth: opts.bandwidth } : {}),
+        ...(opts.withController ? { controller: true } : {}),
+        ...(hostMemory ? { hostMemory } : {}),
+        log: opts.json ? undefined : (l) => process.stdout.write(l + '\n'),
+      });
       if (opts.json) return printJson(st);
       process.stdout.write(`lab '${st.name}' is up: ${st.hosts.map((h) => `${h.name}=${h.address}`).join(' ')}\nuse it with: export FERRY_CLUSTER=${st.cluster}\n`);
+      if (st.controller) process.stdout.write(`controller: API ${st.controller.api}, dashboard http://${st.controller.dashboard}/, DNS ${st.controller.dns}\n`);
     });
   lab
     .command('status')
@@ -247,57 +268,33 @@ async function outcomeAfterLoss(cluster: Cluster, host: string, id: string, task
 }
 
 async function readMigration(stream: MuxStream, live: boolean, onId: (id: string) => void): Promise<MigrationReport> {
-  let headers: Headers = {};
-  let buf = '';
-  let report: MigrationReport | undefined;
-  let error: FerryError | undefined;
   let phase = '';
-  stream.setEncoding('utf8');
-  stream.on('response', (h: Headers) => (headers = h));
-  for await (const chunk of stream) {
-    buf += chunk as string;
-    if (Number(headers[':status']) >= 400) continue;
-    let nl: number;
-    while ((nl = buf.indexOf('\n')) >= 0) {
-      const line = buf.slice(0, nl);
-      buf = buf.slice(nl + 1);
-      let msg: { progress?: ProgressEvent; report?: MigrationReport; error?: { code: string; message: string; hint?: string } };
-      try {
-        msg = JSON.parse(line) as typeof msg;
-      } catch {
-        throw new FerryError('PEER', 'the source agent sent a malformed progress line', { hint: 'see `ferry history` on the source host' });
+  try {
+    return await readMigrationStream(stream, (p) => {
+      if (p.type === 'start') {
+        onId(p.id);
+        if (live) process.stderr.write(`migration ${p.id} (Ctrl-C cancels)\n`);
+        return;
       }
-      if (msg.progress?.type === 'start') {
-        onId(msg.progress.id);
-        if (live) process.stderr.write(`migration ${msg.progress.id} (Ctrl-C cancels)\n`);
-        continue;
-      }
-      if (msg.progress?.type === 'phase') phase = msg.progress.phase;
+      if (p.type === 'phase') phase = p.phase;
       // Rounds and notes stay on screen; the progress line is redrawn below them.
-      if (msg.progress?.type === 'round' || msg.progress?.type === 'note') {
-        const p = msg.progress;
+      if (p.type === 'round' || p.type === 'note') {
         const text =
           p.type === 'round'
             ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s), pause if stopped now ~${p.round.expectedDowntimeMs} ms${p.round.throttle ? `, task at ${Math.round((1 - p.round.throttle) * 100)} % CPU` : ''}`
             : `note: ${p.message}`;
         if (live || p.type === 'note') process.stderr.write(`\r\x1b[K${text}\n`);
-        continue;
+        return;
       }
-      if (live && msg.progress) {
-        const p = msg.progress;
+      if (live) {
         const bytes = p.type === 'bytes' ? p.pages + p.images + p.files : 0;
         const rate = p.type === 'bytes' && p.elapsedMs > 0 ? (bytes / 1e6 / (p.elapsedMs / 1000)).toFixed(0) : '-';
         process.stderr.write(`\r\x1b[K${phase.padEnd(12)} ${formatBytes(bytes).padStart(10)}  ${rate} MB/s  ${(p.elapsedMs / 1000).toFixed(1)} s`);
       }
-      if (msg.report) report = msg.report;
-      if (msg.error) error = FerryError.fromJSON(msg.error);
-    }
+    });
+  } finally {
+    if (live) process.stderr.write('\r\x1b[K');
   }
-  if (live) process.stderr.write('\r\x1b[K');
-  if (Number(headers[':status']) >= 400) decodeAnswer(headers, buf, 'migrate');
-  if (error) throw error;
-  if (!report) throw new FerryError('PEER', 'the source agent ended the migration without a report', { hint: 'see `ferry history` on the source host' });
-  return report;
 }
 
 function printReport(r: MigrationReport): void {

@@ -21,3 +21,12 @@ export function formatBytes(n: number): string {
   }
   return `${v.toFixed(u ? 1 : 0)} ${units[u]}`;
 }
+
+/** '512MiB', '2G', '1.5GiB', '1048576' -> bytes; undefined when it is not a size. */
+export function parseSize(text: string): number | undefined {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$/i.exec(text);
+  if (!m) return undefined;
+  const mult = { '': 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 }[m[2]!.toLowerCase() as '' | 'k' | 'm' | 'g' | 't'];
+  const n = Math.round(Number(m[1]) * mult);
+  return Number.isSafeInteger(n) && n > 0 ? n : undefined;
+}

@@ -4,6 +4,7 @@ import { Command, CommanderError, Option } from 'commander';
 import { FerryError } from '../errors.js';
 import { registerTaskCommands } from './task-commands.js';
 import { registerClusterCommands } from './cluster-commands.js';
+import { registerControllerCommands } from './controller-commands.js';
 
 export function buildProgram(): Command {
   const program = new Command('ferry')
@@ -17,6 +18,7 @@ export function buildProgram(): Command {
     .configureOutput({ outputError: () => {} });
   registerTaskCommands(program);
   registerClusterCommands(program);
+  registerControllerCommands(program);
   return program;
 }
 

@@ -12,6 +12,7 @@ import { caInit, certIssue, loadTls } from '../tls/pki.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, sleep, startTime, waitUntil } from '../util/proc.js';
 import { connect, requestJson } from '../wire/session.js';
+import { controllerRequest } from '../cluster/client.js';
 
 export interface LabHost {
   name: string;
@@ -29,9 +30,24 @@ export interface LabState {
   bridge: string;
   subnet: number;
   bandwidth?: string;
+  /** Memory each host offers tasks placed by the controller (default: the machine's). */
+  hostMemory?: number;
   hosts: LabHost[];
   cluster: string;
+  /** The cluster controller, when the lab runs one (on the machine itself, on the bridge). */
+  controller?: LabController;
 }
+
+export interface LabController {
+  api: string;
+  dashboard: string;
+  dns: string;
+  store: string;
+  pid?: number;
+  start?: number;
+}
+
+export const CONTROLLER_PORT = 7450;
 
 export const AGENT_PORT = 7443;
 
@@ -51,7 +67,7 @@ export async function labStatus(name: string): Promise<LabState | undefined> {
   return readJson<LabState>(join(labDir(name), 'lab.json'));
 }
 
-export async function labUp(opts: { name: string; hosts: number; bandwidth?: string; subnet: number; log?: (l: string) => void }): Promise<LabState> {
+export async function labUp(opts: { name: string; hosts: number; bandwidth?: string; subnet: number; controller?: boolean; hostMemory?: number; log?: (l: string) => void }): Promise<LabState> {
   validate(opts.name, opts.hosts, opts.subnet);
   if (opts.bandwidth && !/^\d+(\.\d+)?([kmg]?bit|[kmg]?bps)$/i.test(opts.bandwidth)) {
     throw new FerryError('USAGE', `invalid --bandwidth '${opts.bandwidth}': use a tc rate such as 1gbit or 500mbit`);
@@ -59,7 +75,7 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
   const log = opts.log ?? (() => {});
   const dir = labDir(opts.name);
   const existing = await labStatus(opts.name);
-  if (existing && (existing.hosts.length !== opts.hosts || existing.bandwidth !== opts.bandwidth)) {
+  if (existing && (existing.hosts.length !== opts.hosts || existing.bandwidth !== opts.bandwidth || existing.hostMemory !== opts.hostMemory)) {
     throw new FerryError('LAB', `lab '${opts.name}' is up with ${existing.hosts.length} hosts${existing.bandwidth ? ` at ${existing.bandwidth}` : ''}`, { hint: `take it down first with \`ferry lab down --name ${opts.name}\`` });
   }
   const state: LabState = existing ?? {
@@ -68,6 +84,7 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     bridge: `fl-${opts.name}`,
     subnet: opts.subnet,
     ...(opts.bandwidth ? { bandwidth: opts.bandwidth } : {}),
+    ...(opts.hostMemory ? { hostMemory: opts.hostMemory } : {}),
     hosts: Array.from({ length: opts.hosts }, (_, i) => ({
       name: `h${i + 1}`,
       netns: `ferry-${opts.name}-h${i + 1}`,
@@ -77,6 +94,15 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     })),
     cluster: join(dir, 'cluster.json'),
   };
+  if (opts.controller && !state.controller) {
+    state.controller = {
+      api: `10.213.${state.subnet}.254:${CONTROLLER_PORT}`,
+      // The dashboard stays on the machine's loopback; DNS on the bridge, where the hosts reach it.
+      dashboard: `127.0.0.1:${7480 + state.subnet}`,
+      dns: `10.213.${state.subnet}.254:53`,
+      store: join(dir, 'controller.db'),
+    };
+  }
   await mkdir(dir, { recursive: true, mode: 0o700 });
   // Record first, so `down` can remove a half-made lab.
   await writeJsonAtomic(join(dir, 'lab.json'), state);
@@ -108,18 +134,35 @@ export async function labUp(opts: { name: string; hosts: number; bandwidth?: str
     if (!existsSync(join(caDir, 'ca.crt'))) await caInit(caDir, { name: `ferry lab ${opts.name} CA` });
     if (!existsSync(join(dir, 'client.crt'))) await certIssue(caDir, 'client', dir, 'operator');
     for (const h of state.hosts) if (!existsSync(join(h.dir, `${h.name}.crt`))) await certIssue(caDir, h.name, h.dir, 'agent', [h.address]);
+    if (state.controller && !existsSync(join(dir, 'controller.crt'))) await certIssue(caDir, 'controller', dir, 'controller', [`10.213.${state.subnet}.254`]);
     await writeFile(
       state.cluster,
-      JSON.stringify({ hosts: Object.fromEntries(state.hosts.map((h) => [h.name, `${h.address}:${AGENT_PORT}`])), ca: 'ca/ca.crt', cert: 'client.crt', key: 'client.key' }, null, 2) + '\n',
+      JSON.stringify(
+        {
+          hosts: Object.fromEntries(state.hosts.map((h) => [h.name, `${h.address}:${AGENT_PORT}`])),
+          ...(state.controller ? { controller: state.controller.api } : {}),
+          ca: 'ca/ca.crt',
+          cert: 'client.crt',
+          key: 'client.key',
+        },
+        null,
+        2,
+      ) + '\n',
     );
     for (const h of state.hosts) {
       if (h.agentPid && isAlive(h.agentPid, h.agentStart)) continue;
-      await startAgent(h, caDir, await ensureMountNs(state, h), labPool(state.subnet));
+      await startAgent(h, caDir, await ensureMountNs(state, h), labPool(state.subnet), state.hostMemory);
       await writeJsonAtomic(join(dir, 'lab.json'), state);
       log(`agent ${h.name} pid ${h.agentPid}`);
     }
     const tls = await loadTls({ ca: join(caDir, 'ca.crt'), cert: join(dir, 'client.crt'), key: join(dir, 'client.key') });
     for (const h of state.hosts) await waitForAgent(h, tls);
+    if (state.controller && !(state.controller.pid && isAlive(state.controller.pid, state.controller.start))) {
+      await startController(state);
+      await writeJsonAtomic(join(dir, 'lab.json'), state);
+      log(`controller pid ${state.controller.pid}: API ${state.controller.api}, dashboard http://${state.controller.dashboard}/, DNS ${state.controller.dns}`);
+      await waitForController(state, tls);
+    }
     return state;
   } catch (e) {
     if (e instanceof FerryError && e.code !== 'PROGRAM_FAILED') throw e;
@@ -168,9 +211,9 @@ async function ensureMountNs(state: LabState, h: LabHost): Promise<string> {
 }
 
 /** Starts (or restarts) a host's agent inside its namespaces. */
-export async function startAgent(h: LabHost, caDir: string, mountNs: string, netPool: string): Promise<void> {
+export async function startAgent(h: LabHost, caDir: string, mountNs: string, netPool: string, memory?: number): Promise<void> {
   const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry', '--net-pool', netPool, '--net-uplink', 'eth0'];
+  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry', '--net-pool', netPool, '--net-uplink', 'eth0', ...(memory ? ['--memory', String(memory)] : [])];
   const logFd = openSync(join(h.dir, 'agent.log'), 'a');
   // nsenter, not `ip netns exec`: that one makes a new mount namespace at every start.
   const child = spawn('nsenter', args, {
@@ -183,6 +226,33 @@ export async function startAgent(h: LabHost, caDir: string, mountNs: string, net
   h.agentPid = child.pid!;
   await sleep(50);
   h.agentStart = startTime(h.agentPid);
+}
+
+/** Starts (or restarts) the lab's controller on the machine itself, logging to controller.log. */
+export async function startController(state: LabState): Promise<void> {
+  const c = state.controller!;
+  const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
+  const args = [cli, '--cluster', state.cluster, 'controller', '--ca', join(state.dir, 'ca', 'ca.crt'), '--cert', join(state.dir, 'controller.crt'), '--key', join(state.dir, 'controller.key'), '--listen', c.api, '--dashboard', c.dashboard, '--dns', c.dns, '--store', `sqlite:${c.store}`];
+  const logFd = openSync(join(state.dir, 'controller.log'), 'a');
+  const child = spawn(process.execPath, args, { detached: true, stdio: ['ignore', logFd, logFd] });
+  closeSync(logFd);
+  child.unref();
+  c.pid = child.pid!;
+  await sleep(50);
+  c.start = startTime(c.pid);
+}
+
+async function waitForController(state: LabState, tls: Awaited<ReturnType<typeof loadTls>>): Promise<void> {
+  const end = Date.now() + 15_000;
+  for (;;) {
+    try {
+      await controllerRequest(state.controller!.api, tls, 'GET', '/v1/hosts', undefined, 1000);
+      return;
+    } catch (e) {
+      if (Date.now() > end) throw new FerryError('LAB', `the lab's controller did not come up: ${(e as Error).message}`, { hint: `see ${join(state.dir, 'controller.log')}` });
+      await sleep(100);
+    }
+  }
 }
 
 async function waitForAgent(h: LabHost, tls: Awaited<ReturnType<typeof loadTls>>): Promise<void> {
@@ -208,6 +278,12 @@ export async function labDown(name: string, log: (l: string) => void = () => {})
   validate(name, 1, 0);
   const state = await labStatus(name);
   if (!state) return false;
+  const c = state.controller;
+  if (c?.pid && isAlive(c.pid, c.start)) {
+    process.kill(c.pid, 'SIGKILL');
+    await waitUntil(() => !isAlive(c.pid!), 1000);
+    log('stopped the controller');
+  }
   for (const h of state.hosts) {
     // Every process inside the host's namespace was started by the lab: agents, criu, tasks.
     const pids = new Set<number>();

@@ -455,7 +455,17 @@ function withLive(rec: TaskRecord): TaskRecord {
     /* exited meanwhile */
   }
   const oldest = kids.map((p) => ({ p, t: startTime(p) ?? Infinity })).sort((a, b) => a.t - b.t || a.p - b.p)[0]?.p;
-  return { ...rec, processes: pids.length, ...(oldest !== undefined ? { mainPid: oldest } : {}) };
+  // Resident memory of the whole tree (shared pages counted per process): what a controller that
+  // did not place the task takes as its size.
+  let rss = 0;
+  for (const p of pids) {
+    try {
+      rss += Number(readFileSync(`/proc/${p}/statm`, 'utf8').split(' ')[1]) * 4096;
+    } catch {
+      /* exited meanwhile */
+    }
+  }
+  return { ...rec, processes: pids.length, rssBytes: rss, ...(oldest !== undefined ? { mainPid: oldest } : {}) };
 }
 
 /**

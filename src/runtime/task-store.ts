@@ -54,9 +54,10 @@ export interface TaskRecord {
   origin?: string;
   /** The task's own network namespace and address (ferry run --net); moves with the task. */
   net?: { address: string; publish?: Publish[] };
-  /** Read live, never stored: the user's main process (host pid) and how many processes the task has. */
+  /** Read live, never stored: the user's main process (host pid), how many processes the task has, their resident memory. */
   mainPid?: number;
   processes?: number;
+  rssBytes?: number;
 }
 
 /** A port of the host forwarded to the task's own address (ferry run --net --publish). */

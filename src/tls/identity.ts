@@ -3,9 +3,10 @@
 //   agent    — a host's agent: sends and receives migrations
 //   operator — runs, stops, checkpoints and migrates tasks; reads everything a reader reads
 //   reader   — lists tasks, reads logs and history
+//   controller — the cluster's controller: serves the cluster API, and operates agents like an operator
 import type { PeerCertificate } from 'node:tls';
 
-export const ROLES = ['agent', 'operator', 'reader'] as const;
+export const ROLES = ['agent', 'operator', 'reader', 'controller'] as const;
 export type Role = (typeof ROLES)[number];
 
 /** What an endpoint needs. */
@@ -15,6 +16,7 @@ const GRANTS: Record<Role, readonly Permission[]> = {
   agent: ['info', 'migrate-in'],
   operator: ['info', 'read', 'operate'],
   reader: ['info', 'read'],
+  controller: ['info', 'read', 'operate'],
 };
 
 export interface PeerIdentity {

@@ -58,8 +58,8 @@ export interface IssuedCert extends TlsFiles {
 }
 
 /**
- * Issues a certificate with one role (its subject's OU). Agents' certificates serve and connect
- * (agents call each other); operators' and readers' only connect, so they cannot pose as an agent.
+ * Issues a certificate with one role (its subject's OU). Agents' and controllers' certificates
+ * serve and connect (agents call each other, the controller calls agents); operators' and readers' only connect, so they cannot pose as an agent.
  */
 export async function certIssue(caDir: string, name: string, outDir: string, role: Role, sans: string[] = []): Promise<IssuedCert> {
   if (!/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(name)) throw new FerryError('USAGE', `invalid certificate name '${name}': use 1-63 letters, digits, '.', '_' or '-'`);
@@ -75,7 +75,7 @@ export async function certIssue(caDir: string, name: string, outDir: string, rol
   const csr = join(outDir, `${name}.csr`);
   const ext = join(outDir, `${name}.ext`);
   const alt = [`DNS:${name}`, 'DNS:localhost', 'IP:127.0.0.1', ...sans.map((s) => (/^[\d.]+$|:/.test(s) ? `IP:${s}` : `DNS:${s}`))];
-  const eku = role === 'agent' ? 'serverAuth,clientAuth' : 'clientAuth';
+  const eku = role === 'agent' || role === 'controller' ? 'serverAuth,clientAuth' : 'clientAuth';
   await writeFile(ext, `basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=${eku}\nsubjectAltName=${[...new Set(alt)].join(',')}\n`);
   try {
     await run('openssl', ['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${name}/OU=${role}`]);
