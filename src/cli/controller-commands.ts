@@ -163,6 +163,15 @@ export function registerControllerCommands(program: Command): void {
   }
 
   program
+    .command('delete')
+    .description('stop a task of the cluster and remove it from its host and from the controller')
+    .argument('<name>')
+    .action(async (name: string, _o: unknown, cmd: Command) => {
+      await ask(cmd, 'DELETE', `/v1/tasks/${encodeURIComponent(name)}`, undefined, 60_000);
+      process.stdout.write(`deleted ${name}\n`);
+    });
+
+  program
     .command('resolve')
     .description("where a task is now: its own address (--net) or its host's")
     .argument('<name>')

@@ -347,7 +347,10 @@ export class Controller {
         plan = this.snapshot().place({ priority: spec.priority, memBytes: spec.memBytes });
       } catch (e) {
         if (!(e instanceof NoRoom)) throw e;
-        throw new FerryError('NO_ROOM', `no host can take '${name}' (${gib(spec.memBytes)}, priority ${spec.priority}): ${e.message}`, { hint: 'free memory, add a host, or submit it with a higher --priority' });
+        const largest = Math.max(0, ...[...this.hosts.values()].map((h) => h.memBytes));
+        throw new FerryError('NO_ROOM', `no host can take '${name}' (${gib(spec.memBytes)}, priority ${spec.priority}): ${e.message}`, {
+          hint: spec.memBytes > largest ? 'no host is that large: ask for less --memory' : 'free memory, add a host, or submit it with a higher --priority',
+        });
       }
       // Make room: the lower-priority tasks migrate (in parallel) and only the homeless stop.
       const results = await Promise.all(plan.moves.map((m) => this.migrate(m, `room for ${name} (priority ${spec.priority})`, attempt)));

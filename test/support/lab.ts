@@ -25,6 +25,8 @@ export class Lab {
     readonly hosts = 2,
     readonly bandwidth?: string,
     readonly env: NodeJS.ProcessEnv = {},
+    /** More `lab up` options (--with-controller, --host-memory). */
+    readonly upArgs: string[] = [],
   ) {
     this.dir = join('/var/tmp', `ferry-lab-${name}`);
     this.cluster = join(this.dir, 'cluster.json');
@@ -43,7 +45,7 @@ export class Lab {
   }
 
   async up(): Promise<void> {
-    const r = await runCli(['lab', 'up', '--name', this.name, '--hosts', String(this.hosts), '--subnet', String(this.subnet), ...(this.bandwidth ? ['--bandwidth', this.bandwidth] : [])], this.env);
+    const r = await runCli(['lab', 'up', '--name', this.name, '--hosts', String(this.hosts), '--subnet', String(this.subnet), ...(this.bandwidth ? ['--bandwidth', this.bandwidth] : []), ...this.upArgs], this.env);
     assert.equal(r.code, 0, r.stderr);
   }
 
@@ -94,6 +96,11 @@ export class Lab {
   /** A task holding MiB of checksummed memory that writes a heartbeat every 10 ms. */
   async startHeartbeat(name: string, mib: number, host = 'h1'): Promise<string> {
     await this.ok(['--host', host, 'run', '--name', name, '--', WORKLOAD, '--mib', String(mib)]);
+    return this.heartbeatReady(host, name);
+  }
+
+  /** Waits until the workload task on host has checksummed its memory and beats; returns the sum. */
+  async heartbeatReady(host: string, name: string): Promise<string> {
     const sum = await waitFor('workload ready', () => readySum(this.logOf(host, name)), 60_000);
     await waitFor('heartbeats', () => parseBeats(this.logOf(host, name)).length > 20 || undefined);
     return sum;
