@@ -47,7 +47,7 @@ export class DnsResponder {
   constructor(private readonly lookup: Lookup) {}
 
   async start(addr: string): Promise<number> {
-    const { host, port } = parseAddress(addr, 53);
+    const { host, port } = parseAddress(addr, 53, true);
     const socket = dgram.createSocket('udp4');
     socket.on('message', (msg, rinfo) => {
       const now = Math.floor(Date.now() / 1000);

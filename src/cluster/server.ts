@@ -17,7 +17,7 @@ import { hostName, modeSchema, parse, taskName } from '../wire/schemas.js';
 import { MAX_BODY, parseAddress } from '../wire/session.js';
 import type { Controller, MigrationRecord } from './controller.js';
 
-const submitBody = z.object({
+const submitBody = z.strictObject({
   name: taskName.optional(),
   priority: z.number().int().min(-1_000_000).max(1_000_000),
   memBytes: z.number().int().positive().max(2 ** 50),
@@ -26,7 +26,7 @@ const submitBody = z.object({
   net: z.boolean().optional(),
   mode: modeSchema.optional(),
 });
-const migrateBody = z.object({ to: hostName.optional() });
+const migrateBody = z.strictObject({ to: hostName.optional() });
 
 interface Req {
   method: string;
@@ -155,6 +155,11 @@ export class ControllerServer {
     }
   }
 
+  /** What it serves, for the check that docs/openapi.json describes every endpoint. */
+  get endpoints(): Array<{ method: string; pattern: RegExp; need: Permission }> {
+    return this.routes.map(({ method, pattern, need }) => ({ method, pattern, need }));
+  }
+
   private route(method: string, pattern: RegExp, need: Permission, handler: Route['handler']): void {
     this.routes.push({ method, pattern, need, handler });
   }
@@ -254,7 +259,7 @@ async function readBody(req: http.IncomingMessage): Promise<unknown> {
 }
 
 function listenOn(server: http.Server | https.Server, addr: string, defaultPort: number): Promise<number> {
-  const { host, port } = parseAddress(addr, defaultPort);
+  const { host, port } = parseAddress(addr, defaultPort, true);
   return new Promise((resolve, reject) => {
     server.once('error', (e: NodeJS.ErrnoException) =>
       reject(new FerryError('CONFIG', `cannot listen on ${addr}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`, { hint: 'pick another address or stop what holds it' })),

@@ -13,11 +13,12 @@ export function serverOptions(t: LoadedTls): tls.TlsOptions {
   return { key: t.key, cert: t.cert, ca: t.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' };
 }
 
-export function parseAddress(addr: string, defaultPort = 7443): { host: string; port: number } {
+/** HOST or HOST:PORT; a listening address may take port 0 (any free port) with ephemeral. */
+export function parseAddress(addr: string, defaultPort = 7443, ephemeral = false): { host: string; port: number } {
   const m = /^\[?([^\]]+?)\]?(?::(\d+))?$/.exec(addr.trim());
   if (!m || !m[1]) throw new FerryError('USAGE', `invalid address '${addr}': use HOST or HOST:PORT`);
   const port = m[2] ? Number(m[2]) : defaultPort;
-  if (!(port > 0 && port < 65536)) throw new FerryError('USAGE', `invalid port in '${addr}'`);
+  if (!(port >= (ephemeral ? 0 : 1) && port < 65536)) throw new FerryError('USAGE', `invalid port in '${addr}'`);
   return { host: m[1], port };
 }
 
