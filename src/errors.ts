@@ -31,6 +31,7 @@ export const ErrorCodes = {
   NET_POOL_EXHAUSTED: 'no address of the pool is free',
   NO_ROOM: 'no host has room for the task',
   CONTROLLER: 'the cluster controller failed or is unreachable',
+  STANDBY: 'this controller stands by; another one leads',
 } as const;
 
 export type ErrorCode = keyof typeof ErrorCodes;
@@ -102,6 +103,8 @@ export function httpStatus(code: string): number {
     case 'CONTROLLER':
     case 'PEER':
       return 502;
+    case 'STANDBY':
+      return 503;
     default:
       return 500;
   }

@@ -2,18 +2,22 @@
 // uncordon, resolve, hosts, tasks.
 import type { Command } from 'commander';
 import { Option } from 'commander';
+import { hostname } from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { loadCluster, type Cluster } from '../agent/client.js';
 import { controllerRequest } from '../cluster/client.js';
 import { Controller, type ControllerHost, type ControllerTask, type DrainRecord, type MigrationRecord } from '../cluster/controller.js';
 import { DnsResponder } from '../cluster/dns.js';
 import { ControllerServer, Metrics } from '../cluster/server.js';
-import { openStore } from '../cluster/store.js';
+import { EtcdStore, openStore } from '../cluster/store.js';
 import { FerryError } from '../errors.js';
 import { loadTls, RevocationList } from '../tls/pki.js';
 import { modes } from '../wire/schemas.js';
 import { printJson } from './context.js';
 import { formatBytes, parseSize, table } from './format.js';
+
+/** A leader's lease in etcd: how long a dead leader holds the cluster before another takes over. */
+const LEASE_S = 5;
 
 const clusterFile = (cmd: Command) => (cmd.optsWithGlobals() as { cluster?: string }).cluster ?? '/etc/ferry/cluster.json';
 
@@ -25,9 +29,21 @@ async function target(cmd: Command): Promise<{ cluster: Cluster; address: string
   return { cluster, address };
 }
 
+/** Asks the controllers named (comma-separated) in turn: the first that leads answers. */
 async function ask<T>(cmd: Command, method: string, path: string, body?: unknown, timeoutMs?: number): Promise<T> {
   const { cluster, address } = await target(cmd);
-  return controllerRequest<T>(address, cluster.tls, method, path, body, timeoutMs);
+  const addresses = address.split(',').map((a) => a.trim()).filter(Boolean);
+  const missed: string[] = [];
+  for (const a of addresses) {
+    try {
+      return await controllerRequest<T>(a, cluster.tls, method, path, body, timeoutMs);
+    } catch (e) {
+      // Another controller may lead: only an unreachable or standing-by one is passed over.
+      if (!(e instanceof FerryError) || (e.code !== 'STANDBY' && e.code !== 'CONTROLLER') || addresses.length === 1) throw e;
+      missed.push(`${a}: ${e.code === 'STANDBY' ? 'stands by' : e.message.replace(/^cannot reach the controller at \S+: /, '')}`);
+    }
+  }
+  throw new FerryError('CONTROLLER', `no controller leads: ${missed.join('; ')}`, { hint: 'a new leader is elected within the lease (5 s); is any `ferry controller` running?' });
 }
 
 function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
@@ -48,7 +64,7 @@ export function registerControllerCommands(program: Command): void {
     .option('--listen <addr>', 'API address (mutual TLS)', '0.0.0.0:7450')
     .option('--dashboard <addr>', 'read-only dashboard and /metrics, plain HTTP (keep it on loopback or a trusted network)', '127.0.0.1:7480')
     .option('--dns <addr>', 'serve NAME.ferry. over UDP here (e.g. 127.0.0.1:5353)')
-    .option('--store <where>', 'sqlite:/PATH (default /var/lib/ferry/controller.db)', 'sqlite:/var/lib/ferry/controller.db')
+    .option('--store <where>', 'sqlite:/PATH, or etcd://HOST:PORT[,...] where several controllers elect a leader', 'sqlite:/var/lib/ferry/controller.db')
     .option('--max-per-host <n>', 'migrations at once out of one host', '2')
     .option('--max-per-cluster <n>', 'migrations at once in the cluster', '5')
     .option('--revoked <file>', 'revoked certificate serials (default: revoked.txt beside the CA certificate)')
@@ -70,9 +86,26 @@ export function registerControllerCommands(program: Command): void {
       await revoked.refresh();
       const timer = setInterval(() => void revoked.refresh(), 1000);
       timer.unref();
-      await controller.start();
       const server = new ControllerServer(controller, metrics, { tls, revoked, log });
-      const ports = await server.start(opts.listen, opts.dashboard);
+      let ports: { api: number; dashboard?: number };
+      if (store instanceof EtcdStore) {
+        // With etcd, several controllers run and one leads; the others answer "standing by".
+        const id = `${hostname()}:${process.pid}:${opts.listen}`;
+        server.standby = 'another controller leads';
+        ports = await server.start(opts.listen, opts.dashboard);
+        log(`controller ${id}: standing by for leadership in ${store.where}`);
+        await store.lead(id, LEASE_S, (e) => {
+          // A leader that lost its lease stops at once; whoever leads now carries on.
+          log(`controller ${id}: lost leadership (${e.message}); stopping`);
+          process.exit(75);
+        });
+        log(`controller ${id}: leading`);
+        await controller.start();
+        server.standby = undefined;
+      } else {
+        await controller.start();
+        ports = await server.start(opts.listen, opts.dashboard);
+      }
       let dns: DnsResponder | undefined;
       if (opts.dns) {
         dns = new DnsResponder((name) => {

@@ -117,6 +117,8 @@ export class ControllerServer {
   private api?: https.Server;
   private board?: http.Server;
   private readonly routes: Route[] = [];
+  /** While set, this controller stands by (another leads) and answers every request with it. */
+  standby: string | undefined;
 
   constructor(
     private readonly c: Controller,
@@ -169,6 +171,7 @@ export class ControllerServer {
     const path = (req.url ?? '/').split('?')[0]!;
     let read = false;
     try {
+      if (this.standby) throw new FerryError('STANDBY', `this controller stands by: ${this.standby}`, { hint: 'ask the leading controller (list every controller in the cluster file, comma-separated)' });
       const route = this.routes.find((r) => r.method === method && r.pattern.test(path));
       if (!route) throw new FerryError('USAGE', `no such endpoint: ${method} ${path.slice(0, 200)}`, { hint: 'see /openapi.json' });
       if (readOnly && route.need !== 'read' && route.need !== 'info') throw new FerryError('FORBIDDEN', 'the dashboard port is read-only', { hint: "use the API port with an operator's certificate" });

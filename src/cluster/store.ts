@@ -5,6 +5,7 @@
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import Database from 'better-sqlite3';
+import { Etcd3, type Campaign } from 'etcd3';
 import { FerryError } from '../errors.js';
 
 export type Kind = 'host' | 'task' | 'drain' | 'migration';
@@ -57,10 +58,98 @@ export class SqliteStore implements Store {
   }
 }
 
-/** `sqlite:PATH` (or a bare path). */
+/**
+ * Records in etcd under /ferry/KIND/KEY, for controllers that take over from each other. Only the
+ * elected leader writes, and each of its writes is a transaction that holds only while its
+ * campaign key exists: a leader that lost its lease without noticing cannot overwrite what its
+ * successor decided (fencing).
+ */
+export class EtcdStore implements Store {
+  private readonly client: Etcd3;
+  private campaign?: Campaign;
+  private fence?: string;
+  private lost?: (e: Error) => void;
+
+  constructor(readonly where: string) {
+    const hosts = where
+      .replace(/^etcd:\/\//, '')
+      .split(',')
+      .map((h) => `http://${h}`);
+    this.client = new Etcd3({ hosts, dialTimeout: 3000 });
+  }
+
+  private key(kind: Kind, key: string): string {
+    return `/ferry/${kind}/${key}`;
+  }
+
+  /**
+   * Waits until this controller is the leader. lost is called if leadership ends later (lease
+   * expired, etcd unreachable for longer than the lease): the controller must stop at once.
+   */
+  async lead(id: string, ttlS: number, lost: (e: Error) => void): Promise<void> {
+    this.lost = lost;
+    const election = this.client.election('ferry-controller', ttlS);
+    const campaign = election.campaign(id);
+    this.campaign = campaign;
+    await new Promise<void>((resolve, reject) => {
+      let elected = false;
+      campaign.on('elected', () => {
+        elected = true;
+        resolve();
+      });
+      campaign.on('error', (e: Error) => (elected ? lost(e) : reject(new FerryError('CONTROLLER', `cannot campaign for leadership in etcd at ${this.where}: ${e.message}`, { hint: 'is etcd running there?' }))));
+    });
+    this.fence = await campaign.getCampaignKey();
+  }
+
+  /** Who leads now (its id), if anyone. */
+  async leader(): Promise<string | undefined> {
+    return this.client.election('ferry-controller').leader();
+  }
+
+  async list<T>(kind: Kind): Promise<T[]> {
+    const all = await this.wrap(() => this.client.getAll().prefix(`/ferry/${kind}/`).sort('Key', 'Ascend').strings());
+    return Object.values(all).map((v) => JSON.parse(v) as T);
+  }
+
+  async put(kind: Kind, key: string, value: unknown): Promise<void> {
+    await this.fenced((c) => c.put(this.key(kind, key)).value(JSON.stringify(value)));
+  }
+
+  async delete(kind: Kind, key: string): Promise<void> {
+    await this.fenced((c) => c.delete().key(this.key(kind, key)));
+  }
+
+  private async fenced(op: (c: Etcd3) => Parameters<ReturnType<Etcd3['if']>['then']>[0]): Promise<void> {
+    if (!this.fence) throw new FerryError('CONTROLLER', 'this controller is not the leader: it may not write');
+    const r = await this.wrap(() => this.client.if(this.fence!, 'Create', '>', 0).then(op(this.client)).commit());
+    if (!r.succeeded) {
+      const e = new FerryError('CONTROLLER', 'this controller is no longer the leader (its lease in etcd expired)', { hint: 'it stops; another controller carries on' });
+      this.lost?.(e);
+      throw e;
+    }
+  }
+
+  private async wrap<T>(fn: () => Promise<T>): Promise<T> {
+    try {
+      return await fn();
+    } catch (e) {
+      if (e instanceof FerryError) throw e;
+      throw new FerryError('CONTROLLER', `etcd at ${this.where} failed: ${(e as Error).message}`, { hint: 'is etcd running there?' });
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.campaign?.resign().catch(() => {});
+    this.client.close();
+  }
+}
+
+/** `sqlite:PATH` (or a bare absolute path), or `etcd://HOST:PORT[,HOST:PORT...]`. */
 export function openStore(spec: string): Store {
   if (spec.startsWith('etcd://')) {
-    throw new FerryError('USAGE', 'the etcd store is not built yet', { hint: 'use --store sqlite:PATH' });
+    if (!/^etcd:\/\/[A-Za-z0-9.-]+:\d+(,[A-Za-z0-9.-]+:\d+)*$/.test(spec)) throw new FerryError('USAGE', `--store etcd:// takes HOST:PORT[,HOST:PORT...], not '${spec}'`);
+    return new EtcdStore(spec);
   }
   const path = spec.startsWith('sqlite:') ? spec.slice('sqlite:'.length) : spec;
   if (!path.startsWith('/')) throw new FerryError('USAGE', `--store takes sqlite:/ABSOLUTE/PATH or etcd://HOST:PORT, not '${spec}'`);
