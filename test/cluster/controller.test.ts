@@ -15,7 +15,8 @@ import { WORKLOAD, runCli, waitFor } from '../support/ferry.js';
 import { isAlive } from '../../src/util/proc.js';
 
 const SUBNET = 82;
-const lab = new Lab('c', SUBNET, 3, undefined, {}, ['--with-controller', '--host-memory', '1000MiB']);
+const points = mkdtempSync(join(tmpdir(), 'ferry-ctl-points-'));
+const lab = new Lab('c', SUBNET, 3, undefined, { FERRY_FAULT_POINTS: points }, ['--with-controller', '--host-memory', '1000MiB']);
 const api = `10.213.${SUBNET}.254:7450`;
 const dashboard = `http://127.0.0.1:${7480 + SUBNET}`;
 const CHROMIUM = '/usr/bin/chromium';
@@ -38,7 +39,10 @@ before(async () => {
   await lab.down().catch(() => {});
   await lab.up();
 });
-after(() => lab.down());
+after(async () => {
+  await lab.down();
+  await rm(points, { recursive: true, force: true });
+});
 
 /** What a refused request must not change. */
 const shape = (h: Host) => ({ name: h.name, cordoned: h.cordoned, freeBytes: h.freeBytes, tasks: [...h.tasks].sort() });
@@ -197,3 +201,31 @@ async function openDashboard(t: { after: (fn: () => Promise<void>) => void; diag
   };
 }
 
+
+test('a drain whose migration fails (destination agent killed at restore) tries another host; the task is never lost or doubled', async (t) => {
+  t.after(() => lab.removeEverywhere('r'));
+  await waitFor('the first test\'s tasks forgotten', async () => (await tasks()).length === 0 || undefined, 20_000, 200);
+  await lab.ok(['uncordon', 'h1']);
+  await submit('r', 1, '100MiB', 32);
+  const from = (await where('r'))!;
+  const [first, second] = ['h1', 'h2', 'h3'].filter((h) => h !== from);
+  // Best fit between two empty hosts goes by name: the first destination is the first name.
+  writeFileSync(join(points, 'arm'), `${first}.restore\n`);
+  t.after(() => rm(join(points, 'arm'), { force: true }));
+  assert.match(await lab.ok(['drain', from, '--no-wait']), /1 tasks to move/);
+  await waitFor(`the migration at ${first}'s restore`, () => existsSync(join(points, `${first}.restore.reached`)) || undefined, 60_000, 50);
+  await rm(join(points, 'arm'), { force: true });
+  const agent = lab.agentPid(first!);
+  process.kill(agent, 'SIGKILL');
+  await waitFor(`${first}'s agent gone`, () => !isAlive(agent) || undefined);
+  const done = await lab.ferry(['drain', from], 180_000);
+  assert.equal(done.code, 0, done.stderr + done.stdout);
+  assert.match(done.stdout, new RegExp(`${from} is empty: 1 tasks moved, 1 retried elsewhere, 0 restarted`));
+  await lab.up(); // the killed agent back: it removes what it had received of the failed migration
+  const placed = await onExactlyOneHost(['r']);
+  assert.equal(placed.get('r'), second);
+  await lab.assertIntact(second!, 'r', sums.get('r')!);
+  const history = (await fetch(`${dashboard}/v1/migrations`).then((x) => x.json())) as { history: Array<{ task: string; to: string; state: string; attempt: number }> };
+  const tries = history.history.filter((m) => m.task === 'r');
+  assert.deepEqual(tries.map((m) => [m.to, m.state, m.attempt]), [[first, 'failed', 1], [second, 'ok', 2]]);
+});
