@@ -117,6 +117,10 @@ export interface ControllerOptions {
 
 /** Polls a host may miss before it counts as down. */
 const MISSES = 3;
+/** How long a restarted controller asks a source agent how an interrupted migration ended. */
+const SETTLE_MS = 120_000;
+/** A drain tries a host where a task's migration failed again only after this pause. */
+const RETRY_PAUSE_MS = 3000;
 /** Past migrations kept in the store for the timeline. */
 const HISTORY = 500;
 
@@ -127,7 +131,14 @@ export class Controller {
   /** In flight, by task name. */
   readonly inflight = new Map<string, MigrationRecord>();
   readonly history: MigrationRecord[] = [];
+  /**
+   * Migrations the agents are running, by task, whoever started them (a controller that died, an
+   * operator's `ferry migrate`): such a task is on neither host for sure until it ends.
+   */
+  readonly moving = new Map<string, { from: string; to: string; id: string }>();
   private readonly links = new Map<string, AgentLink>();
+  /** When the controller last placed or moved each task itself (performance.now()). */
+  private readonly touched = new Map<string, number>();
   private readonly misses = new Map<string, number>();
   private readonly limits: Limits;
   private readonly maxAttempts: number;
@@ -159,22 +170,64 @@ export class Controller {
     for (const t of await this.o.store.list<ControllerTask>('task')) this.tasks.set(t.name, t);
     for (const d of await this.o.store.list<DrainRecord>('drain')) this.drains.set(d.host, d);
     const past = await this.o.store.list<MigrationRecord>('migration');
+    await this.poll();
     for (const m of past) {
-      // One that was under way when the last controller stopped: its source agent settled it.
-      if (m.state === 'running') {
-        m.state = 'failed';
-        m.error = 'the controller stopped while it ran; the agents settled it';
-        m.endedAt ??= new Date().toISOString();
-        await this.o.store.put('migration', m.id, m);
-      }
+      if (m.state === 'running') void this.settle(m);
       this.history.push(m);
     }
-    await this.poll();
+    this.history.sort((a, b) => (a.startedAt < b.startedAt ? -1 : a.startedAt > b.startedAt ? 1 : 0));
     this.pollTimer = setInterval(() => void this.poll(), this.o.pollMs ?? 1000);
     this.pollTimer.unref();
     // Drains the last controller left unfinished carry on from what the agents say now.
     for (const d of this.drains.values()) if (d.state === 'running') this.runDrain(d.host);
     this.log(`controller started: ${this.hosts.size} hosts, ${this.tasks.size} tasks, store ${this.o.store.where}`);
+  }
+
+  /**
+   * A migration that was under way when the last controller stopped: its source agent cancelled
+   * it (the client went away) or carries it to its end past the point of no return. The agent
+   * says which once it knows; meanwhile the record stays running (on the timeline too).
+   */
+  private async settle(m: MigrationRecord): Promise<void> {
+    const link = this.links.get(m.from);
+    type Outcome = { state: string; ok?: boolean; error?: string };
+    let outcome: Outcome | undefined;
+    for (const end = Date.now() + SETTLE_MS; !this.closed && Date.now() < end; await this.sleep(1000)) {
+      try {
+        if (!m.agentId) {
+          // Killed before the agent's first line arrived: the agent's list of those under way knows it.
+          const active = await link!.json<Array<{ id: string; task: string; to: string }>>('GET', '/v1/migrations', undefined, 5000);
+          const a = active.find((x) => x.task === m.task && x.to === m.to);
+          if (!a) break;
+          m.agentId = a.id;
+        }
+        outcome = await link!.json<Outcome>('GET', `/v1/migrations/${m.agentId}`, undefined, 5000);
+        if (outcome.state === 'done') break;
+      } catch (e) {
+        if (e instanceof FerryError && e.code === 'TASK_NOT_FOUND') break;
+        /* the agent is away: ask again */
+      }
+    }
+    if (m.state !== 'running') return;
+    if (outcome?.state === 'done') {
+      m.state = outcome.ok ? 'ok' : 'failed';
+      if (!outcome.ok) m.error = `the controller stopped while it ran: ${outcome.error ?? 'rolled back'}`;
+    } else {
+      // The agent cannot say: where the task runs now tells how it ended.
+      await this.poll();
+      m.state = this.tasks.get(m.task)?.host === m.to ? 'ok' : 'failed';
+      if (m.state === 'failed') m.error = 'the controller stopped while it ran; the task stayed on its source';
+    }
+    m.endedAt ??= new Date().toISOString();
+    await this.o.store.put('migration', m.id, m);
+    const d = this.drains.get(m.from);
+    if (m.state === 'ok' && d?.state === 'running' && m.reason === `drain ${m.from}`) {
+      d.moved++;
+      await this.saveDrain(d);
+    }
+    // This controller counts it: the one that started it died before it could.
+    this.o.onMigration?.(m);
+    this.kick();
   }
 
   async close(): Promise<void> {
@@ -194,12 +247,17 @@ export class Controller {
   }
 
   private async pollOnce(): Promise<void> {
+    const began = performance.now();
     const lists = new Map<string, TaskRecord[]>();
+    const moving = new Map<string, { from: string; to: string; id: string }>();
     await Promise.all(
       [...this.hosts.values()].map(async (h) => {
         const link = this.links.get(h.name)!;
         try {
           const info = await link.json<{ capacity?: { memBytes: number; cpus: number } }>('GET', '/v1/info', undefined, 2000);
+          // Migrations first: a task that finishes moving between the two reads is then seen
+          // as moving and on its new host, never as on neither.
+          for (const m of await link.json<Array<{ id: string; task: string; to: string }>>('GET', '/v1/migrations', undefined, 5000)) moving.set(m.task, { from: h.name, to: m.to, id: m.id });
           lists.set(h.name, await link.json<TaskRecord[]>('GET', '/v1/tasks', undefined, 5000));
           const changed = !h.healthy || h.memBytes !== info.capacity?.memBytes;
           h.healthy = true;
@@ -223,20 +281,33 @@ export class Controller {
         }
       }),
     );
-    await this.reconcile(lists);
+    // A silent host's migrations are not known: keep what was last seen of them.
+    for (const [task, m] of this.moving) if (!lists.has(m.from) && !moving.has(task)) moving.set(task, m);
+    this.moving.clear();
+    for (const [task, m] of moving) this.moving.set(task, m);
+    await this.reconcile(lists, began);
     this.kick();
   }
 
+  /** Whether a task is migrating: by this controller, or by an agent for someone else. */
+  private inMotion(name: string): boolean {
+    return this.inflight.has(name) || this.moving.has(name);
+  }
+
   /** Where each task runs, from the lists of the hosts that answered. */
-  private async reconcile(lists: Map<string, TaskRecord[]>): Promise<void> {
+  private async reconcile(lists: Map<string, TaskRecord[]>, began: number): Promise<void> {
+    // What the controller itself changed since these lists were read is newer than they are.
+    const stale = (name: string) => (this.touched.get(name) ?? -1) >= began;
     const seen = new Map<string, { host: string; rec: TaskRecord }[]>();
     for (const [host, list] of lists) for (const rec of list) seen.set(rec.name, [...(seen.get(rec.name) ?? []), { host, rec }]);
     const everyone = lists.size === this.hosts.size;
     for (const [name, places] of seen) {
       // A migration in flight has the task on both ends for a moment; its end decides.
-      if (this.inflight.has(name)) continue;
-      const live = places.find((p) => p.rec.state === 'running') ?? places.find((p) => p.rec.state === 'frozen');
+      if (this.inMotion(name) || stale(name)) continue;
       const t = this.tasks.get(name);
+      // Listed on two hosts (a copy being cleaned up after a migration ended): where it was stays.
+      const running = places.filter((p) => p.rec.state === 'running');
+      const live = running.find((p) => p.host === t?.host) ?? running[0] ?? places.find((p) => p.rec.state === 'frozen');
       if (!t) {
         if (!live) continue;
         // A task started on an agent directly: the controller looks after it too (drains move it).
@@ -277,7 +348,7 @@ export class Controller {
     // a host silent it may be there, so nothing is decided.
     if (everyone) {
       for (const t of [...this.tasks.values()]) {
-        if (t.state === 'running' && !seen.has(t.name) && !this.inflight.has(t.name)) {
+        if (t.state === 'running' && !seen.has(t.name) && !this.inMotion(t.name) && !stale(t.name)) {
           this.tasks.delete(t.name);
           await this.o.store.delete('task', t.name);
           this.log(`task ${t.name} is on no host any more: forgotten`);
@@ -308,7 +379,10 @@ export class Controller {
       hosts: [...this.hosts.values()].map((h) => ({ name: h.name, memBytes: h.memBytes, cordoned: h.cordoned || off.has(h.name), healthy: h.healthy })),
       tasks: [...this.tasks.values()]
         .filter((t) => t.host !== undefined && (t.state === 'running' || t.state === 'pending'))
-        .map((t) => ({ name: t.name, priority: t.priority, memBytes: t.memBytes, host: t.host, ...(this.inflight.has(t.name) ? { to: this.inflight.get(t.name)!.to } : {}) })),
+        .map((t) => {
+          const to = this.inflight.get(t.name)?.to ?? this.moving.get(t.name)?.to;
+          return { name: t.name, priority: t.priority, memBytes: t.memBytes, host: t.host, ...(to !== undefined && to !== t.host ? { to } : {}) };
+        }),
     };
     return ClusterState.of(s);
   }
@@ -381,6 +455,7 @@ export class Controller {
         submittedAt: new Date().toISOString(),
       };
       this.tasks.set(name, task);
+      this.touched.set(name, performance.now());
       await this.saveTask(task);
       try {
         const avoid = [...this.tasks.values()].flatMap((t) => (t.address ? [t.address] : []));
@@ -391,6 +466,7 @@ export class Controller {
           ...(spec.net ? { net: { avoid } } : {}),
         });
         task.state = 'running';
+        this.touched.set(name, performance.now());
         if (rec.net) task.address = rec.net.address;
       } catch (e) {
         this.tasks.delete(name);
@@ -408,6 +484,7 @@ export class Controller {
     if (t.host) await this.links.get(t.host)!.json('POST', `/v1/tasks/${encodeURIComponent(name)}/stop`, { graceMs: 10_000 });
     t.state = 'stopped';
     t.reason = reason;
+    this.touched.set(name, performance.now());
     await this.saveTask(t);
     this.log(`${name}: ${reason}`);
   }
@@ -415,7 +492,7 @@ export class Controller {
   /** Stops a task and removes it from its host and from the cluster. */
   async remove(name: string): Promise<void> {
     const t = this.task(name);
-    if (this.inflight.has(name)) throw new FerryError('TASK_BUSY', `task '${name}' is migrating`, { hint: 'try again when the migration ends' });
+    if (this.inMotion(name)) throw new FerryError('TASK_BUSY', `task '${name}' is migrating`, { hint: 'try again when the migration ends' });
     if (t.host && t.state !== 'stopped' && t.state !== 'exited') {
       await this.links.get(t.host)!.json('POST', `/v1/tasks/${encodeURIComponent(name)}/stop`, { graceMs: 10_000 }).catch((e: FerryError) => {
         if (e.code !== 'TASK_STATE' && e.code !== 'TASK_NOT_FOUND') throw e;
@@ -427,6 +504,7 @@ export class Controller {
       });
     }
     this.tasks.delete(name);
+    this.touched.set(name, performance.now());
     await this.o.store.delete('task', name);
   }
 
@@ -459,7 +537,11 @@ export class Controller {
       const to = this.host(m.to);
       const stream = await this.links.get(m.from)!.stream('POST', `/v1/tasks/${encodeURIComponent(m.task)}/migrate`, { to: { name: to.name, address: to.address }, mode: t.mode });
       const report: MigrationReport = await readMigrationStream(stream, (p) => {
-        if (p.type === 'start') rec.agentId = p.id;
+        if (p.type === 'start') {
+          rec.agentId = p.id;
+          // Kept, so that a controller that follows this one can ask the agent how it ended.
+          void this.o.store.put('migration', rec.id, rec).catch(() => {});
+        }
         else if (p.type === 'phase') {
           rec.phase = p.phase;
           rec.phases.push({ phase: p.phase, atMs: p.elapsedMs });
@@ -474,6 +556,7 @@ export class Controller {
       if (report.blackoutMs !== undefined) rec.blackoutMs = report.blackoutMs;
       rec.elapsedMs = report.totalMs;
       t.host = m.to;
+      this.touched.set(m.task, performance.now());
       t.state = 'running';
       await this.saveTask(t);
       return await this.ended(rec);
@@ -481,6 +564,13 @@ export class Controller {
       // The agents roll a failed migration back; a lost source agent settles it when it returns.
       // Either way the next poll says where the task runs.
       if (e instanceof FerryError) rec.errorCode = e.code;
+      if (rec.errorCode === 'TASK_BUSY') {
+        // It never started (another operation holds the task): not a migration to keep.
+        rec.state = 'failed';
+        rec.error = (e as Error).message;
+        await this.o.store.delete('migration', rec.id);
+        return rec;
+      }
       return await this.ended(rec, (e as Error).message);
     } finally {
       this.inflight.delete(m.task);
@@ -571,13 +661,15 @@ export class Controller {
   }
 
   private async drainLoop(host: string): Promise<void> {
-    const tries = new Map<string, { n: number; failedTo: Set<string> }>();
+    const tries = new Map<string, { n: number; failedTo: Set<string>; at: number; last: string }>();
     const running = new Map<string, Promise<MigrationRecord>>();
     for (;;) {
       const d = this.drains.get(host);
       if (this.closed || !d || d.state !== 'running') break;
-      const left = [...this.tasks.values()].filter((t) => t.host === host && t.state === 'running');
-      const waiting = left.filter((t) => !this.inflight.has(t.name)).sort((a, b) => b.memBytes - a.memBytes || (a.name < b.name ? -1 : 1));
+      // Moving out by an agent for someone else (a migration the last controller started) counts
+      // as still here until it ends; the next poll then says where it went.
+      const left = [...this.tasks.values()].filter((t) => (t.host === host && t.state === 'running') || this.moving.get(t.name)?.from === host);
+      const waiting = left.filter((t) => !this.inMotion(t.name)).sort((a, b) => b.memBytes - a.memBytes || (a.name < b.name ? -1 : 1));
       if (!left.length && !running.size) {
         await this.endDrain(d, 'done');
         return;
@@ -587,18 +679,27 @@ export class Controller {
         const queue: Move[] = [];
         const state = this.snapshot([host]);
         for (const t of waiting) {
-          const avoid = tries.get(t.name)?.failedTo ?? new Set<string>();
+          const tr = tries.get(t.name);
+          const avoid = tr?.failedTo ?? new Set<string>();
           const free = new Map(state.free);
           for (const a of avoid) free.set(a, -1);
-          const to = state.bestFit(t.memBytes, host, free);
+          // Another host first; where none has room, the one that failed, after a pause (the
+          // failure may have passed: an agent restarting, a migration still being undone).
+          let to = state.bestFit(t.memBytes, host, free);
+          if (!to && tr) {
+            if (Date.now() - tr.at < RETRY_PAUSE_MS) continue;
+            to = state.bestFit(t.memBytes, host);
+          }
           if (!to) {
             if (running.size) continue; // room may come back when a move ends
-            throw new Error(`no host has room for ${t.name} (${gib(t.memBytes)})${avoid.size ? ` except ${[...avoid].join(', ')}, where it failed` : ''}; it is still running on ${host}`);
+            throw new Error(`no host has room for ${t.name} (${gib(t.memBytes)}); it is still running on ${host}`);
           }
           state.free.set(to.name, state.free.get(to.name)! - t.memBytes);
           queue.push({ task: t.name, from: host, to: to.name });
         }
+        // Migrations the agents run for others count against the limits too.
         const all = [...this.inflight.values()].map((m) => ({ task: m.task, from: m.from, to: m.to }));
+        for (const [task, m] of this.moving) if (!this.inflight.has(task)) all.push({ task, from: m.from, to: m.to });
         for (const m of startable(queue, all, this.limits)) {
           const attempt = (tries.get(m.task)?.n ?? 0) + 1;
           const p = this.migrate(m, `drain ${host}`, attempt);
@@ -612,9 +713,11 @@ export class Controller {
             }
             // Held by another operation (a migration the last controller left rolling back): try again.
             if (r.errorCode === 'TASK_BUSY') return;
-            const tr = tries.get(m.task) ?? { n: 0, failedTo: new Set<string>() };
+            const tr = tries.get(m.task) ?? { n: 0, failedTo: new Set<string>(), at: 0, last: '' };
             tr.n++;
             tr.failedTo.add(m.to);
+            tr.at = Date.now();
+            tr.last = r.error ?? '';
             tries.set(m.task, tr);
             d.retries++;
             await this.saveDrain(d);
@@ -662,7 +765,7 @@ export class Controller {
     const t = this.task(name);
     if (!t.host) throw new FerryError('TASK_STATE', `task '${name}' has no host (${t.state})`);
     const h = this.host(t.host);
-    return { name, host: h.name, hostAddress: h.address.replace(/:\d+$/, ''), ...(t.address ? { address: t.address } : {}), state: t.state, migrating: this.inflight.has(name) };
+    return { name, host: h.name, hostAddress: h.address.replace(/:\d+$/, ''), ...(t.address ? { address: t.address } : {}), state: t.state, migrating: this.inMotion(name) };
   }
 
   /** Everything the dashboard and `ferry hosts` show. */

@@ -17,6 +17,10 @@ import { hostName, modeSchema, parse, taskName } from '../wire/schemas.js';
 import { MAX_BODY, parseAddress } from '../wire/session.js';
 import type { Controller, MigrationRecord } from './controller.js';
 
+/** Connections each door serves at once; more wait in the kernel's backlog or are refused. */
+const MAX_CONNECTIONS = 256;
+const BODY_MS = 10_000;
+
 const submitBody = z.strictObject({
   name: taskName.optional(),
   priority: z.number().int().min(-1_000_000).max(1_000_000),
@@ -136,13 +140,18 @@ export class ControllerServer {
       if (this.o.revoked?.has(peer.serial)) return this.fail(res, new FerryError('FORBIDDEN', `the certificate of '${peer.name}' (serial ${peer.serial}) is revoked`));
       void this.handle(req, res, peer, false);
     });
+    // A submission that makes room waits for its migrations, so requests have no overall limit;
+    // headers and bodies have theirs (readBody), and connections are counted.
     api.headersTimeout = 10_000;
-    api.requestTimeout = 0; // a submission that makes room waits for its migrations
+    api.requestTimeout = 0;
+    api.maxConnections = MAX_CONNECTIONS;
     this.api = api;
     const out: { api: number; dashboard?: number } = { api: await listenOn(api, listen, 7450) };
     if (dashboard) {
       const board = http.createServer((req, res) => void this.handle(req, res, undefined, true));
       board.headersTimeout = 10_000;
+      board.requestTimeout = 30_000;
+      board.maxConnections = MAX_CONNECTIONS;
       this.board = board;
       out.dashboard = await listenOn(board, dashboard, 7480);
     }
@@ -248,10 +257,16 @@ export class ControllerServer {
 async function readBody(req: http.IncomingMessage): Promise<unknown> {
   let size = 0;
   const chunks: Buffer[] = [];
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length;
-    if (size > MAX_BODY) throw new FerryError('USAGE', `request body larger than ${MAX_BODY} bytes`);
-    chunks.push(chunk as Buffer);
+  // A body that trickles in holds a connection: it has BODY_MS to arrive whole.
+  const timer = setTimeout(() => req.destroy(new FerryError('USAGE', `request body not received within ${BODY_MS / 1000} s`)), BODY_MS);
+  try {
+    for await (const chunk of req) {
+      size += (chunk as Buffer).length;
+      if (size > MAX_BODY) throw new FerryError('USAGE', `request body larger than ${MAX_BODY} bytes`);
+      chunks.push(chunk as Buffer);
+    }
+  } finally {
+    clearTimeout(timer);
   }
   const text = Buffer.concat(chunks).toString('utf8');
   try {

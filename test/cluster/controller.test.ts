@@ -80,7 +80,12 @@ async function submit(name: string, priority: number, mem: string, mib: number):
 
 test('placement fills hosts best-fit, a higher priority migrates a lower one, bad input changes nothing, a drain survives a controller restart', async (t) => {
   t.after(async () => {
-    for (const n of ['a', 'b', 'c', 'd', 'e', 'f']) await lab.removeEverywhere(n);
+    // What the controller did, in the test's output (the lab and its logs are removed after).
+    t.diagnostic(readFileSync(join(lab.dir, 'controller.log'), 'utf8').split('\n').slice(-40).join('\n'));
+    for (const n of ['a', 'b', 'c', 'd', 'e', 'f']) {
+      await lab.ferry(['delete', n]);
+      await lab.removeEverywhere(n);
+    }
   });
   // Two hosts fill while the third takes nothing.
   await lab.ok(['cordon', 'h3']);
@@ -147,18 +152,30 @@ test('placement fills hosts best-fit, a higher priority migrates a lower one, ba
   assert.match(done.stdout, /h1 is empty: \d tasks moved/);
   const h = await hosts();
   assert.deepEqual(h.find((x) => x.name === 'h1')!.tasks, []);
+  // The migration the killed controller was following is settled in the history, as the agent says.
+  const past = await waitFor('the interrupted migration settled', async () => {
+    const h = ((await fetch(`${dashboard}/v1/migrations`).then((x) => x.json())) as { history: Array<{ reason: string; state: string; error?: string }> }).history;
+    return h.filter((m) => m.reason === 'drain h1').every((m) => m.state !== 'running') ? h : undefined;
+  }, 30_000, 200);
+  assert.ok(past.some((m) => /the controller stopped while it ran/.test(m.error ?? '')) || past.filter((m) => m.reason === 'drain h1' && m.state === 'ok').length >= 2);
   assert.ok(h.find((x) => x.name === 'h1')!.cordoned);
 
+  // Where b and e land depends on which migration the kill interrupted (the re-plan sees the
+  // cluster as it is then); that they left h1, once each, does not.
   const placed = await onExactlyOneHost(['a', 'b', 'c', 'e']);
-  assert.equal(placed.get('b'), 'h2');
-  assert.equal(placed.get('e'), 'h3');
+  assert.notEqual(placed.get('b'), 'h1');
+  assert.notEqual(placed.get('e'), 'h1');
   for (const n of ['a', 'b', 'c', 'e']) await lab.assertIntact(placed.get(n)!, n, sums.get(n)!);
+  // The controller's record agrees with the agents and kept what was submitted.
+  const known = (await tasks()) as Array<Task & { adopted?: boolean }>;
+  assert.deepEqual(known.map((x) => [x.name, x.host, x.priority, !!x.adopted]).sort(), ['a', 'b', 'c', 'e'].map((n) => [n, placed.get(n), { a: 1, b: 2, c: 1, e: 10 }[n], false]));
 
   // Names follow the move: e resolves to its new host at once, by the CLI and over DNS.
-  assert.match(await lab.ok(['resolve', 'e']), new RegExp(`^10\\.213\\.${SUBNET}\\.3 \\(e on h3\\)`));
+  const eHost = placed.get('e')!;
+  assert.match(await lab.ok(['resolve', 'e']), new RegExp(`^10\\.213\\.${SUBNET}\\.${eHost.slice(1)} \\(e on ${eHost}\\)`));
   const resolver = new dns.promises.Resolver({ timeout: 2000, tries: 1 });
   resolver.setServers([`10.213.${SUBNET}.254`]);
-  assert.deepEqual(await resolver.resolve4('e.ferry'), [`10.213.${SUBNET}.3`]);
+  assert.deepEqual(await resolver.resolve4('e.ferry'), [lab.addr(eHost)]);
   await assert.rejects(resolver.resolve4('nobody.ferry'), /ENOTFOUND/);
 
   // What the dashboard shows at the end: h1 empty, the drain done, its migrations on the timeline.
@@ -204,7 +221,7 @@ async function openDashboard(t: { after: (fn: () => Promise<void>) => void; diag
 
 test('a drain whose migration fails (destination agent killed at restore) tries another host; the task is never lost or doubled', async (t) => {
   t.after(() => lab.removeEverywhere('r'));
-  await waitFor('the first test\'s tasks forgotten', async () => (await tasks()).length === 0 || undefined, 20_000, 200);
+  await waitFor('no task of the first test running', async () => !(await tasks()).some((x) => x.state === 'running') || undefined, 20_000, 200);
   await lab.ok(['uncordon', 'h1']);
   await submit('r', 1, '100MiB', 32);
   const from = (await where('r'))!;
