@@ -192,16 +192,17 @@ export class Controller {
     const link = this.links.get(m.from);
     type Outcome = { state: string; ok?: boolean; error?: string };
     let outcome: Outcome | undefined;
-    for (const end = Date.now() + SETTLE_MS; !this.closed && Date.now() < end; await this.sleep(1000)) {
+    // A host no longer in the cluster file cannot be asked: where the task is decides.
+    for (const end = Date.now() + SETTLE_MS; link && !this.closed && Date.now() < end; await this.sleep(1000)) {
       try {
         if (!m.agentId) {
           // Killed before the agent's first line arrived: the agent's list of those under way knows it.
-          const active = await link!.json<Array<{ id: string; task: string; to: string }>>('GET', '/v1/migrations', undefined, 5000);
+          const active = await link.json<Array<{ id: string; task: string; to: string }>>('GET', '/v1/migrations', undefined, 5000);
           const a = active.find((x) => x.task === m.task && x.to === m.to);
           if (!a) break;
           m.agentId = a.id;
         }
-        outcome = await link!.json<Outcome>('GET', `/v1/migrations/${m.agentId}`, undefined, 5000);
+        outcome = await link.json<Outcome>('GET', `/v1/migrations/${m.agentId}`, undefined, 5000);
         if (outcome.state === 'done') break;
       } catch (e) {
         if (e instanceof FerryError && e.code === 'TASK_NOT_FOUND') break;
