@@ -14,6 +14,7 @@ import { FerryError } from '../errors.js';
 import { loadTls, RevocationList } from '../tls/pki.js';
 import { modes } from '../wire/schemas.js';
 import { printJson } from './context.js';
+import { collectEnv } from './task-commands.js';
 import { formatBytes, parseSize, table } from './format.js';
 
 /** A leader's lease in etcd: how long a dead leader holds the cluster before another takes over. */
@@ -44,12 +45,6 @@ async function ask<T>(cmd: Command, method: string, path: string, body?: unknown
     }
   }
   throw new FerryError('CONTROLLER', `no controller leads: ${missed.join('; ')}`, { hint: 'a new leader is elected within the lease (5 s); is any `ferry controller` running?' });
-}
-
-function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
-  const eq = value.indexOf('=');
-  if (eq <= 0) throw new FerryError('USAGE', `--env takes KEY=VALUE, got '${value}'`);
-  return { ...prev, [value.slice(0, eq)]: value.slice(eq + 1) };
 }
 
 export function registerControllerCommands(program: Command): void {

@@ -52,7 +52,8 @@ function collectPublish(value: string, prev: Publish[]): Publish[] {
   return [...prev, { hostPort, port, proto: (m[3] ?? 'tcp') as 'tcp' | 'udp' }];
 }
 
-function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
+/** --env KEY=VALUE, repeatable. */
+export function collectEnv(value: string, prev: Record<string, string>): Record<string, string> {
   const eq = value.indexOf('=');
   if (eq <= 0) throw new FerryError('USAGE', `--env takes KEY=VALUE, got '${value}'`);
   return { ...prev, [value.slice(0, eq)]: value.slice(eq + 1) };
