@@ -225,21 +225,23 @@ export class Agent {
       await rt.get(n);
       const s = r.stream;
       const ac = new AbortController();
-      // The client went away (Ctrl-C, a killed CLI): cancel, unless past the point of no return.
+      // The client went away (Ctrl-C, a killed CLI): cancel, unless past the point of no return,
+      // or unless it asked the migration to carry on without it (the controller does).
       s.once('close', () => {
-        if (!s.writableEnded) ac.abort(new FerryError('ABORTED', 'the client went away'));
+        if (!s.writableEnded && !b.detach) ac.abort(new FerryError('ABORTED', 'the client went away'));
       });
       let started = false;
       const send = (v: unknown) => {
+        if (s.destroyed) return; // a detached migration whose client left
         if (!started) {
           s.respond({ ':status': 200, 'content-type': 'application/x-ndjson' });
           started = true;
         }
-        if (!s.destroyed) s.write(JSON.stringify(v) + '\n');
+        s.write(JSON.stringify(v) + '\n');
       };
       let report: MigrationReport;
       try {
-        const { to: _to, mode: _mode, ...rest } = b;
+        const { to: _to, mode: _mode, detach: _detach, ...rest } = b;
         report = await migrateOut(this.ctx, n, b.to, { ...rest, mode }, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
         if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {

@@ -56,7 +56,8 @@ export interface DrainRecord {
   state: 'running' | 'done' | 'failed' | 'cancelled';
   startedAt: string;
   endedAt?: string;
-  /** Tasks on the host when the drain started, and moved off it since. */
+  /** Tasks on the host when the drain started (their names), and moved off it since. */
+  tasks?: string[];
   total: number;
   moved: number;
   /** Migrations that failed and were tried again elsewhere. */
@@ -536,7 +537,7 @@ export class Controller {
     this.log(`migrating ${m.task} ${m.from} -> ${m.to} (${t.mode}, ${reason})`);
     try {
       const to = this.host(m.to);
-      const stream = await this.links.get(m.from)!.stream('POST', `/v1/tasks/${encodeURIComponent(m.task)}/migrate`, { to: { name: to.name, address: to.address }, mode: t.mode });
+      const stream = await this.links.get(m.from)!.stream('POST', `/v1/tasks/${encodeURIComponent(m.task)}/migrate`, { to: { name: to.name, address: to.address }, mode: t.mode, detach: true });
       const report: MigrationReport = await readMigrationStream(stream, (p) => {
         if (p.type === 'start') {
           rec.agentId = p.id;
@@ -642,7 +643,7 @@ export class Controller {
     }
     h.cordoned = true;
     await this.saveHost(h);
-    const d: DrainRecord = { host: name, state: 'running', startedAt: new Date().toISOString(), total: leaving.length, moved: 0, retries: 0 };
+    const d: DrainRecord = { host: name, state: 'running', startedAt: new Date().toISOString(), tasks: leaving.map((t) => t.name), total: leaving.length, moved: 0, retries: 0 };
     this.drains.set(name, d);
     await this.saveDrain(d);
     this.log(`draining ${name} for ${by}: ${leaving.length} tasks`);
@@ -734,6 +735,9 @@ export class Controller {
   }
 
   private async endDrain(d: DrainRecord, state: DrainRecord['state'], error?: string): Promise<void> {
+    // Counted from where the tasks are, not from the migrations seen: one that a previous
+    // controller started may have ended while nobody followed it.
+    if (d.tasks) d.moved = d.tasks.filter((n) => this.tasks.get(n)?.state === 'running' && this.tasks.get(n)?.host !== d.host).length;
     d.state = state;
     d.endedAt = new Date().toISOString();
     if (error) d.error = error;

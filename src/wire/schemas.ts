@@ -43,6 +43,8 @@ export const migrateBody = z.object({
   allowThrottle: z.boolean().optional(),
   /** Page streams compressed with lz4: always, never, or where the codec outruns the link. */
   compress: z.enum(['off', 'auto', 'on']).optional(),
+  /** Carry on if the client goes away (the controller: a successor asks the agent how it ended). */
+  detach: z.boolean().optional(),
 });
 
 /** A task's record as the source sends it; fields the destination does not use are dropped. */
@@ -83,4 +85,4 @@ export function parse<S extends z.ZodType>(schema: S, value: unknown, what: stri
 
 export type Mode = z.infer<typeof modeSchema>;
 export type PrepareRequest = z.infer<typeof prepareBody>;
-export type MigrateOptions = Omit<z.infer<typeof migrateBody>, 'to'> & { mode: Mode };
+export type MigrateOptions = Omit<z.infer<typeof migrateBody>, 'to' | 'detach'> & { mode: Mode };
