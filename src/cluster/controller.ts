@@ -411,12 +411,12 @@ export class Controller {
 
   private async submitNow(spec: SubmitSpec, by: string): Promise<{ task: ControllerTask; moved: MigrationRecord[]; stopped: string[] }> {
     const name = spec.name ?? `t-${randomBytes(3).toString('hex')}`;
-    if (this.tasks.has(name) && this.tasks.get(name)!.state !== 'exited' && this.tasks.get(name)!.state !== 'stopped') {
-      throw new FerryError('TASK_EXISTS', `a task named '${name}' is in the cluster already (on ${this.tasks.get(name)!.host ?? 'no host'})`, { hint: 'pick another --name, or remove it with `ferry rm`' });
+    const old = this.tasks.get(name);
+    if (old && old.state !== 'exited' && old.state !== 'stopped') {
+      throw new FerryError('TASK_EXISTS', `a task named '${name}' is in the cluster already (on ${old.host ?? 'no host'})`, { hint: 'pick another --name, or remove it with `ferry delete`' });
     }
     const moved: MigrationRecord[] = [];
     const stopped: string[] = [];
-    const failedMoves = new Set<string>();
     for (let attempt = 1; ; attempt++) {
       let plan;
       try {
@@ -433,7 +433,6 @@ export class Controller {
       moved.push(...results.filter((r) => r.state === 'ok'));
       const failed = results.filter((r) => r.state === 'failed');
       if (failed.length) {
-        for (const f of failed) failedMoves.add(f.task);
         if (attempt >= this.maxAttempts) {
           throw new FerryError('MIGRATION', `could not make room for '${name}' on ${plan.host}: ${failed.map((f) => `${f.task} -> ${f.to}: ${f.error}`).join('; ')}`, { hint: 'every task is still running where it was; see `ferry migrations`' });
         }
