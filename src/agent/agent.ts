@@ -303,8 +303,8 @@ export class Agent {
       if (!Number.isSafeInteger(received) || received < 0) throw new FerryError('USAGE', 'x-ferry-received must be a byte count');
       this.dest.lazyStream(id(r), r.stream, received, r.peer.name);
     });
-    this.route('PUT', incoming('/images/([^/]+)'), 'migrate-in', async (r) => {
-      await this.dest.image(own(r), r.params[1]!, r.stream);
+    this.route('PUT', incoming('/images'), 'migrate-in', async (r) => {
+      await this.dest.images(own(r), r.stream);
       reply(r.stream, {});
     });
     this.route('POST', incoming('/rsync'), 'migrate-in', async (r) => {

@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import { run, startProgram, type RunResult } from '../exec/run.js';
 import { hintFor, readErrorLines } from './log.js';
+import { keepKdat, type KdatState } from './kdat.js';
 import { readDumpStats, type DumpStats } from './stats.js';
 
 export const MIN_CRIU = [4, 2] as const;
@@ -55,7 +56,14 @@ export interface DumpResult {
 }
 
 export class Criu {
+  private kdat?: Promise<KdatState>;
+
   constructor(readonly bin: string) {}
+
+  /** CRIU's kernel probe kept for this boot (see kdat.ts): once per process. */
+  keepKdat(v: CriuVersion): Promise<KdatState> {
+    return (this.kdat ??= keepKdat(this.bin, v.text));
+  }
 
   async version(signal?: AbortSignal): Promise<CriuVersion> {
     if (this.bin.includes('/')) await access(this.bin, constants.X_OK).catch(() => Promise.reject(missing(this.bin)));
@@ -79,6 +87,7 @@ export class Criu {
         hint: 'run scripts/bootstrap.sh to build CRIU >= 4.2 and point Ferry at it',
       });
     }
+    await this.keepKdat(v);
     return v;
   }
 

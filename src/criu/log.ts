@@ -1,7 +1,7 @@
 // Reading CRIU's log: the first real error lines and a hint where the cause is known. Some lines
 // say Error and mean nothing: the RLIMIT_NOFILE complaint of every run where root lacks
 // CAP_SYS_RESOURCE, and the missing parent images of a dump that has no pre-dump before it.
-import { readFile } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 
 const HARMLESS = [/rlimit: Can't setup RLIMIT_NOFILE/, /Pid-reuse detection failed: no parent inventory/];
 
@@ -44,5 +44,37 @@ export async function readErrorLines(logPath: string, max = 5): Promise<string[]
     return errorLines(await readFile(logPath, 'utf8'), max);
   } catch {
     return [];
+  }
+}
+
+/**
+ * CRIU logs "Lock network" right after it has seized every process of the tree (collect_pstree,
+ * then the ids, then network_lock; criu/cr-dump.c): from then on the task runs none of its own
+ * code until CRIU lets go. Resolves true once the line is in the log, false when `done` says to
+ * stop looking (the dump ended, or reached a later point anyway).
+ */
+export async function untilSeized(logPath: string, done: () => boolean, everyMs = 2): Promise<boolean> {
+  let fh: Awaited<ReturnType<typeof open>> | undefined;
+  let seen = '';
+  let at = 0;
+  const buf = Buffer.alloc(64 << 10);
+  try {
+    while (!done()) {
+      fh ??= await open(logPath, 'r').catch(() => undefined);
+      if (fh) {
+        for (;;) {
+          const { bytesRead } = await fh.read(buf, 0, buf.length, at);
+          if (bytesRead === 0) break;
+          at += bytesRead;
+          // Keep a tail so a line split across reads is still found.
+          seen = seen.slice(-64) + buf.toString('latin1', 0, bytesRead);
+          if (seen.includes('Lock network\n')) return true;
+        }
+      }
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+    return false;
+  } finally {
+    await fh?.close();
   }
 }

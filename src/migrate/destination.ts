@@ -6,11 +6,11 @@
 // directory keeps incoming.json) until the source, which decides, says commit — then it resumes —
 // or abort — then it is killed and removed. So the task never runs on both hosts, and a decision
 // that arrives after this agent restarted still finds its migration by id on disk.
-import { existsSync, createWriteStream } from 'node:fs';
+import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
 import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
-import { Duplex, Transform } from 'node:stream';
+import { Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ServerHandle } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
@@ -27,6 +27,7 @@ import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
 import { PageStore } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
+import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { connect as tcpConnect } from 'node:net';
@@ -35,8 +36,6 @@ import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunn
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
 /** One image file may not be larger than this; pages go to the page server, not here. */
-const MAX_IMAGE_BYTES = 1 << 30;
-const MAX_IMAGES = 100_000;
 
 /** incoming.json in the task's directory: this host holds an uncommitted migration of it. */
 interface IncomingMark {
@@ -64,7 +63,8 @@ interface Incoming {
   /** Set while CRIU restores here: an abort waits for it rather than pull files from under it. */
   restoring?: Promise<unknown>;
   committed: boolean;
-  images: number;
+  /** The images arrived (they come once, in one stream). */
+  imagesIn: boolean;
   /** Pre-copy: the pages that arrived while the task still ran on the source. */
   store?: PageStore;
 }
@@ -196,7 +196,7 @@ export class Destination {
     const imagesDir = this.rt.store.imagesDir(name);
     await mkdir(imagesDir, { recursive: true, mode: 0o700 });
     await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving', ...(address ? { address } : {}) } satisfies IncomingMark);
-    const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false, images: 0 };
+    const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false, imagesIn: false };
     this.incoming.set(req.id, m);
     try {
       await writeFile(join(imagesDir, 'cpuinfo.img'), Buffer.from(req.cpuinfo, 'base64'));
@@ -280,18 +280,12 @@ export class Destination {
     stream.end(JSON.stringify({ pages: store.size }));
   }
 
-  async image(id: string, file: string, stream: MuxStream): Promise<void> {
+  /** CRIU's other images, in one stream (see image-bundle.ts). */
+  async images(id: string, stream: MuxStream): Promise<void> {
     const m = this.get(id);
-    if (!/^[A-Za-z0-9_.-]{1,128}$/.test(file) || file.startsWith('.') || file === 'lazy-pages.socket' || file === 'precopy.pages') throw new FerryError('USAGE', `refusing image name '${file}'`);
-    if (++m.images > MAX_IMAGES) throw new FerryError('USAGE', `more than ${MAX_IMAGES} image files`);
-    let size = 0;
-    const limit = new Transform({
-      transform(c: Buffer, _e, cb) {
-        size += c.length;
-        cb(size > MAX_IMAGE_BYTES ? new FerryError('USAGE', `image ${file} is larger than ${MAX_IMAGE_BYTES} bytes`) : null, c);
-      },
-    });
-    await pipeline(stream, limit, createWriteStream(join(m.imagesDir, file), { mode: 0o600 }));
+    if (m.imagesIn) throw new FerryError('USAGE', `migration ${id} already has its images`);
+    m.imagesIn = true;
+    await pipeline(stream, new ImageBundleWriter(m.imagesDir));
   }
 
   /** Runs `rsync --server` into the task's directory, speaking through the stream. */
@@ -404,7 +398,7 @@ export class Destination {
    * The source let go: the stopped copy resumes. Idempotent; also for a migration this agent only
    * knows from disk (it restarted in between). Returns false for a migration it never restored.
    */
-  async commit(id: string, from: string): Promise<{ known: boolean }> {
+  async commit(id: string, from: string): Promise<{ known: boolean; resumedAgoMs?: number }> {
     const m = this.incoming.get(id);
     if (m && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     if (m) {
@@ -426,7 +420,7 @@ export class Destination {
   }
 
   /** The committed task runs here from now on. */
-  private async resumeHere(id: string, found: { name: string; dir: string; mark: IncomingMark }, link: LazyLink | undefined, stopped: Incoming['stopped']): Promise<{ known: true }> {
+  private async resumeHere(id: string, found: { name: string; dir: string; mark: IncomingMark }, link: LazyLink | undefined, stopped: Incoming['stopped']): Promise<{ known: true; resumedAgoMs?: number }> {
     const rec = await this.rt.store.get(found.name);
     if (link) {
       // Until the last page is here, a restart of this agent cannot feed the task: it is dropped then.
@@ -435,7 +429,11 @@ export class Destination {
     }
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
-    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) resumeTree(rec.pid, stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
+    let resumedAt: number | undefined;
+    if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) {
+      resumeTree(rec.pid, stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
+      resumedAt = performance.now();
+    }
     if (link) {
       link.running = true;
       link.front?.release();
@@ -447,7 +445,8 @@ export class Destination {
     }
     await rm(join(found.dir, 'incoming.json'), { force: true });
     this.onEvent({ event: 'arrived', id, task: found.name, from: found.mark.from, pid: rec.pid });
-    return { known: true };
+    // The task ran before the records here were written: the source counts its pause to then.
+    return { known: true, ...(resumedAt !== undefined ? { resumedAgoMs: Math.round((performance.now() - resumedAt) * 10) / 10 } : {}) };
   }
 
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */

@@ -19,13 +19,14 @@ import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSession, type MuxStream } from '../wire/session.js';
 import { run, startProgram } from '../exec/run.js';
 import { dumpSlot } from '../criu/dump-slot.js';
-import { hintFor, readErrorLines } from '../criu/log.js';
+import { hintFor, readErrorLines, untilSeized } from '../criu/log.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
+import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
 import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
 import { debugDropRound, debugTrackMethod, faultPoint } from './fault-points.js';
@@ -71,6 +72,8 @@ export interface MigrationReport {
   compression?: CodecStats;
   /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
   destination?: { pageWaitMs: number; criuRestoreMs: number };
+  /** Inside the pause: how long each step took (they overlap where they run at once). */
+  stepsMs?: Record<string, number>;
 }
 
 export type ProgressEvent =
@@ -182,6 +185,8 @@ export class OutgoingMigration {
   /** How the task's writes were found: some process armed, some tracked by content hash (it could not be armed). */
   private armedProcs = false;
   private hashedProcs = false;
+  /** The files' last sync, started as soon as CRIU has seized the task (it runs while CRIU dumps). */
+  private earlyFiles?: Promise<void>;
   /** Auto with --allow-throttle: the task's CPU quota while it does not converge. */
   private throttle?: Throttle;
   private precopyStream?: MuxStream;
@@ -254,6 +259,14 @@ export class OutgoingMigration {
   private phase(next: Phase): void {
     this.currentPhase = next;
     this.onProgress({ type: 'phase', phase: next, elapsedMs: this.elapsed() });
+  }
+
+  /** Times one step of the frozen phases for the report. */
+  private async step<T>(name: string, p: Promise<T>): Promise<T> {
+    const t0 = performance.now();
+    const v = await p;
+    (this.report.stepsMs ??= {})[name] = Math.round(performance.now() - t0);
+    return v;
   }
 
   private endPhase(p: Phase): void {
@@ -469,7 +482,7 @@ export class OutgoingMigration {
     if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
-    await this.tracker.exited;
+    // The helper disarms and exits on its own meanwhile; release() waits for it.
     await this.precopyStored;
   }
 
@@ -508,6 +521,7 @@ export class OutgoingMigration {
     this.startDump(this.imagesDir, dumpArgs);
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
     await faultPoint(this.ctx.self, 'freeze');
+    this.syncFilesOnceSeized();
     await this.untilFrozen();
     this.releaseDumpSlot();
     this.endPhase('freeze+dump');
@@ -517,7 +531,7 @@ export class OutgoingMigration {
   private async transfer(): Promise<void> {
     this.phase('transfer');
     await faultPoint(this.ctx.self, 'transfer');
-    await Promise.all([this.sendImages(this.imagesDir!), this.rsync(), this.finalDelta()]);
+    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.rsync()), this.step('last delta', this.finalDelta())]);
     this.endPhase('transfer');
   }
 
@@ -560,13 +574,13 @@ export class OutgoingMigration {
     }
     await faultPoint(this.ctx.self, 'commit');
     // From here the address answers on the destination: this host stops routing it first.
-    await this.ctx.rt.netAway(this.rec);
-    await this.tellCommit();
+    await this.step('address away', this.ctx.rt.netAway(this.rec));
+    const resumedAgoMs = await this.step('commit', this.tellCommit());
     this.confirmed = true;
-    this.resumedAt = performance.now();
+    this.resumedAt = performance.now() - (resumedAgoMs ?? 0);
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
     const froze = await this.hold!.freezingAt();
-    this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - froze : this.resumedAt - this.frozenAt!);
+    this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - (resumedAgoMs ?? 0) - froze : this.resumedAt - this.frozenAt!);
     this.endPhase('resume');
   }
 
@@ -684,6 +698,21 @@ export class OutgoingMigration {
     return hostNetArgs(kind);
   }
 
+  /**
+   * The task's files cannot change once CRIU has seized the whole tree, so their last sync runs
+   * alongside the dump instead of after it (a sync takes ~70 ms, mostly rsync's start and round
+   * trips: it was a third of the transfer inside the pause). Until CRIU says so, nothing starts.
+   */
+  private syncFilesOnceSeized(): void {
+    const dump = this.dump!;
+    const stop = () => dump.exitCode !== null || dump.signalCode !== null || !!this.hold?.reachedPostDump || !!this.cancelled;
+    void untilSeized(join(this.imagesDir!, 'dump.log'), stop).then((seized) => {
+      if (!seized || stop() || this.earlyFiles) return;
+      this.earlyFiles = this.step('files', this.rsync());
+      this.earlyFiles.catch(() => {}); // awaited by transfer() or rollback()
+    });
+  }
+
   private async untilFrozen(): Promise<void> {
     const r = await Promise.race([this.hold!.frozen.then(() => 'frozen' as const), this.dumpExit!.then(() => 'exited' as const)]);
     if (r === 'exited') throw await this.dumpFailure();
@@ -713,20 +742,25 @@ export class OutgoingMigration {
     return l.port;
   }
 
+  /** CRIU's images besides memory, in one stream: one round trip, not one per file. */
   private async sendImages(dir: string): Promise<void> {
     const files = (await readdir(dir)).filter((f) => f !== 'dump.log');
-    // A few at a time: the destination limits how many streams a peer may have open.
-    const next = async (): Promise<void> => {
-      for (let f = files.pop(); f !== undefined; f = files.pop()) {
-        const data = await readFile(join(dir, f));
-        this.imageBytes += data.length;
-        const s = this.session!.request({ ':method': 'PUT', ':path': `/v1/incoming/${this.id}/images/${encodeURIComponent(f)}` });
-        s.end(data);
-        const [h, text] = await readAll(s, 30_000);
-        decodeAnswer(h, text, `image ${f}`);
-      }
-    };
-    await Promise.all(Array.from({ length: 8 }, next));
+    const s = this.session!.request({ ':method': 'PUT', ':path': `/v1/incoming/${this.id}/images` });
+    const answer = readAll(s, 30_000);
+    answer.catch(() => {}); // read below, after the last file went out
+    for (const f of files) {
+      if (!imageNameOk(f)) throw new FerryError('MIGRATION', `CRIU wrote an image Ferry cannot send: ${f}`);
+      const data = await readFile(join(dir, f));
+      this.imageBytes += data.length;
+      const more = s.write(Buffer.concat([imageHeader(f, data.length), data]));
+      if (!more && !s.destroyed) await new Promise<void>((res) => {
+        s.once('drain', res);
+        s.once('close', res);
+      });
+    }
+    s.end();
+    const [h, text] = await answer;
+    decodeAnswer(h, text, 'images');
   }
 
   /** rsync of the task's directory, carried inside the session (see native/ferry-rsh.c). */
@@ -850,16 +884,18 @@ export class OutgoingMigration {
    * Tells the destination to resume its copy. The source copy is gone by now, so a cut here is
    * waited out (new connections) rather than given up on; the agent's resolver keeps trying after.
    */
-  private async tellCommit(): Promise<void> {
+  /** Returns how long before its answer the destination resumed the task, when it says. */
+  private async tellCommit(): Promise<number | undefined> {
     const deadline = Date.now() + COMMIT_RETRY_MS;
     for (let attempt = 0; ; attempt++) {
       try {
         const session = await this.ensureSession();
-        await requestJson(session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 });
+        const answer = await requestJson<{ resumedAgoMs?: unknown }>(session, 'POST', `/v1/incoming/${this.id}/commit`, {}, { timeoutMs: 30_000 });
         if (attempt > 0) this.warn(`${this.target.name} confirmed the resume after ${attempt} retries`);
         this.lazy?.emit('confirmed');
         if (this.lazy && !this.lazy.attached && this.dump?.exitCode === null) void this.reattachLazy();
-        return;
+        const ago = answer.resumedAgoMs;
+        return typeof ago === 'number' && ago >= 0 && ago <= COMMIT_RETRY_MS ? ago : undefined;
       } catch (e) {
         if (Date.now() > deadline) throw e;
         await sleep(1000);
@@ -919,6 +955,8 @@ export class OutgoingMigration {
     // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
+    // An early file sync still running ends with its broken stream before the destination hears the abort.
+    await this.earlyFiles?.catch(() => undefined);
     if (this.dump && this.dump.exitCode === null) {
       // With --lazy-pages CRIU goes on past a refusing post-dump hook and waits to serve pages.
       const patience = this.hold?.reachedPostDump ? 3000 : 30_000;
