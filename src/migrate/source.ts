@@ -187,7 +187,7 @@ export class OutgoingMigration {
   private hashedProcs = false;
   /** The files' last sync, started as soon as CRIU has seized the task (it runs while CRIU dumps). */
   private earlyFiles?: Promise<void>;
-  /** Auto with --allow-throttle: the task's CPU quota while it does not converge. */
+  /** Auto with --allow-throttle: the task's CPU quota and sleep while it does not converge. */
   private throttle?: Throttle;
   private precopyStream?: MuxStream;
   private precopyStored?: Promise<unknown>;
@@ -410,8 +410,10 @@ export class OutgoingMigration {
       this.onProgress({ type: 'round', round });
       v = verdict(rounds, { maxDowntimeMs, maxRounds });
       // QEMU's auto-converge rule: a round in which the task wrote more than half what the link
-      // carried raises the throttle; the first step aims at half the link at once.
-      if (v !== 'converged' && v !== 'round-limit' && this.throttle && this.throttle.level < THROTTLE_MAX && round.dirtyRateMBps > 0.5 * round.linkMBps) {
+      // carried raises the throttle; the first step aims at half the link at once. A verdict that
+      // it will not converge (too slow, stalled) raises it too, while it can go higher.
+      const giveUp = v === 'too-slow' || v === 'stalled' || v === 'too-fast';
+      if (this.throttle && this.throttle.level < THROTTLE_MAX && (giveUp || (v === 'continue' && round.dirtyRateMBps > 0.5 * round.linkMBps))) {
         const level = this.throttle.level ? this.throttle.level + THROTTLE_STEP : Math.max(THROTTLE_START, 1 - (0.5 * round.linkMBps) / Math.max(round.dirtyRateMBps, 0.1));
         try {
           this.throttle.set(level, treePids(this.rec.pid!));
@@ -425,8 +427,6 @@ export class OutgoingMigration {
       }
     }
     const throttled = this.throttle?.level;
-    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them.
-    this.throttle?.release();
     const last = rounds.at(-1)!;
     this.residueLazy = v !== 'converged' && this.mode === 'auto' && !!this.opts.allowPostCopy;
     this.report.precopy = { rounds, verdict: v, finish: this.residueLazy ? 'post-copy' : 'residue sent', finalPages: 0, finalBytes: 0, expectedDowntimeMs: last.expectedDowntimeMs, method: trackMethod(this.armedProcs, this.hashedProcs), ...(throttled ? { maxThrottle: throttled } : {}) };
@@ -517,6 +517,9 @@ export class OutgoingMigration {
     this.rec.state = 'frozen';
     await rt.store.save(this.rec);
     this.phase('freeze+dump');
+    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
+    // throttle is lifted only now: unthrottled, it writes on until CRIU has it.
+    this.throttle?.release();
     this.phaseStart = this.frozenAt = performance.now();
     this.startDump(this.imagesDir, dumpArgs);
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });

@@ -1,14 +1,19 @@
 // Auto-converge (QEMU's name): a task that writes memory faster than the link carries it is slowed
-// through a CPU quota until pre-copy converges. Ferry moves the task's processes into a cgroup of
-// its own under the one they are in (the cpu controller of cgroup v1, or cgroup v2's cpu.max),
-// sets the quota, and moves them back and removes that cgroup before the freeze, so CRIU dumps
-// the task in the cgroups it had. A cgroup left by an agent that died is emptied at its start.
+// until pre-copy converges. Ferry moves the task's processes into a cgroup of its own under the
+// one they are in (the cpu controller of cgroup v1, or cgroup v2's cpu.max), sets a CPU quota,
+// and moves them back and removes that cgroup before the freeze, so CRIU dumps the task in the
+// cgroups it had. A quota only slows a task that spends CPU to write: one that writes a word per
+// page on a schedule (the benchmark's workload: 256 MiB/s with ~1 % of a CPU) never reaches it.
+// So the task is also put to sleep for the same share of every 100 ms through the freezer
+// (v1's freezer.state, v2's cgroup.freeze), as QEMU's auto-converge sleeps its vCPUs: that slows
+// any writer. A cgroup left by an agent that died is thawed and emptied at its start.
 import { existsSync, readFileSync, readdirSync, rmdirSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 
 const ROOT = '/sys/fs/cgroup';
 const PERIOD_US = 100_000;
+const PERIOD_MS = PERIOD_US / 1000;
 /** QEMU's defaults: start by taking 20 %, then 10 % more per round that does not converge; Ferry steps faster (rounds are few). */
 export const THROTTLE_START = 0.2;
 export const THROTTLE_STEP = 0.2;
@@ -29,14 +34,30 @@ function layout(): Layout | undefined {
   return undefined;
 }
 
-/** The cgroup (path under the mount) holding pid for the cpu controller. */
-function cpuCgroup(pid: number, l: Layout): string {
+/** The cgroup (path under the mount) holding pid for the cpu controller (or the freezer). */
+function cpuCgroup(pid: number, l: Layout, controller = 'cpu'): string {
   for (const line of readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n')) {
     const [id, ctrls, path] = line.split(':', 3) as [string, string, string];
     if (path === undefined) continue;
-    if (l.v2 ? id === '0' : ctrls.split(',').includes('cpu')) return path;
+    if (l.v2 ? id === '0' : ctrls.split(',').includes(controller)) return path;
   }
-  throw new Error(`process ${pid} is in no cpu cgroup`);
+  throw new Error(`process ${pid} is in no ${controller} cgroup`);
+}
+
+/** cgroup v1's freezer hierarchy, if mounted (v2 freezes through the cgroup's own cgroup.freeze). */
+function freezerMount(): string | undefined {
+  const m = join(ROOT, 'freezer');
+  return existsSync(join(m, 'cgroup.procs')) ? m : undefined;
+}
+
+/** Freezes or thaws a throttle cgroup; an error (it is gone) is ignored. */
+function freeze(dir: string, v2: boolean, frozen: boolean): void {
+  try {
+    if (v2) writeFileSync(join(dir, 'cgroup.freeze'), frozen ? '1' : '0');
+    else writeFileSync(join(dir, 'freezer.state'), frozen ? 'FROZEN' : 'THAWED');
+  } catch {
+    // removed meanwhile
+  }
 }
 
 /** Jiffies of CPU the processes used, as /proc says (utime + stime, threads included). */
@@ -63,6 +84,11 @@ export class Throttle {
   private lastAt = 0;
   /** CPU the task used unthrottled, in cores; what the quota is a share of. */
   private cores = 1;
+  /** Where the task sleeps: v1's own freezer cgroup, or (v2) the throttle cgroup itself. */
+  private freezeDir?: string;
+  private v2 = false;
+  private readonly freezeOrigin = new Map<number, string>();
+  private cycle?: NodeJS.Timeout;
 
   constructor(
     private readonly host: string,
@@ -113,10 +139,67 @@ export class Throttle {
       writeFileSync(join(this.dir, 'cpu.cfs_period_us'), String(PERIOD_US));
       writeFileSync(join(this.dir, 'cpu.cfs_quota_us'), String(quota));
     }
+    this.sleepShare(l, pids);
+  }
+
+  /** Puts the task to sleep for `level` of every period (the freezer), whatever CPU it uses. */
+  private sleepShare(l: Layout, pids: number[]): void {
+    this.v2 = l.v2;
+    if (l.v2) this.freezeDir = this.dir;
+    else {
+      const mount = freezerMount();
+      if (!mount) return; // the quota alone, then
+      if (!this.freezeDir) {
+        this.freezeDir = join(mount, cpuCgroup(pids[0]!, l, 'freezer'), `${PREFIX}.${this.host}.${this.id}`);
+        mkdirSync(this.freezeDir);
+      }
+      for (const pid of pids) {
+        if (this.freezeOrigin.has(pid)) continue;
+        try {
+          this.freezeOrigin.set(pid, join(mount, cpuCgroup(pid, l, 'freezer')));
+          writeFileSync(join(this.freezeDir, 'cgroup.procs'), String(pid));
+        } catch {
+          this.freezeOrigin.delete(pid); // ended meanwhile
+        }
+      }
+    }
+    if (this.cycle) return;
+    const sleepNow = () => {
+      if (!this.freezeDir || this.level <= 0) return;
+      freeze(this.freezeDir, this.v2, true);
+      this.cycle = setTimeout(wake, this.level * PERIOD_MS);
+      this.cycle.unref();
+    };
+    const wake = () => {
+      if (!this.freezeDir) return;
+      freeze(this.freezeDir, this.v2, false);
+      this.cycle = setTimeout(sleepNow, (1 - this.level) * PERIOD_MS);
+      this.cycle.unref();
+    };
+    sleepNow();
   }
 
   /** Puts every process back where it was (children born meanwhile go with their tree's root) and removes the cgroup. */
   release(): void {
+    clearTimeout(this.cycle);
+    this.cycle = undefined;
+    if (this.freezeDir) {
+      // Awake before anything moves: the task leaves as it came.
+      freeze(this.freezeDir, this.v2, false);
+      if (!this.v2) {
+        const fdir = this.freezeDir;
+        const fhome = this.freezeOrigin.values().next().value as string | undefined;
+        for (const pid of members(fdir)) {
+          try {
+            writeFileSync(join(this.freezeOrigin.get(pid) ?? fhome ?? join(fdir, '..'), 'cgroup.procs'), String(pid));
+          } catch {
+            // ended meanwhile
+          }
+        }
+        rmdirSync(fdir);
+      }
+      this.freezeDir = undefined;
+    }
     if (!this.dir) return;
     const dir = this.dir;
     const home = this.origin.values().next().value as string | undefined;
@@ -139,13 +222,14 @@ function members(dir: string): number[] {
 
 /**
  * At an agent's start: a throttle cgroup of this host's left by an agent that died holds a task
- * that would stay slow for ever. Its processes go to the parent and the cgroup is removed.
+ * that would stay slow (or asleep) for ever. It is thawed, its processes go to the parent and the
+ * cgroup is removed.
  */
 export function releaseLeftThrottles(host: string): string[] {
   const l = layout();
   if (!l) return [];
   const found: string[] = [];
-  const walk = (dir: string, depth: number): void => {
+  const walk = (dir: string, depth: number, v1freezer = false): void => {
     let entries: string[];
     try {
       entries = readdirSync(dir, { withFileTypes: true }).filter((e) => e.isDirectory()).map((e) => e.name);
@@ -155,6 +239,7 @@ export function releaseLeftThrottles(host: string): string[] {
     for (const e of entries) {
       const sub = join(dir, e);
       if (e.startsWith(`${PREFIX}.${host}.`)) {
+        if (v1freezer || l.v2) freeze(sub, l.v2, false);
         for (const pid of members(sub)) {
           try {
             writeFileSync(join(dir, 'cgroup.procs'), String(pid));
@@ -168,9 +253,11 @@ export function releaseLeftThrottles(host: string): string[] {
         } catch {
           // still busy: the next start tries again
         }
-      } else if (depth < 4) walk(sub, depth + 1);
+      } else if (depth < 4) walk(sub, depth + 1, v1freezer);
     }
   };
   walk(l.mount, 0);
+  const fm = l.v2 ? undefined : freezerMount();
+  if (fm) walk(fm, 0, true);
   return found;
 }

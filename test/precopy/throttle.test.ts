@@ -7,8 +7,14 @@ import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { join } from 'node:path';
 import { test, type TestContext } from 'node:test';
 import { Throttle, releaseLeftThrottles } from '../../src/precopy/throttle.js';
+import { NATIVE } from '../support/ferry.js';
 
 const CPU = '/sys/fs/cgroup/cpu';
+const FREEZER = '/sys/fs/cgroup/freezer';
+const WORKLOAD = join(NATIVE, 'ferry-workload');
+
+/** The path of a process's v1 freezer cgroup. */
+const freezerCgroup = (pid: number) => readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n').find((l) => /^\d+:freezer:/.test(l))?.split(':')[2] ?? '';
 
 /** The path of a process's v1 cpu cgroup ('/' for the root). */
 const cpuCgroup = (pid: number) => cpuCgroupOf(pid).split(':')[2] ?? '';
@@ -51,6 +57,42 @@ test('throttle: a busy process gets a fraction of its CPU, then goes back to its
   assert.equal(existsSync(join(CPU, home, `ferry-throttle.testhost.t${process.pid}`)), false, 'the throttle cgroup is gone');
 });
 
+test('throttle: a process that writes on a schedule with little CPU sleeps for the same share (freezer), and wakes at release', async (t) => {
+  if (!cgroupWritable() || !existsSync(CPU)) return t.skip('no writable cgroup v1 cpu controller on this machine');
+  if (!existsSync(FREEZER)) return t.skip('no cgroup v1 freezer on this machine');
+  // A heartbeat every millisecond, next to no CPU: a CPU quota alone never slows it.
+  const child = spawn(WORKLOAD, ['--mib', '1', '--interval-ms', '1'], { stdio: ['ignore', 'pipe', 'ignore'] });
+  t.after(() => child.kill('SIGKILL'));
+  let beats = 0;
+  child.stdout!.on('data', (c: Buffer) => {
+    for (const b of c) if (b === 10) beats++;
+  });
+  await sleep(500);
+  const th = new Throttle('testhost', `s${process.pid}`);
+  t.after(() => th.release());
+  th.sample([child.pid!]);
+  await sleep(200);
+  th.sample([child.pid!]);
+  let b0 = beats;
+  await sleep(1000);
+  const free = beats - b0;
+  const home = freezerCgroup(child.pid!);
+  th.set(0.8, [child.pid!]);
+  assert.notEqual(freezerCgroup(child.pid!), home, 'moved into the throttle freezer cgroup');
+  b0 = beats;
+  await sleep(1000);
+  const slowed = beats - b0;
+  t.diagnostic(`heartbeats per second: ${free} free, ${slowed} asleep 80 % of the time`);
+  assert.ok(slowed < free * 0.45, `throttled ${slowed} vs free ${free}`);
+  th.release();
+  assert.equal(freezerCgroup(child.pid!), home, 'back in its own freezer cgroup');
+  assert.match(readFileSync(`/proc/${child.pid}/status`, 'utf8'), /State:\s+[SR]/, 'awake');
+  b0 = beats;
+  await sleep(500);
+  assert.ok(beats - b0 > free * 0.3, 'beats again at its own pace');
+  assert.equal(existsSync(join(FREEZER, home, `ferry-throttle.testhost.s${process.pid}`)), false, 'the freezer cgroup is gone');
+});
+
 test('throttle: one left by an agent that died is lifted when it starts again, and only its own host\'s', async (t) => {
   if (!cgroupWritable() || !existsSync(CPU)) return t.skip('no writable cgroup v1 cpu controller on this machine');
   const { pid, home } = busy(t);
@@ -64,9 +106,22 @@ test('throttle: one left by an agent that died is lifted when it starts again, a
   writeFileSync(join(mine, 'cpu.cfs_quota_us'), '1000');
   writeFileSync(join(mine, 'cgroup.procs'), String(pid));
   assert.match(cpuCgroup(pid), /ferry-throttle\.deadhost/);
+  // It died while the task was asleep in its freezer cgroup.
+  const frozenHome = existsSync(FREEZER) ? freezerCgroup(pid) : undefined;
+  const asleep = frozenHome !== undefined ? join(FREEZER, frozenHome, `ferry-throttle.deadhost.m${process.pid}`) : undefined;
+  if (asleep) {
+    mkdirSync(asleep);
+    t.after(() => existsSync(asleep) && rmdirSync(asleep));
+    writeFileSync(join(asleep, 'cgroup.procs'), String(pid));
+    writeFileSync(join(asleep, 'freezer.state'), 'FROZEN');
+  }
   const lifted = releaseLeftThrottles('deadhost');
-  assert.deepEqual(lifted, [mine]);
+  assert.deepEqual(lifted, asleep ? [mine, asleep] : [mine]);
   assert.equal(cpuCgroup(pid), home);
+  if (asleep) {
+    assert.equal(freezerCgroup(pid), frozenHome);
+    assert.doesNotMatch(readFileSync(`/proc/${pid}/status`, 'utf8'), /State:\s+D/, 'thawed');
+  }
   assert.equal(existsSync(mine), false);
   assert.equal(existsSync(other), true, "another host's throttle is not this agent's to lift");
 });
