@@ -95,6 +95,7 @@ else lineClient();
 process.on('SIGTERM', () => {
   // A request still unanswered counts as a wait too.
   for (const t of pending) waited(t);
-  process.stdout.write(JSON.stringify(stats) + '\n');
+  // Sent and not answered yet: the server may or may not have done it.
+  process.stdout.write(JSON.stringify({ ...stats, unanswered: pending.size }) + '\n');
   process.exit(0);
 });

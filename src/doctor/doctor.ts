@@ -5,6 +5,7 @@ import { Criu, isSupported } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
 import { run } from '../exec/run.js';
 import { spawn } from 'node:child_process';
+import { Throttle } from '../precopy/throttle.js';
 import { Tracker } from '../precopy/tracker.js';
 import { sleep } from '../util/proc.js';
 
@@ -131,6 +132,14 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     detail: wp.ok ? 'userfaultfd write-protect + PAGEMAP_SCAN, armed through ptrace (tried on a child process)' : `content hash (${wp.why})`,
     effect: wp.ok ? 'pre-copy and auto find written pages without reading the task\'s memory' : 'pre-copy and auto work, but every round reads all of the task\'s memory to find what changed',
     ...(wp.ok ? {} : { fix: 'Linux >= 6.7 on x86_64 with userfaultfd, and CAP_SYS_PTRACE, for the cheap method' }),
+  });
+  const th = Throttle.means();
+  checks.push({
+    name: 'throttle',
+    status: th.sleep ? 'ok' : 'warn',
+    detail: th.sleep ? 'cgroup CPU quota and freezer' : th.quota ? 'cgroup CPU quota only (no freezer)' : 'no cgroup cpu controller',
+    effect: th.sleep ? 'auto --allow-throttle slows any task that writes faster than the link' : th.quota ? 'auto --allow-throttle slows only tasks that spend CPU to write' : 'auto --allow-throttle cannot slow a task',
+    ...(th.sleep ? {} : { fix: "mount cgroup v1's freezer (or use cgroup v2)" }),
   });
   const timens = await feature('timens');
   checks.push({

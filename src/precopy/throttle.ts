@@ -102,6 +102,12 @@ export class Throttle {
     return '';
   }
 
+  /** How this host slows a task: a CPU quota, and whether it can also put it to sleep. */
+  static means(): { quota: boolean; sleep: boolean } {
+    const l = layout();
+    return { quota: !!l, sleep: !!l && (l.v2 || !!freezerMount()) };
+  }
+
   /** Called each round while the task runs unthrottled: how much CPU it uses. */
   sample(pids: number[]): void {
     const now = performance.now();
@@ -123,15 +129,7 @@ export class Throttle {
       mkdirSync(this.dir);
       if (l.v2) writeFileSync(join(l.mount, parent, 'cgroup.subtree_control'), '+cpu');
     }
-    for (const pid of pids) {
-      if (this.origin.has(pid)) continue;
-      try {
-        this.origin.set(pid, join(l.mount, cpuCgroup(pid, l)));
-        writeFileSync(join(this.dir, 'cgroup.procs'), String(pid));
-      } catch {
-        this.origin.delete(pid); // ended meanwhile
-      }
-    }
+    moveIn(this.dir, pids, this.origin, (pid) => join(l.mount, cpuCgroup(pid, l)));
     this.level = Math.min(level, THROTTLE_MAX);
     const quota = Math.max(1000, Math.round(PERIOD_US * this.cores * (1 - this.level)));
     if (l.v2) writeFileSync(join(this.dir, 'cpu.max'), `${quota} ${PERIOD_US}`);
@@ -153,15 +151,7 @@ export class Throttle {
         this.freezeDir = join(mount, cpuCgroup(pids[0]!, l, 'freezer'), `${PREFIX}.${this.host}.${this.id}`);
         mkdirSync(this.freezeDir);
       }
-      for (const pid of pids) {
-        if (this.freezeOrigin.has(pid)) continue;
-        try {
-          this.freezeOrigin.set(pid, join(mount, cpuCgroup(pid, l, 'freezer')));
-          writeFileSync(join(this.freezeDir, 'cgroup.procs'), String(pid));
-        } catch {
-          this.freezeOrigin.delete(pid); // ended meanwhile
-        }
-      }
+      moveIn(this.freezeDir, pids, this.freezeOrigin, (pid) => join(mount, cpuCgroup(pid, l, 'freezer')));
     }
     if (this.cycle) return;
     const sleepNow = () => {
@@ -179,40 +169,46 @@ export class Throttle {
     sleepNow();
   }
 
-  /** Puts every process back where it was (children born meanwhile go with their tree's root) and removes the cgroup. */
+  /** Puts every process back where it was (children born meanwhile go with their tree's root) and removes the cgroups. */
   release(): void {
     clearTimeout(this.cycle);
     this.cycle = undefined;
     if (this.freezeDir) {
       // Awake before anything moves: the task leaves as it came.
       freeze(this.freezeDir, this.v2, false);
-      if (!this.v2) {
-        const fdir = this.freezeDir;
-        const fhome = this.freezeOrigin.values().next().value as string | undefined;
-        for (const pid of members(fdir)) {
-          try {
-            writeFileSync(join(this.freezeOrigin.get(pid) ?? fhome ?? join(fdir, '..'), 'cgroup.procs'), String(pid));
-          } catch {
-            // ended meanwhile
-          }
-        }
-        rmdirSync(fdir);
-      }
+      if (!this.v2) moveBack(this.freezeDir, this.freezeOrigin);
       this.freezeDir = undefined;
     }
     if (!this.dir) return;
-    const dir = this.dir;
-    const home = this.origin.values().next().value as string | undefined;
-    for (const pid of members(dir)) {
-      try {
-        writeFileSync(join(this.origin.get(pid) ?? home ?? join(dir, '..'), 'cgroup.procs'), String(pid));
-      } catch {
-        // ended meanwhile
-      }
-    }
-    rmdirSync(dir);
+    moveBack(this.dir, this.origin);
     this.dir = undefined;
     this.level = 0;
+  }
+}
+
+/** Moves a throttle cgroup's processes back to where they came from and removes it. */
+function moveBack(dir: string, origin: Map<number, string>): void {
+  const home = origin.values().next().value as string | undefined;
+  for (const pid of members(dir)) {
+    try {
+      writeFileSync(join(origin.get(pid) ?? home ?? join(dir, '..'), 'cgroup.procs'), String(pid));
+    } catch {
+      // ended meanwhile
+    }
+  }
+  rmdirSync(dir);
+}
+
+/** Moves processes into a throttle cgroup, noting where each came from. */
+function moveIn(dir: string, pids: number[], origin: Map<number, string>, from: (pid: number) => string): void {
+  for (const pid of pids) {
+    if (origin.has(pid)) continue;
+    try {
+      origin.set(pid, from(pid));
+      writeFileSync(join(dir, 'cgroup.procs'), String(pid));
+    } catch {
+      origin.delete(pid); // ended meanwhile
+    }
   }
 }
 

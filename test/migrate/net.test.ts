@@ -61,6 +61,8 @@ interface ClientStats {
   reconnects: number;
   broke: string;
   maxWaitMs: number;
+  /** Requests in flight when the client was stopped. */
+  unanswered: number;
 }
 
 /** A client holding its connections; from the root namespace, or from inside a lab host. */
@@ -176,7 +178,9 @@ test('redis with data and a connected client moves A -> B -> A in every mode: no
   assert.ok(r.answers > 200, JSON.stringify(r));
   assert.equal((await redisCli(address, ['DBSIZE'])).trim(), '20001');
   assert.equal(await values(), expected, 'the data is intact');
-  assert.equal((await redisCli(address, ['GET', 'ferry:counter'])).trim(), String(r.answers));
+  // The INCR in flight when the client stopped may have been done or not.
+  const counter = Number((await redisCli(address, ['GET', 'ferry:counter'])).trim());
+  assert.ok(counter >= r.answers && counter <= r.answers + r.unanswered, `counter ${counter}, ${r.answers} answers, ${r.unanswered} unanswered`);
   t.diagnostic(`redis: ${r.answers} INCRs over one connection across 6 migrations, longest wait the client saw ${r.maxWaitMs} ms; ${seen.join('; ')}`);
 });
 
