@@ -35,8 +35,6 @@ import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunn
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
-/** One image file may not be larger than this; pages go to the page server, not here. */
-
 /** incoming.json in the task's directory: this host holds an uncommitted migration of it. */
 interface IncomingMark {
   id: string;

@@ -751,15 +751,16 @@ export class OutgoingMigration {
     const s = this.session!.request({ ':method': 'PUT', ':path': `/v1/incoming/${this.id}/images` });
     const answer = readAll(s, 30_000);
     answer.catch(() => {}); // read below, after the last file went out
-    for (const f of files) {
-      if (!imageNameOk(f)) throw new FerryError('MIGRATION', `CRIU wrote an image Ferry cannot send: ${f}`);
-      const data = await readFile(join(dir, f));
-      this.imageBytes += data.length;
-      const more = s.write(Buffer.concat([imageHeader(f, data.length), data]));
-      if (!more && !s.destroyed) await new Promise<void>((res) => {
-        s.once('drain', res);
-        s.once('close', res);
-      });
+    try {
+      for (const f of files) {
+        if (!imageNameOk(f)) throw new FerryError('MIGRATION', `CRIU wrote an image Ferry cannot send: ${f}`);
+        const data = await readFile(join(dir, f));
+        this.imageBytes += data.length;
+        if (!s.write(Buffer.concat([imageHeader(f, data.length), data])) && !s.destroyed) await drained(s);
+      }
+    } catch (e) {
+      s.destroy();
+      throw e;
     }
     s.end();
     const [h, text] = await answer;
@@ -886,8 +887,8 @@ export class OutgoingMigration {
   /**
    * Tells the destination to resume its copy. The source copy is gone by now, so a cut here is
    * waited out (new connections) rather than given up on; the agent's resolver keeps trying after.
+   * Returns how long before its answer the destination resumed the task, when it says.
    */
-  /** Returns how long before its answer the destination resumed the task, when it says. */
   private async tellCommit(): Promise<number | undefined> {
     const deadline = Date.now() + COMMIT_RETRY_MS;
     for (let attempt = 0; ; attempt++) {
@@ -1046,4 +1047,17 @@ async function dirSize(dir: string): Promise<number> {
 /** Work directories of migrations leaving this host (hold FIFOs, the small images). */
 export function outgoingDir(stateDir: string): string {
   return join(stateDir, 'outgoing');
+}
+
+/** Until a stream wants more, or is gone. */
+function drained(s: MuxStream): Promise<void> {
+  return new Promise((res) => {
+    const done = () => {
+      s.off('drain', done);
+      s.off('close', done);
+      res();
+    };
+    s.on('drain', done);
+    s.on('close', done);
+  });
 }

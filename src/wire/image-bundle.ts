@@ -6,6 +6,7 @@ import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { FerryError } from '../errors.js';
 
+/** One image file may not be larger than this; pages go to the page server, not here. */
 export const MAX_IMAGE_BYTES = 1 << 30;
 export const MAX_IMAGES = 100_000;
 /** Names Ferry itself uses in an images directory are not CRIU's to send. */
