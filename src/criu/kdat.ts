@@ -39,8 +39,10 @@ export async function keepKdat(bin: string, version: string): Promise<KdatState>
       const script = 'mount -t tmpfs ferry-kdat /run && "$0" check >/dev/null 2>&1; cp /run/criu.kdat "$1/criu.kdat"';
       const r = await run('unshare', ['-m', '--propagation', 'private', 'sh', '-c', script, bin, out], { timeoutMs: 60_000, reject: false });
       if (r.exitCode !== 0) return 'unavailable';
-      copyFileSync(join(out, 'criu.kdat'), `${KDAT}.ferry-new`);
-      renameSync(`${KDAT}.ferry-new`, KDAT);
+      // Agents of one machine (a lab) may probe at once: each renames its own copy into place.
+      const fresh = `${KDAT}.ferry-${process.pid}`;
+      copyFileSync(join(out, 'criu.kdat'), fresh);
+      renameSync(fresh, KDAT);
       writeFileSync(STAMP, stamp);
       return 'probed';
     } finally {

@@ -511,15 +511,16 @@ export class OutgoingMigration {
       this.lazyPort = await freeLocalPort();
       dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(this.lazyPort)];
     }
+    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
+    // throttle is lifted as late as can still fail cleanly (nothing frozen or held yet):
+    // unthrottled, it writes on until CRIU has it.
+    this.throttle?.release();
     this.releaseDumpSlot = await dumpSlot(this.rec.cwd);
     if (this.cancelled) throw this.cancelled;
     await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
     this.rec.state = 'frozen';
     await rt.store.save(this.rec);
     this.phase('freeze+dump');
-    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
-    // throttle is lifted only now: unthrottled, it writes on until CRIU has it.
-    this.throttle?.release();
     this.phaseStart = this.frozenAt = performance.now();
     this.startDump(this.imagesDir, dumpArgs);
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
@@ -756,7 +757,8 @@ export class OutgoingMigration {
         if (!imageNameOk(f)) throw new FerryError('MIGRATION', `CRIU wrote an image Ferry cannot send: ${f}`);
         const data = await readFile(join(dir, f));
         this.imageBytes += data.length;
-        if (!s.write(Buffer.concat([imageHeader(f, data.length), data])) && !s.destroyed) await drained(s);
+        s.write(imageHeader(f, data.length));
+        if (!s.write(data) && !s.destroyed) await drained(s);
       }
     } catch (e) {
       s.destroy();

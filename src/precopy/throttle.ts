@@ -35,7 +35,7 @@ function layout(): Layout | undefined {
 }
 
 /** The cgroup (path under the mount) holding pid for the cpu controller (or the freezer). */
-function cpuCgroup(pid: number, l: Layout, controller = 'cpu'): string {
+function cgroupOf(pid: number, l: Layout, controller = 'cpu'): string {
   for (const line of readFileSync(`/proc/${pid}/cgroup`, 'utf8').split('\n')) {
     const [id, ctrls, path] = line.split(':', 3) as [string, string, string];
     if (path === undefined) continue;
@@ -95,13 +95,6 @@ export class Throttle {
     private readonly id: string,
   ) {}
 
-  /** Whether this host can throttle a task: empty when it can, else why not. */
-  static unavailable(): string {
-    const l = layout();
-    if (!l) return 'no cgroup cpu controller is mounted';
-    return '';
-  }
-
   /** How this host slows a task: a CPU quota, and whether it can also put it to sleep. */
   static means(): { quota: boolean; sleep: boolean } {
     const l = layout();
@@ -124,12 +117,12 @@ export class Throttle {
     const l = layout();
     if (!l) throw new FerryError('PRECOPY', 'cannot throttle the task: no cgroup cpu controller is mounted', { hint: 'use --allow-post-copy, or accept the pause' });
     if (!this.dir) {
-      const parent = cpuCgroup(pids[0]!, l);
+      const parent = cgroupOf(pids[0]!, l);
       this.dir = join(l.mount, parent, `${PREFIX}.${this.host}.${this.id}`);
       mkdirSync(this.dir);
       if (l.v2) writeFileSync(join(l.mount, parent, 'cgroup.subtree_control'), '+cpu');
     }
-    moveIn(this.dir, pids, this.origin, (pid) => join(l.mount, cpuCgroup(pid, l)));
+    moveIn(this.dir, pids, this.origin, (pid) => join(l.mount, cgroupOf(pid, l)));
     this.level = Math.min(level, THROTTLE_MAX);
     const quota = Math.max(1000, Math.round(PERIOD_US * this.cores * (1 - this.level)));
     if (l.v2) writeFileSync(join(this.dir, 'cpu.max'), `${quota} ${PERIOD_US}`);
@@ -148,10 +141,10 @@ export class Throttle {
       const mount = freezerMount();
       if (!mount) return; // the quota alone, then
       if (!this.freezeDir) {
-        this.freezeDir = join(mount, cpuCgroup(pids[0]!, l, 'freezer'), `${PREFIX}.${this.host}.${this.id}`);
+        this.freezeDir = join(mount, cgroupOf(pids[0]!, l, 'freezer'), `${PREFIX}.${this.host}.${this.id}`);
         mkdirSync(this.freezeDir);
       }
-      moveIn(this.freezeDir, pids, this.freezeOrigin, (pid) => join(mount, cpuCgroup(pid, l, 'freezer')));
+      moveIn(this.freezeDir, pids, this.freezeOrigin, (pid) => join(mount, cgroupOf(pid, l, 'freezer')));
     }
     if (this.cycle) return;
     const sleepNow = () => {
