@@ -1,7 +1,7 @@
 // A lab of test hosts for migration tests: start it, run heartbeat tasks on its hosts, read
 // their logs, check their memory, and remove everything, also when a test fails.
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { checkBeats, parseBeats, readySum, sums } from './heartbeat.js';
 import { WORKLOAD, runCli, waitFor, type CliResult, type TaskInfo } from './ferry.js';
@@ -50,6 +50,16 @@ export class Lab {
   }
 
   async down(): Promise<void> {
+    // FERRY_TEST_LOGS=<dir> keeps each host's agent log for a look after the run.
+    const keep = process.env.FERRY_TEST_LOGS;
+    if (keep) {
+      const to = join(keep, `${this.name}-${Date.now()}`);
+      mkdirSync(to, { recursive: true });
+      for (let i = 1; i <= this.hosts; i++) {
+        const log = join(this.dir, `h${i}`, 'agent.log');
+        if (existsSync(log)) cpSync(log, join(to, `h${i}.log`));
+      }
+    }
     const r = await runCli(['lab', 'down', '--name', this.name]);
     assert.equal(r.code, 0, r.stderr);
   }
