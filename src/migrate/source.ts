@@ -32,7 +32,7 @@ import { Hold } from './hold.js';
 import { debugDropRound, debugTrackMethod, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
-import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
+import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, resetOnClose, splice } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
@@ -810,6 +810,13 @@ export class OutgoingMigration {
   private startLazy(sock: Socket, stream: MuxStream): void {
     const tunnel = new ResumableTunnel(sock);
     this.lazy = tunnel;
+    // If this agent dies, CRIU must see a broken connection, not a clean end: between two
+    // requests it takes a clean end for "every page delivered" and ends the task here, while the
+    // destination still waits for pages. Broken, it lets the task run on here (the resolver then
+    // drops the destination's copy). Set alongside the first pages: the task waits on them.
+    this.lingerSet = resetOnClose(this.ctx.rt.nativeDir, sock, true).then((why) => {
+      if (why) this.warn(`CRIU's page connection may end cleanly if this agent dies: ${why}`);
+    });
     this.lazyFailed = new Promise<never>((_res, rej) => (this.failLazy = rej));
     this.lazyFailed.catch(() => {});
     sock.on('data', (c: Buffer) => this.pages.add(c.length));
@@ -827,10 +834,21 @@ export class OutgoingMigration {
   /** The destination has every page: from here nothing may take the task back. */
   private lazyDone = false;
 
+  private lingerSet?: Promise<void>;
+
   private lazyComplete(): void {
+    if (this.lazyDone) return;
     this.lazyDone = true;
-    if (this.confirmed) this.lazy?.endLocal();
-    else this.lazy?.once('confirmed', () => this.lazy?.endLocal());
+    // From here a clean end is the truth: clear the reset first, then end.
+    const end = () =>
+      void (this.lingerSet ?? Promise.resolve())
+        .then(() => (this.lazy ? resetOnClose(this.ctx.rt.nativeDir, this.lazy.local, false) : undefined))
+        .then((why) => {
+          if (why) this.warn(`could not clear the reset on CRIU's page connection: ${why}`);
+          this.lazy?.endLocal();
+        });
+    if (this.confirmed) end();
+    else this.lazy?.once('confirmed', end);
   }
   private takenBack = false;
 

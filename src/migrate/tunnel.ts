@@ -1,5 +1,7 @@
 // Bridges between local TCP sockets (CRIU's page server, lazy pages) and the multiplexed streams of the
 // one agent-to-agent session, counting the bytes that cross.
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
 import type { Duplex, Readable, Transform } from 'node:stream';
 
@@ -99,4 +101,18 @@ export async function freeLocalPort(): Promise<number> {
   const l = await listenLocal(() => {});
   await new Promise((r) => l.server.close(r));
   return l.port;
+}
+
+/**
+ * Makes the socket's last close reset the connection (on) or end it cleanly again (off), through
+ * native/ferry-linger: Node cannot set SO_LINGER itself. Resolves with why it could not, if so.
+ */
+export function resetOnClose(nativeDir: string, sock: Socket, on: boolean): Promise<string | undefined> {
+  return new Promise((resolve) => {
+    let err = '';
+    const child = spawn(join(nativeDir, 'ferry-linger'), [on ? 'on' : 'off'], { stdio: ['ignore', 'ignore', 'pipe', sock] });
+    child.stderr!.on('data', (c: Buffer) => (err += c.toString()));
+    child.on('error', (e) => resolve(e.message));
+    child.on('close', (code, sig) => resolve(code === 0 ? undefined : err.trim() || `ferry-linger ended (${sig ?? `code ${code}`})`));
+  });
 }
