@@ -110,7 +110,14 @@ export async function freeLocalPort(): Promise<number> {
 export function resetOnClose(nativeDir: string, sock: Socket, on: boolean): Promise<string | undefined> {
   return new Promise((resolve) => {
     let err = '';
-    const child = spawn(join(nativeDir, 'ferry-linger'), [on ? 'on' : 'off'], { stdio: ['ignore', 'ignore', 'pipe', sock] });
+    let child;
+    try {
+      // Throws at once for a socket already closed (no descriptor to hand over).
+      child = spawn(join(nativeDir, 'ferry-linger'), [on ? 'on' : 'off'], { stdio: ['ignore', 'ignore', 'pipe', sock] });
+    } catch (e) {
+      resolve((e as Error).message.split('\n')[0]);
+      return;
+    }
     child.stderr!.on('data', (c: Buffer) => (err += c.toString()));
     child.on('error', (e) => resolve(e.message));
     child.on('close', (code, sig) => resolve(code === 0 ? undefined : err.trim() || `ferry-linger ended (${sig ?? `code ${code}`})`));
