@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Ferry set-up for Debian 12 (run as root). Idempotent: a second run only checks and prints.
 #   - Debian packages Ferry uses (iproute2, rsync, util-linux, nftables, CRIU build deps)
-#   - CRIU >= 4.2: the criu on PATH if it is new enough and `criu check` passes, otherwise built
-#     from Debian unstable's source package into $FERRY_CACHE (default /var/cache/ferry)
+#   - CRIU >= 4.2, built from Debian unstable's source package with Ferry's patches
+#     (patches/criu) into $FERRY_CACHE (default /var/cache/ferry), once per set of patches
 #   - the pipe sysctls CRIU's lazy pages need where root lacks CAP_SYS_RESOURCE
 #   - npm ci and the build (skip with --no-node)
 #   - with --bench: Podman and runc, which the benchmark compares against
@@ -36,7 +36,7 @@ export DEBIAN_FRONTEND=noninteractive
 runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd python3 redis-server chromium etcd-server)
 build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
-  libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils)
+  libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils patch)
 
 missing_pkgs() {
   local p
@@ -82,62 +82,64 @@ criu_good() { # path -> 0 when version >= 4.2 and criu check passes
   "$bin" check >/dev/null 2>&1
 }
 
+# Ferry's patches to CRIU (patches/criu: the lazy-pages daemon's speed) name the build, so a
+# change to them builds CRIU again; a criu on PATH lacks them and is not used.
+patchid=$(cat "$repo"/patches/criu/*.patch | sha256sum | cut -c1-12)
 criu_bin=""
-if command -v criu >/dev/null 2>&1 && criu_good "$(command -v criu)"; then
-  criu_bin=$(command -v criu)
-  say "using criu on PATH: $criu_bin ($(criu_version "$criu_bin"))"
+for cand in "$cache"/criu-*-ferry-"$patchid"/criu; do
+  if [ -x "$cand" ] && criu_good "$cand"; then criu_bin=$cand; fi
+done
+if [ -n "$criu_bin" ]; then
+  say "using cached criu: $criu_bin ($(criu_version "$criu_bin"), Ferry's patches $patchid)"
 else
-  for cand in "$cache"/criu-*/criu; do
-    if [ -x "$cand" ] && criu_good "$cand"; then criu_bin=$cand; fi
-  done
-  if [ -n "$criu_bin" ]; then
-    say "using cached criu: $criu_bin ($(criu_version "$criu_bin"))"
-  else
-    if command -v criu >/dev/null 2>&1; then
-      say "criu on PATH ($(criu_version "$(command -v criu)")) is older than 4.2 or fails 'criu check'; building 4.2+"
-    else
-      say "no criu on PATH; building CRIU >= 4.2 from Debian unstable's source package"
-    fi
-    apt_install "${build_pkgs[@]}"
-    srclist=/etc/apt/sources.list.d/ferry-criu-src.sources
-    if [ ! -f "$srclist" ]; then
-      # The same mirror this machine already uses for bookworm.
-      mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v -- '-security' | head -n1)
-      [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | awk '$3 ~ /^bookworm$/ {print $2}' | head -n1)
-      [ -n "$mirror" ] || die "cannot find this machine's Debian mirror in /etc/apt to add the unstable source index"
-      # deb-src only: a deb entry for sid would mix releases on this machine.
-      cat >"$srclist" <<SRC
+  say "building CRIU >= 4.2 from Debian unstable's source package, with Ferry's patches ($patchid)"
+  apt_install "${build_pkgs[@]}"
+  srclist=/etc/apt/sources.list.d/ferry-criu-src.sources
+  if [ ! -f "$srclist" ]; then
+    # The same mirror this machine already uses for bookworm.
+    mirror=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' | grep -v -- '-security' | head -n1)
+    [ -n "$mirror" ] || mirror=$(grep -hs '^deb ' /etc/apt/sources.list | awk '$3 ~ /^bookworm$/ {print $2}' | head -n1)
+    [ -n "$mirror" ] || die "cannot find this machine's Debian mirror in /etc/apt to add the unstable source index"
+    # deb-src only: a deb entry for sid would mix releases on this machine.
+    cat >"$srclist" <<SRC
 Types: deb-src
 URIs: $mirror
 Suites: unstable
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
-      say "added deb-src entry for Debian unstable: $srclist"
-    fi
-    say "apt-get update (with the unstable source index)"
-    apt-get -o Acquire::Check-Valid-Until=false update -qq
-    srcver=$(apt-cache showsrc criu 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -n1)
-    [ -n "$srcver" ] || die "no CRIU source package found in Debian unstable; check network access to Debian's mirror"
-    upver=${srcver%%-*}; upver=${upver#*:}
-    version_ge_42 "$upver" || die "Debian unstable offers CRIU $upver, older than 4.2"
-    work=$(mktemp -d /tmp/ferry-criu-build.XXXXXX)
-    trap 'rm -rf "$work"' EXIT
-    say "fetching CRIU $srcver source"
-    # The .debian.tar.xz may be missing on the mirror snapshot; the orig tarball is what we build.
-    (cd "$work" && apt-get -o Acquire::Check-Valid-Until=false source --download-only "criu=$srcver" >/dev/null 2>&1) || true
-    tarball=$(ls "$work"/criu_"$upver".orig.tar.* 2>/dev/null | head -n1)
-    [ -n "$tarball" ] || die "could not download criu_${upver}.orig tarball; check the deb-src entry in $srclist"
-    tar -C "$work" -xf "$tarball"
-    srcdir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
-    say "building CRIU $upver (make -j$(nproc) criu)"
-    make -C "$srcdir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
-    mkdir -p "$cache/criu-$upver"
-    install -m 0755 "$srcdir/criu/criu" "$cache/criu-$upver/criu"
-    criu_bin="$cache/criu-$upver/criu"
-    criu_good "$criu_bin" || die "built $criu_bin but 'criu check' fails: run '$criu_bin check' to see why"
-    say "built and installed $criu_bin"
+    say "added deb-src entry for Debian unstable: $srclist"
   fi
+  say "apt-get update (with the unstable source index)"
+  apt-get -o Acquire::Check-Valid-Until=false update -qq
+  srcver=$(apt-cache showsrc criu 2>/dev/null | sed -n 's/^Version: //p' | sort -V | tail -n1)
+  [ -n "$srcver" ] || die "no CRIU source package found in Debian unstable; check network access to Debian's mirror"
+  upver=${srcver%%-*}; upver=${upver#*:}
+  version_ge_42 "$upver" || die "Debian unstable offers CRIU $upver, older than 4.2"
+  work=$(mktemp -d /tmp/ferry-criu-build.XXXXXX)
+  trap 'rm -rf "$work"' EXIT
+  say "fetching CRIU $srcver source"
+  # The .debian.tar.xz may be missing on the mirror snapshot; the orig tarball is what we build.
+  (cd "$work" && apt-get -o Acquire::Check-Valid-Until=false source --download-only "criu=$srcver" >/dev/null 2>&1) || true
+  tarball=$(ls "$work"/criu_"$upver".orig.tar.* 2>/dev/null | head -n1)
+  [ -n "$tarball" ] || die "could not download criu_${upver}.orig tarball; check the deb-src entry in $srclist"
+  tar -C "$work" -xf "$tarball"
+  srcdir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
+  # A patch that does not apply to a newer CRIU costs speed, not correctness: build without it.
+  for p in "$repo"/patches/criu/*.patch; do
+    if patch -d "$srcdir" -p1 --quiet --dry-run <"$p" >/dev/null 2>&1; then
+      patch -d "$srcdir" -p1 --quiet <"$p"
+    else
+      say "warning: Ferry's CRIU patch $(basename "$p") does not apply to CRIU $upver; building without it"
+    fi
+  done
+  say "building CRIU $upver (make -j$(nproc) criu)"
+  make -C "$srcdir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
+  mkdir -p "$cache/criu-$upver-ferry-$patchid"
+  install -m 0755 "$srcdir/criu/criu" "$cache/criu-$upver-ferry-$patchid/criu"
+  criu_bin="$cache/criu-$upver-ferry-$patchid/criu"
+  criu_good "$criu_bin" || die "built $criu_bin but 'criu check' fails: run '$criu_bin check' to see why"
+  say "built and installed $criu_bin"
 fi
 mkdir -p "$confdir"
 conf="$confdir/config.json"

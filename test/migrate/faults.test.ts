@@ -50,6 +50,15 @@ function applies(phase: FaultPoint, fault: Fault): boolean {
  * the pages cannot come (README, known limits). Ferry then keeps the task from running on with
  * missing memory, but cannot always keep it: these cells are reported, not required.
  */
+/** What h1 kept of a task that is gone: how it ended and the end of CRIU's dump log. */
+function lostTaskClues(name: string): string {
+  const dir = lab.taskDir('h1', name);
+  if (!existsSync(dir)) return '';
+  const exits = readdirSync(dir).filter((f) => /^exit-.*\.json$/.test(f)).map((f) => readFileSync(join(dir, f), 'utf8').trim());
+  const log = existsSync(join(dir, 'migrate-dump.log')) ? readFileSync(join(dir, 'migrate-dump.log'), 'utf8').trim().split('\n').slice(-6).join(' | ') : '';
+  return `; exit: ${exits.join(' ') || '-'}; CRIU's dump log ends: ${log || '-'}`;
+}
+
 function knownLimit(phase: FaultPoint, fault: Fault): boolean {
   return phase === 'postcopy' && fault.includes('agent killed');
 }
@@ -264,7 +273,7 @@ for (const { phase, host, mode } of PHASES) {
       cells.push({ phase, fault, where, intact, pauseS, settledS: ms / 1000, cli: lastLine, ok, known });
       t.diagnostic(`${where}, memory ${intact === undefined ? 'unchecked' : intact === 'unreadable' ? 'UNREADABLE' : intact ? 'intact' : 'CHANGED'}, pause ${pauseS?.toFixed(2) ?? '-'} s, settled ${(ms / 1000).toFixed(1)} s; CLI: ${lastLine.slice(0, 200)}`);
       if (!known) {
-        assert.equal(running.length, 1, `the task must run on exactly one host: ${JSON.stringify(states)}`);
+        assert.equal(running.length, 1, `the task must run on exactly one host: ${JSON.stringify(states)}${running.length ? '' : lostTaskClues(name)}`);
         assert.equal(intact, true, 'memory and heartbeat must be intact');
         // The CLI ends by saying where the task runs (unless it was the one killed).
         if (fault !== 'CLI killed') assert.match(cliOut, /running on h[12]|the task is on h[12]|: h1 -> h2 /, cliOut);
