@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect, type AddressInfo, type Server, type Socket } from 'node:net';
 import { test } from 'node:test';
-import { MemPageHolder, PREFETCH_WINDOW, serveLazy, type FrontStats } from '../../src/precopy/front.js';
+import { MemPageHolder, PREFETCH_WINDOW, PrefetchWindow, serveLazy, type FrontStats } from '../../src/precopy/front.js';
 import type { PageRun } from '../../src/criu/image.js';
 import { PAGE } from '../../src/precopy/store.js';
 
@@ -193,7 +193,7 @@ test('lazy-pages front: every page once and intact, prefetch within its window, 
   const total = runs.reduce((a, r) => a + r.n, 0);
   const src = pageServer(runs, 48);
   const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
   const holder = new MemPageHolder();
   const sockets: Socket[] = [];
   let maxHeld = 0;
@@ -230,7 +230,7 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
   const runs: PageRun[] = [{ vpid: 3, first: 0x100, n: 4096 }];
   const src = pageServer(runs, 256, 80);
   const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
   const sockets: Socket[] = [];
   const front = createServer((d) => {
     const up = connect(srcPort, '127.0.0.1');
@@ -255,4 +255,21 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
     front.close();
     src.server.close();
   }
+});
+
+test('lazy-pages front: the prefetch window grows while answers do not queue, shrinks when they do, drops at a fault', () => {
+  const w = new PrefetchWindow();
+  const start = w.bytes;
+  for (let i = 0; i < 10; i++) w.answered(1);
+  const grown = w.bytes;
+  assert.ok(grown > start, `${grown} after quick answers, from ${start}`);
+  // Answers that queue 5 ms behind the others (more than the 2 ms allowed) take it back down.
+  for (let i = 0; i < 5; i++) w.answered(6);
+  assert.ok(w.bytes < grown, `${w.bytes} after queued answers, from ${grown}`);
+  for (let i = 0; i < 1000; i++) w.answered(6);
+  assert.equal(w.bytes, start, 'never below the minimum');
+  for (let i = 0; i < 1000; i++) w.answered(1.5);
+  assert.equal(w.bytes, PREFETCH_WINDOW, 'never above the maximum');
+  w.fault();
+  assert.equal(w.bytes, start);
 });

@@ -126,7 +126,7 @@ test('page server: answers from the store, forwards what it lacks, keeps the ord
     sockets.push(daemon, upstream);
     serveLazy(daemon, store, upstream, [], stats);
   });
-  const stats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0 };
+  const stats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
   await new Promise<void>((r) => front.listen(0, '127.0.0.1', r));
   const c: Socket = connect((front.address() as { port: number }).port, '127.0.0.1');
   const got: Buffer[] = [];
