@@ -148,10 +148,11 @@ export class Criu {
   lazyPages(o: { imagesDir: string; address: string; port: number }): ServerHandle {
     const args = ['lazy-pages', '--page-server', '--address', o.address, '--port', String(o.port), '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
     const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'));
-    // The daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
-    // timeout once the restore finished): a whole core for the whole fill. At a lower priority it
-    // leaves that core to the task and the agents when they need it; measured, 1 GiB at 16 MiB/s:
-    // post-copy window 16.8 -> 13.7 s, heartbeat in it 48 -> 56 %, pre-copy's fill 2.7 -> 2.5 s.
+    // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
+    // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the
+    // whole fill. At a lower priority it leaves that core to the task and the agents; measured
+    // with stock CRIU, 1 GiB at 16 MiB/s: post-copy window 16.8 -> 13.7 s, heartbeat in it
+    // 48 -> 56 %, pre-copy's fill 2.7 -> 2.5 s. With the patch, nice 0 and 10 measured the same.
     if (h.child.pid) {
       try {
         setPriority(h.child.pid, LAZY_DAEMON_NICE);

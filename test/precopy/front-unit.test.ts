@@ -257,19 +257,25 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
   }
 });
 
-test('lazy-pages front: the prefetch window grows while answers do not queue, shrinks when they do, drops at a fault', () => {
+test('lazy-pages front: the prefetch window drops at a fault and stays down while faults come, grows while answers do not queue, shrinks when they do', () => {
   const w = new PrefetchWindow();
   const start = w.bytes;
-  for (let i = 0; i < 10; i++) w.answered(1);
+  let t = 0;
+  w.fault(t);
+  // While faults come, the window stays at its minimum.
+  for (let i = 0; i < 10; i++) w.answered(1, (t += 1));
+  assert.equal(w.bytes, start, 'held at the minimum right after a fault');
+  t += 100;
+  for (let i = 0; i < 10; i++) w.answered(1, (t += 1));
   const grown = w.bytes;
   assert.ok(grown > start, `${grown} after quick answers, from ${start}`);
   // Answers that queue 5 ms behind the others (more than the 2 ms allowed) take it back down.
-  for (let i = 0; i < 5; i++) w.answered(6);
+  for (let i = 0; i < 5; i++) w.answered(6, (t += 1));
   assert.ok(w.bytes < grown, `${w.bytes} after queued answers, from ${grown}`);
-  for (let i = 0; i < 1000; i++) w.answered(6);
+  for (let i = 0; i < 1000; i++) w.answered(6, (t += 1));
   assert.equal(w.bytes, start, 'never below the minimum');
-  for (let i = 0; i < 1000; i++) w.answered(1.5);
+  for (let i = 0; i < 1000; i++) w.answered(1.5, (t += 1));
   assert.equal(w.bytes, PREFETCH_WINDOW, 'never above the maximum');
-  w.fault();
+  w.fault((t += 1));
   assert.equal(w.bytes, start);
 });
