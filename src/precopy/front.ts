@@ -38,6 +38,9 @@ export const PREFETCH_WINDOW = 4 << 20;
 const QUEUE_TARGET_MS = 2;
 /** After a fault the window stays at the minimum this long: faults tend to come in bursts. */
 const FAULT_HOLD_MS = 20;
+const PREFETCH_PAGES = 16;
+/** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
+const FORWARD_PAGES = 16;
 
 /**
  * How much prefetch may be in flight. It drops to the minimum at a fault and stays there while
@@ -67,9 +70,7 @@ export class PrefetchWindow {
     else if (now - this.lastFault >= FAULT_HOLD_MS) this.bytes = Math.min(PREFETCH_WINDOW, this.bytes + step);
   }
 }
-const PREFETCH_PAGES = 16;
-/** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
-const FORWARD_PAGES = 16;
+
 /**
  * Prefetched pages held in memory, not yet taken by the daemon. The daemon takes pages only as
  * the task faults while faults keep coming, so a full holder stalls the prefetch: a 1 GiB task
@@ -166,7 +167,7 @@ export interface FrontStats {
   prefetchedPages: number;
   /** Single-page requests (the task's faults) that had to go to the source. */
   faultsForwarded: number;
-  /** From a forwarded fault's request to its answer passed on to the daemon: sum and largest. */
+  /** A fault's wait (forwarded, or on a prefetch in flight), from its request to its answer passed on to the daemon: sum and largest. */
   faultWaitMs: number;
   faultWaitMaxMs: number;
   /** Faults on pages whose prefetch was already in flight. */

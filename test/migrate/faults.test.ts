@@ -45,11 +45,6 @@ function applies(phase: FaultPoint, fault: Fault): boolean {
   return true;
 }
 
-/**
- * Post-copy after the resume, when an agent dies: CRIU's sockets of the pages link die with it, so
- * the pages cannot come (README, known limits). Ferry then keeps the task from running on with
- * missing memory, but cannot always keep it: these cells are reported, not required.
- */
 /** What h1 kept of a task that is gone: how it ended and the end of CRIU's dump log. */
 function lostTaskClues(name: string): string {
   const dir = lab.taskDir('h1', name);
@@ -59,6 +54,11 @@ function lostTaskClues(name: string): string {
   return `; exit: ${exits.join(' ') || '-'}; CRIU's dump log ends: ${log || '-'}`;
 }
 
+/**
+ * Post-copy after the resume, when an agent dies: CRIU's sockets of the pages link die with it, so
+ * the pages cannot come (README, known limits). Ferry then keeps the task from running on with
+ * missing memory, but cannot always keep it: these cells are reported, not required.
+ */
 function knownLimit(phase: FaultPoint, fault: Fault): boolean {
   return phase === 'postcopy' && fault.includes('agent killed');
 }
