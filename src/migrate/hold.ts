@@ -3,7 +3,7 @@
 // lets CRIU end the source task; anything else makes the dump fail, and CRIU resumes the task
 // where it was. While undecided the agent writes "wait" twice a second: if those stop (the agent
 // died) the script gives up within PATIENCE_S and the task resumes, with nobody at the other end.
-import { constants, openSync } from 'node:fs';
+import { closeSync, constants, openSync, writeSync } from 'node:fs';
 import { chmod, mkdir, open, readFile, rm, writeFile } from 'node:fs/promises';
 import { Socket } from 'node:net';
 import { join } from 'node:path';
@@ -16,8 +16,17 @@ export const PATIENCE_S = 5;
 const SCRIPT = `#!/bin/bash
 # Ferry's CRIU action script: hold the frozen task at post-dump until Ferry decides.
 # network-lock/unlock: a task with its own namespace is cut off while CRIU dumps its connections.
-${LOCK_SCRIPT}# pre-dump runs just before CRIU freezes the task: note when (bash's clock, no process spawned).
-[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] && { echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"; exit 0; }
+${LOCK_SCRIPT}# pre-dump runs just before CRIU freezes the task. With a gate, Ferry has something to undo first
+# (a throttle) and answers "go" once done; then note when (bash's clock, no process spawned).
+if [ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ]; then
+  if [ -n "$FERRY_HOLD_GATE" ]; then
+    exec 3<>"$FERRY_HOLD_DIR/events" 5<>"$FERRY_HOLD_DIR/gate" || exit 1
+    echo freezing >&3
+    read -r -t "$FERRY_HOLD_PATIENCE" go <&5 && [ "$go" = go ] || exit 1
+  fi
+  echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"
+  exit 0
+fi
 [ "$CRTOOLS_SCRIPT_ACTION" = post-dump ] || exit 0
 # Read-write opens of a FIFO never block, so the time limits below hold even when no Ferry
 # process is at the other end.
@@ -33,6 +42,13 @@ exit 1
 `;
 
 export class Hold {
+  /**
+   * Runs at pre-dump, when CRIU is about to freeze the task: what must stay in force until then
+   * (a throttle) and must not be in what CRIU dumps. If it throws, the dump fails before anything
+   * froze and the error is kept in gateError.
+   */
+  private beforeFreeze?: () => void;
+  gateError?: Error;
   private verdict: 'commit' | 'abort' | undefined;
   private frozenSeen = false;
   readonly frozen: Promise<void>;
@@ -50,6 +66,7 @@ export class Hold {
       this.events = ev;
       ev.setEncoding('utf8');
       ev.on('data', (c: string) => {
+        if (c.includes('freezing')) this.openGate();
         if (this.frozenSeen || !c.includes('frozen')) return;
         this.frozenSeen = true;
         resolve();
@@ -64,8 +81,37 @@ export class Hold {
     await mkdir(dir, { recursive: true });
     await writeFile(join(dir, 'hold.sh'), SCRIPT);
     await chmod(join(dir, 'hold.sh'), 0o755);
-    await run('mkfifo', [join(dir, 'events'), join(dir, 'verdict')], { timeoutMs: 10_000 });
+    await run('mkfifo', [join(dir, 'events'), join(dir, 'verdict'), join(dir, 'gate')], { timeoutMs: 10_000 });
     return new Hold(dir);
+  }
+
+  /** Set before CRIU starts (see beforeFreeze). */
+  gate(beforeFreeze: () => void): void {
+    this.beforeFreeze = beforeFreeze;
+  }
+
+  private openGate(): void {
+    const f = this.beforeFreeze;
+    if (!f) return;
+    this.beforeFreeze = undefined;
+    let answer = 'go';
+    try {
+      f();
+    } catch (e) {
+      this.gateError = e as Error;
+      answer = 'stop';
+    }
+    try {
+      // The script holds the gate open read-write before it reports, so this cannot block.
+      const fd = openSync(join(this.dir, 'gate'), constants.O_WRONLY | constants.O_NONBLOCK);
+      try {
+        writeSync(fd, `${answer}\n`);
+      } finally {
+        closeSync(fd);
+      }
+    } catch {
+      // the script gave up meanwhile: CRIU fails the dump without us
+    }
   }
 
   /** CRIU has dumped everything and waits at post-dump (the task's parasite is gone by then). */
@@ -85,7 +131,7 @@ export class Hold {
   }
 
   env(timeoutS: number): NodeJS.ProcessEnv {
-    return { ...process.env, FERRY_HOLD_DIR: this.dir, FERRY_HOLD_TIMEOUT: String(timeoutS), FERRY_HOLD_PATIENCE: String(PATIENCE_S) };
+    return { ...process.env, FERRY_HOLD_DIR: this.dir, FERRY_HOLD_TIMEOUT: String(timeoutS), FERRY_HOLD_PATIENCE: String(PATIENCE_S), ...(this.beforeFreeze ? { FERRY_HOLD_GATE: '1' } : {}) };
   }
 
   /** Answers the waiting script; safe to call twice (the first answer counts). */
