@@ -104,8 +104,12 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
   }
   const sock = connect(port, '127.0.0.1');
   await once(sock, 'connect');
+  // As CRIU's daemon: answers fill its requests' places in the order it asked, each into a buffer
+  // of that place's process, no longer than the place asked for; the answer's address says which
+  // request of that process it completes (criu/uffd.c, uffd_io_complete).
   type Req = { vpid: number; page: number; n: number; fault?: true };
   const pending: Req[] = [];
+  const places: Array<{ vpid: number; n: number }> = [];
   const queued = (vpid: number, page: number) => pending.some((q) => q.vpid === vpid && page >= q.page && page < q.page + q.n);
   const xfer = new Map<number, number>();
   let got = 0;
@@ -113,11 +117,12 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
   let closing = false;
   const ask = (q: Req) => {
     pending.push(q);
+    places.push({ vpid: q.vpid, n: q.n });
     sock.write(header(GET, q.n, q.page, q.vpid));
   };
   const background = () => {
     for (const [vpid, set] of missing) {
-      if (!set.size || pending.some((q) => q.vpid === vpid && q.fault === undefined)) continue;
+      if (!set.size || pending.some((q) => q.vpid === vpid)) continue; // CRIU: none while the process has a request out
       const pages = [...set].filter((p) => !queued(vpid, p)).sort((a, b) => a - b);
       if (!pages.length) continue;
       const len = xfer.get(vpid) ?? 16;
@@ -146,10 +151,15 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
         if (inb.length < 32) return;
         const n = Number(inb.readBigUInt64LE(8));
         if (inb.length < 32 + n * PAGE) return;
-        const q = pending.shift()!;
+        const place = places.shift()!;
         const page = Number(inb.readBigUInt64LE(16)) / PAGE;
-        assert.equal(page, q.page, 'answers come in the order asked');
-        assert.ok(n >= 1 && n <= q.n, `answered ${n} of ${q.n} pages`);
+        const vpid = Number(inb.readBigUInt64LE(24));
+        assert.equal(vpid, place.vpid, 'an answer fills a place of its own process');
+        assert.ok(n >= 1 && n <= place.n, `answered ${n} pages in a place for ${place.n}`);
+        const at = pending.findIndex((r) => r.vpid === vpid && r.page === page);
+        assert.ok(at >= 0, `page ${page} of ${vpid} answers a request made`);
+        const q = pending.splice(at, 1)[0]!;
+        assert.ok(n <= q.n, `answered ${n} of ${q.n} pages`);
         for (let i = 0; i < n; i++) {
           assert.ok(missing.get(q.vpid)!.delete(q.page + i), `page ${q.page + i} answered twice`);
           assert.ok(inb.subarray(32 + i * PAGE, 32 + (i + 1) * PAGE).equals(content(q.vpid, q.page + i)), `page ${q.page + i} of ${q.vpid} intact`);
@@ -250,6 +260,36 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
     const next = src.state.log.slice(fault + 1).find(([, n]) => n > 1)!;
     assert.equal(next[0], 0x100 + 2049, `the prefetch after the fault asked for page ${next[0]}`);
     assert.equal(stats.faultsForwarded, 1, 'the pages after the fault were prefetched');
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+    src.server.close();
+  }
+});
+
+test('lazy-pages front: random faults, every page once and intact', async () => {
+  const runs: PageRun[] = [{ vpid: 5, first: 0x800, n: 3000 }];
+  const total = 3000;
+  const src = pageServer(runs, 256, 80);
+  const srcPort = await listen(src.server);
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const sockets: Socket[] = [];
+  const holder = new MemPageHolder();
+  const front = createServer((d) => {
+    const up = connect(srcPort, '127.0.0.1');
+    sockets.push(d, up);
+    serveLazy(d, holder, up, runs, stats).prefetch();
+  });
+  const frontPort = await listen(front);
+  try {
+    const touches: Array<[number, number]> = [];
+    for (let i = 0; i < 120; i++) touches.push([5, 0x800 + ((i * 1237 + 311) % total)]);
+    const r = await daemon(frontPort, runs, touches);
+    assert.equal(r.got, total);
+    assert.equal(src.state.died, '');
+    assert.equal(src.state.pagesSent, stats.prefetchedPages + stats.forwardedPages, 'nothing crossed twice');
+    assert.equal(stats.localPages + stats.forwardedPages, total);
+    assert.equal(holder.heldBytes, 0, 'every page held for the daemon was taken');
   } finally {
     for (const s of sockets) s.destroy();
     front.close();
