@@ -41,21 +41,15 @@ const FAULT_HOLD_MS = 20;
 const PREFETCH_PAGES = 16;
 /** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
 const FORWARD_PAGES = 16;
-/** A fault this close after a recent one (same process, pages ahead) counts as the task walking its memory. */
-const SEQUENTIAL_REACH = 2 * PREFETCH_PAGES;
-const RECENT_FAULTS = 4;
 
 /**
- * How much prefetch may be in flight. At a fault it drops to the minimum if the fault follows
- * closely on the one before (a task walking its memory: the pages after it are worth fetching),
- * else to nothing; and stays there while faults keep coming (FAULT_HOLD_MS). Then it grows by a
- * step per answer that came back about as fast as the quickest one did, and shrinks by a step per
- * answer that queued longer than QUEUE_TARGET_MS behind the others (LEDBAT's rule). What is in
- * flight then stays near what keeps the link busy, and a fault waits behind little more than one
- * round trip. Measured on 1 GiB at 256 MiB/s (auto finishing by post-copy): a fault the source
- * answered waited 35 ms on average behind a window grown to 4 MiB, 4 ms with the queueing rule,
- * 1.2 ms with the hold. Random faults waited 2 ms behind the minimum still in flight, 0.5 ms
- * behind none (1 GiB at 256 MiB/s, post-copy, single runs).
+ * How much prefetch may be in flight. It drops to the minimum at a fault and stays there while
+ * faults keep coming (FAULT_HOLD_MS); then it grows by a step per answer that came back about
+ * as fast as the quickest one did, and shrinks by a step per answer that queued longer than
+ * QUEUE_TARGET_MS behind the others (LEDBAT's rule). What is in flight then stays near what
+ * keeps the link busy, and a fault waits behind little more than one round trip. Measured on
+ * 1 GiB at 256 MiB/s (auto finishing by post-copy): a fault the source answered waited 35 ms on
+ * average behind a window grown to 4 MiB, 4 ms with the queueing rule, 1.2 ms with the hold.
  */
 export class PrefetchWindow {
   bytes = MIN_WINDOW;
@@ -64,27 +58,16 @@ export class PrefetchWindow {
 
   private lastFault = Number.NEGATIVE_INFINITY;
 
-  fault(sequential: boolean, now = performance.now()): void {
-    this.bytes = sequential ? MIN_WINDOW : 0;
+  fault(now = performance.now()): void {
+    this.bytes = MIN_WINDOW;
     this.lastFault = now;
-  }
-
-  /** What may be in flight now: at least the minimum again once faults stopped for FAULT_HOLD_MS. */
-  allowed(now = performance.now()): number {
-    if (this.bytes < MIN_WINDOW && !this.holding(now)) this.bytes = MIN_WINDOW;
-    return this.bytes;
-  }
-
-  holding(now = performance.now()): boolean {
-    return now - this.lastFault < FAULT_HOLD_MS;
   }
 
   answered(rttMs: number, now = performance.now()): void {
     if (rttMs < this.minRtt) this.minRtt = rttMs;
-    if (this.holding(now)) return;
     const step = PREFETCH_PAGES * PAGE;
     if (rttMs > this.minRtt + QUEUE_TARGET_MS) this.bytes = Math.max(MIN_WINDOW, this.bytes - step);
-    else this.bytes = Math.min(PREFETCH_WINDOW, this.bytes + step);
+    else if (now - this.lastFault >= FAULT_HOLD_MS) this.bytes = Math.min(PREFETCH_WINDOW, this.bytes + step);
   }
 }
 
@@ -224,15 +207,6 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
   // just after it, so a task reading its memory in order finds its next pages already here.
   let cursor = { run: 0, page: runs[0]?.first ?? 0 };
   let follow: { run: number; page: number } | undefined;
-  // The last few faults: several threads may each walk their own part of memory.
-  const recent: Array<{ vpid: number; page: number }> = [];
-  /** Notes a fault (a single-page request) and says whether it follows closely on a recent one (or is the first). */
-  const sequential = (vpid: number, page: number): boolean => {
-    const near = !recent.length || recent.some((f) => f.vpid === vpid && page > f.page && page - f.page <= SEQUENTIAL_REACH);
-    recent.unshift({ vpid, page });
-    if (recent.length > RECENT_FAULTS) recent.pop();
-    return near;
-  };
 
   const fail = (why: string) => {
     daemon.destroy(new FerryError('PEER', why));
@@ -270,17 +244,8 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
     }
     return undefined;
   };
-  let wake: NodeJS.Timeout | undefined;
   const pump = () => {
-    if (started && !closed && window.allowed() === 0 && !wake) {
-      // Nothing may be in flight while random faults come: look again once they stop.
-      wake = setTimeout(() => {
-        wake = undefined;
-        pump();
-      }, FAULT_HOLD_MS);
-      wake.unref();
-    }
-    while (started && !closed && inflight < window.allowed() && holder.heldBytes < HOLD_CAP) {
+    while (started && !closed && inflight < window.bytes && holder.heldBytes < HOLD_CAP) {
       let next = follow ? take(follow, true) : undefined;
       if (!next) {
         follow = undefined;
@@ -316,7 +281,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
     stats.localPages += k;
     return { kind: 'ready', data: out };
   };
-  const forward = (vpid: number, first: number, n: number, faultAt?: number, seq = false): Entry => {
+  const forward = (vpid: number, first: number, n: number, faultAt?: number): Entry => {
     let m = 1;
     while (m < n && m < FORWARD_PAGES && wanted(vpid, first + m)) m++;
     for (let i = 0; i < m; i++) asked.set(key(vpid, first + i), 2);
@@ -326,7 +291,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
     if (n === 1) {
       entry.faultAt = faultAt ?? performance.now();
       stats.faultsForwarded++;
-      window.fault(seq);
+      window.fault();
       // A fault: what the task reads next is most likely what follows it.
       const run = runOf(vpid, first);
       if (run >= 0) follow = { run, page: first + 1 };
@@ -349,7 +314,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
             stats.faultsWaited++;
             faultServed(head.faultAt);
           }
-        } else if (asked.get(key(head.vpid, head.first)) !== 1) entries[0] = forward(head.vpid, head.first, head.n, head.faultAt, true);
+        } else if (asked.get(key(head.vpid, head.first)) !== 1) entries[0] = forward(head.vpid, head.first, head.n, head.faultAt);
         else return;
         continue;
       }
@@ -429,13 +394,12 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
         const vpid = Number(req.readBigUInt64LE(24));
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
-        const seq = n === 1 && sequential(vpid, first);
         if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
         else if (asked.get(key(vpid, first)) === 1) {
-          if (n === 1) window.fault(true);
+          if (n === 1) window.fault();
           entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) });
         }
-        else if (upstream) entries.push(forward(vpid, first, n, undefined, seq));
+        else if (upstream) entries.push(forward(vpid, first, n));
         else return fail(`page 0x${vaddr.toString(16)} of process ${vpid} never arrived`);
       } else if (cmd === PS_IOV_CLOSE || cmd === PS_IOV_FORCE_CLOSE) {
         // Every page is in the task: no more prefetch; the source answers after what is in flight.
@@ -458,10 +422,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket |
   });
   daemon.on('end', () => upstream?.end());
   daemon.on('error', () => upstream?.destroy());
-  daemon.on('close', () => {
-    clearTimeout(wake);
-    upstream?.end();
-  });
+  daemon.on('close', () => upstream?.end());
   return {
     prefetch: () => {
       started = true;

@@ -301,14 +301,7 @@ test('lazy-pages front: the prefetch window drops at a fault and stays down whil
   const w = new PrefetchWindow();
   const start = w.bytes;
   let t = 0;
-  // A fault far from the one before: nothing in flight until faults stop for a while.
-  w.fault(false, t);
-  assert.equal(w.allowed((t += 1)), 0, 'nothing in flight right after a random fault');
-  w.answered(1, (t += 1));
-  assert.equal(w.allowed(t), 0, 'an answer does not reopen it while faults come');
-  assert.equal(w.allowed((t += 100)), start, 'the minimum again once faults stopped');
-  // A fault close after the one before: the minimum stays, for the pages that follow it.
-  w.fault(true, t);
+  w.fault(t);
   // While faults come, the window stays at its minimum.
   for (let i = 0; i < 10; i++) w.answered(1, (t += 1));
   assert.equal(w.bytes, start, 'held at the minimum right after a fault');
@@ -323,6 +316,6 @@ test('lazy-pages front: the prefetch window drops at a fault and stays down whil
   assert.equal(w.bytes, start, 'never below the minimum');
   for (let i = 0; i < 1000; i++) w.answered(1.5, (t += 1));
   assert.equal(w.bytes, PREFETCH_WINDOW, 'never above the maximum');
-  w.fault(true, (t += 1));
+  w.fault((t += 1));
   assert.equal(w.bytes, start);
 });
