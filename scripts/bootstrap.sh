@@ -87,7 +87,8 @@ criu_good() { # path -> 0 when version >= 4.2 and criu check passes
 patchid=$(cat "$repo"/patches/criu/*.patch | sha256sum | cut -c1-12)
 criu_bin=""
 for cand in "$cache"/criu-*-ferry-"$patchid"/criu; do
-  if [ -x "$cand" ] && criu_good "$cand"; then criu_bin=$cand; fi
+  # ferry-patches says which patches went in (ferry doctor reads it); a build without it is older.
+  if [ -x "$cand" ] && [ -f "$(dirname "$cand")/ferry-patches" ] && criu_good "$cand"; then criu_bin=$cand; fi
 done
 if [ -n "$criu_bin" ]; then
   say "using cached criu: $criu_bin ($(criu_version "$criu_bin"), Ferry's patches $patchid)"
@@ -126,17 +127,21 @@ SRC
   tar -C "$work" -xf "$tarball"
   srcdir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
   # A patch that does not apply to a newer CRIU costs speed, not correctness: build without it.
+  : >"$work/ferry-patches"
   for p in "$repo"/patches/criu/*.patch; do
     if patch -d "$srcdir" -p1 --quiet --dry-run <"$p" >/dev/null 2>&1; then
       patch -d "$srcdir" -p1 --quiet <"$p"
+      echo "applied $(basename "$p" .patch)" >>"$work/ferry-patches"
     else
       say "warning: Ferry's CRIU patch $(basename "$p") does not apply to CRIU $upver; building without it"
+      echo "not-applied $(basename "$p" .patch)" >>"$work/ferry-patches"
     fi
   done
   say "building CRIU $upver (make -j$(nproc) criu)"
   make -C "$srcdir" -j"$(nproc)" criu >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log" >&2; die "CRIU build failed (log above)"; }
   mkdir -p "$cache/criu-$upver-ferry-$patchid"
   install -m 0755 "$srcdir/criu/criu" "$cache/criu-$upver-ferry-$patchid/criu"
+  install -m 0644 "$work/ferry-patches" "$cache/criu-$upver-ferry-$patchid/ferry-patches"
   criu_bin="$cache/criu-$upver-ferry-$patchid/criu"
   criu_good "$criu_bin" || die "built $criu_bin but 'criu check' fails: run '$criu_bin check' to see why"
   say "built and installed $criu_bin"

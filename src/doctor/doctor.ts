@@ -1,5 +1,6 @@
 // `ferry doctor`: can this host checkpoint, and which of Ferry's modes does its kernel allow?
 import { readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import type { FerryConfig } from '../config.js';
 import { Criu, isSupported } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
@@ -63,6 +64,25 @@ async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: st
   }
 }
 
+/**
+ * Whether this CRIU carries Ferry's patches to its lazy-pages daemon (patches/criu). Without them
+ * CRIU works, but post-copy and the fill after pre-copy are slower. scripts/bootstrap.sh writes
+ * beside the CRIU it builds which patches went in.
+ */
+function patchCheck(criu: string): DoctorCheck {
+  const effect = 'without them post-copy and the fill after pre-copy are slower: the lazy-pages daemon walks a list of ranges at every fault and polls a whole core';
+  let lines: string[];
+  try {
+    lines = readFileSync(join(dirname(criu), 'ferry-patches'), 'utf8').split('\n').filter(Boolean);
+  } catch {
+    return { name: 'criu patches', status: 'warn', detail: `${criu} was not built by scripts/bootstrap.sh: it has none of Ferry's patches (patches/criu)`, effect, fix: 'run scripts/bootstrap.sh' };
+  }
+  const missing = lines.filter((l) => !l.startsWith('applied ')).map((l) => l.replace(/^\S+ /, ''));
+  const applied = lines.filter((l) => l.startsWith('applied ')).map((l) => l.slice('applied '.length));
+  if (missing.length) return { name: 'criu patches', status: 'warn', detail: `Ferry's patches ${missing.join(', ')} did not apply to this CRIU (applied: ${applied.join(', ') || 'none'})`, effect, fix: 'update patches/criu for this CRIU version' };
+  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon runs at the speed Ferry measures' };
+}
+
 async function has(cmd: string, args: string[]): Promise<boolean> {
   try {
     const r = await run(cmd, args, { timeoutMs: 10_000, reject: false });
@@ -109,6 +129,7 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     checks.push({ name: 'criu', status: 'missing', detail: e.message, effect: 'nothing can be checkpointed', fix: e.hint ?? 'run scripts/bootstrap.sh' });
   }
 
+  if (criuOk) checks.push(patchCheck(cfg.criu));
   const feature = async (f: string) => criuOk && (await has(cfg.criu, ['check', '--feature', f]));
   const uffd = await feature('uffd-noncoop');
   checks.push({
