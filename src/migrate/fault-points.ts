@@ -50,3 +50,8 @@ export function debugDropRound(): string | undefined {
 export function debugTrackMethod(): string | undefined {
   return debugSetting('track-method');
 }
+
+/** DIR/throttle-gate holding "fail": lifting the throttle at CRIU's pre-dump fails, once. */
+export function debugThrottleGate(): boolean {
+  return debugSetting('throttle-gate') === 'fail';
+}

@@ -29,7 +29,7 @@ import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
 import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
-import { debugDropRound, debugTrackMethod, faultPoint } from './fault-points.js';
+import { debugDropRound, debugThrottleGate, debugTrackMethod, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, resetOnClose, splice } from './tunnel.js';
@@ -516,7 +516,12 @@ export class OutgoingMigration {
     // so a failure still fails cleanly): lifted before CRIU started, the task wrote 24 MiB more
     // at 256 MiB/s, the last delta grew ~15-fold and the pause by ~0.2 s.
     const throttle = this.throttle;
-    if (throttle?.level) this.hold.gate(() => throttle.release());
+    if (throttle?.level) {
+      this.hold.gate(() => {
+        if (debugThrottleGate()) throw new Error('a test made it fail');
+        throttle.release();
+      });
+    }
     this.releaseDumpSlot = await dumpSlot(this.rec.cwd);
     if (this.cancelled) throw this.cancelled;
     await this.journal({ phase: 'frozen', holdDir: this.hold.dir });

@@ -230,6 +230,28 @@ test('fault: a pre-copy whose restore fails leaves the task running on the sourc
   assertDisarmed(task.pid!);
 });
 
+test('fault: a throttle that cannot be lifted at the freeze fails the migration in one line; the task runs on at the source in its own cgroups, every page intact', async (t) => {
+  if (!cgroupWritable()) return t.skip('no writable cgroup cpu controller on this machine');
+  t.after(async () => {
+    rmSync(join(debugDir, 'throttle-gate'), { force: true });
+    await lab.removeEverywhere('stuck');
+  });
+  await startMemcheck('stuck', ['--mib', '64', '--rate', '256', '--threads', '2']);
+  const pid = (await lab.tasksOn('h1')).find((x) => x.name === 'stuck')!.pid!;
+  const cgBefore = treePids(pid).map(cpuCgroupOf);
+  writeFileSync(join(debugDir, 'throttle-gate'), 'fail\n');
+  const r = await lab.ferry(['--host', 'h1', 'migrate', 'stuck', '--to', 'h2', '--allow-throttle', '--max-rounds', '8']);
+  // The throttle's own notes come first; the failure is one line.
+  oneLine({ ...r, stderr: r.stderr.split('\n').filter((l) => !/note: /.test(l)).join('\n') }, /migration of 'stuck' to h2 failed: could not lift the task's CPU throttle before the freeze.*running on h1 again/);
+  const task = (await lab.tasksOn('h1')).find((x) => x.name === 'stuck');
+  assert.equal(task?.state, 'running');
+  assert.equal((await lab.tasksOn('h2')).some((x) => x.name === 'stuck'), false, 'nothing of it on h2');
+  assert.deepEqual(treePids(pid).map(cpuCgroupOf), cgBefore, 'the task is back in the cgroups it had');
+  assert.deepEqual(throttleCgroups(), [], 'no throttle cgroup is left');
+  assertDisarmed(pid);
+  assertAllOk(await checkMemory('h1', 'stuck'));
+});
+
 test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-post-copy']), /--allow-post-copy applies to --mode auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
