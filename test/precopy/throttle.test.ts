@@ -87,9 +87,15 @@ test('throttle: a process that writes on a schedule with little CPU sleeps for t
   th.release();
   assert.equal(freezerCgroup(child.pid!), home, 'back in its own freezer cgroup');
   assert.match(readFileSync(`/proc/${child.pid}/status`, 'utf8'), /State:\s+[SR]/, 'awake');
-  b0 = beats;
-  await sleep(500);
-  assert.ok(beats - b0 > free * 0.3, 'beats again at its own pace');
+  // Its own pace in some half second of the next three (a busy host may hold it up for one):
+  // still asleep 80 % of the time it would beat ~0.1 of its free rate per half second.
+  let best = 0;
+  for (let i = 0; i < 6 && best <= free * 0.3; i++) {
+    b0 = beats;
+    await sleep(500);
+    best = Math.max(best, beats - b0);
+  }
+  assert.ok(best > free * 0.3, `beats again at its own pace: at best ${best} in half a second, ${free} a second free`);
   assert.equal(existsSync(join(FREEZER, home, `ferry-throttle.testhost.s${process.pid}`)), false, 'the freezer cgroup is gone');
 });
 
