@@ -727,7 +727,7 @@ export class OutgoingMigration {
   private async untilFrozen(): Promise<void> {
     const r = await Promise.race([this.hold!.frozen.then(() => 'frozen' as const), this.dumpExit!.then(() => 'exited' as const)]);
     const gate = this.hold!.gateError;
-    if (r === 'exited' && gate) throw new FerryError('PRECOPY', `could not lift the task's CPU throttle before the freeze: ${gate.message}`, { hint: 'the task runs on here; migrate it again without --allow-throttle' });
+    if (r === 'exited' && gate) throw new FerryError('PRECOPY', `could not lift the task's CPU throttle before the freeze: ${gate.message}`, { hint: 'migrate it again without --allow-throttle' });
     if (r === 'exited') throw await this.dumpFailure();
   }
 
