@@ -341,6 +341,22 @@ static char thread_state(pid_t pid, pid_t tid) {
   return rp && rp[1] == ' ' ? rp[2] : 0;
 }
 
+/* The thread's seccomp mode (0 none, 1 strict, 2 filter), from its status; -1 if unreadable. */
+static int seccomp_mode(pid_t pid, pid_t tid) {
+  char path[96], line[256];
+  snprintf(path, sizeof path, "/proc/%d/task/%d/status", pid, tid);
+  FILE *f = fopen(path, "re");
+  if (!f) return -1;
+  int mode = -1;
+  while (fgets(line, sizeof line, f))
+    if (!strncmp(line, "Seccomp:", 8)) {
+      mode = atoi(line + 8);
+      break;
+    }
+  fclose(f);
+  return mode;
+}
+
 /* A userfaultfd on the process's memory, held here; -errno when it cannot be had. */
 static int take_uffd(pid_t pid) {
   uint64_t insn = find_syscall_insn(pid);
@@ -367,9 +383,14 @@ static int take_uffd(pid_t pid) {
     sigaddset(&hold, SIGINT);
     sigaddset(&hold, SIGHUP);
     sigprocmask(SIG_BLOCK, &hold, &was);
-    if (ptrace(PTRACE_SEIZE, tid, 0, 0)) {
+    /* A sandboxed thread's filter may kill the task for the calls we run in it (userfaultfd is
+       rarely allowed): its filter is suspended while we hold it, as CRIU's compel does. Where it
+       cannot be (no CAP_SYS_ADMIN), the process is tracked by content instead. */
+    int sandboxed = seccomp_mode(pid, tid);
+    if (sandboxed < 0) continue; /* gone */
+    if (ptrace(PTRACE_SEIZE, tid, 0, sandboxed ? PTRACE_O_SUSPEND_SECCOMP : 0)) {
       sigprocmask(SIG_SETMASK, &was, NULL);
-      result = errno == EPERM ? -EPERM : -ESRCH;
+      result = errno == EPERM || (sandboxed && errno == EINVAL) ? -EPERM : -ESRCH;
       if (result == -EPERM) break;
       continue;
     }

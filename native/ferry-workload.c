@@ -1,7 +1,7 @@
 // ferry-workload: a task for Ferry's tests, demo and benchmark.
 //
 //   ferry-workload [--mib N] [--dirty MIB_PER_S] [--pattern seq|uniform|hot] [--scan 0|1]
-//                  [--interval-ms MS] [--threads N] [--files N] [--procs N]
+//                  [--interval-ms MS] [--threads N] [--files N] [--procs N] [--seccomp 0|1]
 //
 // Allocates N MiB of incompressible data and appends a heartbeat line to stdout every interval:
 //   hb SEQ MONOTONIC_NS REALTIME_NS
@@ -11,9 +11,16 @@
 // its memory in address order between heartbeats (every page, over and over). SIGUSR1 makes it
 // print "sum HEX" of its memory. --threads, --files and --procs make the task that many threads,
 // open descriptors (of /dev/null) and processes, for measuring how a migration scales with them.
+// --seccomp 1 installs a seccomp filter (all threads and processes) that kills the task if it
+// ever calls userfaultfd(): a sandboxed service, which a migration must not make call it.
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <linux/audit.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
 #include <pthread.h>
+#include <stddef.h>
+#include <sys/syscall.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <signal.h>
@@ -51,6 +58,21 @@ static void say(const char *fmt, ...) {
   if (n > 0) (void)!write(1, buf, (size_t)n);
 }
 
+/* userfaultfd() kills the whole process; every other system call is allowed. */
+static int kill_on_userfaultfd(void) {
+  struct sock_filter f[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, arch)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, AUDIT_ARCH_X86_64, 0, 3),
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_userfaultfd, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  struct sock_fprog prog = {sizeof f / sizeof f[0], f};
+  if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)) return -1;
+  return prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog);
+}
+
 static void *idle_thread(void *arg) {
   (void)arg;
   for (;;) pause();
@@ -58,7 +80,7 @@ static void *idle_thread(void *arg) {
 }
 
 int main(int argc, char **argv) {
-  long mib = 64, dirty = 0, interval_ms = 10, threads = 1, files = 0, procs = 1, pattern = 0, scan = 0;
+  long mib = 64, dirty = 0, interval_ms = 10, threads = 1, files = 0, procs = 1, pattern = 0, scan = 0, sandbox = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!strcmp(argv[i], "--mib")) mib = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--dirty")) dirty = atol(argv[i + 1]);
@@ -68,6 +90,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(argv[i], "--procs")) procs = atol(argv[i + 1]);
     else if (!strcmp(argv[i], "--pattern")) pattern = !strcmp(argv[i + 1], "uniform") ? 1 : !strcmp(argv[i + 1], "hot") ? 2 : 0;
     else if (!strcmp(argv[i], "--scan")) scan = atol(argv[i + 1]);
+    else if (!strcmp(argv[i], "--seccomp")) sandbox = atol(argv[i + 1]);
     else {
       fprintf(stderr, "ferry-workload: unknown option %s\n", argv[i]);
       return 2;
@@ -76,6 +99,11 @@ int main(int argc, char **argv) {
   if (mib < 0 || dirty < 0 || interval_ms <= 0 || threads < 1 || files < 0 || procs < 1) {
     fprintf(stderr, "ferry-workload: sizes and rates must be positive\n");
     return 2;
+  }
+  // Before any thread or process is made: they all inherit it.
+  if (sandbox && kill_on_userfaultfd()) {
+    perror("ferry-workload: seccomp");
+    return 1;
   }
   if (files > 0) {
     struct rlimit rl;

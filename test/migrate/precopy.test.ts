@@ -252,6 +252,25 @@ test('fault: a throttle that cannot be lifted at the freeze fails the migration 
   assertAllOk(await checkMemory('h1', 'stuck'));
 });
 
+// A sandboxed service (a seccomp filter that kills it on userfaultfd(), the call the tracker runs
+// inside each process to arm it): the filter is suspended while the tracker holds the thread, so
+// the task moves by pre-copy, armed, and lands with its filter in force.
+test('auto: a task whose seccomp filter forbids userfaultfd moves armed, its filter and memory intact', async (t) => {
+  const name = 'sandboxed';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', join(NATIVE, 'ferry-workload'), '--mib', '64', '--dirty', '8', '--pattern', 'uniform', '--procs', '2', '--threads', '2', '--seccomp', '1']);
+  const sum = await lab.heartbeatReady('h1', name);
+  const r = await migrate(name, []);
+  assert.equal(r.ok, true);
+  assert.equal(r.precopy?.method, 'userfaultfd write-protect + PAGEMAP_SCAN');
+  await lab.assertIntact('h2', name, sum);
+  const pid = (await lab.tasksOn('h2')).find((x) => x.name === name)!.pid!;
+  const procs = treePids(pid).filter((p) => readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'ferry-workload');
+  assert.equal(procs.length, 2, 'both processes of the task run on h2');
+  for (const p of procs) assert.match(readFileSync(`/proc/${p}/status`, 'utf8'), /^Seccomp:\s+2$/m, `process ${p} keeps its filter`);
+  assertDisarmed(procs[0]!);
+});
+
 test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-post-copy']), /--allow-post-copy applies to --mode auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
