@@ -412,7 +412,11 @@ static int take_uffd(pid_t pid) {
       }
     }
     struct user_regs_struct saved;
-    if (ok && ptrace(PTRACE_GETREGS, tid, 0, &saved) == 0) {
+    /* Only 64-bit code may run the syscall instruction (a 32-bit task would die of SIGILL; cs
+       0x33 is the 64-bit user code segment): such a process is tracked by content instead. */
+    int regs = ok && ptrace(PTRACE_GETREGS, tid, 0, &saved) == 0;
+    if (regs && saved.cs != 0x33) result = -ENOEXEC;
+    else if (regs) {
       long fd = remote_syscall(tid, &saved, insn, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
       if (fd == -EPERM) fd = remote_syscall(tid, &saved, insn, __NR_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
       if (fd >= 0) {
