@@ -271,6 +271,33 @@ test('auto: a task whose seccomp filter forbids userfaultfd moves armed, its fil
   assertDisarmed(procs[0]!);
 });
 
+// A task stopped by job control (SIGSTOP) when it is moved: the tracker runs its system calls in
+// a stopped thread; the task must arrive still stopped, and go on from where it was once continued.
+test('auto: a stopped task arrives stopped and resumes on SIGCONT with its memory intact', async (t) => {
+  const name = 'stopped';
+  t.after(() => lab.removeEverywhere(name));
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', join(NATIVE, 'ferry-workload'), '--mib', '64', '--dirty', '8', '--pattern', 'uniform', '--threads', '2']);
+  const sum = await lab.heartbeatReady('h1', name);
+  const workloadOn = async (host: string) => {
+    const pid = (await lab.tasksOn(host)).find((x) => x.name === name)!.pid!;
+    return treePids(pid).find((p) => readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'ferry-workload')!;
+  };
+  const state = (pid: number) => readdirSync(`/proc/${pid}/task`).map((tid) => readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]);
+  const src = await workloadOn('h1');
+  process.kill(src, 'SIGSTOP');
+  await waitFor('the task to stop', () => (state(src).every((s) => s === 'T') ? true : undefined));
+  const r = await migrate(name, []);
+  assert.equal(r.ok, true);
+  assert.equal(r.precopy?.method, 'userfaultfd write-protect + PAGEMAP_SCAN');
+  const dst = await workloadOn('h2');
+  const beats = lab.logOf('h2', name).length;
+  await new Promise((res) => setTimeout(res, 300));
+  assert.deepEqual(state(dst), ['T', 'T'], 'both threads still stopped on h2');
+  assert.equal(lab.logOf('h2', name).length, beats, 'no heartbeat while stopped');
+  process.kill(dst, 'SIGCONT');
+  await lab.assertIntact('h2', name, sum);
+});
+
 test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-post-copy']), /--allow-post-copy applies to --mode auto/);
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--max-downtime', 'soon']), /--max-downtime must be a whole number/);
