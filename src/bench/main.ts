@@ -181,11 +181,15 @@ async function soakOnly(o: Options, say: (s: string) => void): Promise<void> {
   }
 }
 
-main().catch((e: unknown) => {
-  if (e instanceof CommanderError) {
-    process.exitCode = e.exitCode === 0 ? 0 : 2;
-    return;
-  }
-  process.stderr.write(`bench: ${e instanceof FerryError ? `${e.message}${e.hint ? ` (${e.hint})` : ''}` : (e as Error).stack}\n`);
-  process.exitCode = 1;
-});
+main()
+  .catch((e: unknown) => {
+    if (e instanceof CommanderError) {
+      process.exitCode = e.exitCode === 0 ? 0 : 2;
+      return;
+    }
+    process.stderr.write(`bench: ${e instanceof FerryError ? `${e.message}${e.hint ? ` (${e.hint})` : ''}` : (e as Error).stack}\n`);
+    process.exitCode = 1;
+  })
+  // The results are written and the lab is down: end here. A full run (every contender, every
+  // workload) once stayed idle after its table with nothing left to do but a handle libuv kept.
+  .finally(() => process.exit());
