@@ -183,6 +183,8 @@ static int round_no, drop_round, force_hash;
 /* Per-command counters, reported on fd 3. */
 static struct {
   uint64_t pages, zero, bytes, dropped, full_vmas;
+  /* Pages that could not be read (in the frozen pass: an error, nothing was unmapped). */
+  uint64_t unread;
   int armed, unarmed, hashed;
   char why[200];
 } st;
@@ -211,14 +213,37 @@ static void emit(uint32_t kind, pid_t vpid, uint64_t vaddr, uint32_t n, const vo
 }
 
 /* Reads [start, start + n pages) and sends it as runs of data and zero pages. */
+/*
+ * Reads len bytes (whole pages) of the process's memory at addr; returns how many whole pages'
+ * bytes it got. process_vm_readv stops at a page the process may not read (PROT_NONE); the rest
+ * comes through /proc/PID/mem, which reads any mapped page, as CRIU's dump does (it adds
+ * PROT_READ first). Pages left unread were unmapped meanwhile.
+ */
+static size_t read_mem(pid_t pid, void *dst, uint64_t addr, size_t len) {
+  struct iovec l = {dst, len}, r = {(void *)addr, len};
+  ssize_t v = process_vm_readv(pid, &l, 1, &r, 1, 0);
+  size_t got = v > 0 ? (size_t)v - (size_t)v % PAGE : 0;
+  if (got == len) return got;
+  char path[64];
+  snprintf(path, sizeof path, "/proc/%d/mem", pid);
+  int fd = open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return got;
+  while (got < len) {
+    ssize_t n = pread(fd, (char *)dst + got, len - got, (off_t)(addr + got));
+    if (n <= 0) break;
+    got += (size_t)n;
+  }
+  close(fd);
+  return got - got % PAGE;
+}
+
 static void send_range(struct proc *p, uint64_t start, uint64_t n) {
   while (n) {
     size_t k = n > CHUNK ? CHUNK : n;
-    struct iovec l = {buf, k * PAGE}, r = {(void *)start, k * PAGE};
-    ssize_t got = process_vm_readv(p->pid, &l, 1, &r, 1, 0);
-    size_t okp = got > 0 ? (size_t)got / PAGE : 0;
+    size_t okp = read_mem(p->pid, buf, start, k * PAGE) / PAGE;
     if (okp == 0) {
       /* Unmapped meanwhile: nothing there for CRIU to dump either. Skip a page. */
+      st.unread++;
       start += PAGE;
       n--;
       continue;
@@ -593,9 +618,7 @@ static uint64_t hash_range(struct proc *p, int pm, uint64_t s, uint64_t e, int m
       size_t j = i + 1;
       while (j < k && ((ents[j] >> 62) != 0) == present) j++;
       if (present && mode != 'a') {
-        struct iovec l = {buf + i * PAGE, (j - i) * PAGE}, r = {(void *)(at + i * PAGE), (j - i) * PAGE};
-        ssize_t got = process_vm_readv(p->pid, &l, 1, &r, 1, 0);
-        size_t okp = got > 0 ? (size_t)got / PAGE : 0;
+        size_t okp = read_mem(p->pid, buf + i * PAGE, at + i * PAGE, (j - i) * PAGE) / PAGE;
         /* Unmapped meanwhile: those pages are gone, nothing to send for them. */
         for (size_t q = i + okp; q < j; q++) ents[q] = 0;
         if (okp < j - i) memset(buf + (i + okp) * PAGE, 0, (j - i - okp) * PAGE);
@@ -895,7 +918,11 @@ static void cmd_final(char *args) {
       free(v);
     }
     if (pm >= 0) close(pm);
+    uint64_t unread0 = st.unread;
     if (lazy_runs(dir, vpid, final_run, &c)) snprintf(st.why, sizeof st.why, "pagemap-%d.img cannot be read", vpid);
+    /* The task is frozen: a page CRIU listed that cannot be read would be missing on the
+       destination, which gets every lazy page from us. */
+    else if (st.unread > unread0 && !drop) snprintf(st.why, sizeof st.why, "%" PRIu64 " pages of process %d could not be read", st.unread - unread0, vpid);
     free(c.dirty.keys);
     free(fresh.sent.keys);
   }
