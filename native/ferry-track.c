@@ -212,7 +212,6 @@ static void emit(uint32_t kind, pid_t vpid, uint64_t vaddr, uint32_t n, const vo
   if (kind == REC_DATA) write_all(1, data, n * PAGE);
 }
 
-/* Reads [start, start + n pages) and sends it as runs of data and zero pages. */
 /*
  * Reads len bytes (whole pages) of the process's memory at addr; returns how many whole pages'
  * bytes it got. process_vm_readv stops at a page the process may not read (PROT_NONE); the rest
@@ -237,6 +236,7 @@ static size_t read_mem(pid_t pid, void *dst, uint64_t addr, size_t len) {
   return got - got % PAGE;
 }
 
+/* Reads [start, start + n pages) and sends it as runs of data and zero pages. */
 static void send_range(struct proc *p, uint64_t start, uint64_t n) {
   while (n) {
     size_t k = n > CHUNK ? CHUNK : n;

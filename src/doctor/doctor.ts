@@ -66,8 +66,8 @@ async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: st
 
 /**
  * Whether this CRIU carries Ferry's patches (patches/criu). Without them CRIU works, but
- * post-copy and the fill after pre-copy are slower, and pre-copy's freeze longer. scripts/bootstrap.sh writes
- * beside the CRIU it builds which patches went in.
+ * post-copy and the fill after pre-copy are slower, and pre-copy's freeze longer.
+ * scripts/bootstrap.sh writes beside the CRIU it builds which patches went in.
  */
 function patchCheck(criu: string): DoctorCheck {
   const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault and polls a whole core), and pre-copy freezes the task longer (its pages are put in pipes nobody reads)';

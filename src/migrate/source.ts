@@ -696,7 +696,7 @@ export class OutgoingMigration {
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', ...net, '--action-script', this.hold!.script, ...extra];
     // Pre-copy that sends the last delta itself: every lazy page reaches the destination's store,
     // none is asked of CRIU here. A CRIU with patches/criu/0003 then leaves them out of its pipes
-    // (~60 ms of the freeze per GiB) and fails a request for one rather than serve it.
+    // (~25 ms of the freeze per GiB) and fails a request for one rather than serve it.
     const elsewhere = this.tracker && !this.residueLazy ? { CRIU_LAZY_PAGES_ELSEWHERE: '1' } : {};
     const program = startProgram(rt.criu.bin, args, { env: { ...this.hold!.env(HOLD_TIMEOUT_S), ...rt.netEnv(this.rec), ...elsewhere }, captureStderr: false });
     const child = program.child;
