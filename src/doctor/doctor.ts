@@ -80,7 +80,7 @@ function patchCheck(criu: string): DoctorCheck {
   const missing = lines.filter((l) => !l.startsWith('applied ')).map((l) => l.replace(/^\S+ /, ''));
   const applied = lines.filter((l) => l.startsWith('applied ')).map((l) => l.slice('applied '.length));
   if (missing.length) return { name: 'criu patches', status: 'warn', detail: `Ferry's patches ${missing.join(', ')} did not apply to this CRIU (applied: ${applied.join(', ') || 'none'})`, effect, fix: 'update patches/criu for this CRIU version' };
-  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon runs at the speed Ferry measures' };
+  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon and the pre-copy freeze run at the speed Ferry measures' };
 }
 
 async function has(cmd: string, args: string[]): Promise<boolean> {
