@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { MigrationReport } from '../../src/migrate/source.js';
 import { NATIVE, SOCKETS, ask, waitFor } from '../support/ferry.js';
-import { Lab, oneLine } from '../support/lab.js';
+import { Lab, comm, oneLine } from '../support/lab.js';
 import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { treePids } from '../../src/util/proc.js';
 
@@ -265,7 +265,7 @@ test('auto: a task whose seccomp filter forbids userfaultfd moves armed, its fil
   assert.equal(r.precopy?.method, 'userfaultfd write-protect + PAGEMAP_SCAN');
   await lab.assertIntact('h2', name, sum);
   const pid = (await lab.tasksOn('h2')).find((x) => x.name === name)!.pid!;
-  const procs = treePids(pid).filter((p) => readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'ferry-workload');
+  const procs = treePids(pid).filter((p) => comm(p) === 'ferry-workload');
   assert.equal(procs.length, 2, 'both processes of the task run on h2');
   for (const p of procs) assert.match(readFileSync(`/proc/${p}/status`, 'utf8'), /^Seccomp:\s+2$/m, `process ${p} keeps its filter`);
   assertDisarmed(procs[0]!);
@@ -280,7 +280,7 @@ test('auto: a stopped task arrives stopped and resumes on SIGCONT with its memor
   const sum = await lab.heartbeatReady('h1', name);
   const workloadOn = async (host: string) => {
     const pid = (await lab.tasksOn(host)).find((x) => x.name === name)!.pid!;
-    return treePids(pid).find((p) => readFileSync(`/proc/${p}/comm`, 'utf8').trim() === 'ferry-workload')!;
+    return treePids(pid).find((p) => comm(p) === 'ferry-workload')!;
   };
   const state = (pid: number) => readdirSync(`/proc/${pid}/task`).map((tid) => readFileSync(`/proc/${pid}/task/${tid}/stat`, 'utf8').replace(/^.*\) /s, '')[0]);
   const src = await workloadOn('h1');
