@@ -66,11 +66,12 @@ async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: st
 
 /**
  * Whether this CRIU carries Ferry's patches (patches/criu). Without them CRIU works, but
- * post-copy and the fill after pre-copy are slower, and pre-copy's freeze longer.
+ * post-copy and the fill after pre-copy are slower, pre-copy's freeze longer, and each
+ * page-server transfer ends later.
  * scripts/bootstrap.sh writes beside the CRIU it builds which patches went in.
  */
 function patchCheck(criu: string): DoctorCheck {
-  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault and polls a whole core), and pre-copy freezes the task longer (its pages are put in pipes nobody reads)';
+  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault and polls a whole core), pre-copy freezes the task longer (its pages are put in pipes nobody reads), and every page-server transfer ends up to 200 ms later per direction (a close left in a corked socket)';
   let lines: string[];
   try {
     lines = readFileSync(join(dirname(criu), 'ferry-patches'), 'utf8').split('\n').filter(Boolean);
@@ -80,7 +81,7 @@ function patchCheck(criu: string): DoctorCheck {
   const missing = lines.filter((l) => !l.startsWith('applied ')).map((l) => l.replace(/^\S+ /, ''));
   const applied = lines.filter((l) => l.startsWith('applied ')).map((l) => l.slice('applied '.length));
   if (missing.length) return { name: 'criu patches', status: 'warn', detail: `Ferry's patches ${missing.join(', ')} did not apply to this CRIU (applied: ${applied.join(', ') || 'none'})`, effect, fix: 'update patches/criu for this CRIU version' };
-  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon and the pre-copy freeze run at the speed Ferry measures' };
+  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon, the pre-copy freeze and the end of a page-server transfer run at the speed Ferry measures' };
 }
 
 async function has(cmd: string, args: string[]): Promise<boolean> {
