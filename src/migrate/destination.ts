@@ -30,8 +30,7 @@ import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
-import { connect as tcpConnect } from 'node:net';
-import { connectWhenListening, freeLocalPort, listenLocal, splice } from './tunnel.js';
+import { connectWhenListening, freeLocalPort, listenLocal, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -334,36 +333,38 @@ export class Destination {
     const runs = await lazyRuns(m.imagesDir).catch((e: Error) => {
       throw new FerryError('PEER', `the pagemap images from ${m.req.from} cannot be read: ${e.message}`);
     });
-    const local = await listenLocal((sock) => {
-      // The daemon closing its socket means "every page is here" only if it then exits with 0.
-      const tunnel = new ResumableTunnel(sock, { holdEnd: true });
-      link.tunnel = tunnel;
-      // The source's CRIU served everything and closed: so does the daemon's link.
-      tunnel.on('peerEnded', () => tunnel.endLocal());
-      tunnel.on('detached', () => {
-        if (this.lazyLinks.get(link.id) !== link || !link.committed || link.grace) return;
-        // The task runs here and waits on its missing pages; the source has this long to come back.
-        link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
-        link.grace.unref();
-      });
-      if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
+    // The front's link to the source is the tunnel itself, in-process (a loopback socket between
+    // the two cost every page two more trips through the kernel).
+    const [tunnelEnd, frontEnd] = localPair();
+    // The daemon closing its socket means "every page is here" only if it then exits with 0.
+    const tunnel = new ResumableTunnel(tunnelEnd, { holdEnd: true });
+    link.tunnel = tunnel;
+    // The source's CRIU served everything and closed: so does the daemon's link.
+    tunnel.on('peerEnded', () => tunnel.endLocal());
+    tunnel.on('detached', () => {
+      if (this.lazyLinks.get(link.id) !== link || !link.committed || link.grace) return;
+      // The task runs here and waits on its missing pages; the source has this long to come back.
+      link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
+      link.grace.unref();
     });
+    if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
     const holder = store ?? new MemPageHolder();
+    let served = false;
     const front = await listenLocal((sock) => {
-      const upstream = tcpConnect(local.port, '127.0.0.1');
-      link.front = serveLazy(sock, holder, upstream, runs, stats);
+      // CRIU's daemon connects once; anything else on this port is not it.
+      if (served) return void sock.destroy();
+      served = true;
+      link.front = serveLazy(sock, holder, frontEnd, runs, stats);
       if (link.running) link.front.prefetch();
     });
     const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port });
     link.daemon = daemon;
     link.close = () => {
-      local.server.close();
       front.server.close();
     };
     this.lazyLinks.set(m.id, link);
     void daemon.exited.then((code) => {
-      local.server.close();
       front.server.close();
       store?.remove();
       this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });

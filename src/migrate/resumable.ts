@@ -8,7 +8,6 @@
 // Messages on the carrying stream: 'D' u32 length, bytes | 'A' f64 bytes received | 'E' f64
 // total bytes this side will ever send (its local program closed).
 import { EventEmitter } from 'node:events';
-import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { FerryError } from '../errors.js';
 
@@ -31,7 +30,12 @@ export class ResumableTunnel extends EventEmitter {
   /** Total the peer will send, once it said so. */
   private peerTotal?: number;
   private stream?: Duplex;
-  private pending: Buffer = Buffer.alloc(0);
+  /** A message header that arrived in pieces ('D' needs 5 bytes, 'A' and 'E' 9). */
+  private head = Buffer.alloc(9);
+  private headLen = 0;
+  /** Bytes of the current 'D' message still to come: passed on as they arrive, never gathered. */
+  private dataLeft = 0;
+  private waitingDrain = false;
   private pausedForReplay = false;
   private finished = false;
   private peerEndSignalled = false;
@@ -43,7 +47,7 @@ export class ResumableTunnel extends EventEmitter {
    * dies also closes its socket, and the peer must not take that for a finished transfer.
    */
   constructor(
-    readonly local: Socket,
+    readonly local: Duplex,
     opts: { holdEnd?: boolean } = {},
   ) {
     super();
@@ -74,7 +78,8 @@ export class ResumableTunnel extends EventEmitter {
     }
     this.trim(peerReceived);
     this.stream = stream;
-    this.pending = Buffer.alloc(0);
+    this.headLen = 0;
+    this.dataLeft = 0;
     for (const b of this.replay) this.writeData(b);
     if (this.localEnded && this.endConfirmed) this.sendEnd();
     stream.on('data', this.onStreamData);
@@ -153,9 +158,8 @@ export class ResumableTunnel extends EventEmitter {
   }
 
   private readonly onStreamData = (c: Buffer): void => {
-    this.pending = this.pending.length ? Buffer.concat([this.pending, c]) : c;
     try {
-      this.parse();
+      this.parse(c);
     } catch (e) {
       if (!(e instanceof FerryError)) throw e;
       this.emit('protocolError', e);
@@ -164,44 +168,61 @@ export class ResumableTunnel extends EventEmitter {
     }
   };
 
-  private parse(): void {
-    while (this.pending.length >= 1) {
-      const tag = String.fromCharCode(this.pending[0]!);
-      if (tag === 'D') {
-        if (this.pending.length < 5) return;
-        const len = this.pending.readUInt32BE(1);
-        if (len > MAX_MESSAGE) throw new FerryError('PEER', `lazy-pages link: message of ${len} bytes`);
-        if (this.pending.length < 5 + len) return;
-        const data = this.pending.subarray(5, 5 + len);
-        this.pending = this.pending.subarray(5 + len);
-        this.received += len;
-        this.sinceAck += len;
-        if (!this.local.write(data)) {
-          this.stream?.pause();
-          this.local.once('drain', () => this.stream?.resume());
-        }
-        if (this.sinceAck >= ACK_EVERY) {
-          this.sinceAck = 0;
-          this.sendNumber('A', this.received);
-        }
-      } else if (tag === 'A' || tag === 'E') {
-        if (this.pending.length < 9) return;
-        const n = this.pending.readDoubleBE(1);
-        this.pending = this.pending.subarray(9);
-        if (tag === 'A') {
-          if (!(n >= this.acked && n <= this.sent)) throw new FerryError('PEER', `lazy-pages link: acknowledgement of byte ${n} out of range`);
-          this.trim(n);
-        } else {
-          this.peerTotal = n;
-        }
+  private parse(c: Buffer): void {
+    let off = 0;
+    while (off < c.length && this.stream) {
+      if (this.dataLeft > 0) {
+        const n = Math.min(this.dataLeft, c.length - off);
+        this.deliver(c.subarray(off, off + n));
+        this.dataLeft -= n;
+        off += n;
       } else {
-        throw new FerryError('PEER', `lazy-pages link: unknown message '${tag}'`);
+        const tag = String.fromCharCode(this.headLen ? this.head[0]! : c[off]!);
+        const need = tag === 'D' ? 5 : tag === 'A' || tag === 'E' ? 9 : 0;
+        if (!need) throw new FerryError('PEER', `lazy-pages link: unknown message '${tag}'`);
+        const n = Math.min(need - this.headLen, c.length - off);
+        c.copy(this.head, this.headLen, off, off + n);
+        this.headLen += n;
+        off += n;
+        if (this.headLen < need) return;
+        this.headLen = 0;
+        if (tag === 'D') {
+          const len = this.head.readUInt32BE(1);
+          if (len > MAX_MESSAGE) throw new FerryError('PEER', `lazy-pages link: message of ${len} bytes`);
+          this.dataLeft = len;
+        } else {
+          const v = this.head.readDoubleBE(1);
+          if (tag === 'A') {
+            if (!(v >= this.acked && v <= this.sent)) throw new FerryError('PEER', `lazy-pages link: acknowledgement of byte ${v} out of range`);
+            this.trim(v);
+          } else {
+            this.peerTotal = v;
+          }
+        }
       }
-      if (this.peerTotal !== undefined && this.received === this.peerTotal && !this.peerEndSignalled) {
+      if (this.peerTotal !== undefined && this.received === this.peerTotal && this.dataLeft === 0 && !this.peerEndSignalled) {
         // Everything the peer's program sent has reached ours.
         this.peerEndSignalled = true;
         this.emit('peerEnded');
       }
+    }
+  }
+
+  /** Bytes of a 'D' message, on to the local program. */
+  private deliver(data: Buffer): void {
+    this.received += data.length;
+    this.sinceAck += data.length;
+    if (!this.local.write(data) && !this.waitingDrain) {
+      this.waitingDrain = true;
+      this.stream?.pause();
+      this.local.once('drain', () => {
+        this.waitingDrain = false;
+        this.stream?.resume();
+      });
+    }
+    if (this.sinceAck >= ACK_EVERY) {
+      this.sinceAck = 0;
+      this.sendNumber('A', this.received);
     }
   }
 

@@ -15,6 +15,7 @@
 // accepts fewer pages than it asked for (uffd_io_complete re-queues the rest), which lets the
 // front answer the prefix it has.
 import type { Socket } from 'node:net';
+import type { Duplex } from 'node:stream';
 import { FerryError } from '../errors.js';
 import type { PageRun } from '../criu/image.js';
 import { ChunkQueue, PAGE } from './store.js';
@@ -189,10 +190,10 @@ type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number; at: numb
  * the link to the source's CRIU (none: every page must already be in `holder`). The prefetch
  * waits for `prefetch()`: before the task runs, the link carries the migration's own messages.
  */
-export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Socket | undefined, runs: PageRun[], stats: FrontStats): LazyFront {
+export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex | undefined, runs: PageRun[], stats: FrontStats): LazyFront {
   // Requests and answers are small and each waits for the one before: no Nagle on either side.
   daemon.setNoDelay(true);
-  upstream?.setNoDelay(true);
+  if (upstream && 'setNoDelay' in upstream) (upstream as Socket).setNoDelay(true);
   const entries: Entry[] = [];
   const sent: Sent[] = [];
   const up = new ChunkQueue();
