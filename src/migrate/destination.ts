@@ -347,7 +347,6 @@ export class Destination {
       link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
       link.grace.unref();
     });
-    if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
     const holder = store ?? new MemPageHolder();
     let served = false;
@@ -364,6 +363,8 @@ export class Destination {
       front.server.close();
     };
     this.lazyLinks.set(m.id, link);
+    // From here a pages link that arrives finds the tunnel (lazyStream()); one that came before waits in m.
+    if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     void daemon.exited.then((code) => {
       front.server.close();
       store?.remove();
