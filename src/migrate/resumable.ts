@@ -16,7 +16,7 @@ const MAX_REPLAY = 64 * 1024 * 1024;
 const ACK_EVERY = 256 * 1024;
 const MAX_MESSAGE = 1024 * 1024;
 
-export class ResumableTunnel extends EventEmitter {
+export class ResumableTunnel<Local extends Duplex = Duplex> extends EventEmitter {
   /** Bytes read from the local program. */
   private sent = 0;
   /** Bytes the peer has acknowledged; replay holds [acked, sent). */
@@ -47,7 +47,7 @@ export class ResumableTunnel extends EventEmitter {
    * dies also closes its socket, and the peer must not take that for a finished transfer.
    */
   constructor(
-    readonly local: Duplex,
+    readonly local: Local,
     opts: { holdEnd?: boolean } = {},
   ) {
     super();

@@ -173,9 +173,7 @@ export class OutgoingMigration {
   private readonly abortCtl = new AbortController();
   private readonly entry: JournalEntry;
   /** CRIU's lazy-pages connection, kept apart: it must not close before the outcome is known. */
-  private lazy?: ResumableTunnel;
-  /** CRIU's page-server connection under the tunnel. */
-  private lazySock?: Socket;
+  private lazy?: ResumableTunnel<Socket>;
   /** Rejects when the pages can no longer reach the destination (the grace ran out, or it refused). */
   private lazyFailed?: Promise<never>;
   private failLazy?: (e: FerryError) => void;
@@ -830,7 +828,6 @@ export class OutgoingMigration {
   private startLazy(sock: Socket, stream: MuxStream): void {
     const tunnel = new ResumableTunnel(sock);
     this.lazy = tunnel;
-    this.lazySock = sock;
     // If this agent dies, CRIU must see a broken connection, not a clean end: between two
     // requests it takes a clean end for "every page delivered" and ends the task here, while the
     // destination still waits for pages. Broken, it lets the task run on here (the resolver then
@@ -863,7 +860,7 @@ export class OutgoingMigration {
     // From here a clean end is the truth: clear the reset first, then end.
     const end = () =>
       void (this.lingerSet ?? Promise.resolve())
-        .then(() => (this.lazySock ? resetOnClose(this.ctx.rt.nativeDir, this.lazySock, false) : undefined))
+        .then(() => (this.lazy ? resetOnClose(this.ctx.rt.nativeDir, this.lazy.local, false) : undefined))
         .then((why) => {
           if (why) this.warn(`could not clear the reset on CRIU's page connection: ${why}`);
           this.lazy?.endLocal();
