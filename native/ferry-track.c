@@ -535,6 +535,15 @@ static int scan(int pm, struct proc *p, uint64_t s, uint64_t e, int wp, uint64_t
     /* No PM_SCAN_CHECK_WPASYNC: it insists on WP_UNPOPULATED (see arm_uffd); whether a mapping
        is registered comes from its VmFlags instead. */
     struct pm_scan_arg a = {.size = sizeof a, .flags = wp > 0 ? PM_SCAN_WP_MATCHING : 0, .start = s, .end = e, .vec = (uint64_t)(uintptr_t)vec, .vec_len = 1024, .category_anyof_mask = anyof, .return_mask = anyof};
+    if (anyof == PAGE_IS_WRITTEN) {
+      /* Written and still there. With transparent huge pages always on, the kernel reports an
+         empty stretch of an armed mapping as written: reading it to send it then filled it (a
+         task that had reserved 1 GiB and used 4 MiB arrived with 1 GiB resident). An empty page
+         has nothing to send; one emptied after it was sent is not in CRIU's dump either. */
+      a.category_mask = PAGE_IS_WRITTEN;
+      a.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+      a.return_mask = PAGE_IS_WRITTEN | PAGE_IS_PRESENT | PAGE_IS_SWAPPED;
+    }
     long r = ioctl(pm, PAGEMAP_SCAN, &a);
     if (r < 0) return -errno;
     for (long i = 0; i < r; i++) fn(p, vec[i].start, (vec[i].end - vec[i].start) / PAGE, arg);
