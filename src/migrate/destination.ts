@@ -87,6 +87,8 @@ interface LazyLink {
   committed: boolean;
   grace?: NodeJS.Timeout;
   close: () => void;
+  /** Restored, stopped until the decision: the daemon's background fill waits (LazyFront.quiet). */
+  quiet?: boolean;
   /** The task runs: the front may prefetch (set once the daemon connected). */
   running?: boolean;
   front?: LazyFront;
@@ -320,6 +322,11 @@ export class Destination {
     });
     const restored = await restoring;
     m.restored = restored;
+    const link = this.lazyLinks.get(id);
+    if (link) {
+      link.quiet = true;
+      link.front?.quiet();
+    }
     // Read now, not at the decision: the resume is inside the task's pause.
     m.stopped = await stoppedAtDump(m.imagesDir);
     await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
@@ -356,6 +363,7 @@ export class Destination {
       served = true;
       link.front = serveLazy(sock, holder, frontEnd, runs, stats);
       if (link.running) link.front.prefetch();
+      else if (link.quiet) link.front.quiet();
     });
     const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port });
     link.daemon = daemon;
@@ -390,7 +398,7 @@ export class Destination {
         await daemon.wait();
         throw new FerryError('CRIU_FAILED', 'criu lazy-pages did not start on the destination');
       }
-      await sleep(5);
+      await sleep(2);
     }
   }
 

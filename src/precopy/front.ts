@@ -82,7 +82,15 @@ export class PrefetchWindow {
 const HOLD_CAP = 64 << 20;
 
 export interface LazyFront {
-  /** The task runs: prefetch what the daemon has not asked for yet. */
+  /**
+   * The restore is over and the task waits, stopped, for the decision: the daemon's background
+   * requests for pages the store has wait too (until prefetch()), so the fill does not take the
+   * CPU the rest of the pause needs. Not earlier: CRIU's last steps of a restore, after the daemon
+   * began its background fill, fault on the task's memory, and a fault on a page a waiting
+   * request covers is not asked for again.
+   */
+  quiet(): void;
+  /** The task runs: the daemon's background requests are answered, and what it has not asked for yet is prefetched. */
   prefetch(): void;
   /**
    * Stops reading the daemon's requests for a moment: pre-copy's local fill keeps this agent
@@ -178,6 +186,11 @@ export interface FrontStats {
 
 type Entry =
   | { kind: 'ready'; data: Buffer }
+  /**
+   * A background request the store could answer, asked while the restored task waits: it waits
+   * for the resume (or for a fault queued behind it, which then gets its page at once).
+   */
+  | { kind: 'later'; req: Buffer; vpid: number; first: number; n: number }
   /** Waits for a prefetch already in flight for its first page. */
   | { kind: 'wait'; req: Buffer; vpid: number; first: number; n: number; faultAt?: number }
   /** Answered by the source: bytes as they come, passed on when this entry is at the head. */
@@ -204,6 +217,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   const window = new PrefetchWindow();
   let closed = !upstream;
   let started = false;
+  let quiet = false;
   // The prefetch walks the runs once, in order; a fault moves a second cursor (`follow`) to
   // just after it, so a task reading its memory in order finds its next pages already here.
   let cursor = { run: 0, page: runs[0]?.first ?? 0 };
@@ -308,6 +322,13 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   const flush = () => {
     while (entries.length) {
       const head = entries[0]!;
+      if (head.kind === 'later') {
+        // Behind it a fault waits: the daemon takes a shorter answer and asks again for the rest.
+        if (started) entries[0] = local(head.req, head.vpid, head.first, head.n);
+        else if (entries.length > 1) entries[0] = local(head.req, head.vpid, head.first, 1);
+        else return;
+        continue;
+      }
       if (head.kind === 'wait') {
         if (holder.hasPage(head.vpid, head.first)) {
           entries[0] = local(head.req, head.vpid, head.first, head.n);
@@ -395,7 +416,10 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const vpid = Number(req.readBigUInt64LE(24));
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
-        if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
+        // The daemon's background fill while the restored task waits for the decision took the
+        // CPU the pause needs (see quiet()).
+        if (holder.hasPage(vpid, first) && n > 1 && quiet && !started) entries.push({ kind: 'later', req: Buffer.from(req), vpid, first, n });
+        else if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
         else if (asked.get(key(vpid, first)) === 1) {
           if (n === 1) window.fault();
           entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) });
@@ -425,8 +449,12 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   daemon.on('error', () => upstream?.destroy());
   daemon.on('close', () => upstream?.end());
   return {
+    quiet: () => {
+      quiet = true;
+    },
     prefetch: () => {
       started = true;
+      flush();
       pump();
     },
     hold: () => daemon.pause(),
