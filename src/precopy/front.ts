@@ -418,8 +418,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const first = vaddr / PAGE;
         // The daemon's background fill while the restored task waits for the decision took the
         // CPU the pause needs (see quiet()).
-        if (holder.hasPage(vpid, first) && n > 1 && quiet && !started) entries.push({ kind: 'later', req: Buffer.from(req), vpid, first, n });
-        else if (holder.hasPage(vpid, first)) entries.push(local(Buffer.from(req), vpid, first, n));
+        if (holder.hasPage(vpid, first)) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : local(Buffer.from(req), vpid, first, n));
         else if (asked.get(key(vpid, first)) === 1) {
           if (n === 1) window.fault();
           entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) });
