@@ -2,7 +2,7 @@
 // memory (native/ferry-memcheck.c) check every page after the move. Several processes, threads,
 // forks, new, grown and moved mappings, dropped pages and shared memory, while the rounds run.
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -38,6 +38,17 @@ async function startMemcheck(name: string, args: string[]): Promise<void> {
   await waitFor('memcheck ready', () => (/^ready p0$/m.test(lab.logOf('h1', name)) ? true : undefined), 60_000);
   // Let it write for a while, forks and mappings included, before the move.
   await new Promise((r) => setTimeout(r, 2500));
+}
+
+/**
+ * Narrows h1's link for one test, so that a task surely writes faster than the link carries
+ * pages. memcheck's writes are CPU-bound: on a slow machine its distinct written pages fell to
+ * ~50 MB/s, under the 1 Gbit/s link, and pre-copy sometimes converged.
+ */
+function slowLink(t: { after: (fn: () => void) => void }): void {
+  const shape = (rate: string) => execFileSync('ip', ['netns', 'exec', lab.netns('h1'), 'tc', 'qdisc', 'replace', 'dev', 'eth0', 'root', 'tbf', 'rate', rate, 'burst', '1mb', 'latency', '50ms']);
+  t.after(() => shape('1gbit'));
+  shape('200mbit');
 }
 
 /** Asks every process of the task to check its memory; returns the check lines. */
@@ -83,6 +94,7 @@ test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNE
 
 test('auto: a task that writes faster than the link finishes by post-copy when allowed, memory intact', async (t) => {
   t.after(() => lab.removeEverywhere('fast'));
+  slowLink(t);
   await startMemcheck('fast', ['--mib', '64', '--rate', '256', '--threads', '2']);
   const r = await migrate('fast', ['--allow-post-copy', '--max-rounds', '4']);
   assert.equal(r.mode, 'auto');
@@ -95,6 +107,7 @@ test('auto: a task that writes faster than the link finishes by post-copy when a
 
 test('auto without post-copy sends the residue while frozen, and says the pause first', async (t) => {
   t.after(() => lab.removeEverywhere('fast2'));
+  slowLink(t);
   await startMemcheck('fast2', ['--mib', '64', '--rate', '256']);
   const r = await lab.ferry(['--host', 'h1', 'migrate', 'fast2', '--to', 'h2', '--max-rounds', '3']);
   assert.equal(r.code, 0, r.stderr);
