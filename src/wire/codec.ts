@@ -26,6 +26,8 @@ const MAX_FRAME = 4 << 20;
 const WORTH = 0.9;
 /** In auto, while not compressing, one frame in this many is compressed to see whether it would pay now. */
 const PROBE_EVERY = 32;
+/** After the stream first looks codec-bound, the next look comes this soon, then ever later up to PROBE_EVERY: one unlucky frame must not send the next 32 raw. */
+const FIRST_RECHECK = 4;
 /** A partial frame waits at most this long for more bytes. */
 const IDLE_MS = 1;
 
@@ -54,7 +56,10 @@ export class Compressor extends Transform {
   private readonly pending = new ChunkQueue();
   private ratio = 0.5;
   private sinceProbe = 0;
+  private probeEvery = PROBE_EVERY;
   private codecBound = false;
+  /** Frames this compressor sent: the first finds the link idle whatever its speed. */
+  private sent = 0;
   /** Frames go out one after another, whoever started them. */
   private chain: Promise<void> = Promise.resolve();
   private idle?: NodeJS.Timeout;
@@ -74,10 +79,10 @@ export class Compressor extends Transform {
   private worthIt(): boolean {
     if (this.mode === 'on') return true;
     const link = this.linkMBps();
-    const pays = this.ratio < WORTH && !this.codecBound && (link === undefined || this.stats.codecMBps === 0 || this.stats.codecMBps > link);
-    if (pays) return true;
+    const wouldPay = this.ratio < WORTH && (link === undefined || this.stats.codecMBps === 0 || this.stats.codecMBps > link);
+    if (wouldPay && !this.codecBound) return true;
     // The data or the link may change: look again now and then.
-    if (++this.sinceProbe >= PROBE_EVERY) {
+    if (++this.sinceProbe >= (wouldPay ? this.probeEvery : PROBE_EVERY)) {
       this.sinceProbe = 0;
       return true;
     }
@@ -94,7 +99,8 @@ export class Compressor extends Transform {
       const z = await compress(raw);
       const ms = Math.max(performance.now() - t0, 0.01);
       const rate = n / 1e6 / (ms / 1000);
-      this.stats.codecMBps = this.stats.codecMBps ? 0.8 * this.stats.codecMBps + 0.2 * rate : rate;
+      // A small frame measures the call's overhead, not the codec.
+      if (n >= FRAME_BYTES / 4) this.stats.codecMBps = this.stats.codecMBps ? 0.8 * this.stats.codecMBps + 0.2 * rate : rate;
       const ratio = z.length / n;
       this.ratio = 0.7 * this.ratio + 0.3 * ratio;
       if (ratio < 1) {
@@ -115,38 +121,60 @@ export class Compressor extends Transform {
     return [h, ...body];
   }
 
-  private async flushPending(): Promise<void> {
-    while (this.pending.length) {
+  /** Frames what is pending: whole frames only, or (all) the rest too. */
+  private async flushPending(all: boolean): Promise<void> {
+    while (this.pending.length >= FRAME_BYTES || (all && this.pending.length > 0)) {
       const n = Math.min(FRAME_BYTES, this.pending.length);
       const before = this.stats.compressedFrames;
       // Whatever was pushed before is still queued here when the link is what holds the stream up.
       const linkIdle = this.readableLength === 0;
       for (const b of await this.frame(this.pending.take(n), n)) this.push(b);
-      if (this.stats.compressedFrames > before) this.codecBound = linkIdle && (this.writableLength > 0 || this.pending.length > 0);
+      if (this.stats.compressedFrames > before && this.sent > 0) this.judge(linkIdle && (this.writableLength > 0 || this.pending.length > 0));
+      this.sent++;
     }
+  }
+
+  /** After a compressed frame: whether the codec held the stream up; a second look backs off. */
+  private judge(bound: boolean): void {
+    if (bound) {
+      this.probeEvery = this.codecBound ? Math.min(2 * this.probeEvery, PROBE_EVERY) : FIRST_RECHECK;
+      this.sinceProbe = 0;
+    }
+    this.codecBound = bound;
+  }
+
+  /**
+   * A sender that waits for an answer (CRIU's page-server protocol), or the end of a round,
+   * must not wait for a full frame: what sits here a moment goes out as it is.
+   */
+  private armIdle(): void {
+    if (this.pending.length === 0) return;
+    this.idle = setTimeout(() => {
+      this.chain = this.chain.then(() => this.flushPending(true)).catch((e: Error) => {
+        this.destroy(e);
+      });
+    }, IDLE_MS);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     this.pending.push(chunk);
     clearTimeout(this.idle);
-    if (this.pending.length >= FRAME_BYTES) {
-      this.chain = this.chain.then(() => this.flushPending());
-      this.chain.then(() => done(), done);
+    if (this.pending.length < FRAME_BYTES) {
+      this.armIdle();
+      done();
       return;
     }
-    // A sender that waits for an answer (CRIU's page-server protocol), or the end of a round,
-    // must not wait for a full frame: what sits here a moment goes out as it is.
-    this.idle = setTimeout(() => {
-      this.chain = this.chain.then(() => this.flushPending()).catch((e: Error) => {
-        this.destroy(e);
-      });
-    }, IDLE_MS);
-    done();
+    // Whole frames now; the rest waits for more input, or for the idle timer.
+    this.chain = this.chain.then(() => this.flushPending(false));
+    this.chain.then(() => {
+      this.armIdle();
+      done();
+    }, done);
   }
 
   override _flush(done: TransformCallback): void {
     clearTimeout(this.idle);
-    this.chain = this.chain.then(() => this.flushPending());
+    this.chain = this.chain.then(() => this.flushPending(true));
     this.chain.then(() => done(), done);
   }
 
