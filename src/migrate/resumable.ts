@@ -69,6 +69,9 @@ export class ResumableTunnel<Local extends Duplex = Duplex> extends EventEmitter
     return this.stream !== undefined;
   }
 
+  /** How many streams have carried it: more than one means the link was cut and resumed. */
+  attaches = 0;
+
   /** Carries the tunnel over a (new) stream; the peer has received peerReceived bytes of ours. */
   attach(stream: Duplex, peerReceived: number): void {
     this.detach();
@@ -77,6 +80,7 @@ export class ResumableTunnel<Local extends Duplex = Duplex> extends EventEmitter
       throw new FerryError('PEER', `the peer cannot resume the link: it has ${peerReceived} bytes, this side kept ${this.acked}..${this.sent}`);
     }
     this.trim(peerReceived);
+    this.attaches++;
     this.stream = stream;
     this.headLen = 0;
     this.dataLeft = 0;

@@ -547,34 +547,74 @@ export class OutgoingMigration {
   private async transfer(): Promise<void> {
     this.phase('transfer');
     await faultPoint(this.ctx.self, 'transfer');
-    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.rsync()), this.step('last delta', this.finalDelta())]);
+    // The journal says 'restore' from here (a resolver then tells the destination the outcome,
+    // harmless if it never restored): one write less between the transfer and the restore.
+    // The last delta goes on while the destination restores: its front answers no page before
+    // the delta is stored, and the decision waits for it (restoreThere).
+    this.deltaStored = this.step('last delta', this.finalDelta());
+    this.deltaStored.catch(() => {});
+    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.rsync()), this.journal({ phase: 'restore' })]);
     this.endPhase('transfer');
   }
 
   /** The destination restores the task, stopped until the decision. */
   private async restoreThere(): Promise<void> {
     this.phase('restore');
-    await this.journal({ phase: 'restore' });
     const lazyStream = this.lazyPort ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
-    const restoreP = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
-    if (this.lazyPort && lazyStream) {
+    if (this.pagesThere) this.lazyStream = lazyStream;
+    const asks = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
+    // Restored means restored on every page of the last delta; a delta that fails fails it now.
+    const restoreP = Promise.all([asks, this.deltaStored]).then(([r]) => r);
+    restoreP.catch(() => {}); // awaited below; an early way out must not leave it unhandled
+    if (this.lazyPort && lazyStream && !this.pagesThere) {
       // The restore cannot finish without pages, and CRIU serves them only after the hold
       // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
       // If the restore then fails, killing the dump (past post-dump, no parasite left in the
       // task) detaches CRIU and the task runs on here.
       const asked = new Promise<void>((res) => lazyStream.once('readable', () => res()));
-      await Promise.race([asked, restoreP]);
+      await Promise.race([asked.then(() => this.deltaStored), restoreP]);
       await this.decide('commit');
-      const sock = await connectWhenListening(this.lazyPort, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
-        throw await this.dumpFailure();
-      });
-      this.startLazy(sock, lazyStream);
+      await this.connectLazy(lazyStream);
     }
     // CRIU gone before the decision means the source copy is running again: abort.
     const r = await Promise.race([restoreP, this.dumpExit!.then(async () => Promise.reject(await this.dumpEnded()))]);
     this.report.pid = r.pid;
     this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
+    // Every page is in the destination's store: its restore needed nothing of CRIU here, and
+    // CRIU's page connection waits until after the commit (handOver), out of the pause.
+    if (this.lazyStream) await this.decide('commit');
     this.endPhase('restore');
+  }
+
+  /** Pre-copy that sent every page itself: the destination asks CRIU here for none. */
+  private get pagesThere(): boolean {
+    return !!this.tracker && !this.residueLazy;
+  }
+
+  /** Pre-copy's last delta, stored on the destination (see transfer()). */
+  private deltaStored?: Promise<void>;
+
+  /** Set while CRIU's page connection waits for the commit to be told (see restoreThere). */
+  private lazyStream?: MuxStream;
+
+  /**
+   * CRIU here could not be reached after the commit, while the destination runs the task with
+   * every page: the copy here is ended, never run again.
+   */
+  private endWithoutLazy(e: Error): void {
+    this.warn(`CRIU's page connection here failed after the hand-over (${e.message}); ${this.target.name} has every page, the copy here was ended`);
+    this.lazyDone = true;
+    this.lazyStream?.destroy();
+    if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
+    this.killDump();
+  }
+
+  /** CRIU's lazy port here, joined to the destination through the session. */
+  private async connectLazy(stream: MuxStream): Promise<void> {
+    const sock = await connectWhenListening(this.lazyPort!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
+      throw await this.dumpFailure();
+    });
+    this.startLazy(sock, stream);
   }
 
   /** The decision: the source lets go of its copy, then the destination resumes its own. */
@@ -597,6 +637,7 @@ export class OutgoingMigration {
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
     const froze = await this.hold!.freezingAt();
     this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - (resumedAgoMs ?? 0) - froze : this.resumedAt - this.frozenAt!);
+    if (this.lazyStream) await this.connectLazy(this.lazyStream).catch((e: Error) => this.endWithoutLazy(e));
     this.endPhase('resume');
   }
 
@@ -604,7 +645,7 @@ export class OutgoingMigration {
   private async pushPages(): Promise<void> {
     this.phase('postcopy');
     await faultPoint(this.ctx.self, 'postcopy');
-    const code = await Promise.race([this.dumpExit!, this.lazyFailed!]).catch((e: FerryError) => (this.lazyDone ? this.dumpExit! : this.takeBack(e)));
+    const code = await Promise.race([this.dumpExit!, this.lazyFailed ?? this.dumpExit!]).catch((e: FerryError) => (this.lazyDone ? this.dumpExit! : this.takeBack(e)));
     if (code !== 0 && !this.lazyDone) await this.takeBack(new FerryError('CRIU_FAILED', `criu dump on ${this.ctx.self} ended (${code === null ? 'killed' : `code ${code}`}) before every page reached ${this.target.name}`));
     // Every page is there: the destination's copy is the task, whatever CRIU did here after.
     if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
@@ -773,7 +814,10 @@ export class OutgoingMigration {
     try {
       for (const f of files) {
         if (!imageNameOk(f)) throw new FerryError('MIGRATION', `CRIU wrote an image Ferry cannot send: ${f}`);
-        const data = await readFile(join(dir, f));
+        // Small files are read at once: async reads queue behind the pause's other work (~40 ms
+        // for 22 files). A big one (pages CRIU keeps in the images) must not stall the agent.
+        const path = join(dir, f);
+        const data = statSync(path).size <= SYNC_IMAGE_BYTES ? readFileSync(path) : await readFile(path);
         this.imageBytes += data.length;
         s.write(imageHeader(f, data.length));
         if (!s.write(data) && !s.destroyed) await drained(s);
@@ -997,6 +1041,7 @@ export class OutgoingMigration {
     // Make CRIU let go of the task: at the hold, by refusing; mid-dump, by breaking its streams.
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
+    this.lazyStream?.destroy();
     // An early file sync still running ends with its broken stream before the destination hears the abort.
     await this.earlyFiles?.catch(() => undefined);
     if (this.dump && this.dump.exitCode === null) {
@@ -1081,6 +1126,9 @@ async function dirSize(dir: string): Promise<number> {
   }
   return total;
 }
+
+/** Image files up to this size are read synchronously inside the pause. */
+const SYNC_IMAGE_BYTES = 4 << 20;
 
 /** Work directories of migrations leaving this host (hold FIFOs, the small images). */
 export function outgoingDir(stateDir: string): string {

@@ -1,7 +1,7 @@
 // CRIU's images (all but memory) cross in one stream while the task is frozen: a request per file
 // cost a round trip each inside the pause (8 at a time: ~50 ms for a two-process task). Records:
 // {u16 name length, name (UTF-8), u32 size, size bytes}, one per file, until the stream ends.
-import { open, type FileHandle } from 'node:fs/promises';
+import { closeSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { FerryError } from '../errors.js';
@@ -29,12 +29,14 @@ export function imageHeader(name: string, size: number): Buffer {
 /**
  * Writes the records of a bundle as files into dir. Refuses bad names, a name twice, more than
  * MAX_IMAGES files or one larger than MAX_IMAGE_BYTES, and a stream that ends mid-record.
+ * Synchronously: the images arrive inside the task's pause, where async opens, writes and closes
+ * queued behind its other work (~40 ms for 22 files); a call writes no more than one chunk.
  */
 export class ImageBundleWriter extends Writable {
   files = 0;
   bytes = 0;
   private pending: Buffer = Buffer.alloc(0);
-  private file?: { fh: FileHandle; left: number; name: string };
+  private file?: { fd: number; left: number; name: string };
   private readonly seen = new Set<string>();
 
   constructor(private readonly dir: string) {
@@ -42,13 +44,18 @@ export class ImageBundleWriter extends Writable {
   }
 
   override _write(chunk: Buffer, _enc: BufferEncoding, cb: (e?: Error | null) => void): void {
-    this.take(chunk).then(() => cb(), (e: Error) => cb(e));
+    try {
+      this.take(chunk);
+    } catch (e) {
+      cb(e as Error);
+      return;
+    }
+    cb();
   }
 
   override _final(cb: (e?: Error | null) => void): void {
     if (this.file || this.pending.length) {
-      void this.file?.fh.close();
-      this.file = undefined;
+      this.closeFile();
       cb(new FerryError('PEER', 'the images ended in the middle of a file'));
       return;
     }
@@ -56,23 +63,21 @@ export class ImageBundleWriter extends Writable {
   }
 
   override _destroy(e: Error | null, cb: (e?: Error | null) => void): void {
-    const fh = this.file?.fh;
-    this.file = undefined;
-    if (fh) fh.close().then(() => cb(e), () => cb(e));
-    else cb(e);
+    this.closeFile();
+    cb(e);
   }
 
-  private async take(chunk: Buffer): Promise<void> {
+  private take(chunk: Buffer): void {
     let c = this.pending.length ? Buffer.concat([this.pending, chunk]) : chunk;
     this.pending = Buffer.alloc(0);
     while (c.length) {
       if (this.file) {
         const n = Math.min(this.file.left, c.length);
-        await this.file.fh.write(c, 0, n);
+        for (let off = 0; off < n; ) off += writeSync(this.file.fd, c, off, n - off);
         this.file.left -= n;
         this.bytes += n;
         c = c.subarray(n);
-        if (this.file.left === 0) await this.closeFile();
+        if (this.file.left === 0) this.closeFile();
         continue;
       }
       if (c.length < 2) break;
@@ -85,16 +90,16 @@ export class ImageBundleWriter extends Writable {
       if (++this.files > MAX_IMAGES) throw new FerryError('USAGE', `more than ${MAX_IMAGES} image files`);
       if (size > MAX_IMAGE_BYTES) throw new FerryError('USAGE', `image ${name} is larger than ${MAX_IMAGE_BYTES} bytes`);
       this.seen.add(name);
-      this.file = { fh: await open(join(this.dir, name), 'w', 0o600), left: size, name };
+      this.file = { fd: openSync(join(this.dir, name), 'w', 0o600), left: size, name };
       c = c.subarray(2 + nameLen + 4);
-      if (size === 0) await this.closeFile();
+      if (size === 0) this.closeFile();
     }
     if (c.length) this.pending = Buffer.from(c);
   }
 
-  private async closeFile(): Promise<void> {
-    const f = this.file!;
+  private closeFile(): void {
+    const f = this.file;
     this.file = undefined;
-    await f.fh.close();
+    if (f) closeSync(f.fd);
   }
 }
