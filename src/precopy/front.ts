@@ -42,6 +42,14 @@ const FAULT_HOLD_MS = 20;
 const PREFETCH_PAGES = 16;
 /** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
 const FORWARD_PAGES = 16;
+/**
+ * Pages of a background request answered from here at once, and while faults come (within
+ * FAULT_GAP_MS of the last): a fault's answer waits behind every answer the daemon has not
+ * copied yet, and with several requests in flight (patches/criu/0006) those add up.
+ */
+const LOCAL_PAGES = 256;
+const LOCAL_PAGES_FAULTING = 16;
+const FAULT_GAP_MS = 5;
 
 /**
  * How much prefetch may be in flight. It drops to the minimum at a fault and stays there while
@@ -187,8 +195,8 @@ export interface FrontStats {
 type Entry =
   | { kind: 'ready'; data: Buffer }
   /**
-   * A background request the store could answer, asked while the restored task waits: it waits
-   * for the resume (or for a fault queued behind it, which then gets its page at once).
+   * A background request asked while the restored task waits: it waits for the resume (or for a
+   * fault queued behind it, which then gets its page at once), from the store or the source.
    */
   | { kind: 'later'; req: Buffer; vpid: number; first: number; n: number }
   /** Waits for a prefetch already in flight for its first page. */
@@ -282,6 +290,9 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     }
     return -1;
   };
+  let lastFault = Number.NEGATIVE_INFINITY;
+  /** How much of a background request for n stored pages is answered now (the daemon asks again for the rest). */
+  const share = (n: number) => Math.min(n, performance.now() - lastFault < FAULT_GAP_MS ? LOCAL_PAGES_FAULTING : LOCAL_PAGES);
   /** An answer with the first k (>= 1) pages of the request that are here. */
   const local = (req: Buffer, vpid: number, first: number, n: number): Entry => {
     let k = 1;
@@ -323,10 +334,13 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     while (entries.length) {
       const head = entries[0]!;
       if (head.kind === 'later') {
-        // Behind it a fault waits: the daemon takes a shorter answer and asks again for the rest.
-        if (started) entries[0] = local(head.req, head.vpid, head.first, head.n);
-        else if (entries.length > 1) entries[0] = local(head.req, head.vpid, head.first, 1);
-        else return;
+        if (!started && entries.length === 1) return;
+        // The task runs, or a fault waits behind it: the daemon takes a shorter answer and asks
+        // again for the rest.
+        if (holder.hasPage(head.vpid, head.first)) entries[0] = local(head.req, head.vpid, head.first, started ? share(head.n) : 1);
+        else if (asked.get(key(head.vpid, head.first)) === 1) entries[0] = { kind: 'wait', req: head.req, vpid: head.vpid, first: head.first, n: head.n };
+        else if (upstream) entries[0] = forward(head.vpid, head.first, head.n);
+        else return fail(`page 0x${(head.first * PAGE).toString(16)} of process ${head.vpid} never arrived`);
         continue;
       }
       if (head.kind === 'wait') {
@@ -416,14 +430,15 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const vpid = Number(req.readBigUInt64LE(24));
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
+        if (n === 1) lastFault = performance.now();
         // The daemon's background fill while the restored task waits for the decision took the
         // CPU the pause needs (see quiet()).
-        if (holder.hasPage(vpid, first)) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : local(Buffer.from(req), vpid, first, n));
+        if (holder.hasPage(vpid, first)) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : local(Buffer.from(req), vpid, first, share(n)));
         else if (asked.get(key(vpid, first)) === 1) {
           if (n === 1) window.fault();
           entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) });
         }
-        else if (upstream) entries.push(forward(vpid, first, n));
+        else if (upstream) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : forward(vpid, first, n));
         else return fail(`page 0x${vaddr.toString(16)} of process ${vpid} never arrived`);
       } else if (cmd === PS_IOV_CLOSE || cmd === PS_IOV_FORCE_CLOSE) {
         // Every page is in the task: no more prefetch; the source answers after what is in flight.
