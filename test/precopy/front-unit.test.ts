@@ -392,3 +392,106 @@ test('lazy-pages front: once the restore is over, background requests the store 
     front.close();
   }
 });
+
+/** A raw daemon connection to a front: requests written by hand, answers parsed and checked. */
+async function rawDaemon(port: number): Promise<{ sock: Socket; answers: () => Array<[number, number, number]> }> {
+  const sock = connect(port, '127.0.0.1');
+  await once(sock, 'connect');
+  let inb = Buffer.alloc(0);
+  sock.on('data', (c: Buffer) => (inb = Buffer.concat([inb, c])));
+  const answers = (): Array<[number, number, number]> => {
+    const out: Array<[number, number, number]> = [];
+    let off = 0;
+    while (inb.length - off >= 32) {
+      const n = Number(inb.readBigUInt64LE(off + 8));
+      if (inb.length - off < 32 + n * PAGE) break;
+      const page = Number(inb.readBigUInt64LE(off + 16)) / PAGE;
+      const vpid = Number(inb.readBigUInt64LE(off + 24));
+      for (let i = 0; i < n; i++) assert.ok(inb.subarray(off + 32 + i * PAGE, off + 32 + (i + 1) * PAGE).equals(content(vpid, page + i)), `page ${page + i} of ${vpid} intact`);
+      out.push([vpid, page, n]);
+      off += 32 + n * PAGE;
+    }
+    return out;
+  };
+  return { sock, answers };
+}
+
+test('lazy-pages front: a background request gets at most 256 pages at once, 16 while faults come (a fault waits behind every answer the daemon has not copied)', async () => {
+  const runs: PageRun[] = [{ vpid: 1, first: 0x1000, n: 4096 }];
+  const holder = new MemPageHolder();
+  for (let i = 0; i < 4096; i++) holder.put(1, (0x1000 + i) * PAGE, 1, content(1, 0x1000 + i));
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const sockets: Socket[] = [];
+  const front = createServer((d) => {
+    sockets.push(d);
+    serveLazy(d, holder, undefined, runs, stats).prefetch();
+  });
+  const port = await listen(front);
+  try {
+    const { sock, answers } = await rawDaemon(port);
+    sockets.push(sock);
+    const settle = (ms = 50) => new Promise((r) => setTimeout(r, ms));
+    sock.write(header(GET, 1024, 0x1000, 1));
+    await settle();
+    assert.deepEqual(answers(), [[1, 0x1000, 256]]);
+    // A fault, then at once the daemon's next background request.
+    sock.write(Buffer.concat([header(GET, 1, 0x1800, 1), header(GET, 768, 0x1100, 1)]));
+    await settle();
+    assert.deepEqual(answers().slice(1), [
+      [1, 0x1800, 1],
+      [1, 0x1100, 16],
+    ]);
+    // Faults stopped: full shares again.
+    sock.write(header(GET, 752, 0x1110, 1));
+    await settle();
+    assert.deepEqual(answers().slice(3), [[1, 0x1110, 256]]);
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+  }
+});
+
+test('lazy-pages front: once the restore is over, a background request for pages only the source has waits for the resume too; a fault behind it is not held', async () => {
+  const runs: PageRun[] = [{ vpid: 1, first: 0x100, n: 512 }];
+  const src = pageServer(runs, 64);
+  const srcPort = await listen(src.server);
+  const holder = new MemPageHolder();
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const sockets: Socket[] = [];
+  let lazyFront: ReturnType<typeof serveLazy> | undefined;
+  const front = createServer((d) => {
+    const up = connect(srcPort, '127.0.0.1');
+    sockets.push(d, up);
+    lazyFront = serveLazy(d, holder, up, runs, stats);
+  });
+  const port = await listen(front);
+  try {
+    const { sock, answers } = await rawDaemon(port);
+    sockets.push(sock);
+    const settle = () => new Promise((r) => setTimeout(r, 50));
+    await settle();
+    lazyFront!.quiet();
+    sock.write(header(GET, 64, 0x100, 1));
+    await settle();
+    assert.deepEqual(answers(), []);
+    assert.deepEqual(src.state.log, [], 'nothing asked of the source while the task is stopped');
+    // A fault behind it: the waiting request goes (cut to what the front forwards), then the fault.
+    sock.write(header(GET, 1, 0x200, 1));
+    await settle();
+    assert.deepEqual(answers(), [
+      [1, 0x100, 16],
+      [1, 0x200, 1],
+    ]);
+    // The task runs: the front's prefetch and the daemon's requests go to the source.
+    lazyFront!.prefetch();
+    sock.write(header(GET, 48, 0x110, 1));
+    await settle();
+    const [next] = answers().slice(2);
+    assert.ok(next && next[0] === 1 && next[1] === 0x110 && next[2] >= 1 && next[2] <= 48, `answer ${String(next)}`);
+    assert.equal(src.state.died, '');
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+    src.server.close();
+  }
+});
