@@ -337,55 +337,36 @@ test('lazy-pages front: once the restore is over, background requests the store 
     lazyFront = serveLazy(d, holder, undefined, runs, stats);
   });
   const port = await listen(front);
-  const sock = connect(port, '127.0.0.1');
-  sockets.push(sock);
   try {
-    await once(sock, 'connect');
-    let inb = Buffer.alloc(0);
-    sock.on('data', (c: Buffer) => (inb = Buffer.concat([inb, c])));
-    /** The answers that arrived in full, as [vpid, first page, pages], each page checked. */
-    const answers = (): Array<[number, number, number]> => {
-      const out: Array<[number, number, number]> = [];
-      let off = 0;
-      while (inb.length - off >= 32) {
-        const n = Number(inb.readBigUInt64LE(off + 8));
-        if (inb.length - off < 32 + n * PAGE) break;
-        const page = Number(inb.readBigUInt64LE(off + 16)) / PAGE;
-        const vpid = Number(inb.readBigUInt64LE(off + 24));
-        for (let i = 0; i < n; i++) assert.ok(inb.subarray(off + 32 + i * PAGE, off + 32 + (i + 1) * PAGE).equals(content(vpid, page + i)), `page ${page + i} of ${vpid} intact`);
-        out.push([vpid, page, n]);
-        off += 32 + n * PAGE;
-      }
-      return out;
-    };
+    const { sock, answers } = await rawDaemon(port);
+    sockets.push(sock);
     const settle = () => new Promise((r) => setTimeout(r, 50));
     // During the restore (CRIU's last steps fault on the task's memory) requests are answered.
     sock.write(header(GET, 8, 0x140, 1));
     await settle();
     assert.deepEqual(answers(), [[1, 0x140, 8]]);
-    inb = Buffer.alloc(0);
     lazyFront!.quiet();
     sock.write(header(GET, 64, 0x100, 1));
     await settle();
-    assert.deepEqual(answers(), [], 'a background request waits while the task is stopped');
+    assert.equal(answers().length, 1, 'a background request waits while the task is stopped');
     // A fault (one page) of the other process, queued behind the waiting request.
     sock.write(header(GET, 1, 0x920, 2));
     await settle();
-    assert.deepEqual(answers(), [
+    assert.deepEqual(answers().slice(1), [
       [1, 0x100, 1],
       [2, 0x920, 1],
     ]);
     // The daemon asks again for the rest; it waits until the task runs.
     sock.write(header(GET, 63, 0x101, 1));
     await settle();
-    assert.equal(answers().length, 2);
+    assert.equal(answers().length, 3);
     lazyFront!.prefetch();
     await settle();
-    assert.deepEqual(answers().slice(2), [[1, 0x101, 63]]);
+    assert.deepEqual(answers().slice(3), [[1, 0x101, 63]]);
     // Once the task runs, background requests are answered at once.
     sock.write(header(GET, 32, 0x900, 2));
     await settle();
-    assert.deepEqual(answers().slice(3), [[2, 0x900, 32]]);
+    assert.deepEqual(answers().slice(4), [[2, 0x900, 32]]);
     assert.equal(stats.localPages, 8 + 1 + 1 + 63 + 32);
   } finally {
     for (const s of sockets) s.destroy();
