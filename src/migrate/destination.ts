@@ -380,8 +380,6 @@ export class Destination {
     });
     // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
     const holder = store ?? new MemPageHolder();
-    let storeComplete = false;
-    void m.storeDone?.then(() => (storeComplete = true), () => {});
     let served = false;
     const front = await listenLocal((sock) => {
       // CRIU's daemon connects once; anything else on this port is not it.
@@ -390,8 +388,9 @@ export class Destination {
       const front = serveLazy(sock, holder, frontEnd, runs, stats);
       link.front = front;
       // The restore starts while the last delta still arrives: no page is served before the
-      // store has it (a page served from an earlier round would be stale).
-      if (m.storeDone && !storeComplete) {
+      // store has it (a page served from an earlier round would be stale). A store complete
+      // already lets go in a microtask, before the daemon's first request can be read.
+      if (m.storeDone) {
         front.hold();
         void m.storeDone.then(
           () => front.release(),

@@ -325,6 +325,21 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     return entry;
   };
 
+  /**
+   * A request's entry now: answered from here (localPages of it at most), waiting for a prefetch
+   * in flight, or asked of the source; undefined when the page cannot come (the front failed).
+   */
+  const dispatch = (req: Buffer, vpid: number, first: number, n: number, localPages = share(n)): Entry | undefined => {
+    if (holder.hasPage(vpid, first)) return local(req, vpid, first, localPages);
+    if (asked.get(key(vpid, first)) === 1) {
+      if (n === 1) window.fault();
+      return { kind: 'wait', req, vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) };
+    }
+    if (upstream) return forward(vpid, first, n);
+    fail(`page 0x${(first * PAGE).toString(16)} of process ${vpid} never arrived`);
+    return undefined;
+  };
+
   const faultServed = (at: number) => {
     const ms = performance.now() - at;
     stats.faultWaitMs += ms;
@@ -337,10 +352,9 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         if (!started && entries.length === 1) return;
         // The task runs, or a fault waits behind it: the daemon takes a shorter answer and asks
         // again for the rest.
-        if (holder.hasPage(head.vpid, head.first)) entries[0] = local(head.req, head.vpid, head.first, started ? share(head.n) : 1);
-        else if (asked.get(key(head.vpid, head.first)) === 1) entries[0] = { kind: 'wait', req: head.req, vpid: head.vpid, first: head.first, n: head.n };
-        else if (upstream) entries[0] = forward(head.vpid, head.first, head.n);
-        else return fail(`page 0x${(head.first * PAGE).toString(16)} of process ${head.vpid} never arrived`);
+        const now = dispatch(head.req, head.vpid, head.first, head.n, started ? share(head.n) : 1);
+        if (!now) return;
+        entries[0] = now;
         continue;
       }
       if (head.kind === 'wait') {
@@ -432,14 +446,11 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const first = vaddr / PAGE;
         if (n === 1) lastFault = performance.now();
         // The daemon's background fill while the restored task waits for the decision took the
-        // CPU the pause needs (see quiet()).
-        if (holder.hasPage(vpid, first)) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : local(Buffer.from(req), vpid, first, share(n)));
-        else if (asked.get(key(vpid, first)) === 1) {
-          if (n === 1) window.fault();
-          entries.push({ kind: 'wait', req: Buffer.from(req), vpid, first, n, ...(n === 1 ? { faultAt: performance.now() } : {}) });
-        }
-        else if (upstream) entries.push(n > 1 && quiet && !started ? { kind: 'later', req: Buffer.from(req), vpid, first, n } : forward(vpid, first, n));
-        else return fail(`page 0x${vaddr.toString(16)} of process ${vpid} never arrived`);
+        // CPU the pause needs (see quiet()). (No prefetch is in flight before the task runs.)
+        const hold = n > 1 && quiet && !started && (upstream !== undefined || holder.hasPage(vpid, first));
+        const entry = hold ? ({ kind: 'later', req: Buffer.from(req), vpid, first, n } as const) : dispatch(Buffer.from(req), vpid, first, n);
+        if (!entry) return;
+        entries.push(entry);
       } else if (cmd === PS_IOV_CLOSE || cmd === PS_IOV_FORCE_CLOSE) {
         // Every page is in the task: no more prefetch; the source answers after what is in flight.
         closed = true;
