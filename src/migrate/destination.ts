@@ -339,18 +339,22 @@ export class Destination {
     }
     await faultPoint(this.self, 'restore');
     const rec: TaskRecord = { ...m.req.task, state: 'checkpointed', origin: m.req.from };
-    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true });
+    // CRIU's daemon starts its background fill as soon as CRIU's restore ends: from then until the
+    // task runs the front holds it, or its reads and writes take the CPU and the I/O threads the
+    // rest of the pause needs (the restore's records took ~150 ms behind it).
+    const quiet = () => {
+      const link = this.lazyLinks.get(id);
+      if (!link) return;
+      link.quiet = true;
+      link.front?.quiet();
+    };
+    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: quiet });
     m.restoring = restoring.catch(() => {
       // Failed with nobody left to tell us to clean up.
       if (m.session.destroyed) setImmediate(() => void this.abort(id));
     });
     const restored = await restoring;
     m.restored = restored;
-    const link = this.lazyLinks.get(id);
-    if (link) {
-      link.quiet = true;
-      link.front?.quiet();
-    }
     // Read now, not at the decision: the resume is inside the task's pause.
     m.stopped = await (m.stoppedReady ?? stoppedAtDump(m.imagesDir));
     await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);

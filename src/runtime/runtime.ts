@@ -368,7 +368,7 @@ export class Runtime {
    * restored tree stays stopped (state 'frozen') until resumeTree: a migration's destination copy
    * must not run before the source has let go of its own.
    */
-  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean; leaveStopped?: boolean } = {}): Promise<TaskRecord> {
+  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean; leaveStopped?: boolean; onRestored?: () => void } = {}): Promise<TaskRecord> {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
@@ -389,6 +389,7 @@ export class Runtime {
         ...(hint ? { hint } : {}),
       });
     }
+    opts.onRestored?.();
     const durationMs = Math.round(performance.now() - started);
     rec.incarnation = incarnation;
     rec.state = opts.leaveStopped ? 'frozen' : 'running';
