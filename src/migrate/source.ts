@@ -98,6 +98,8 @@ const HOLD_TIMEOUT_S = 120;
  * gives up (and tells the destination to drop its copy) before CRIU resumes the task on its own.
  */
 const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
+/** One rsync of the task's files, from its start (or from its release when held). */
+const RSYNC_TIMEOUT_MS = 120_000;
 /** How long post-copy waits for a cut link to come back before the source takes the task back. */
 const POSTCOPY_GRACE_MS = 120_000;
 /**
@@ -188,6 +190,8 @@ export class OutgoingMigration {
   private hashedProcs = false;
   /** The files' last sync, started as soon as CRIU has seized the task (it runs while CRIU dumps). */
   private earlyFiles?: Promise<void>;
+  /** That sync's rsync, started and held since the presync (see holdLastSync). */
+  private lastSync?: { go: () => Promise<void>; cancel: () => void; done: Promise<void> };
   /** Auto with --allow-throttle: the task's CPU quota and sleep while it does not converge. */
   private throttle?: Throttle;
   private precopyStream?: MuxStream;
@@ -337,7 +341,48 @@ export class OutgoingMigration {
     await this.journal({ phase: 'presync' });
     await faultPoint(this.ctx.self, 'presync');
     await this.rsync();
+    this.holdLastSync();
     this.endPhase('presync');
+  }
+
+  /**
+   * The files' last sync is started now and held until CRIU has seized the task: rsync here and
+   * its server there start while the task runs (each spawn from an agent is ~15 ms of a blocked
+   * event loop, inside the pause before). Held, rsync has said its protocol version and waits for
+   * the server's, so it has not looked at a file yet: it makes its file list once released.
+   */
+  private holdLastSync(): void {
+    let open!: () => void;
+    let refuse!: (e: Error) => void;
+    const gate = new Promise<void>((res, rej) => {
+      open = res;
+      refuse = rej;
+    });
+    gate.catch(() => {});
+    const done = this.rsync(gate);
+    // One that ended while held (the destination lets a quiet rsync live 10 minutes; the rounds
+    // can take longer) is replaced by a new one when released.
+    let released = false;
+    let endedHeld = false;
+    done.catch(() => (endedHeld = !released));
+    this.lastSync = {
+      go: () => {
+        if (!released && endedHeld) {
+          released = true;
+          return this.rsync();
+        }
+        released = true;
+        open();
+        return done;
+      },
+      cancel: () => refuse(new FerryError('ABORTED', 'the migration stopped before the last file sync')),
+      done,
+    };
+  }
+
+  /** The files' last sync: the held one (released now), or a new one. */
+  private lastFiles(): Promise<void> {
+    return this.lastSync ? this.lastSync.go() : this.rsync();
   }
 
   /** Pre-copy and auto send memory in rounds first; post-copy and pre-copy restore through lazy pages. */
@@ -553,7 +598,7 @@ export class OutgoingMigration {
     // the delta is stored, and the decision waits for it (restoreThere).
     this.deltaStored = this.step('last delta', this.finalDelta());
     this.deltaStored.catch(() => {});
-    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.rsync()), this.journal({ phase: 'restore' })]);
+    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.lastFiles()), this.journal({ phase: 'restore' })]);
     this.endPhase('transfer');
   }
 
@@ -769,7 +814,7 @@ export class OutgoingMigration {
     const stop = () => dump.exitCode !== null || dump.signalCode !== null || !!this.hold?.reachedPostDump || !!this.cancelled;
     void untilSeized(join(this.imagesDir!, 'dump.log'), stop).then((seized) => {
       if (!seized || stop() || this.earlyFiles) return;
-      this.earlyFiles = this.step('files', this.rsync());
+      this.earlyFiles = this.step('files', this.lastFiles());
       this.earlyFiles.catch(() => {}); // awaited by transfer() or rollback()
     });
   }
@@ -831,8 +876,11 @@ export class OutgoingMigration {
     decodeAnswer(h, text, 'images');
   }
 
-  /** rsync of the task's directory, carried inside the session (see native/ferry-rsh.c). */
-  private async rsync(): Promise<void> {
+  /**
+   * rsync of the task's directory, carried inside the session (see native/ferry-rsh.c); with a
+   * gate, its bytes wait for it.
+   */
+  private async rsync(gate?: Promise<void>): Promise<void> {
     const sockPath = join(this.workDir!, `rsync-${this.files.bytes}-${Date.now()}.sock`);
     const server = createServer((sock) => {
       this.sockets.add(sock);
@@ -846,9 +894,18 @@ export class OutgoingMigration {
         const args = JSON.parse(head.slice(0, nl)) as string[];
         const rest = Buffer.from(head.slice(nl + 1), 'latin1');
         const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/rsync`, 'x-ferry-rsync': JSON.stringify(args) });
-        if (rest.length) stream.write(rest);
-        void splice(sock, stream, this.files, this.files);
-        sock.resume();
+        const flow = () => {
+          if (rest.length) stream.write(rest);
+          void splice(sock, stream, this.files, this.files);
+          sock.resume();
+        };
+        if (!gate) return flow();
+        // Until the gate opens neither side hears the other: the server's version waits in the
+        // stream, and rsync here waits for it before it reads the task's directory.
+        gate.then(flow, () => {
+          stream.destroy();
+          sock.destroy();
+        });
       };
       sock.on('data', onData);
     });
@@ -856,9 +913,27 @@ export class OutgoingMigration {
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
     const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`, src, `${this.target.name}:${src}`];
+    // A held sync waits as long as the rounds take; its time limit runs from the gate.
+    const limit = new AbortController();
+    const outer = this.signal;
+    const onOuter = () => limit.abort(outer.reason);
+    outer.addEventListener('abort', onOuter, { once: true });
+    if (outer.aborted) onOuter();
+    let timer: NodeJS.Timeout | undefined;
+    let finished = false;
+    void (gate ?? Promise.resolve()).then(
+      () => {
+        if (finished) return;
+        timer = setTimeout(() => limit.abort(new FerryError('TIMEOUT', `rsync of the task's files to ${this.target.name} did not finish within ${RSYNC_TIMEOUT_MS / 1000} s`)), RSYNC_TIMEOUT_MS);
+      },
+      () => {},
+    );
     try {
-      await run('rsync', args, { timeoutMs: 120_000, signal: this.signal });
+      await run('rsync', args, { signal: limit.signal });
     } finally {
+      finished = true;
+      clearTimeout(timer);
+      outer.removeEventListener('abort', onOuter);
       server.close();
     }
   }
@@ -1042,8 +1117,11 @@ export class OutgoingMigration {
     await this.hold?.decide('abort');
     for (const s of this.sockets) s.destroy();
     this.lazyStream?.destroy();
-    // An early file sync still running ends with its broken stream before the destination hears the abort.
+    // An early file sync still running ends with its broken stream before the destination hears
+    // the abort; a held one that was never released ends refused.
+    this.lastSync?.cancel();
     await this.earlyFiles?.catch(() => undefined);
+    await this.lastSync?.done.catch(() => undefined);
     if (this.dump && this.dump.exitCode === null) {
       // With --lazy-pages CRIU goes on past a refusing post-dump hook and waits to serve pages.
       const patience = this.hold?.reachedPostDump ? 3000 : 30_000;
@@ -1084,6 +1162,7 @@ export class OutgoingMigration {
       this.onProgress({ type: 'note', message: `could not lift the task's CPU throttle: ${(e as Error).message}` });
     }
     this.precopyStream?.destroy();
+    this.lastSync?.cancel();
     this.releaseDumpSlot();
     for (const s of this.sockets) s.destroy();
     this.lazy?.destroy();
