@@ -7,6 +7,10 @@
 //   ferry-shim run     DIR INCARNATION HOSTNAME CWD -- CMD [ARGS...]
 //   ferry-shim restore DIR INCARNATION PIDFILE      -- CRIU restore ... -d --pidfile PIDFILE
 //
+// With FERRY_SHIM_GATE=1, restore starts CRIU only once fd 4 reads "g": an agent starts the shim
+// ahead, while the images still arrive, and fork+exec of a large agent stays out of the task's
+// pause. End-of-file there (the agent gave up or died) ends the shim before CRIU ran.
+//
 // Reports "ok <host pid of the task root>" or "err <reason>" on fd 3, then waits for the task
 // root and writes DIR/exit-INCARNATION.json. The task root is a small init (pid 1 of the task's
 // PID namespace) that forwards signals, reaps orphans and lives until the task's last process ends.
@@ -206,7 +210,9 @@ int main(int argc, char **argv) {
     report("err cannot become child subreaper: %s", strerror(errno));
     return 1;
   }
-  detach_stdio(dir);
+  // Gated, the shim log is opened after the gate: the task's directory is still being synced.
+  int gated = is_restore && getenv("FERRY_SHIM_GATE") != NULL;
+  if (!gated) detach_stdio(dir);
 
   if (is_run) {
     const char *hostname = argv[4], *cwd = argv[5];
@@ -239,6 +245,18 @@ int main(int argc, char **argv) {
   }
 
   const char *pidfile = argv[4];
+  if (gated) {
+    char go = 0;
+    ssize_t n;
+    do n = read(4, &go, 1);
+    while (n < 0 && errno == EINTR);
+    close(4);
+    if (n != 1 || go != 'g') {
+      report("err the restore was called off");
+      return 1;
+    }
+    detach_stdio(dir);
+  }
   pid_t criu = fork();
   if (criu < 0) {
     report("err fork: %s", strerror(errno));

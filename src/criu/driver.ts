@@ -2,8 +2,9 @@
 // FerryError('CRIU_FAILED') carrying the first error lines of CRIU's own log and a hint.
 import type { ChildProcess } from 'node:child_process';
 import { setPriority } from 'node:os';
+import { readFileSync } from 'node:fs';
 import { access, constants, mkdir } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { FerryError } from '../errors.js';
 import { run, startProgram, type RunResult } from '../exec/run.js';
 import { hintFor, readErrorLines } from './log.js';
@@ -146,12 +147,36 @@ export class Criu {
     return this.server(args, join(o.imagesDir, 'page-server.log'));
   }
 
-  /** `criu lazy-pages`: fetches pages from the source's page server on fault and in the background. */
-  lazyPages(o: { imagesDir: string; address: string; port: number }): ServerHandle {
+  private patches?: Set<string>;
+
+  /** Whether scripts/bootstrap.sh built this CRIU with one of Ferry's patches (patches/criu). */
+  hasPatch(name: string): boolean {
+    if (!this.patches) {
+      try {
+        const lines = readFileSync(join(dirname(this.bin), 'ferry-patches'), 'utf8').split('\n');
+        this.patches = new Set(lines.filter((l) => l.startsWith('applied ')).map((l) => l.slice('applied '.length)));
+      } catch {
+        this.patches = new Set();
+      }
+    }
+    return this.patches.has(name);
+  }
+
+  /** A lazy-pages daemon may start before the images are there (patches/criu/0008). */
+  get lazyPagesEarly(): boolean {
+    return this.hasPatch('0008-lazy-pages-listen-first');
+  }
+
+  /**
+   * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
+   * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
+   * the restore connects.
+   */
+  lazyPages(o: { imagesDir: string; address: string; port: number; early?: boolean }): ServerHandle {
     const args = ['lazy-pages', '--page-server', '--address', o.address, '--port', String(o.port), '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
     // More than one request in flight per process (patches/criu/0006; ignored by a CRIU without
     // it): with one, a task that kept faulting filled at ~180 MB/s from this host's own store.
-    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT) });
+    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT), ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}) });
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
     // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the
     // whole fill. At a lower priority it leaves that core to the task and the agents; measured

@@ -71,7 +71,7 @@ async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: st
  * scripts/bootstrap.sh writes beside the CRIU it builds which patches went in.
  */
 function patchCheck(criu: string): DoctorCheck {
-  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault, polls a whole core, and waits a round trip between requests), pre-copy freezes the task longer (its pages are put in pipes nobody reads), every page-server transfer ends up to 200 ms later per direction (a close left in a corked socket), and a task that unmaps memory while its pages are still coming can be left waiting for them for ever';
+  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault, polls a whole core, and waits a round trip between requests), pre-copy freezes the task longer (its pages are put in pipes nobody reads, and room for one iov per page is copied to the parasite), the lazy-pages daemon on the destination starts inside the pause (it cannot listen before the images are there), every page-server transfer ends up to 200 ms later per direction (a close left in a corked socket), and a task that unmaps memory while its pages are still coming can be left waiting for them for ever';
   let lines: string[];
   try {
     lines = readFileSync(join(dirname(criu), 'ferry-patches'), 'utf8').split('\n').filter(Boolean);

@@ -6,6 +6,7 @@
 // directory keeps incoming.json) until the source, which decides, says commit — then it resumes —
 // or abort — then it is killed and removed. So the task never runs on both hosts, and a decision
 // that arrives after this agent restarted still finds its migration by id on disk.
+import type { Socket } from 'node:net';
 import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
 import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
@@ -66,8 +67,12 @@ interface Incoming {
   store?: PageStore;
   /** Pre-copy: every page record, the last delta's too, is in the store. */
   storeDone?: Promise<void>;
-  /** The lazy-pages daemon, started as soon as the images are here. */
+  /** The lazy-pages daemon: started at the prepare where it may start early, else once the images are here. */
   lazyReady?: Promise<void>;
+  /** The restore's shim, started once the images are here and waiting for the restore request. */
+  restoreAhead?: ReturnType<Runtime['startRestore']>;
+  /** The lazy pages the pagemap images list, read once the images are here (see lazyRunsOf). */
+  runs?: ReturnType<typeof lazyRuns>;
   /** What stoppedAtDump() found in the images, read as soon as they are here. */
   stoppedReady?: Promise<Set<number>>;
 }
@@ -212,6 +217,10 @@ export class Destination {
         const port = await freeLocalPort();
         m.pageServerPort = port;
         m.pageServer = criu.pageServer({ imagesDir, address: '127.0.0.1', port });
+      } else if (criu.lazyPagesEarly) {
+        // Up and listening long before the restore: its start (~20-70 ms) was inside the pause.
+        m.lazyReady = this.startLazyDaemon(m);
+        m.lazyReady.catch(() => {});
       }
     } catch (e) {
       await this.abort(req.id);
@@ -270,7 +279,7 @@ export class Destination {
     const m = this.get(id);
     if (m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     stream.respond({ ':status': 200, 'x-ferry-received': 0 });
-    // The daemon may already be up (it starts when the images are here); else it takes the stream then.
+    // The daemon may already be up (it starts at the prepare, or once the images are here); else it takes the stream then.
     if (link?.tunnel) link.tunnel.attach(stream, 0);
     else m.lazyStream = stream;
   }
@@ -301,9 +310,14 @@ export class Destination {
     m.stoppedReady = stoppedAtDump(m.imagesDir);
     m.stoppedReady.catch(() => {});
     if (m.req.mode !== 'stop-copy') {
-      m.lazyReady = this.startLazyDaemon(m);
+      this.lazyRunsOf(m).catch(() => {});
+      m.lazyReady ??= this.startLazyDaemon(m);
       m.lazyReady.catch(() => {});
     }
+    // The restore's shim starts now and waits for the restore request: a fork+exec from this
+    // agent is ~15 ms of a blocked event loop, which was inside the pause.
+    m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), m.imagesDir, { lazyPages: m.req.mode !== 'stop-copy', leaveStopped: true, gated: true, onRestored: () => this.quiet(id) });
+    m.restoreAhead.catch(() => {});
   }
 
   /** Runs `rsync --server` into the task's directory, speaking through the stream. */
@@ -322,8 +336,37 @@ export class Destination {
     clearTimeout(limit);
   }
 
+  /** What a restore here records: the source's record, checkpointed. */
+  private restoreRecord(m: Incoming): TaskRecord {
+    return { ...m.req.task, state: 'checkpointed', origin: m.req.from };
+  }
+
+  /**
+   * CRIU's daemon starts its background fill as soon as CRIU's restore ends: from then until the
+   * task runs the front holds it, or its reads and writes take the CPU and the I/O threads the
+   * rest of the pause needs (the restore's records took ~150 ms behind it).
+   */
+  private quiet(id: string): void {
+    const link = this.lazyLinks.get(id);
+    if (!link) return;
+    link.quiet = true;
+    link.front?.quiet();
+  }
+
   async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
     const m = this.get(id);
+    const ahead = m.restoreAhead;
+    m.restoreAhead = undefined;
+    try {
+      return await this.restoreNow(m, opts, ahead);
+    } finally {
+      // Not used (a failure before it, or a restore unlike the one prepared): its shim ends.
+      if (ahead && !m.restoring) void ahead.then((r) => r.cancel(), () => {});
+    }
+  }
+
+  private async restoreNow(m: Incoming, opts: { lazy: boolean }, ahead: Incoming['restoreAhead']): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
+    const id = m.id;
     const started = performance.now();
     if (m.pageServer) {
       // The page server exits once the source's dump closed the page stream.
@@ -331,24 +374,16 @@ export class Destination {
       if (!done) throw new FerryError('TIMEOUT', 'the destination page server did not finish receiving pages');
     }
     const pageWaitMs = Math.round(performance.now() - started);
-    if (opts.lazy) await (m.lazyReady ?? this.startLazyDaemon(m));
+    if (opts.lazy) await Promise.all([(m.lazyReady ??= this.startLazyDaemon(m)), this.lazyRunsOf(m)]);
     else if (m.lazyReady) {
       await m.lazyReady.catch(() => {});
       const link = this.lazyLinks.get(id);
       if (link) this.closeLazy(link);
     }
     await faultPoint(this.self, 'restore');
-    const rec: TaskRecord = { ...m.req.task, state: 'checkpointed', origin: m.req.from };
-    // CRIU's daemon starts its background fill as soon as CRIU's restore ends: from then until the
-    // task runs the front holds it, or its reads and writes take the CPU and the I/O threads the
-    // rest of the pause needs (the restore's records took ~150 ms behind it).
-    const quiet = () => {
-      const link = this.lazyLinks.get(id);
-      if (!link) return;
-      link.quiet = true;
-      link.front?.quiet();
-    };
-    const restoring = this.rt.restoreFrom(rec, m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: quiet });
+    const prepared = ahead && opts.lazy === (m.req.mode !== 'stop-copy') ? ahead : undefined;
+    if (ahead && !prepared) void ahead.then((r) => r.cancel(), () => {});
+    const restoring = prepared ? prepared.then((r) => r.go()) : this.rt.restoreFrom(this.restoreRecord(m), m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: () => this.quiet(id) });
     m.restoring = restoring.catch(() => {
       // Failed with nobody left to tell us to clean up.
       if (m.session.destroyed) setImmediate(() => void this.abort(id));
@@ -361,13 +396,17 @@ export class Destination {
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
 
+  /** The lazy pages of the pagemap images; only once the images are here. */
+  private lazyRunsOf(m: Incoming): NonNullable<Incoming['runs']> {
+    return (m.runs ??= lazyRuns(m.imagesDir).catch((e: Error) => {
+      throw new FerryError('PEER', `the pagemap images from ${m.req.from} cannot be read: ${e.message}`);
+    }));
+  }
+
   private async startLazyDaemon(m: Incoming): Promise<void> {
     const link: LazyLink = { id: m.id, from: m.req.from, task: m.req.task.name, committed: false, close: () => {} };
-    const store = m.store;
     const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
-    const runs = await lazyRuns(m.imagesDir).catch((e: Error) => {
-      throw new FerryError('PEER', `the pagemap images from ${m.req.from} cannot be read: ${e.message}`);
-    });
+    const early = this.rt.criu.lazyPagesEarly;
     // The front's link to the source is the tunnel itself, in-process (a loopback socket between
     // the two cost every page two more trips through the kernel).
     const [tunnelEnd, frontEnd] = localPair();
@@ -382,13 +421,20 @@ export class Destination {
       link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
       link.grace.unref();
     });
-    // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
-    const holder = store ?? new MemPageHolder();
     let served = false;
     const front = await listenLocal((sock) => {
       // CRIU's daemon connects once; anything else on this port is not it.
       if (served) return void sock.destroy();
       served = true;
+      // It connects once the restore handed it the task: the images (and the runs) are here.
+      void this.lazyRunsOf(m).then(
+        (runs) => serveFront(sock, runs),
+        () => sock.destroy(),
+      );
+    });
+    const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
+      // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
+      const holder = m.store ?? new MemPageHolder();
       const front = serveLazy(sock, holder, frontEnd, runs, stats);
       link.front = front;
       // The restore starts while the last delta still arrives: no page is served before the
@@ -403,8 +449,8 @@ export class Destination {
       }
       if (link.running) front.prefetch();
       else if (link.quiet) link.front.quiet();
-    });
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port });
+    };
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port, early });
     link.daemon = daemon;
     link.close = () => {
       front.server.close();
@@ -414,7 +460,7 @@ export class Destination {
     if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     void daemon.exited.then((code) => {
       front.server.close();
-      store?.remove();
+      m.store?.remove();
       this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
       if (this.lazyLinks.get(m.id) !== link) return;
       // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
@@ -521,6 +567,7 @@ export class Destination {
     }
     if (m.committed) return;
     this.incoming.delete(id);
+    void m.restoreAhead?.then((r) => r.cancel(), () => {});
     // A daemon on its way up is stopped once it is.
     await m.lazyReady?.catch(() => {});
     m.pageServer?.stop();

@@ -30,6 +30,13 @@ const INVENTORY_MAGIC = 0x58313116;
 export const CRIU_TIMEOUT_MS = 10 * 60_000;
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
+export interface RestoreOptions {
+  lazyPages?: boolean;
+  leaveStopped?: boolean;
+  /** CRIU's restore is done: called before the records are written. */
+  onRestored?: () => void;
+}
+
 export class Runtime {
   readonly store: TaskStore;
 
@@ -153,16 +160,42 @@ export class Runtime {
 
   /** Starts the shim and reads its one status line from fd 3. */
   private async spawnShim(args: string[], env: NodeJS.ProcessEnv, timeoutMs = CRIU_TIMEOUT_MS): Promise<{ rootPid: number; shimPid: number }> {
-    const child = spawn(this.shimPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'pipe'], detached: true, env });
-    // The shim and what it runs (criu restore) share its process group: a hung restore goes with it.
-    const timer = setTimeout(() => {
-      try {
-        process.kill(-child.pid!, 'SIGKILL');
-      } catch {
-        /* gone */
-      }
-    }, timeoutMs);
-    timer.unref();
+    return this.startShim(args, env, timeoutMs).result;
+  }
+
+  /**
+   * The shim, started; with a gate (restore only) it runs CRIU once go() is called, and cancel()
+   * (or this agent's end) ends it before CRIU ran.
+   */
+  private startShim(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, gated = false): { result: Promise<{ rootPid: number; shimPid: number }>; go: () => void; cancel: () => void } {
+    const child = spawn(this.shimPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'pipe', ...(gated ? (['pipe'] as const) : [])], detached: true, env: gated ? { ...env, FERRY_SHIM_GATE: '1' } : env });
+    const gate = gated ? (child.stdio[4] as NodeJS.WritableStream & { destroy(): void }) : undefined;
+    gate?.on('error', () => {}); // a shim that ended reports why on its status pipe
+    let timer: NodeJS.Timeout | undefined;
+    const arm = () => {
+      // The shim and what it runs (criu restore) share its process group: a hung restore goes with it.
+      timer = setTimeout(() => {
+        try {
+          process.kill(-child.pid!, 'SIGKILL');
+        } catch {
+          /* gone */
+        }
+      }, timeoutMs);
+      timer.unref();
+    };
+    if (!gated) arm();
+    return {
+      result: this.shimResult(child, () => clearTimeout(timer)),
+      go: () => {
+        if (!gate || timer) return;
+        arm();
+        gate.end('g');
+      },
+      cancel: () => gate?.destroy(),
+    };
+  }
+
+  private async shimResult(child: ReturnType<typeof spawn>, done: () => void): Promise<{ rootPid: number; shimPid: number }> {
     const status = child.stdio[3] as NodeJS.ReadableStream;
     let text = '';
     status.setEncoding('utf8');
@@ -172,7 +205,7 @@ export class Runtime {
       status.once('end', () => resolveP({ line: text.trim() }));
       status.once('close', () => resolveP({ line: text.trim() }));
     });
-    clearTimeout(timer);
+    done();
     child.unref();
     (status as unknown as { destroy?: () => void }).destroy?.();
     if ('error' in settled) throw new FerryError('PROGRAM_FAILED', `cannot start the task shim: ${settled.error.message}`);
@@ -368,40 +401,55 @@ export class Runtime {
    * restored tree stays stopped (state 'frozen') until resumeTree: a migration's destination copy
    * must not run before the source has let go of its own.
    */
-  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: { lazyPages?: boolean; leaveStopped?: boolean; onRestored?: () => void } = {}): Promise<TaskRecord> {
+  async restoreFrom(rec: TaskRecord, imagesDir: string, opts: RestoreOptions = {}): Promise<TaskRecord> {
+    return (await this.startRestore(rec, imagesDir, opts)).go();
+  }
+
+  /**
+   * A restore whose shim is started now; CRIU runs at go(). Gated, the shim waits for go(), so it
+   * can be started ahead of the restore (a migration's destination does, while the images still
+   * arrive); cancel() then ends it before CRIU ran.
+   */
+  async startRestore(rec: TaskRecord, imagesDir: string, opts: RestoreOptions & { gated?: boolean } = {}): Promise<{ go: () => Promise<TaskRecord>; cancel: () => void }> {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
     await unlink(pidfile).catch(() => undefined);
     await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
-    const started = performance.now();
     const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
     const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
-    let rootPid: number, shimPid: number;
-    try {
-      ({ rootPid, shimPid } = await this.spawnShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], { ...process.env, ...this.netEnv(rec) }));
-    } catch (e) {
-      const lines = await readErrorLines(join(imagesDir, 'restore.log'));
-      if (!lines.length) throw e;
-      const hint = hintFor(lines);
-      throw new FerryError('CRIU_FAILED', `criu restore of task '${rec.name}' failed: ${lines[0]}`, {
-        details: [...lines, `log: ${join(imagesDir, 'restore.log')}`],
-        ...(hint ? { hint } : {}),
-      });
-    }
+    const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, !!opts.gated);
+    shim.result.catch(() => {}); // awaited by go()
+    const go = async (): Promise<TaskRecord> => {
+      const started = performance.now();
+      shim.go();
+      let rootPid: number, shimPid: number;
+      try {
+        ({ rootPid, shimPid } = await shim.result);
+      } catch (e) {
+        const lines = await readErrorLines(join(imagesDir, 'restore.log'));
+        if (!lines.length) throw e;
+        const hint = hintFor(lines);
+        throw new FerryError('CRIU_FAILED', `criu restore of task '${rec.name}' failed: ${lines[0]}`, {
+          details: [...lines, `log: ${join(imagesDir, 'restore.log')}`],
+          ...(hint ? { hint } : {}),
+        });
+      }
     opts.onRestored?.();
-    const durationMs = Math.round(performance.now() - started);
-    rec.incarnation = incarnation;
-    rec.state = opts.leaveStopped ? 'frozen' : 'running';
-    rec.pid = rootPid;
-    rec.pidStart = startTime(rootPid);
-    rec.shimPid = shimPid;
-    rec.shimStart = startTime(shimPid);
-    delete rec.exit;
-    const stats = await readRestoreStats(imagesDir);
-    if (rec.checkpoint) rec.checkpoint.restore = { at: new Date().toISOString(), durationMs, ...(stats ? { stats } : {}) };
-    await this.store.save(rec);
-    return rec;
+      const durationMs = Math.round(performance.now() - started);
+      rec.incarnation = incarnation;
+      rec.state = opts.leaveStopped ? 'frozen' : 'running';
+      rec.pid = rootPid;
+      rec.pidStart = startTime(rootPid);
+      rec.shimPid = shimPid;
+      rec.shimStart = startTime(shimPid);
+      delete rec.exit;
+      const stats = await readRestoreStats(imagesDir);
+      if (rec.checkpoint) rec.checkpoint.restore = { at: new Date().toISOString(), durationMs, ...(stats ? { stats } : {}) };
+      await this.store.save(rec);
+      return rec;
+    };
+    return { go, cancel: shim.cancel };
   }
 }
 

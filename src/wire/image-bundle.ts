@@ -10,7 +10,7 @@ import { FerryError } from '../errors.js';
 export const MAX_IMAGE_BYTES = 1 << 30;
 export const MAX_IMAGES = 100_000;
 /** Names Ferry itself uses in an images directory are not CRIU's to send. */
-const RESERVED = new Set(['lazy-pages.socket', 'precopy.pages']);
+const RESERVED = new Set(['lazy-pages.socket', 'lazy-pages.log', 'precopy.pages']);
 
 export function imageNameOk(name: string): boolean {
   return /^[A-Za-z0-9_.-]{1,128}$/.test(name) && !name.startsWith('.') && !RESERVED.has(name);
