@@ -98,6 +98,8 @@ const HOLD_TIMEOUT_S = 120;
  * gives up (and tells the destination to drop its copy) before CRIU resumes the task on its own.
  */
 const CONFIRM_TIMEOUT_MS = (HOLD_TIMEOUT_S - 15) * 1000;
+/** The most of the last delta held back for the restore request (~35 ms of a 1 Gbit/s link). */
+const DELTA_HOLD_BYTES = 4 << 20;
 /** One rsync of the task's files, from its start (or from its release when held). */
 const RSYNC_TIMEOUT_MS = 120_000;
 /** How long post-copy waits for a cut link to come back before the source takes the task back. */
@@ -197,6 +199,10 @@ export class OutgoingMigration {
   private precopyStream?: MuxStream;
   private precopyStored?: Promise<unknown>;
   private precopyError?: Error;
+  /** The pre-copy records on their way to precopyStream (the codec's output, or the helper's). */
+  private precopyWire?: Readable;
+  /** Lets the last delta's records held back by holdDelta() go. */
+  private releaseDelta?: () => void;
   /** Auto that did not converge and may post-copy: the residue follows the running task. */
   private residueLazy = false;
 
@@ -422,6 +428,7 @@ export class OutgoingMigration {
     // The destination refused or dropped the stream: nothing reads the records any more.
     stream.once('close', () => void this.tracker?.stop());
     const wire = this.compressing(this.tracker.pages);
+    this.precopyWire = wire;
     wire.on('data', (c: Buffer) => this.pages.add(c.length));
     wire.pipe(stream);
     // A codec failure ends the stream, and with it the rounds (the destination sees it cut).
@@ -528,12 +535,47 @@ export class OutgoingMigration {
   /** Frozen: the pages written since the last round (or, for a post-copy residue, which are stale). */
   private async finalDelta(): Promise<void> {
     if (!this.tracker) return;
+    this.holdDelta();
     const r = await this.tracked(this.tracker.final(this.imagesDir!, this.residueLazy));
     if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
     // The helper disarms and exits on its own meanwhile; release() waits for it.
     await this.precopyStored;
+  }
+
+  /**
+   * The last delta waits (up to DELTA_HOLD_BYTES) until the restore request is on the wire: the
+   * session is one connection, and a request behind 1-2 MB of records reached the destination
+   * 50-75 ms after it was sent. The restore needs no page before the task runs, and the decision
+   * waits for the delta anyway (restoreThere); a larger delta goes at once.
+   */
+  private holdDelta(): void {
+    const wire = this.precopyWire;
+    const stream = this.precopyStream;
+    if (!wire || !stream || stream.destroyed) return;
+    const chunks: Buffer[] = [];
+    let bytes = 0;
+    let ended = false;
+    const onData = (c: Buffer) => {
+      chunks.push(c);
+      bytes += c.length;
+      if (bytes > DELTA_HOLD_BYTES) release();
+    };
+    const onEnd = () => (ended = true);
+    const release = () => {
+      if (this.releaseDelta !== release) return;
+      this.releaseDelta = undefined;
+      wire.off('data', onData);
+      wire.off('end', onEnd);
+      for (const c of chunks) stream.write(c);
+      if (ended) stream.end();
+      else wire.pipe(stream);
+    };
+    wire.unpipe(stream);
+    wire.on('data', onData);
+    wire.once('end', onEnd);
+    this.releaseDelta = release;
   }
 
   /** CRIU freezes and dumps the task, then holds it at post-dump until the decision. */
@@ -608,6 +650,8 @@ export class OutgoingMigration {
     const lazyStream = this.lazyPort ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
     if (this.pagesThere) this.lazyStream = lazyStream;
     const asks = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
+    // The request's end goes out in a later tick of the event loop; then the delta follows it.
+    setImmediate(() => this.releaseDelta?.());
     // Restored means restored on every page of the last delta; a delta that fails fails it now.
     const restoreP = Promise.all([asks, this.deltaStored]).then(([r]) => r);
     restoreP.catch(() => {}); // awaited below; an early way out must not leave it unhandled
