@@ -479,6 +479,9 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     },
     prefetch: () => {
       started = true;
+      // A task that runs again faults at once: the answers to the requests held until now are
+      // cut as if a fault had just come, or its first faults wait behind 1 MiB per request.
+      lastFault = performance.now();
       flush();
       pump();
     },
