@@ -7,9 +7,10 @@
 //   ferry-shim run     DIR INCARNATION HOSTNAME CWD -- CMD [ARGS...]
 //   ferry-shim restore DIR INCARNATION PIDFILE      -- CRIU restore ... -d --pidfile PIDFILE
 //
-// With FERRY_SHIM_GATE=1, restore starts CRIU only once fd 4 reads "g": an agent starts the shim
-// ahead, while the images still arrive, and fork+exec of a large agent stays out of the task's
-// pause. End-of-file there (the agent gave up or died) ends the shim before CRIU ran.
+// With FERRY_SHIM_GATE=1, restore takes its CRIU command from fd 4 instead (arguments each ended
+// by a NUL, then end-of-file) and starts CRIU only then: an agent starts the shim ahead, before
+// the images are all there, and its fork+exec of a large agent stays out of the task's pause.
+// End-of-file with no command (the agent gave up or died) ends the shim before CRIU ran.
 //
 // Reports "ok <host pid of the task root>" or "err <reason>" on fd 3, then waits for the task
 // root and writes DIR/exit-INCARNATION.json. The task root is a small init (pid 1 of the task's
@@ -186,6 +187,30 @@ static void detach_stdio(const char *dir) {
   if (log > 2) close(log);
 }
 
+/* A command from fd: arguments each ended by a NUL, up to end-of-file; NULL if there is none. */
+static char **read_command(int fd) {
+  static char buf[1 << 16];
+  size_t len = 0;
+  for (;;) {
+    ssize_t n = read(fd, buf + len, sizeof buf - len);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    len += (size_t)n;
+    if (len == sizeof buf) return NULL;
+  }
+  if (len == 0 || buf[len - 1] != '\0') return NULL;
+  size_t argc = 0;
+  for (size_t i = 0; i < len; i++) argc += buf[i] == '\0';
+  char **out = calloc(argc + 1, sizeof *out);
+  if (!out) return NULL;
+  char *p = buf;
+  for (size_t i = 0; i < argc; i++) {
+    out[i] = p;
+    p += strlen(p) + 1;
+  }
+  return out;
+}
+
 static int usage(void) {
   fprintf(stderr,
           "usage: ferry-shim run DIR INCARNATION HOSTNAME CWD -- CMD [ARGS...]\n"
@@ -198,7 +223,8 @@ int main(int argc, char **argv) {
   int is_run = strcmp(argv[1], "run") == 0;
   int is_restore = strcmp(argv[1], "restore") == 0;
   int fixed = is_run ? 6 : 5;  // args up to and including "--"
-  if ((!is_run && !is_restore) || argc < fixed + 2 || strcmp(argv[fixed], "--") != 0) return usage();
+  int gated = is_restore && getenv("FERRY_SHIM_GATE") != NULL;
+  if ((!is_run && !is_restore) || argc < fixed + (gated ? 1 : 2) || strcmp(argv[fixed], "--") != 0) return usage();
   const char *dir = argv[2], *inc = argv[3];
   char **cmd = argv + fixed + 1;
   if (fcntl(status_fd, F_GETFD) < 0) status_fd = -1;
@@ -211,7 +237,6 @@ int main(int argc, char **argv) {
     return 1;
   }
   // Gated, the shim log is opened after the gate: the task's directory is still being synced.
-  int gated = is_restore && getenv("FERRY_SHIM_GATE") != NULL;
   if (!gated) detach_stdio(dir);
 
   if (is_run) {
@@ -246,12 +271,9 @@ int main(int argc, char **argv) {
 
   const char *pidfile = argv[4];
   if (gated) {
-    char go = 0;
-    ssize_t n;
-    do n = read(4, &go, 1);
-    while (n < 0 && errno == EINTR);
+    cmd = read_command(4);
     close(4);
-    if (n != 1 || go != 'g') {
+    if (!cmd) {
       report("err the restore was called off");
       return 1;
     }

@@ -69,7 +69,7 @@ interface Incoming {
   storeDone?: Promise<void>;
   /** The lazy-pages daemon: started at the prepare where it may start early, else once the images are here. */
   lazyReady?: Promise<void>;
-  /** The restore's shim, started once the images are here and waiting for the restore request. */
+  /** The restore's shim, started at the prepare and waiting for the restore request. */
   restoreAhead?: ReturnType<Runtime['startRestore']>;
   /** The lazy pages the pagemap images list, read once the images are here (see lazyRunsOf). */
   runs?: ReturnType<typeof lazyRuns>;
@@ -222,6 +222,11 @@ export class Destination {
         m.lazyReady = this.startLazyDaemon(m);
         m.lazyReady.catch(() => {});
       }
+      // The restore's shim starts now and waits for the restore request (and CRIU's command,
+      // made from the images then): a fork+exec from this agent blocks it ~15 ms, which was
+      // inside the pause.
+      m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), imagesDir, { lazyPages: req.mode !== 'stop-copy', leaveStopped: true, gated: true, onRestored: () => this.quiet(req.id) });
+      m.restoreAhead.catch(() => {});
     } catch (e) {
       await this.abort(req.id);
       throw e;
@@ -314,10 +319,6 @@ export class Destination {
       m.lazyReady ??= this.startLazyDaemon(m);
       m.lazyReady.catch(() => {});
     }
-    // The restore's shim starts now and waits for the restore request: a fork+exec from this
-    // agent is ~15 ms of a blocked event loop, which was inside the pause.
-    m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), m.imagesDir, { lazyPages: m.req.mode !== 'stop-copy', leaveStopped: true, gated: true, onRestored: () => this.quiet(id) });
-    m.restoreAhead.catch(() => {});
   }
 
   /** Runs `rsync --server` into the task's directory, speaking through the stream. */

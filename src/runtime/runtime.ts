@@ -3,8 +3,8 @@
 // it for migrations.
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { constants, createReadStream, existsSync, readFileSync } from 'node:fs';
-import { access, mkdir, open, readFile, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { constants, createReadStream, existsSync, readFileSync, rmSync } from 'node:fs';
+import { access, mkdir, open, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { Criu } from '../criu/driver.js';
 import { dumpSlot } from '../criu/dump-slot.js';
@@ -167,7 +167,7 @@ export class Runtime {
    * The shim, started; with a gate (restore only) it runs CRIU once go() is called, and cancel()
    * (or this agent's end) ends it before CRIU ran.
    */
-  private startShim(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, gated = false): { result: Promise<{ rootPid: number; shimPid: number }>; go: () => void; cancel: () => void } {
+  private startShim(args: string[], env: NodeJS.ProcessEnv, timeoutMs: number, gated = false): { result: Promise<{ rootPid: number; shimPid: number }>; go: (command?: string[]) => void; cancel: () => void } {
     const child = spawn(this.shimPath, args, { stdio: ['ignore', 'ignore', 'ignore', 'pipe', ...(gated ? (['pipe'] as const) : [])], detached: true, env: gated ? { ...env, FERRY_SHIM_GATE: '1' } : env });
     const gate = gated ? (child.stdio[4] as NodeJS.WritableStream & { destroy(): void }) : undefined;
     gate?.on('error', () => {}); // a shim that ended reports why on its status pipe
@@ -186,10 +186,11 @@ export class Runtime {
     if (!gated) arm();
     return {
       result: this.shimResult(child, () => clearTimeout(timer)),
-      go: () => {
+      go: (command: string[] = []) => {
         if (!gate || timer) return;
         arm();
-        gate.end('g');
+        // The CRIU command, each argument ended by a NUL (see native/ferry-shim.c).
+        gate.end(Buffer.from(command.map((a) => `${a}\0`).join('')));
       },
       cancel: () => gate?.destroy(),
     };
@@ -414,15 +415,19 @@ export class Runtime {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
-    await unlink(pidfile).catch(() => undefined);
-    await unlink(join(imagesDir, 'stats-restore')).catch(() => undefined);
-    const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
-    const argv = this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
-    const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--', ...argv], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, !!opts.gated);
+    // CRIU's command depends on the images (a marker among them says how to restore connections):
+    // gated, it is made only at go().
+    const command = (): string[] => {
+      rmSync(pidfile, { force: true });
+      rmSync(join(imagesDir, 'stats-restore'), { force: true });
+      const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
+      return this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
+    };
+    const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--', ...(opts.gated ? [] : command())], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, !!opts.gated);
     shim.result.catch(() => {}); // awaited by go()
     const go = async (): Promise<TaskRecord> => {
       const started = performance.now();
-      shim.go();
+      shim.go(opts.gated ? command() : undefined);
       let rootPid: number, shimPid: number;
       try {
         ({ rootPid, shimPid } = await shim.result);
