@@ -1,7 +1,8 @@
 // The source's intent log: one file per outgoing migration, written before each step that changes
 // where the task runs. An agent that restarts reads it to bring every migration to one outcome,
 // and tells the destination that outcome until it has heard it.
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdirSync } from 'node:fs';
+import { readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
 import type { Mode } from '../wire/schemas.js';
@@ -43,7 +44,7 @@ export class Journal {
 
   async write(e: JournalEntry): Promise<void> {
     e.at = new Date().toISOString();
-    await mkdir(this.dir, { recursive: true, mode: 0o700 });
+    mkdirSync(this.dir, { recursive: true, mode: 0o700 });
     await writeJsonAtomic(this.path(e.id), e);
   }
 
