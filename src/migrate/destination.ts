@@ -226,7 +226,6 @@ export class Destination {
       // made from the images then): a fork+exec from this agent blocks it ~15 ms, which was
       // inside the pause.
       m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), imagesDir, { lazyPages: req.mode !== 'stop-copy', leaveStopped: true, gated: true, onRestored: () => this.quiet(req.id) });
-      m.restoreAhead.catch(() => {});
     } catch (e) {
       await this.abort(req.id);
       throw e;
@@ -356,17 +355,20 @@ export class Destination {
 
   async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
     const m = this.get(id);
+    // The shim started at the prepare, unless this restore is not the one it was started for.
     const ahead = m.restoreAhead;
     m.restoreAhead = undefined;
+    const prepared = ahead && opts.lazy === (m.req.mode !== 'stop-copy') ? ahead : undefined;
+    if (ahead && !prepared) ahead.cancel();
     try {
-      return await this.restoreNow(m, opts, ahead);
+      return await this.restoreNow(m, opts, prepared);
     } finally {
-      // Not used (a failure before it, or a restore unlike the one prepared): its shim ends.
-      if (ahead && !m.restoring) void ahead.then((r) => r.cancel(), () => {});
+      // A failure before CRIU ran: its shim ends.
+      if (prepared && !m.restoring) prepared.cancel();
     }
   }
 
-  private async restoreNow(m: Incoming, opts: { lazy: boolean }, ahead: Incoming['restoreAhead']): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
+  private async restoreNow(m: Incoming, opts: { lazy: boolean }, prepared: Incoming['restoreAhead']): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
     const id = m.id;
     const started = performance.now();
     if (m.pageServer) {
@@ -382,9 +384,7 @@ export class Destination {
       if (link) this.closeLazy(link);
     }
     await faultPoint(this.self, 'restore');
-    const prepared = ahead && opts.lazy === (m.req.mode !== 'stop-copy') ? ahead : undefined;
-    if (ahead && !prepared) void ahead.then((r) => r.cancel(), () => {});
-    const restoring = prepared ? prepared.then((r) => r.go()) : this.rt.restoreFrom(this.restoreRecord(m), m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: () => this.quiet(id) });
+    const restoring = prepared ? prepared.go() : this.rt.restoreFrom(this.restoreRecord(m), m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: () => this.quiet(id) });
     m.restoring = restoring.catch(() => {
       // Failed with nobody left to tell us to clean up.
       if (m.session.destroyed) setImmediate(() => void this.abort(id));
@@ -568,7 +568,7 @@ export class Destination {
     }
     if (m.committed) return;
     this.incoming.delete(id);
-    void m.restoreAhead?.then((r) => r.cancel(), () => {});
+    m.restoreAhead?.cancel();
     // A daemon on its way up is stopped once it is.
     await m.lazyReady?.catch(() => {});
     m.pageServer?.stop();

@@ -403,7 +403,7 @@ export class Runtime {
    * must not run before the source has let go of its own.
    */
   async restoreFrom(rec: TaskRecord, imagesDir: string, opts: RestoreOptions = {}): Promise<TaskRecord> {
-    return (await this.startRestore(rec, imagesDir, opts)).go();
+    return this.startRestore(rec, imagesDir, opts).go();
   }
 
   /**
@@ -411,7 +411,7 @@ export class Runtime {
    * can be started ahead of the restore (a migration's destination does, while the images still
    * arrive); cancel() then ends it before CRIU ran.
    */
-  async startRestore(rec: TaskRecord, imagesDir: string, opts: RestoreOptions & { gated?: boolean } = {}): Promise<{ go: () => Promise<TaskRecord>; cancel: () => void }> {
+  startRestore(rec: TaskRecord, imagesDir: string, opts: RestoreOptions & { gated?: boolean } = {}): { go: () => Promise<TaskRecord>; cancel: () => void } {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
@@ -440,7 +440,7 @@ export class Runtime {
           ...(hint ? { hint } : {}),
         });
       }
-    opts.onRestored?.();
+      opts.onRestored?.();
       const durationMs = Math.round(performance.now() - started);
       rec.incarnation = incarnation;
       rec.state = opts.leaveStopped ? 'frozen' : 'running';
