@@ -236,10 +236,29 @@ static size_t read_mem(pid_t pid, void *dst, uint64_t addr, size_t len) {
   return got - got % PAGE;
 }
 
+/*
+ * A full pass over an armed mapping (its first round) re-arms each chunk just before reading it:
+ * what the task wrote there before the read is in what is sent, so it does not go again in the
+ * next round; a write after the re-arm is seen as before. Measured at 1 GiB, 16 MiB/s uniform,
+ * the second round shrank by about half. -1 outside such a pass.
+ */
+static int rearm_pm = -1;
+
+static void rearm(int pm, uint64_t s, uint64_t e) {
+  struct page_region vec[64];
+  while (s < e) {
+    /* Written pages among those present or swapped (see scan()), write-protected again. */
+    struct pm_scan_arg a = {.size = sizeof a, .flags = PM_SCAN_WP_MATCHING, .start = s, .end = e, .vec = (uint64_t)(uintptr_t)vec, .vec_len = 64, .category_mask = PAGE_IS_WRITTEN, .category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED, .return_mask = PAGE_IS_WRITTEN};
+    if (ioctl(pm, PAGEMAP_SCAN, &a) < 0 || a.walk_end <= s) return; /* then the next round sends them: no harm */
+    s = a.walk_end;
+  }
+}
+
 /* Reads [start, start + n pages) and sends it as runs of data and zero pages. */
 static void send_range(struct proc *p, uint64_t start, uint64_t n) {
   while (n) {
     size_t k = n > CHUNK ? CHUNK : n;
+    if (rearm_pm >= 0) rearm(rearm_pm, start, start + k * PAGE);
     size_t okp = read_mem(p->pid, buf, start, k * PAGE) / PAGE;
     if (okp == 0) {
       /* Unmapped meanwhile: nothing there for CRIU to dump either. Skip a page. */
@@ -720,7 +739,12 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
     }
     if (r == -EPERM) st.full_vmas++;
     if (drop) scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_drop, NULL);
-    else scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_send, NULL);
+    else {
+      /* Armed (just now, or above): each chunk is re-armed as it is read (fails harmlessly where not). */
+      if (p->uffd >= 0) rearm_pm = pm;
+      scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_send, NULL);
+      rearm_pm = -1;
+    }
   }
   free(v);
   close(pm);

@@ -45,10 +45,10 @@ async function startMemcheck(name: string, args: string[]): Promise<void> {
  * pages. memcheck's writes are CPU-bound: on a slow machine its distinct written pages fell to
  * ~50 MB/s, under the 1 Gbit/s link, and pre-copy sometimes converged.
  */
-function slowLink(t: { after: (fn: () => void) => void }): void {
-  const shape = (rate: string) => execFileSync('ip', ['netns', 'exec', lab.netns('h1'), 'tc', 'qdisc', 'replace', 'dev', 'eth0', 'root', 'tbf', 'rate', rate, 'burst', '1mb', 'latency', '50ms']);
+function slowLink(t: { after: (fn: () => void) => void }, rate = '200mbit'): void {
+  const shape = (r: string) => execFileSync('ip', ['netns', 'exec', lab.netns('h1'), 'tc', 'qdisc', 'replace', 'dev', 'eth0', 'root', 'tbf', 'rate', r, 'burst', '1mb', 'latency', '50ms']);
   t.after(() => shape('1gbit'));
-  shape('200mbit');
+  shape(rate);
 }
 
 /** Asks every process of the task to check its memory; returns the check lines. */
@@ -140,6 +140,8 @@ function throttleCgroups(): string[] {
 test('auto with --allow-throttle slows a task that out-writes the link until it converges, then gives its CPU back', async (t) => {
   if (!cgroupWritable()) return t.skip('no writable cgroup cpu controller on this machine');
   t.after(() => lab.removeEverywhere('hog'));
+  // Well under memcheck's ~25-50 MB/s of written pages: only the throttle makes it converge.
+  slowLink(t, '100mbit');
   await startMemcheck('hog', ['--mib', '64', '--rate', '256', '--threads', '2']);
   const pid = (await lab.tasksOn('h1')).find((x) => x.name === 'hog')!.pid!;
   const cgBefore = treePids(pid).map(cpuCgroupOf);
@@ -249,6 +251,7 @@ test('fault: a throttle that cannot be lifted at the freeze fails the migration 
     rmSync(join(debugDir, 'throttle-gate'), { force: true });
     await lab.removeEverywhere('stuck');
   });
+  slowLink(t, '100mbit');
   await startMemcheck('stuck', ['--mib', '64', '--rate', '256', '--threads', '2']);
   const pid = (await lab.tasksOn('h1')).find((x) => x.name === 'stuck')!.pid!;
   const cgBefore = treePids(pid).map(cpuCgroupOf);
