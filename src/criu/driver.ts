@@ -1,3 +1,4 @@
+import type { Socket } from 'node:net';
 // Typed access to the criu binary. Every run goes through exec/run.ts; failures become
 // FerryError('CRIU_FAILED') carrying the first error lines of CRIU's own log and a hint.
 import type { ChildProcess } from 'node:child_process';
@@ -172,11 +173,13 @@ export class Criu {
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
    * the restore connects.
    */
-  lazyPages(o: { imagesDir: string; address: string; port: number; early?: boolean }): ServerHandle {
-    const args = ['lazy-pages', '--page-server', '--address', o.address, '--port', String(o.port), '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
+  lazyPages(o: { imagesDir: string; early?: boolean }): ServerHandle & { socket: Socket } {
+    // Its page server is this agent, at the other end of a Unix socket it inherits (fd 3): the
+    // same 1 GiB cost this agent ~1 s of CPU more through TCP on loopback.
+    const args = ['lazy-pages', '--page-server', '--ps-socket', '3', '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
     // More than one request in flight per process (patches/criu/0006; ignored by a CRIU without
     // it): with one, a task that kept faulting filled at ~180 MB/s from this host's own store.
-    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT), ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}) });
+    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}) }, true);
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
     // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the
     // whole fill. At a lower priority it leaves that core to the task and the agents; measured
@@ -189,11 +192,11 @@ export class Criu {
         // it ended already: its exit is reported the usual way
       }
     }
-    return h;
+    return { ...h, socket: h.child.stdio[3] as Socket };
   }
 
-  private server(args: string[], logPath: string, env?: NodeJS.ProcessEnv): ServerHandle {
-    const p = startProgram(this.bin, args, env ? { env: { ...process.env, ...env } } : {});
+  private server(args: string[], logPath: string, env?: NodeJS.ProcessEnv, fd3 = false): ServerHandle {
+    const p = startProgram(this.bin, args, { ...(env ? { env: { ...process.env, ...env } } : {}), fd3 });
     return {
       child: p.child,
       command: p.command,

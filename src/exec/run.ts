@@ -1,7 +1,8 @@
 // One way to run external programs (criu, rsync, ip, tc, ...): own process group, bounded output
 // capture, SIGTERM then SIGKILL on timeout or abort, and the whole command line in the error.
-import { spawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { spawn, type ChildProcess, type SpawnOptions, type StdioOptions } from 'node:child_process';
 import { FerryError, abortError } from '../errors.js';
+import type { Duplex } from 'node:stream';
 
 const MAX_CAPTURE = 64 * 1024;
 const KILL_GRACE_MS = 2000;
@@ -169,8 +170,12 @@ export interface Program {
  * process group so it and its children end together, bounded capture of stderr, and one promise
  * for its end. run() is for programs Ferry waits on; this is for those it works beside.
  */
-export function startProgram(file: string, args: readonly string[], opts: { env?: NodeJS.ProcessEnv; stdin?: 'pipe' | 'ignore'; stdout?: 'pipe' | 'ignore'; captureStderr?: boolean } = {}): Program {
-  const child = spawn(file, args, { stdio: [opts.stdin ?? 'ignore', opts.stdout ?? 'ignore', opts.captureStderr === false ? 'ignore' : 'pipe'], detached: true, env: opts.env ?? process.env });
+export function startProgram(file: string, args: readonly string[], opts: { env?: NodeJS.ProcessEnv; stdin?: 'pipe' | 'ignore'; stdout?: 'pipe' | 'ignore'; captureStderr?: boolean; fd3?: boolean } = {}): Program {
+  // fd3: a Unix stream socket to the program as its fd 3 (child.stdio[3]).
+  const stdio: StdioOptions = [opts.stdin ?? 'ignore', opts.stdout ?? 'ignore', opts.captureStderr === false ? 'ignore' : 'pipe', ...(opts.fd3 ? ['pipe' as const] : [])];
+  const child: ChildProcess = spawn(file, args, { stdio, detached: true, env: opts.env ?? process.env });
+  // Its exit ends the socket too ('close' waits for it): nothing it sent is wanted after that.
+  if (opts.fd3) child.once('exit', () => setImmediate(() => (child.stdio[3] as Duplex | null)?.destroy()));
   const err = new Capture();
   child.stderr?.on('data', (c: Buffer) => err.push(c));
   child.stdin?.on('error', () => {}); // a program that exits early closes its stdin: seen on exit

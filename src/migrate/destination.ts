@@ -31,7 +31,7 @@ import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
-import { connectWhenListening, freeLocalPort, listenLocal, localPair, splice } from './tunnel.js';
+import { connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -103,6 +103,8 @@ interface LazyLink {
   /** The task runs: the front may prefetch (set once the daemon connected). */
   running?: boolean;
   front?: LazyFront;
+  /** Starts the front on the daemon's socket (once the images are here). */
+  serve?: () => void;
 }
 
 export class Destination {
@@ -116,6 +118,19 @@ export class Destination {
     private readonly self: string,
     private readonly onEvent: (e: Record<string, unknown>) => void = () => {},
   ) {}
+
+  /**
+   * Waits while a task that arrived here still gets its memory filled (post-copy, or pre-copy's
+   * local fill after the source let go): it cannot be dumped again before every page is in it.
+   */
+  async untilFilled(task: string, signal?: AbortSignal): Promise<void> {
+    const link = [...this.lazyLinks.values()].find((l) => l.task === task && l.committed);
+    if (!link?.daemon) return;
+    signal?.throwIfAborted();
+    const aborted = new Promise<never>((_res, rej) => signal?.addEventListener('abort', () => rej(signal.reason as Error), { once: true }));
+    aborted.catch(() => {});
+    await Promise.race([link.daemon.exited, aborted]);
+  }
 
   /**
    * After a restart: removes migrations that never got as far as a restore; keeps restored ones,
@@ -377,7 +392,10 @@ export class Destination {
       if (!done) throw new FerryError('TIMEOUT', 'the destination page server did not finish receiving pages');
     }
     const pageWaitMs = Math.round(performance.now() - started);
-    if (opts.lazy) await Promise.all([(m.lazyReady ??= this.startLazyDaemon(m)), this.lazyRunsOf(m)]);
+    if (opts.lazy) {
+      await Promise.all([(m.lazyReady ??= this.startLazyDaemon(m)), this.lazyRunsOf(m)]);
+      this.lazyLinks.get(id)?.serve?.();
+    }
     else if (m.lazyReady) {
       await m.lazyReady.catch(() => {});
       const link = this.lazyLinks.get(id);
@@ -422,17 +440,6 @@ export class Destination {
       link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
       link.grace.unref();
     });
-    let served = false;
-    const front = await listenLocal((sock) => {
-      // CRIU's daemon connects once; anything else on this port is not it.
-      if (served) return void sock.destroy();
-      served = true;
-      // It connects once the restore handed it the task: the images (and the runs) are here.
-      void this.lazyRunsOf(m).then(
-        (runs) => serveFront(sock, runs),
-        () => sock.destroy(),
-      );
-    });
     const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
       // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
       const holder = m.store ?? new MemPageHolder();
@@ -451,16 +458,26 @@ export class Destination {
       if (link.running) front.prefetch();
       else if (link.quiet) link.front.quiet();
     };
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, address: '127.0.0.1', port: front.port, early });
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early });
     link.daemon = daemon;
+    const sock = daemon.socket;
+    sock.on('error', () => {}); // the daemon's exit says how it ended
+    // Served once the images (and so the runs) are here, before the restore hands the task over.
+    link.serve = () => {
+      link.serve = undefined;
+      void this.lazyRunsOf(m).then(
+        (runs) => serveFront(sock, runs),
+        () => sock.destroy(),
+      );
+    };
     link.close = () => {
-      front.server.close();
+      sock.destroy();
     };
     this.lazyLinks.set(m.id, link);
     // From here a pages link that arrives finds the tunnel (lazyStream()); one that came before waits in m.
     if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     void daemon.exited.then((code) => {
-      front.server.close();
+      sock.destroy();
       m.store?.remove();
       this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
       if (this.lazyLinks.get(m.id) !== link) return;
