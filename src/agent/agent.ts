@@ -209,6 +209,7 @@ export class Agent {
     });
     this.route('POST', task('/checkpoint'), 'operate', async (r) => {
       const b = await r.body(checkpointBody);
+      await this.dest.untilFilled(name(r));
       reply(r.stream, await rt.checkpoint(name(r), { leaveRunning: !!b.leaveRunning }));
     });
     this.route('POST', task('/restore'), 'operate', async (r) => reply(r.stream, await rt.restore(name(r))));
@@ -242,6 +243,7 @@ export class Agent {
       let report: MigrationReport;
       try {
         const { to: _to, mode: _mode, detach: _detach, ...rest } = b;
+        await this.dest.untilFilled(n, ac.signal);
         report = await migrateOut(this.ctx, n, b.to, { ...rest, mode }, (e: ProgressEvent) => send({ progress: e }), ac.signal);
       } catch (e) {
         if (e instanceof FerryError && (e.code === 'MIGRATION' || e.code === 'ABORTED')) {

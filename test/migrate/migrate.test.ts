@@ -103,6 +103,30 @@ for (const mode of ['stop-copy', 'post-copy'] as const) {
 }
 
 
+test('a migration out of a task whose pages are still arriving by post-copy waits for them, then moves it intact', async (t) => {
+  // A narrow link from h1 keeps the first migration's post-copy window open for seconds.
+  const shape = (rate: string) => spawn('ip', ['netns', 'exec', `ferry-${LAB}-h1`, 'tc', 'qdisc', 'replace', 'dev', 'eth0', 'root', 'tbf', 'rate', rate, 'burst', '1mb', 'latency', '50ms'], { stdio: 'ignore' });
+  const shaped = async (rate: string) => {
+    const p = shape(rate);
+    await new Promise((r) => p.once('close', r));
+  };
+  t.after(async () => {
+    await shaped('1gbit');
+    await removeEverywhere('fill');
+  });
+  const sum = await startHeartbeat('fill', 128);
+  await shaped('200mbit');
+  const first = ferry(['--host', 'h1', 'migrate', 'fill', '--to', 'h2', '--mode', 'post-copy']);
+  let firstDone = false;
+  void first.then(() => (firstDone = true));
+  await waitFor('the task to run on h2 while its pages arrive', async () => ((await tasksOn('h2')).find((x) => x.name === 'fill')?.state === 'running' ? true : undefined), 30_000);
+  assert.equal(firstDone, false, 'the first migration must still be moving pages');
+  const second = await ferry(['--host', 'h2', 'migrate', 'fill', '--to', 'h1', '--mode', 'pre-copy']);
+  assert.equal((await first).code, 0, (await first).stderr);
+  assert.equal(second.code, 0, second.stderr);
+  await assertIntact('h1', 'fill', sum);
+});
+
 test('a listening TCP socket keeps listening at the new host', async (t) => {
   t.after(() => removeEverywhere('srv'));
   await ok(['--host', 'h1', 'run', '--name', 'srv', '--', SOCKETS, '7100', '/dev/null']);
