@@ -45,12 +45,17 @@ const PREFETCH_PAGES = 16;
 /** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
 const FORWARD_PAGES = 16;
 /**
- * Pages of a background request answered from here at once: a fault's answer waits behind every
- * answer the daemon has not copied yet. Cutting them to 16 or 64 pages while faults came (1 GiB,
- * 16 MiB/s, pre-copy's fill) gave no better heartbeat (45 %, 47 % against 43 %) and a longer
- * fill (2.4 s, 2.0 s against 1.5 s): more of the task's writes found their page missing.
+ * Pages of a background request answered from here at once, and while faults come (within
+ * FAULT_GAP_MS of the last): a fault's answer waits behind every answer the daemon has not
+ * copied yet, and with several requests in flight (patches/criu/0006) those add up. Only faults
+ * that need the source count: when every page is in pre-copy's store the fill is bound by this
+ * host's CPU, not the link, and cutting the answers to 16 or 64 pages while faults came (1 GiB,
+ * 16 MiB/s) gave no better heartbeat (45 %, 47 % against 43 %) and a longer fill (2.4 s, 2.0 s
+ * against 1.5 s): more of the task's writes found their page missing.
  */
 const LOCAL_PAGES = 256;
+const LOCAL_PAGES_FAULTING = 16;
+const FAULT_GAP_MS = 5;
 
 /**
  * How much prefetch may be in flight. It drops to the minimum at a fault and stays there while
@@ -302,12 +307,13 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     }
     return -1;
   };
+  let lastFault = Number.NEGATIVE_INFINITY;
   // Answers from here are read into buffers used again once written: a new 1 MiB buffer for each
   // took a page fault per page on the first write into it, ~40 % of this agent's CPU in a fill.
   const spare: Buffer[] = [];
   const answerBuffer = () => spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + MAX_DAEMON_PAGES * PAGE);
   /** How much of a background request for n stored pages is answered now (the daemon asks again for the rest). */
-  const share = (n: number) => Math.min(n, LOCAL_PAGES);
+  const share = (n: number) => Math.min(n, performance.now() - lastFault < FAULT_GAP_MS ? LOCAL_PAGES_FAULTING : LOCAL_PAGES);
   /** An answer with the first k (>= 1) pages of the request that are here. */
   const local = (req: Buffer, vpid: number, first: number, n: number): Entry => {
     const k = Math.max(1, holder.presentRun(vpid, first, n));
@@ -460,6 +466,8 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const vpid = Number(req.readBigUInt64LE(24));
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
+        // A fault where pages come from the source (see LOCAL_PAGES).
+        if (n === 1 && !(holder.keepsServed && holder.hasPage(vpid, first))) lastFault = performance.now();
         // The daemon's background fill while the restored task waits for the decision took the
         // CPU the pause needs (see quiet()). (No prefetch is in flight before the task runs.)
         const hold = n > 1 && quiet && !started && (upstream !== undefined || holder.hasPage(vpid, first));
@@ -494,6 +502,10 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     },
     prefetch: () => {
       started = true;
+      // A task that runs again faults at once: where its pages come from the source, the answers
+      // to the requests held until now are cut as if a fault had just come, or its first faults
+      // wait behind 1 MiB per request.
+      if (!holder.keepsServed) lastFault = performance.now();
       flush();
       pump();
     },

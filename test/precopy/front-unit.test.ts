@@ -320,7 +320,7 @@ test('lazy-pages front: the prefetch window drops at a fault and stays down whil
   assert.equal(w.bytes, start);
 });
 
-test('lazy-pages front: once the restore is over, background requests the store could answer wait for the resume; a fault behind one gets it answered with one page; at the resume the rest follow', async () => {
+test('lazy-pages front: once the restore is over, background requests the store could answer wait for the resume; a fault behind one gets it answered with one page; at the resume the rest follow in fault-sized shares, then in full', async () => {
   // Pre-copy: every page is in the store (no link to the source). CRIU's daemon starts its
   // background fill when the restore has finished, while the task still waits for the decision.
   const runs: PageRun[] = [
@@ -362,12 +362,13 @@ test('lazy-pages front: once the restore is over, background requests the store 
     assert.equal(answers().length, 3);
     lazyFront!.prefetch();
     await settle();
-    assert.deepEqual(answers().slice(3), [[1, 0x101, 63]]);
-    // Once the task runs, background requests are answered at once.
+    // A task that runs again faults at once: the held request is answered with a fault-sized share.
+    assert.deepEqual(answers().slice(3), [[1, 0x101, 16]]);
+    // Once the task runs, background requests are answered at once, in full when no fault came.
     sock.write(header(GET, 32, 0x900, 2));
     await settle();
     assert.deepEqual(answers().slice(4), [[2, 0x900, 32]]);
-    assert.equal(stats.localPages, 8 + 1 + 1 + 63 + 32);
+    assert.equal(stats.localPages, 8 + 1 + 1 + 16 + 32);
   } finally {
     for (const s of sockets) s.destroy();
     front.close();
@@ -397,7 +398,7 @@ async function rawDaemon(port: number): Promise<{ sock: Socket; answers: () => A
   return { sock, answers };
 }
 
-test('lazy-pages front: a background request gets at most 256 pages at once (a fault waits behind every answer the daemon has not copied)', async () => {
+test('lazy-pages front: a background request gets at most 256 pages at once, 16 while faults come (a fault waits behind every answer the daemon has not copied)', async () => {
   const runs: PageRun[] = [{ vpid: 1, first: 0x1000, n: 4096 }];
   const holder = new MemPageHolder();
   for (let i = 0; i < 4096; i++) holder.put(1, (0x1000 + i) * PAGE, 1, content(1, 0x1000 + i));
@@ -412,6 +413,7 @@ test('lazy-pages front: a background request gets at most 256 pages at once (a f
     const { sock, answers } = await rawDaemon(port);
     sockets.push(sock);
     const settle = (ms = 50) => new Promise((r) => setTimeout(r, ms));
+    // Right after the task runs the front cuts answers as if a fault had come (see above).
     await settle(20);
     sock.write(header(GET, 1024, 0x1000, 1));
     await settle();
@@ -421,8 +423,12 @@ test('lazy-pages front: a background request gets at most 256 pages at once (a f
     await settle();
     assert.deepEqual(answers().slice(1), [
       [1, 0x1800, 1],
-      [1, 0x1100, 256],
+      [1, 0x1100, 16],
     ]);
+    // Faults stopped: full shares again.
+    sock.write(header(GET, 752, 0x1110, 1));
+    await settle();
+    assert.deepEqual(answers().slice(3), [[1, 0x1110, 256]]);
   } finally {
     for (const s of sockets) s.destroy();
     front.close();
