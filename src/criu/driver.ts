@@ -1,7 +1,7 @@
-import type { Socket } from 'node:net';
 // Typed access to the criu binary. Every run goes through exec/run.ts; failures become
 // FerryError('CRIU_FAILED') carrying the first error lines of CRIU's own log and a hint.
 import type { ChildProcess } from 'node:child_process';
+import type { Socket } from 'node:net';
 import { setPriority } from 'node:os';
 import { readFileSync } from 'node:fs';
 import { access, constants, mkdir } from 'node:fs/promises';

@@ -120,8 +120,8 @@ export class Destination {
   ) {}
 
   /**
-   * Waits while a task that arrived here still gets its memory filled (post-copy, or pre-copy's
-   * local fill after the source let go): it cannot be dumped again before every page is in it.
+   * Waits while a task that arrived here still gets its memory filled (the window after the
+   * resume, in post-copy, auto and pre-copy alike): it cannot be dumped before every page is in it.
    */
   async untilFilled(task: string, signal?: AbortSignal): Promise<void> {
     const link = [...this.lazyLinks.values()].find((l) => l.task === task && l.committed);
@@ -395,8 +395,7 @@ export class Destination {
     if (opts.lazy) {
       await Promise.all([(m.lazyReady ??= this.startLazyDaemon(m)), this.lazyRunsOf(m)]);
       this.lazyLinks.get(id)?.serve?.();
-    }
-    else if (m.lazyReady) {
+    } else if (m.lazyReady) {
       await m.lazyReady.catch(() => {});
       const link = this.lazyLinks.get(id);
       if (link) this.closeLazy(link);

@@ -28,8 +28,8 @@ const PS_IOV_FORCE_CLOSE = 0x1024;
 const PS_HEADER = 32;
 /** CRIU's lazy-pages daemon asks for at most 4 MiB at once; more is a broken daemon. */
 const MAX_DAEMON_PAGES = 1024;
-/** Answer buffers kept for reuse (4 MiB each): the daemon has a few requests in flight per process. */
-const SPARE_ANSWERS = 4;
+/** Answer buffers kept for reuse (1 MiB each): the daemon has a few requests in flight per process. */
+const SPARE_ANSWERS = 8;
 /**
  * Prefetch in flight, at least and at most (CRIU's own sizes for its background transfers). A
  * fault's answer waits behind it: the minimum is ~0.5 ms at 1 Gbit/s. A 256 KiB minimum made a
@@ -47,11 +47,10 @@ const FORWARD_PAGES = 16;
 /**
  * Pages of a background request answered from here at once, and while faults come (within
  * FAULT_GAP_MS of the last): a fault's answer waits behind every answer the daemon has not
- * copied yet, and with several requests in flight (patches/criu/0006) those add up. Only faults
- * that need the source count: when every page is in pre-copy's store the fill is bound by this
- * host's CPU, not the link, and cutting the answers to 16 or 64 pages while faults came (1 GiB,
- * 16 MiB/s) gave no better heartbeat (45 %, 47 % against 43 %) and a longer fill (2.4 s, 2.0 s
- * against 1.5 s): more of the task's writes found their page missing.
+ * copied yet, and with several requests in flight (patches/criu/0006) those add up. Also when
+ * every page is in pre-copy's store: without the cut its fill took 1.5 s instead of 2.4 s (1 GiB,
+ * 16 MiB/s), but a task writing 256 MiB/s, faulting on nearly every write after the resume,
+ * paused 0.8-1.3 s instead of 0.4-0.7 s.
  */
 const LOCAL_PAGES = 256;
 const LOCAL_PAGES_FAULTING = 16;
@@ -310,14 +309,15 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   let lastFault = Number.NEGATIVE_INFINITY;
   // Answers from here are read into buffers used again once written: a new 1 MiB buffer for each
   // took a page fault per page on the first write into it, ~40 % of this agent's CPU in a fill.
+  // Small and rare large answers get a buffer of their own.
   const spare: Buffer[] = [];
-  const answerBuffer = () => spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + MAX_DAEMON_PAGES * PAGE);
+  const pooled = (k: number) => k > LOCAL_PAGES_FAULTING && k <= LOCAL_PAGES;
   /** How much of a background request for n stored pages is answered now (the daemon asks again for the rest). */
   const share = (n: number) => Math.min(n, performance.now() - lastFault < FAULT_GAP_MS ? LOCAL_PAGES_FAULTING : LOCAL_PAGES);
   /** An answer with the first k (>= 1) pages of the request that are here. */
   const local = (req: Buffer, vpid: number, first: number, n: number): Entry => {
     const k = Math.max(1, holder.presentRun(vpid, first, n));
-    const whole = answerBuffer();
+    const whole = pooled(k) ? (spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + LOCAL_PAGES * PAGE)) : Buffer.allocUnsafe(PS_HEADER + k * PAGE);
     const out = whole.subarray(0, PS_HEADER + k * PAGE);
     req.copy(out, 0, 0, PS_HEADER);
     out.writeUInt32LE((PE_PRESENT << 16) | PS_IOV_ADD_F, 0);
@@ -327,7 +327,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     // A holder that forgets served pages: the prefetch must not ask for them again.
     if (!holder.keepsServed) for (let i = 0; i < k; i++) asked.set(key(vpid, first + i), 2);
     stats.localPages += k;
-    return { kind: 'ready', data: out, release: () => spare.length < SPARE_ANSWERS && spare.push(whole) };
+    return { kind: 'ready', data: out, ...(pooled(k) ? { release: () => spare.length < SPARE_ANSWERS && spare.push(whole) } : {}) };
   };
   const forward = (vpid: number, first: number, n: number, faultAt?: number): Entry => {
     let m = 1;
@@ -466,8 +466,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         const vpid = Number(req.readBigUInt64LE(24));
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
-        // A fault where pages come from the source (see LOCAL_PAGES).
-        if (n === 1 && !(holder.keepsServed && holder.hasPage(vpid, first))) lastFault = performance.now();
+        if (n === 1) lastFault = performance.now();
         // The daemon's background fill while the restored task waits for the decision took the
         // CPU the pause needs (see quiet()). (No prefetch is in flight before the task runs.)
         const hold = n > 1 && quiet && !started && (upstream !== undefined || holder.hasPage(vpid, first));
@@ -502,10 +501,9 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     },
     prefetch: () => {
       started = true;
-      // A task that runs again faults at once: where its pages come from the source, the answers
-      // to the requests held until now are cut as if a fault had just come, or its first faults
-      // wait behind 1 MiB per request.
-      if (!holder.keepsServed) lastFault = performance.now();
+      // A task that runs again faults at once: the answers to the requests held until now are
+      // cut as if a fault had just come, or its first faults wait behind 1 MiB per request.
+      lastFault = performance.now();
       flush();
       pump();
     },

@@ -22,8 +22,7 @@ const ABSENT = -2;
  * process and the page number's high bits: a Map entry per page cost ~0.3 s of the agent's CPU
  * per GiB served (one core is all a 2-core host has for the fill).
  */
-const INDEX_SHIFT = 9;
-const INDEX_PAGES = 1 << INDEX_SHIFT;
+const INDEX_PAGES = 512;
 
 /** Bytes as they arrived, taken from the front without copying them all on every chunk. */
 export class ChunkQueue {
