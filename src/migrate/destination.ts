@@ -53,7 +53,7 @@ interface Incoming {
   imagesDir: string;
   pageServer?: ServerHandle;
   pageServerPort?: number;
-  /** The source's end of the lazy-pages link, held until the local daemon connects. */
+  /** The source's end of the lazy-pages link, held until the local daemon and its tunnel exist. */
   lazyStream?: MuxStream;
   restored?: TaskRecord;
   /** Namespace pids CRIU found stopped at the dump: the resume leaves them stopped. */
@@ -100,7 +100,7 @@ interface LazyLink {
   close: () => void;
   /** Restored, stopped until the decision: the daemon's background fill waits (LazyFront.quiet). */
   quiet?: boolean;
-  /** The task runs: the front may prefetch (set once the daemon connected). */
+  /** The task runs: the front may prefetch (a front served after that prefetches at once). */
   running?: boolean;
   front?: LazyFront;
   /** Starts the front on the daemon's socket (once the images are here). */
