@@ -124,12 +124,17 @@ export class Destination {
    * resume, in post-copy, auto and pre-copy alike): it cannot be dumped before every page is in it.
    */
   async untilFilled(task: string, signal?: AbortSignal): Promise<void> {
-    const link = [...this.lazyLinks.values()].find((l) => l.task === task && l.committed);
-    if (!link?.daemon) return;
+    const daemon = [...this.lazyLinks.values()].find((l) => l.task === task && l.committed)?.daemon;
+    if (!daemon) return;
     signal?.throwIfAborted();
-    const aborted = new Promise<never>((_res, rej) => signal?.addEventListener('abort', () => rej(signal.reason as Error), { once: true }));
-    aborted.catch(() => {});
-    await Promise.race([link.daemon.exited, aborted]);
+    await new Promise<void>((resolve, reject) => {
+      const onAbort = () => reject(signal?.reason);
+      signal?.addEventListener('abort', onAbort, { once: true });
+      void daemon.exited.then(() => {
+        signal?.removeEventListener('abort', onAbort);
+        resolve();
+      });
+    });
   }
 
   /**
