@@ -168,6 +168,11 @@ export class Criu {
     return this.hasPatch('0008-lazy-pages-listen-first');
   }
 
+  /** The lazy-pages daemon takes answers in any order, each to its own request (patches/criu/0011). */
+  get lazyAnswersAnyOrder(): boolean {
+    return this.hasPatch('0011-lazy-pages-answers-any-order');
+  }
+
   /**
    * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when

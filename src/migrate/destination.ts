@@ -447,7 +447,7 @@ export class Destination {
     const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
       // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
       const holder = m.store ?? new MemPageHolder();
-      const front = serveLazy(sock, holder, frontEnd, runs, stats);
+      const front = serveLazy(sock, holder, frontEnd, runs, stats, { anyOrder: this.rt.criu.lazyAnswersAnyOrder });
       link.front = front;
       // The restore starts while the last delta still arrives: no page is served before the
       // store has it (a page served from an earlier round would be stale). A store complete

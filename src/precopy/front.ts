@@ -11,9 +11,14 @@
 // lazy), follows the task's faults with it, and answers the daemon from what arrived. What the
 // daemon asks for and the front does not have goes to the source at once; its answer waits behind
 // at most PREFETCH_WINDOW of prefetched pages (QEMU's postcopy-preempt gets the same from a second
-// channel; Ferry's rule is one connection). The daemon takes answers in the order it asked, but
-// accepts fewer pages than it asked for (uffd_io_complete re-queues the rest), which lets the
-// front answer the prefix it has.
+// channel; Ferry's rule is one connection). The daemon accepts fewer pages than it asked for
+// (uffd_io_complete re-queues the rest), which lets the front answer the prefix it has. A stock
+// daemon takes answers in the order it asked; with patches/criu/0011 it takes them in any order
+// (each finds its request by image and address). Then the front answers a request as soon as
+// its first page is here, faults first, and sends the source only faults at once: the daemon's
+// background requests are fetched within the prefetch window, so a fault's page no longer waits
+// behind them on the link (a 1 GiB task writing 256 MiB/s: a fault waited ~0.85 ms instead of
+// ~2 ms, its largest pause 1.2-1.9 s instead of 3.1-3.6 s).
 import type { Socket } from 'node:net';
 import type { Duplex } from 'node:stream';
 import { FerryError } from '../errors.js';
@@ -42,6 +47,8 @@ const QUEUE_TARGET_MS = 2;
 /** After a fault the window stays at the minimum this long: faults tend to come in bursts. */
 const FAULT_HOLD_MS = 20;
 const PREFETCH_PAGES = 16;
+/** After a fault, how far the prefetch follows it before it serves the daemon's own requests (any order). */
+const FOLLOW_PAGES = 256;
 /** A request the front forwards for the daemon is cut to this; the daemon asks again for the rest. */
 const FORWARD_PAGES = 16;
 /**
@@ -220,14 +227,33 @@ type Entry =
   /** Answered by the source: bytes as they come, passed on when this entry is at the head. */
   | { kind: 'remote'; q: ChunkQueue; left: number; faultAt?: number };
 
-type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number; at: number } | { kind: 'daemon'; entry: Entry & { kind: 'remote' }; n: number; close: boolean };
+type Sent = { kind: 'prefetch'; vpid: number; first: number; n: number; at: number; fault?: true } | { kind: 'daemon'; entry: Entry & { kind: 'remote' }; n: number; close: boolean };
+
+/** Any order: a request of the daemon not answered yet. */
+interface Pending {
+  req: Buffer;
+  vpid: number;
+  first: number;
+  n: number;
+  fault: boolean;
+  at: number;
+  /** Asked while the restored task waits for the decision: answered once it runs. */
+  held: boolean;
+  /** Where the prefetch for this request goes on (pages before it are here or on their way). */
+  next: number;
+  /** The fault's page was already on its way (a prefetch) when it came. */
+  waited?: true;
+  /** The fault's page was asked of the source for it. */
+  fetched?: true;
+}
 
 /**
  * Serves one lazy-pages daemon connection. `runs` are the lazy runs of the dump; `upstream` is
  * the link to the source's CRIU (none: every page must already be in `holder`). The prefetch
  * waits for `prefetch()`: before the task runs, the link carries the migration's own messages.
  */
-export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex | undefined, runs: PageRun[], stats: FrontStats): LazyFront {
+export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex | undefined, runs: PageRun[], stats: FrontStats, opts: { anyOrder?: boolean } = {}): LazyFront {
+  const anyOrder = !!opts.anyOrder;
   // Requests and answers are small and each waits for the one before: no Nagle on either side.
   daemon.setNoDelay(true);
   if (upstream && 'setNoDelay' in upstream) (upstream as Socket).setNoDelay(true);
@@ -246,6 +272,14 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   // just after it, so a task reading its memory in order finds its next pages already here.
   let cursor = { run: 0, page: runs[0]?.first ?? 0 };
   let follow: { run: number; page: number } | undefined;
+  // In any order, the daemon's own requests come after FOLLOW_PAGES of it.
+  let followLeft = 0;
+  const followFault = (vpid: number, page: number) => {
+    const run = runOf(vpid, page);
+    if (run < 0) return;
+    follow = { run, page: page + 1 };
+    followLeft = anyOrder ? FOLLOW_PAGES : Number.POSITIVE_INFINITY;
+  };
 
   const fail = (why: string) => {
     daemon.destroy(new FerryError('PEER', why));
@@ -260,11 +294,39 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     b.writeBigUInt64LE(BigInt(vpid), 24);
     upstream!.write(b);
   };
-  const sendPrefetch = (vpid: number, first: number, n: number) => {
+  const sendPrefetch = (vpid: number, first: number, n: number, fault?: true) => {
     for (let i = 0; i < n; i++) asked.set(key(vpid, first + i), 1);
-    inflight += n * PAGE;
-    sent.push({ kind: 'prefetch', vpid, first, n, at: performance.now() });
+    // A fault's page is not bulk: it does not count against the window (nor time it).
+    if (!fault) inflight += n * PAGE;
+    sent.push({ kind: 'prefetch', vpid, first, n, at: performance.now(), ...(fault ? { fault } : {}) });
     request(PS_IOV_GET, vpid, first, n);
+  };
+  /** Any order: the daemon's requests not answered yet, oldest first. */
+  const pending: Pending[] = [];
+  /** The daemon asked for it and it is neither here nor on its way (it may have had it once: a range unmapped while its answer was on the way is asked for again). */
+  const needed = (vpid: number, page: number) => !holder.hasPage(vpid, page) && asked.get(key(vpid, page)) !== 1;
+  /** Any order: the next pages the daemon's background requests wait for, oldest request first. */
+  const forPending = (): [number, number, number] | undefined => {
+    for (const p of pending) {
+      if (p.fault) {
+        // Its page came but went to another request for it (a forked child asks for its
+        // parent's pages under the same image): it is asked for again.
+        if (needed(p.vpid, p.first)) {
+          sendPrefetch(p.vpid, p.first, 1, true);
+          p.fetched = true;
+          stats.faultsForwarded++;
+        }
+        continue;
+      }
+      if (p.held && !started) continue;
+      const end = p.first + p.n;
+      while (p.next < end && !needed(p.vpid, p.next)) p.next++;
+      if (p.next >= end) continue;
+      const start = p.next;
+      while (p.next < end && p.next - start < PREFETCH_PAGES && needed(p.vpid, p.next)) p.next++;
+      return [p.vpid, start, p.next - start];
+    }
+    return undefined;
   };
   /** The next pages to prefetch from a cursor, or undefined when its run (or all runs) are done. */
   const take = (c: { run: number; page: number }, oneRun: boolean): [number, number, number] | undefined => {
@@ -284,12 +346,17 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     return undefined;
   };
   const pump = () => {
-    while (started && !closed && inflight < window.bytes && holder.heldBytes < HOLD_CAP) {
-      let next = follow ? take(follow, true) : undefined;
-      if (!next) {
-        follow = undefined;
-        next = take(cursor, false);
+    while (!closed && inflight < window.bytes) {
+      let next: [number, number, number] | undefined;
+      // After a fault what follows it, then what the daemon asked for (it takes those pages at
+      // once), then the rest in order.
+      if (follow && started && followLeft > 0 && holder.heldBytes < HOLD_CAP) {
+        next = take(follow, true);
+        if (next) followLeft -= next[2];
+        else follow = undefined;
       }
+      if (!next && anyOrder) next = forPending();
+      if (!next && started && holder.heldBytes < HOLD_CAP) next = take(cursor, false);
       if (!next) return;
       sendPrefetch(...next);
     }
@@ -315,7 +382,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   /** How much of a background request for n stored pages is answered now (the daemon asks again for the rest). */
   const share = (n: number) => Math.min(n, performance.now() - lastFault < FAULT_GAP_MS ? LOCAL_PAGES_FAULTING : LOCAL_PAGES);
   /** An answer with the first k (>= 1) pages of the request that are here. */
-  const local = (req: Buffer, vpid: number, first: number, n: number): Entry => {
+  const local = (req: Buffer, vpid: number, first: number, n: number, fetched = false): Entry => {
     const k = Math.max(1, holder.presentRun(vpid, first, n));
     const whole = pooled(k) ? (spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + LOCAL_PAGES * PAGE)) : Buffer.allocUnsafe(PS_HEADER + k * PAGE);
     const out = whole.subarray(0, PS_HEADER + k * PAGE);
@@ -326,7 +393,8 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     holder.served(vpid, first * PAGE, k);
     // A holder that forgets served pages: the prefetch must not ask for them again.
     if (!holder.keepsServed) for (let i = 0; i < k; i++) asked.set(key(vpid, first + i), 2);
-    stats.localPages += k;
+    // A fault's page fetched for it counts as forwarded (when it arrived), as when it went through.
+    if (!fetched) stats.localPages += k;
     return { kind: 'ready', data: out, ...(pooled(k) ? { release: () => spare.length < SPARE_ANSWERS && spare.push(whole) } : {}) };
   };
   const forward = (vpid: number, first: number, n: number, faultAt?: number): Entry => {
@@ -341,8 +409,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
       stats.faultsForwarded++;
       window.fault();
       // A fault: what the task reads next is most likely what follows it.
-      const run = runOf(vpid, first);
-      if (run >= 0) follow = { run, page: first + 1 };
+      followFault(vpid, first);
     }
     return entry;
   };
@@ -367,7 +434,59 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     stats.faultWaitMs += ms;
     if (ms > stats.faultWaitMaxMs) stats.faultWaitMaxMs = ms;
   };
+  /**
+   * Any order: answers every request whose first page is here, faults first. The daemon finds an
+   * answer's request by its process and address (patches/criu/0011), so a fault's page goes to
+   * it as soon as it is here, not after the background answers asked for before it.
+   */
+  const answerPending = () => {
+    for (const faults of [true, false]) {
+      for (let i = 0; i < pending.length; ) {
+        const p = pending[i]!;
+        if (p.fault !== faults || (p.held && !started) || !holder.hasPage(p.vpid, p.first)) {
+          i++;
+          continue;
+        }
+        pending.splice(i, 1);
+        const a = local(p.req, p.vpid, p.first, p.fault ? 1 : share(p.n), p.fetched) as Entry & { kind: 'ready' };
+        daemon.write(a.data, a.release);
+        // Served pages leave a holder that forgets them: another request for them (a forked
+        // child's, under the same image) must have them asked for again.
+        if (!holder.keepsServed) {
+          const k = (a.data.length - PS_HEADER) / PAGE;
+          for (const q of pending) if (q.vpid === p.vpid && q.first < p.first + k && p.first < q.first + q.n && q.next > p.first) q.next = Math.max(q.first, p.first);
+        }
+        if (p.waited) stats.faultsWaited++;
+        if (p.fault && (p.waited || p.fetched)) faultServed(p.at);
+      }
+    }
+  };
+  /** Any order: a request of the daemon; false when its page cannot come (the front failed). */
+  const askAny = (req: Buffer, vpid: number, first: number, n: number): boolean => {
+    const now = performance.now();
+    const p: Pending = { req: Buffer.from(req), vpid, first, n, fault: n === 1, at: now, held: n > 1 && quiet && !started, next: first };
+    if (!holder.hasPage(vpid, first)) {
+      if (!upstream) {
+        fail(`page 0x${(first * PAGE).toString(16)} of process ${vpid} never arrived`);
+        return false;
+      }
+      if (p.fault) {
+        window.fault();
+        if (asked.get(key(vpid, first)) === 1) p.waited = true;
+        else {
+          sendPrefetch(vpid, first, 1, true);
+          p.fetched = true;
+          stats.faultsForwarded++;
+        }
+        // A fault: what the task reads next is most likely what follows it.
+        followFault(vpid, first);
+      }
+    }
+    pending.push(p);
+    return true;
+  };
   const flush = () => {
+    if (anyOrder) answerPending();
     while (entries.length) {
       const head = entries[0]!;
       if (head.kind === 'later') {
@@ -432,11 +551,14 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
       // The holder copies the pages into its slabs: one buffer of the answer is enough.
       const data = (parts.length === 1 ? parts[0]! : Buffer.concat(parts)).subarray(PS_HEADER);
       sent.shift();
-      inflight -= s.n * PAGE;
-      window.answered(performance.now() - s.at);
-      stats.prefetchMinRttMs = window.minRtt;
+      if (s.fault) stats.forwardedPages += got;
+      else {
+        inflight -= s.n * PAGE;
+        window.answered(performance.now() - s.at);
+        stats.prefetchMinRttMs = window.minRtt;
+        stats.prefetchedPages += got;
+      }
       holder.put(s.vpid, s.first * PAGE, got, data);
-      stats.prefetchedPages += got;
       for (let i = 0; i < got; i++) {
         const k = key(s.vpid, s.first + i);
         if (asked.get(k) === 1) asked.delete(k);
@@ -467,6 +589,10 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         if (n < 1 || n > MAX_DAEMON_PAGES || vaddr % PAGE !== 0) return fail(`lazy-pages asked for ${n} pages at 0x${vaddr.toString(16)}`);
         const first = vaddr / PAGE;
         if (n === 1) lastFault = performance.now();
+        if (anyOrder) {
+          if (!askAny(req, vpid, first, n)) return;
+          continue;
+        }
         // The daemon's background fill while the restored task waits for the decision took the
         // CPU the pause needs (see quiet()). (No prefetch is in flight before the task runs.)
         const hold = n > 1 && quiet && !started && (upstream !== undefined || holder.hasPage(vpid, first));

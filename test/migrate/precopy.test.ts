@@ -92,6 +92,20 @@ test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNE
   assertAllOk(await checkMemory('h2', 'pc'));
 });
 
+test('post-copy moves a busy tree (processes, threads, forks while its pages arrive, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
+  // The lazy-pages daemon takes answers in any order (patches/criu/0011): a child forked while
+  // pages still arrive asks for them under its parent's image, and each answer must find the
+  // request it belongs to.
+  t.after(() => lab.removeEverywhere('pcb'));
+  slowLink(t, '100mbit');
+  await startMemcheck('pcb', ['--mib', '96', '--rate', '16', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '8']);
+  const r = await migrate('pcb', ['--mode', 'post-copy']);
+  assert.equal(r.ok, true);
+  assert.ok((r.postCopyWindowMs ?? 0) > 2000, `pages arrived for ${r.postCopyWindowMs} ms after the resume`);
+  t.diagnostic(`post-copy: window ${r.postCopyWindowMs} ms, blackout ${r.blackoutMs} ms`);
+  assertAllOk(await checkMemory('h2', 'pcb'));
+});
+
 test('auto: a task that writes faster than the link finishes by post-copy when allowed, memory intact', async (t) => {
   t.after(() => lab.removeEverywhere('fast'));
   slowLink(t);

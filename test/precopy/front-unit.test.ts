@@ -95,7 +95,7 @@ function pageServer(runs: PageRun[], buf: number, mbps = 200) {
  * order, ten per millisecond; one that is not there yet is a fault (asked for alone unless a
  * request already covers it) and the task waits for it.
  */
-async function daemon(port: number, runs: PageRun[], touches: Array<[number, number]>): Promise<{ got: number }> {
+async function daemon(port: number, runs: PageRun[], touches: Array<[number, number]>, anyOrder = false): Promise<{ got: number }> {
   const missing = new Map<number, Set<number>>();
   for (const r of runs) {
     const s = missing.get(r.vpid) ?? new Set<number>();
@@ -106,7 +106,9 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
   await once(sock, 'connect');
   // As CRIU's daemon: answers fill its requests' places in the order it asked, each into a buffer
   // of that place's process, no longer than the place asked for; the answer's address says which
-  // request of that process it completes (criu/uffd.c, uffd_io_complete).
+  // request of that process it completes (criu/uffd.c, uffd_io_complete). In any order
+  // (patches/criu/0011) an answer goes to a request of its process and address that asked for at
+  // least as many pages, the fewest such.
   type Req = { vpid: number; page: number; n: number; fault?: true };
   const pending: Req[] = [];
   const places: Array<{ vpid: number; n: number }> = [];
@@ -151,12 +153,18 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
         if (inb.length < 32) return;
         const n = Number(inb.readBigUInt64LE(8));
         if (inb.length < 32 + n * PAGE) return;
-        const place = places.shift()!;
         const page = Number(inb.readBigUInt64LE(16)) / PAGE;
         const vpid = Number(inb.readBigUInt64LE(24));
-        assert.equal(vpid, place.vpid, 'an answer fills a place of its own process');
-        assert.ok(n >= 1 && n <= place.n, `answered ${n} pages in a place for ${place.n}`);
-        const at = pending.findIndex((r) => r.vpid === vpid && r.page === page);
+        if (!anyOrder) {
+          const place = places.shift()!;
+          assert.equal(vpid, place.vpid, 'an answer fills a place of its own process');
+          assert.ok(n >= 1 && n <= place.n, `answered ${n} pages in a place for ${place.n}`);
+        }
+        let at = -1;
+        for (let i = 0; i < pending.length; i++) {
+          const q = pending[i]!;
+          if (q.vpid === vpid && q.page === page && q.n >= n && (at < 0 || q.n < pending[at]!.n)) at = i;
+        }
         assert.ok(at >= 0, `page ${page} of ${vpid} answers a request made`);
         const q = pending.splice(at, 1)[0]!;
         assert.ok(n <= q.n, `answered ${n} of ${q.n} pages`);
@@ -187,12 +195,16 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
   return { got };
 }
 
+/** Test names: the daemon takes answers in any order (patches/criu/0011), or in the order it asked. */
+const inAnyOrder = (anyOrder: boolean) => (anyOrder ? ' (answers in any order)' : '');
+
 async function listen(s: Server): Promise<number> {
   await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
   return (s.address() as AddressInfo).port;
 }
 
-test('lazy-pages front: every page once and intact, prefetch within its window, faults answered in order', async () => {
+for (const anyOrder of [false, true])
+  test(`lazy-pages front: every page once and intact, prefetch within its window, faults answered in order${inAnyOrder(anyOrder)}`, async () => {
   // Two processes, runs of odd sizes, CRIU buffers of 48 pages (answers stop at their ends).
   const runs: PageRun[] = [
     { vpid: 1, first: 0x400, n: 700 },
@@ -210,14 +222,14 @@ test('lazy-pages front: every page once and intact, prefetch within its window, 
   const front = createServer((d) => {
     const up = connect(srcPort, '127.0.0.1');
     sockets.push(d, up);
-    serveLazy(d, holder, up, runs, stats).prefetch();
+    serveLazy(d, holder, up, runs, stats, { anyOrder }).prefetch();
   });
   const frontPort = await listen(front);
   const probe = setInterval(() => (maxHeld = Math.max(maxHeld, holder.heldBytes)), 1);
   try {
     const touches: Array<[number, number]> = [];
     for (let i = 0; i < 40; i++) touches.push(i % 2 ? [7, 0x10 + ((i * 37) % 900)] : [1, 0x2000 + ((i * 113) % 1500)]);
-    const r = await daemon(frontPort, runs, touches);
+    const r = await daemon(frontPort, runs, touches, anyOrder);
     assert.equal(r.got, total);
     assert.equal(src.state.died, '');
     // Nothing crossed twice: what the daemon got from the front's memory was prefetched once.
@@ -236,7 +248,8 @@ test('lazy-pages front: every page once and intact, prefetch within its window, 
   assert.ok(PREFETCH_WINDOW <= 4 << 20);
 });
 
-test('lazy-pages front: the prefetch follows a fault', async () => {
+for (const anyOrder of [false, true])
+  test(`lazy-pages front: the prefetch follows a fault${inAnyOrder(anyOrder)}`, async () => {
   const runs: PageRun[] = [{ vpid: 3, first: 0x100, n: 4096 }];
   const src = pageServer(runs, 256, 80);
   const srcPort = await listen(src.server);
@@ -245,7 +258,7 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
   const front = createServer((d) => {
     const up = connect(srcPort, '127.0.0.1');
     sockets.push(d, up);
-    serveLazy(d, new MemPageHolder(), up, runs, stats).prefetch();
+    serveLazy(d, new MemPageHolder(), up, runs, stats, { anyOrder }).prefetch();
   });
   const frontPort = await listen(front);
   try {
@@ -253,7 +266,7 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
     // prefetch goes on from the page after it, not from where it was.
     const touches: Array<[number, number]> = [];
     for (let p = 0x100 + 2048; p < 0x100 + 2048 + 200; p++) touches.push([3, p]);
-    const r = await daemon(frontPort, runs, touches);
+    const r = await daemon(frontPort, runs, touches, anyOrder);
     assert.equal(r.got, 4096);
     const fault = src.state.log.findIndex(([p, n]) => p === 0x100 + 2048 && n === 1);
     assert.ok(fault >= 0, 'the fault went to the source');
@@ -267,7 +280,8 @@ test('lazy-pages front: the prefetch follows a fault', async () => {
   }
 });
 
-test('lazy-pages front: random faults, every page once and intact', async () => {
+for (const anyOrder of [false, true])
+  test(`lazy-pages front: random faults, every page once and intact${inAnyOrder(anyOrder)}`, async () => {
   const runs: PageRun[] = [{ vpid: 5, first: 0x800, n: 3000 }];
   const total = 3000;
   const src = pageServer(runs, 256, 80);
@@ -278,13 +292,13 @@ test('lazy-pages front: random faults, every page once and intact', async () => 
   const front = createServer((d) => {
     const up = connect(srcPort, '127.0.0.1');
     sockets.push(d, up);
-    serveLazy(d, holder, up, runs, stats).prefetch();
+    serveLazy(d, holder, up, runs, stats, { anyOrder }).prefetch();
   });
   const frontPort = await listen(front);
   try {
     const touches: Array<[number, number]> = [];
     for (let i = 0; i < 120; i++) touches.push([5, 0x800 + ((i * 1237 + 311) % total)]);
-    const r = await daemon(frontPort, runs, touches);
+    const r = await daemon(frontPort, runs, touches, anyOrder);
     assert.equal(r.got, total);
     assert.equal(src.state.died, '');
     assert.equal(src.state.pagesSent, stats.prefetchedPages + stats.forwardedPages, 'nothing crossed twice');
@@ -479,3 +493,110 @@ test('lazy-pages front: once the restore is over, a background request for pages
     src.server.close();
   }
 });
+
+test('lazy-pages front, answers in any order: once the restore is over, a fault is answered at once while a background request waits for the resume, whole', async () => {
+  const runs: PageRun[] = [
+    { vpid: 1, first: 0x100, n: 256 },
+    { vpid: 2, first: 0x900, n: 64 },
+  ];
+  const holder = new MemPageHolder();
+  for (const r of runs) for (let i = 0; i < r.n; i++) holder.put(r.vpid, (r.first + i) * PAGE, 1, content(r.vpid, r.first + i));
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const sockets: Socket[] = [];
+  let lazyFront: ReturnType<typeof serveLazy> | undefined;
+  const front = createServer((d) => {
+    sockets.push(d);
+    lazyFront = serveLazy(d, holder, undefined, runs, stats, { anyOrder: true });
+  });
+  const port = await listen(front);
+  try {
+    const { sock, answers } = await rawDaemon(port);
+    sockets.push(sock);
+    const settle = () => new Promise((r) => setTimeout(r, 50));
+    lazyFront!.quiet();
+    sock.write(Buffer.concat([header(GET, 64, 0x100, 1), header(GET, 1, 0x920, 2), header(GET, 1, 0x1a0, 1)]));
+    await settle();
+    // In order the waiting request had to go first, cut to one page.
+    assert.deepEqual(answers(), [
+      [2, 0x920, 1],
+      [1, 0x1a0, 1],
+    ]);
+    lazyFront!.prefetch();
+    await settle();
+    assert.deepEqual(answers().slice(2), [[1, 0x100, 16]]);
+    assert.equal(stats.localPages, 1 + 1 + 16);
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+  }
+});
+
+test('lazy-pages front, answers in any order: a fault does not wait for the background requests before it, and a held one asks nothing of the source until the resume', async () => {
+  const runs: PageRun[] = [{ vpid: 1, first: 0x100, n: 512 }];
+  const src = pageServer(runs, 64);
+  const srcPort = await listen(src.server);
+  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const sockets: Socket[] = [];
+  let lazyFront: ReturnType<typeof serveLazy> | undefined;
+  const front = createServer((d) => {
+    const up = connect(srcPort, '127.0.0.1');
+    sockets.push(d, up);
+    lazyFront = serveLazy(d, new MemPageHolder(), up, runs, stats, { anyOrder: true });
+  });
+  const port = await listen(front);
+  try {
+    const { sock, answers } = await rawDaemon(port);
+    sockets.push(sock);
+    const settle = () => new Promise((r) => setTimeout(r, 50));
+    await settle();
+    lazyFront!.quiet();
+    sock.write(Buffer.concat([header(GET, 64, 0x100, 1), header(GET, 1, 0x200, 1)]));
+    await settle();
+    assert.deepEqual(answers(), [[1, 0x200, 1]]);
+    assert.deepEqual(src.state.log, [[0x200, 1]], 'only the fault went to the source');
+    lazyFront!.prefetch();
+    await settle();
+    const [next] = answers().slice(1);
+    assert.ok(next && next[0] === 1 && next[1] === 0x100 && next[2] >= 1 && next[2] <= 64, `answer ${String(next)}`);
+    assert.equal(stats.faultsForwarded, 1);
+    assert.equal(src.state.died, '');
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+    src.server.close();
+  }
+});
+
+for (const anyOrder of [false, true])
+  test(`lazy-pages front: pages the daemon had and asks for again (a range unmapped while its answer was on the way) come again from the source${inAnyOrder(anyOrder)}`, async () => {
+    const runs: PageRun[] = [{ vpid: 1, first: 0x100, n: 64 }];
+    const src = pageServer(runs, 64);
+    const srcPort = await listen(src.server);
+    const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+    const sockets: Socket[] = [];
+    const front = createServer((d) => {
+      const up = connect(srcPort, '127.0.0.1');
+      sockets.push(d, up);
+      serveLazy(d, new MemPageHolder(), up, runs, stats, { anyOrder }).prefetch();
+    });
+    const port = await listen(front);
+    try {
+      const { sock, answers } = await rawDaemon(port);
+      sockets.push(sock);
+      const settle = () => new Promise((r) => setTimeout(r, 100));
+      await settle();
+      sock.write(header(GET, 16, 0x100, 1));
+      await settle();
+      assert.deepEqual(answers(), [[1, 0x100, 16]]);
+      sock.write(Buffer.concat([header(GET, 16, 0x100, 1), header(GET, 1, 0x105, 1)]));
+      await settle();
+      const again = answers().slice(1);
+      assert.equal(again.length, 2, `answers ${JSON.stringify(again)}`);
+      assert.ok(again.some(([, p, n]) => p === 0x100 && n >= 1) && again.some(([, p, n]) => p === 0x105 && n === 1));
+      assert.equal(src.state.died, '');
+    } finally {
+      for (const s of sockets) s.destroy();
+      front.close();
+      src.server.close();
+    }
+  });
