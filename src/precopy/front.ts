@@ -272,9 +272,18 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   // just after it, so a task reading its memory in order finds its next pages already here.
   let cursor = { run: 0, page: runs[0]?.first ?? 0 };
   let follow: { run: number; page: number } | undefined;
-  // In any order, the daemon's own requests come after FOLLOW_PAGES of it.
+  // In any order, the daemon's own requests come after FOLLOW_PAGES of it, and before it unless
+  // the task faults in order (the fault just after the one before: a reader that outran the
+  // prefetch). Measured on 1 GiB: following first, a task writing 256 MiB/s at random paused
+  // 1.9-2.4 s, against 0.9-2.0 s with the daemon's requests first; one reading its memory in
+  // order at 16 MiB/s paused 347-442 ms, against 445-618.
   let followLeft = 0;
+  let inOrder = false;
+  let lastFaultAt: { vpid: number; page: number } | undefined;
   const followFault = (vpid: number, page: number) => {
+    const prev = lastFaultAt;
+    lastFaultAt = { vpid, page };
+    inOrder = prev !== undefined && prev.vpid === vpid && page > prev.page && page - prev.page <= 4 * FOLLOW_PAGES;
     const run = runOf(vpid, page);
     if (run < 0) return;
     follow = { run, page: page + 1 };
@@ -347,10 +356,10 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   };
   const pump = () => {
     while (!closed && inflight < window.bytes) {
-      let next: [number, number, number] | undefined;
-      // After a fault what follows it, then what the daemon asked for (it takes those pages at
-      // once), then the rest in order.
-      if (follow && started && followLeft > 0 && holder.heldBytes < HOLD_CAP) {
+      // What follows a fault first while the task reads in order, else what the daemon asked for
+      // first (it takes those pages at once); then the rest in order.
+      let next = anyOrder && !inOrder ? forPending() : undefined;
+      if (!next && follow && started && followLeft > 0 && holder.heldBytes < HOLD_CAP) {
         next = take(follow, true);
         if (next) followLeft -= next[2];
         else follow = undefined;
