@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import { createServer, connect, type AddressInfo, type Server, type Socket } from 'node:net';
 import { test } from 'node:test';
-import { MemPageHolder, PREFETCH_WINDOW, PrefetchWindow, serveLazy, type FrontStats } from '../../src/precopy/front.js';
+import { MemPageHolder, PREFETCH_WINDOW, PrefetchWindow, serveLazy, type FrontStats, type LazyFront } from '../../src/precopy/front.js';
 import type { PageRun } from '../../src/criu/image.js';
 import { PAGE } from '../../src/precopy/store.js';
 
@@ -198,6 +198,17 @@ async function daemon(port: number, runs: PageRun[], touches: Array<[number, num
 /** Test names: the daemon takes answers in any order (patches/criu/0011), or in the order it asked. */
 const inAnyOrder = (anyOrder: boolean) => (anyOrder ? ' (answers in any order)' : '');
 
+function newStats(): FrontStats {
+  return { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+}
+
+/** Pre-copy: every page already in the store. */
+function filledHolder(runs: PageRun[]): MemPageHolder {
+  const holder = new MemPageHolder();
+  for (const r of runs) for (let i = 0; i < r.n; i++) holder.put(r.vpid, (r.first + i) * PAGE, 1, content(r.vpid, r.first + i));
+  return holder;
+}
+
 async function listen(s: Server): Promise<number> {
   await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
   return (s.address() as AddressInfo).port;
@@ -215,7 +226,7 @@ for (const anyOrder of [false, true])
   const total = runs.reduce((a, r) => a + r.n, 0);
   const src = pageServer(runs, 48);
   const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const stats = newStats();
   const holder = new MemPageHolder();
   const sockets: Socket[] = [];
   let maxHeld = 0;
@@ -253,7 +264,7 @@ for (const anyOrder of [false, true])
   const runs: PageRun[] = [{ vpid: 3, first: 0x100, n: 4096 }];
   const src = pageServer(runs, 256, 80);
   const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const stats = newStats();
   const sockets: Socket[] = [];
   const front = createServer((d) => {
     const up = connect(srcPort, '127.0.0.1');
@@ -286,7 +297,7 @@ for (const anyOrder of [false, true])
   const total = 3000;
   const src = pageServer(runs, 256, 80);
   const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const stats = newStats();
   const sockets: Socket[] = [];
   const holder = new MemPageHolder();
   const front = createServer((d) => {
@@ -341,9 +352,8 @@ test('lazy-pages front: once the restore is over, background requests the store 
     { vpid: 1, first: 0x100, n: 256 },
     { vpid: 2, first: 0x900, n: 64 },
   ];
-  const holder = new MemPageHolder();
-  for (const r of runs) for (let i = 0; i < r.n; i++) holder.put(r.vpid, (r.first + i) * PAGE, 1, content(r.vpid, r.first + i));
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const holder = filledHolder(runs);
+  const stats = newStats();
   const sockets: Socket[] = [];
   let lazyFront: ReturnType<typeof serveLazy> | undefined;
   const front = createServer((d) => {
@@ -416,7 +426,7 @@ test('lazy-pages front: a background request gets at most 256 pages at once, 16 
   const runs: PageRun[] = [{ vpid: 1, first: 0x1000, n: 4096 }];
   const holder = new MemPageHolder();
   for (let i = 0; i < 4096; i++) holder.put(1, (0x1000 + i) * PAGE, 1, content(1, 0x1000 + i));
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const stats = newStats();
   const sockets: Socket[] = [];
   const front = createServer((d) => {
     sockets.push(d);
@@ -454,7 +464,7 @@ test('lazy-pages front: once the restore is over, a background request for pages
   const src = pageServer(runs, 64);
   const srcPort = await listen(src.server);
   const holder = new MemPageHolder();
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
+  const stats = newStats();
   const sockets: Socket[] = [];
   let lazyFront: ReturnType<typeof serveLazy> | undefined;
   const front = createServer((d) => {
@@ -494,26 +504,46 @@ test('lazy-pages front: once the restore is over, a background request for pages
   }
 });
 
+/**
+ * A front for each daemon that connects; its upstream is the page server at srcPort, if any.
+ * close() ends every socket and the listener.
+ */
+async function frontServer(holder: MemPageHolder, runs: PageRun[], stats: FrontStats, opts: { srcPort?: number; anyOrder?: boolean; prefetch?: boolean }) {
+  const sockets: Socket[] = [];
+  let lazy: LazyFront | undefined;
+  const server = createServer((d) => {
+    const up = opts.srcPort === undefined ? undefined : connect(opts.srcPort, '127.0.0.1');
+    sockets.push(d, ...(up ? [up] : []));
+    lazy = serveLazy(d, holder, up, runs, stats, { anyOrder: opts.anyOrder });
+    if (opts.prefetch) lazy.prefetch();
+  });
+  const port = await listen(server);
+  return {
+    daemon: async () => {
+      const d = await rawDaemon(port);
+      sockets.push(d.sock);
+      return d;
+    },
+    front: () => lazy!,
+    close: () => {
+      for (const s of sockets) s.destroy();
+      server.close();
+    },
+  };
+}
+
+const settle = (ms = 50) => new Promise((r) => setTimeout(r, ms));
+
 test('lazy-pages front, answers in any order: once the restore is over, a fault is answered at once while a background request waits for the resume, whole', async () => {
   const runs: PageRun[] = [
     { vpid: 1, first: 0x100, n: 256 },
     { vpid: 2, first: 0x900, n: 64 },
   ];
-  const holder = new MemPageHolder();
-  for (const r of runs) for (let i = 0; i < r.n; i++) holder.put(r.vpid, (r.first + i) * PAGE, 1, content(r.vpid, r.first + i));
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
-  const sockets: Socket[] = [];
-  let lazyFront: ReturnType<typeof serveLazy> | undefined;
-  const front = createServer((d) => {
-    sockets.push(d);
-    lazyFront = serveLazy(d, holder, undefined, runs, stats, { anyOrder: true });
-  });
-  const port = await listen(front);
+  const stats = newStats();
+  const f = await frontServer(filledHolder(runs), runs, stats, { anyOrder: true });
   try {
-    const { sock, answers } = await rawDaemon(port);
-    sockets.push(sock);
-    const settle = () => new Promise((r) => setTimeout(r, 50));
-    lazyFront!.quiet();
+    const { sock, answers } = await f.daemon();
+    f.front().quiet();
     sock.write(Buffer.concat([header(GET, 64, 0x100, 1), header(GET, 1, 0x920, 2), header(GET, 1, 0x1a0, 1)]));
     await settle();
     // In order the waiting request had to go first, cut to one page.
@@ -521,48 +551,36 @@ test('lazy-pages front, answers in any order: once the restore is over, a fault 
       [2, 0x920, 1],
       [1, 0x1a0, 1],
     ]);
-    lazyFront!.prefetch();
+    f.front().prefetch();
     await settle();
     assert.deepEqual(answers().slice(2), [[1, 0x100, 16]]);
     assert.equal(stats.localPages, 1 + 1 + 16);
   } finally {
-    for (const s of sockets) s.destroy();
-    front.close();
+    f.close();
   }
 });
 
 test('lazy-pages front, answers in any order: a fault does not wait for the background requests before it, and a held one asks nothing of the source until the resume', async () => {
   const runs: PageRun[] = [{ vpid: 1, first: 0x100, n: 512 }];
   const src = pageServer(runs, 64);
-  const srcPort = await listen(src.server);
-  const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
-  const sockets: Socket[] = [];
-  let lazyFront: ReturnType<typeof serveLazy> | undefined;
-  const front = createServer((d) => {
-    const up = connect(srcPort, '127.0.0.1');
-    sockets.push(d, up);
-    lazyFront = serveLazy(d, new MemPageHolder(), up, runs, stats, { anyOrder: true });
-  });
-  const port = await listen(front);
+  const stats = newStats();
+  const f = await frontServer(new MemPageHolder(), runs, stats, { srcPort: await listen(src.server), anyOrder: true });
   try {
-    const { sock, answers } = await rawDaemon(port);
-    sockets.push(sock);
-    const settle = () => new Promise((r) => setTimeout(r, 50));
+    const { sock, answers } = await f.daemon();
     await settle();
-    lazyFront!.quiet();
+    f.front().quiet();
     sock.write(Buffer.concat([header(GET, 64, 0x100, 1), header(GET, 1, 0x200, 1)]));
     await settle();
     assert.deepEqual(answers(), [[1, 0x200, 1]]);
     assert.deepEqual(src.state.log, [[0x200, 1]], 'only the fault went to the source');
-    lazyFront!.prefetch();
+    f.front().prefetch();
     await settle();
     const [next] = answers().slice(1);
     assert.ok(next && next[0] === 1 && next[1] === 0x100 && next[2] >= 1 && next[2] <= 64, `answer ${String(next)}`);
     assert.equal(stats.faultsForwarded, 1);
     assert.equal(src.state.died, '');
   } finally {
-    for (const s of sockets) s.destroy();
-    front.close();
+    f.close();
     src.server.close();
   }
 });
@@ -571,32 +589,21 @@ for (const anyOrder of [false, true])
   test(`lazy-pages front: pages the daemon had and asks for again (a range unmapped while its answer was on the way) come again from the source${inAnyOrder(anyOrder)}`, async () => {
     const runs: PageRun[] = [{ vpid: 1, first: 0x100, n: 64 }];
     const src = pageServer(runs, 64);
-    const srcPort = await listen(src.server);
-    const stats: FrontStats = { localPages: 0, forwardedPages: 0, prefetchedPages: 0, faultsForwarded: 0, faultWaitMs: 0, faultWaitMaxMs: 0, faultsWaited: 0 };
-    const sockets: Socket[] = [];
-    const front = createServer((d) => {
-      const up = connect(srcPort, '127.0.0.1');
-      sockets.push(d, up);
-      serveLazy(d, new MemPageHolder(), up, runs, stats, { anyOrder }).prefetch();
-    });
-    const port = await listen(front);
+    const f = await frontServer(new MemPageHolder(), runs, newStats(), { srcPort: await listen(src.server), anyOrder, prefetch: true });
     try {
-      const { sock, answers } = await rawDaemon(port);
-      sockets.push(sock);
-      const settle = () => new Promise((r) => setTimeout(r, 100));
-      await settle();
+      const { sock, answers } = await f.daemon();
+      await settle(100);
       sock.write(header(GET, 16, 0x100, 1));
-      await settle();
+      await settle(100);
       assert.deepEqual(answers(), [[1, 0x100, 16]]);
       sock.write(Buffer.concat([header(GET, 16, 0x100, 1), header(GET, 1, 0x105, 1)]));
-      await settle();
+      await settle(100);
       const again = answers().slice(1);
       assert.equal(again.length, 2, `answers ${JSON.stringify(again)}`);
       assert.ok(again.some(([, p, n]) => p === 0x100 && n >= 1) && again.some(([, p, n]) => p === 0x105 && n === 1));
       assert.equal(src.state.died, '');
     } finally {
-      for (const s of sockets) s.destroy();
-      front.close();
+      f.close();
       src.server.close();
     }
   });
