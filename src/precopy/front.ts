@@ -316,6 +316,12 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   };
   /** Any order: the daemon's requests not answered yet, oldest first. */
   const pending: Pending[] = [];
+  /** Any order: a fault's page asked of the source for it, outside the window. */
+  const fetchFault = (p: Pending) => {
+    sendPrefetch(p.vpid, p.first, 1, true);
+    p.fetched = true;
+    stats.faultsForwarded++;
+  };
   /** The daemon asked for it and it is neither here nor on its way (it may have had it once: a range unmapped while its answer was on the way is asked for again). */
   const needed = (vpid: number, page: number) => !holder.hasPage(vpid, page) && asked.get(key(vpid, page)) !== 1;
   /** Any order: the next pages the daemon's background requests wait for, oldest request first. */
@@ -324,11 +330,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
       if (p.fault) {
         // Its page came but went to another request for it (a forked child asks for its
         // parent's pages under the same image): it is asked for again.
-        if (needed(p.vpid, p.first)) {
-          sendPrefetch(p.vpid, p.first, 1, true);
-          p.fetched = true;
-          stats.faultsForwarded++;
-        }
+        if (needed(p.vpid, p.first)) fetchFault(p);
         continue;
       }
       if (p.held && !started) continue;
@@ -486,11 +488,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
       if (p.fault) {
         window.fault();
         if (asked.get(key(vpid, first)) === 1) p.waited = true;
-        else {
-          sendPrefetch(vpid, first, 1, true);
-          p.fetched = true;
-          stats.faultsForwarded++;
-        }
+        else fetchFault(p);
         // A fault: what the task reads next is most likely what follows it.
         followFault(vpid, first);
       }
