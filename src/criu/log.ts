@@ -17,6 +17,12 @@ const HINTS: Array<[RegExp, string]> = [
   [/Unsupported link .* kind|doesn't have a proper root mount/, "criu was run outside the task's mount/network namespace; run it where the task runs"],
   [/Can't find a session leader/, "a process of the task lives under a child subreaper of its own while its session leader exited; CRIU rebuilds such sessions only for children of the tree's root (Ferry's init), so this tree cannot be restored"],
   [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],
+  [/Can't dump ghost file .* size/, 'the task holds a deleted file larger than 256 MiB, which CRIU would have to copy whole; close it in the task (or truncate it), then migrate again'],
+  [/Unseizable non-zombie|is being traced/, 'a process of the task is traced by another (a debugger or strace); detach it, then try again'],
+  [/Zombies with threads are not supported/, 'a process of the task has ended while its threads still run (a zombie with threads); CRIU cannot dump that state, wait until they end'],
+  [/PIDFD_THREAD/, "the task holds a pidfd of a thread, which CRIU cannot dump yet; close it in the task"],
+  [/Error splicing data/, "a pipe or FIFO of the task could not be refilled where it was restored; a FIFO on storage both hosts share is still held by the source copy: keep the task's FIFOs on each host's own storage"],
+  [/Can not set (flock|posix lock)/, "a file the task locks is locked by another process where it was restored; on storage both hosts share, the source copy holds the lock until the move is over: keep locked files on each host's own storage"],
   [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
   [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],
 ];

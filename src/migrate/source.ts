@@ -20,6 +20,7 @@ import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSess
 import { run, startProgram } from '../exec/run.js';
 import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines, untilSeized } from '../criu/log.js';
+import { DUMP_OPTIONS } from '../criu/driver.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
@@ -823,7 +824,7 @@ export class OutgoingMigration {
     const { rt } = this.ctx;
     // A task with its own network keeps its connections; the hold script locks its namespace.
     const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : this.hostTcp(imagesDir);
-    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', '--file-locks', ...net, '--action-script', this.hold!.script, ...extra];
+    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, ...net, '--action-script', this.hold!.script, ...extra];
     // Pre-copy that sends the last delta itself: every lazy page reaches the destination's store,
     // none is asked of CRIU here. A CRIU with patches/criu/0003 then leaves them out of its pipes
     // (~25 ms of the freeze per GiB) and fails a request for one rather than serve it.

@@ -19,6 +19,20 @@ test('error lines skip the harmless lines and strip prefixes', () => {
   assert.match(hintFor(["(00.001) Error (criu/pstree.c:801): Can't find a session leader for 7"]) ?? '', /child subreaper/);
 });
 
+test('the errors seen moving other projects\' test programs get a hint that names the cause', () => {
+  // Lines as CRIU 4.2.1 (with patches/criu/0013) printed them for CRIU's own zdtm tests run through Ferry.
+  const cases: Array<[string, RegExp]> = [
+    ["Can't dump ghost file /tmp/x/ghost.test of 2097152 size, increase limit", /deleted file larger than 256 MiB/],
+    ['Unseizable non-zombie 19863 found, state t, err -1/10', /traced by another/],
+    ['Zombies with threads are not supported', /zombie with threads/],
+    ['pidfd: PIDFD_THREAD flag is currently not supported', /pidfd of a thread/],
+    ['0x20e095: Error splicing data: Resource temporarily unavailable', /FIFO/],
+    ['Can not set flock (fd 3): another process holds a conflicting lock: Resource temporarily unavailable', /locked by another process/],
+    ['Can not set posix lock (fd 4): another process holds a conflicting lock: Resource temporarily unavailable', /locked by another process/],
+  ];
+  for (const [line, hint] of cases) assert.match(hintFor(errorLines(`(00.1) Error (criu/x.c:1): ${line}`)) ?? '', hint, line);
+});
+
 test('CRIU versions are parsed and compared against 4.2', () => {
   assert.deepEqual(parseVersion('Version: 4.2.1\n'), { text: '4.2.1', major: 4, minor: 2, patch: 1 });
   assert.equal(isSupported(parseVersion('Version: 4.2')!), true);
