@@ -66,12 +66,13 @@ async function canTrackWrites(nativeDir: string): Promise<{ ok: boolean; why: st
 
 /**
  * Whether this CRIU carries Ferry's patches (patches/criu). Without them CRIU works, but
- * post-copy and the fill after pre-copy are slower, pre-copy's freeze longer, and each
- * page-server transfer ends later.
+ * post-copy and the fill after pre-copy are slower, pre-copy's freeze longer, each page-server
+ * transfer ends later; where root lacks CAP_SYS_RESOURCE a task that changed its user cannot be
+ * dumped, and a lock held elsewhere hangs a restore.
  * scripts/bootstrap.sh writes beside the CRIU it builds which patches went in.
  */
 function patchCheck(criu: string): DoctorCheck {
-  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault, polls a whole core, and waits a round trip between requests), pre-copy freezes the task longer (its pages are put in pipes nobody reads, and room for one iov per page is copied to the parasite), the lazy-pages daemon on the destination starts inside the pause (it cannot listen before the images are there), every page-server transfer ends up to 200 ms later per direction (a close left in a corked socket), a task that unmaps memory while its pages are still coming can be left waiting for them for ever, and in post-copy a fault waits behind the background requests made before it (the daemon takes answers only in the order it asked)';
+  const effect = 'without them post-copy and the fill after pre-copy are slower (the lazy-pages daemon walks a list of ranges at every fault, polls a whole core, and waits a round trip between requests), pre-copy freezes the task longer (its pages are put in pipes nobody reads, and room for one iov per page is copied to the parasite), the lazy-pages daemon on the destination starts inside the pause (it cannot listen before the images are there), every page-server transfer ends up to 200 ms later per direction (a close left in a corked socket), a task that unmaps memory while its pages are still coming can be left waiting for them for ever, in post-copy a fault waits behind the background requests made before it (the daemon takes answers only in the order it asked), a task that changed its user (a daemon that dropped its privileges) cannot be dumped where root lacks CAP_SYS_RESOURCE, and a restore whose file lock another process holds (the source copy, on storage both hosts share) waits for it until the migration times out';
   let lines: string[];
   try {
     lines = readFileSync(join(dirname(criu), 'ferry-patches'), 'utf8').split('\n').filter(Boolean);
@@ -81,7 +82,7 @@ function patchCheck(criu: string): DoctorCheck {
   const missing = lines.filter((l) => !l.startsWith('applied ')).map((l) => l.replace(/^\S+ /, ''));
   const applied = lines.filter((l) => l.startsWith('applied ')).map((l) => l.slice('applied '.length));
   if (missing.length) return { name: 'criu patches', status: 'warn', detail: `Ferry's patches ${missing.join(', ')} did not apply to this CRIU (applied: ${applied.join(', ') || 'none'})`, effect, fix: 'update patches/criu for this CRIU version' };
-  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon, the pre-copy freeze and the end of a page-server transfer run at the speed Ferry measures' };
+  return { name: 'criu patches', status: 'ok', detail: `Ferry's patches: ${applied.join(', ')}`, effect: 'the lazy-pages daemon, the pre-copy freeze and the end of a page-server transfer run at the speed Ferry measures; tasks that changed their user dump, and a lock held elsewhere fails a restore at once' };
 }
 
 async function has(cmd: string, args: string[]): Promise<boolean> {

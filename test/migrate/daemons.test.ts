@@ -1,9 +1,12 @@
 // Tasks that daemonize: the main process forks and exits, the daemon carries on. The task lives
 // while any of its processes does, and such trees checkpoint, restore and migrate in every mode.
+// Also what daemons tend to do besides: drop their privileges, lock files, hold deleted ones.
 import assert from 'node:assert/strict';
-import { readFileSync, readlinkSync } from 'node:fs';
+import { mkdtempSync, readFileSync, readlinkSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { Lab, comm } from '../support/lab.js';
+import { Lab, comm, oneLine } from '../support/lab.js';
 import { WORKLOAD, waitFor, type TaskInfo } from '../support/ferry.js';
 import { parseBeats, readySum } from '../support/heartbeat.js';
 import { treePids } from '../../src/util/proc.js';
@@ -130,4 +133,81 @@ test('a process the task stopped stays stopped after a migration, the others run
     assert.equal(s['sleep 1001'], 'T', `${mode}: still stopped: ${JSON.stringify(s)}`);
     assert.equal(s['sleep 1002'], 'S', `${mode}: the other runs: ${JSON.stringify(s)}`);
   }
+});
+
+/** The numbers a counting loop printed as "n N", in order. */
+const counts = (log: string) => [...log.matchAll(/^n (\d+)/gm)].map((m) => Number(m[1]));
+
+/** The loop keeps counting on host from where it was: its state moved, it did not start over. */
+async function assertCounting(host: string, name: string, before: number): Promise<void> {
+  await waitFor(`counting on ${host}`, () => (counts(lab.logOf(host, name)).at(-1) ?? 0) > before + 5 || undefined, 10_000);
+  const c = counts(lab.logOf(host, name));
+  for (let i = 1; i < c.length; i++) assert.equal(c[i], c[i - 1]! + 1, `the count runs on without a restart: ${c.slice(Math.max(0, i - 3), i + 3).join(' ')}`);
+}
+
+test('a daemon that dropped its privileges migrates in every mode and keeps its user', async (t) => {
+  const name = 'nobody';
+  t.after(() => lab.removeEverywhere(name));
+  // Its limits can be read only from /proc where root lacks CAP_SYS_RESOURCE (patches/criu/0012).
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'setpriv', '--reuid=65534', '--regid=65534', '--clear-groups', 'sh', '-c', 'i=0; while :; do i=$((i+1)); echo "n $i"; sleep 0.05; done']);
+  await waitFor('counting', () => counts(lab.logOf('h1', name)).length > 10 || undefined);
+  for (const [from, to, mode] of [['h1', 'h2', 'stop-copy'], ['h2', 'h1', 'post-copy'], ['h1', 'h2', 'pre-copy']] as const) {
+    const before = counts(lab.logOf(from, name)).at(-1)!;
+    await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    await assertCounting(to, name, before);
+    const pid = (await task(to, name)).mainPid!;
+    assert.match(readFileSync(`/proc/${pid}/status`, 'utf8'), /^Uid:\s+65534\s+65534\s+65534\s+65534$/m, `${mode}: still nobody`);
+  }
+});
+
+/** Whether /proc/locks lists a lock of this kind ("FLOCK" or "POSIX") held by pid. */
+const holds = (kind: string, pid: number) => new RegExp(`^\\d+: ${kind}\\s+ADVISORY\\s+WRITE\\s+${pid} `, 'm').test(readFileSync('/proc/locks', 'utf8'));
+
+test('a task keeps its flock and POSIX locks and a deleted file it holds when it migrates', async (t) => {
+  const name = 'locks';
+  t.after(() => lab.removeEverywhere(name));
+  // Its own directory is its host's (the lab's hosts share every other path); a deleted 4 MiB
+  // file is over CRIU's default limit for such files.
+  const py = [
+    'import fcntl, os, time',
+    'd = "/var/lib/ferry/tasks/" + os.environ["FERRY_TASK"]',
+    'a = open(d + "/a.lck", "w"); b = open(d + "/b.lck", "w")',
+    'fcntl.flock(a, fcntl.LOCK_EX); fcntl.lockf(b, fcntl.LOCK_EX)',
+    'g = open(d + "/gone", "wb+"); g.write(os.urandom(4 << 20)); g.flush(); os.unlink(d + "/gone")',
+    'i = 0',
+    'while True:',
+    '    i += 1; g.seek(0, 2); print("n", i, "gone", g.tell(), flush=True); time.sleep(0.05)',
+  ].join('\n');
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'python3', '-c', py]);
+  await waitFor('counting', () => counts(lab.logOf('h1', name)).length > 10 || undefined);
+  for (const [from, to, mode] of [['h1', 'h2', 'pre-copy'], ['h2', 'h1', 'stop-copy']] as const) {
+    const before = counts(lab.logOf(from, name)).at(-1)!;
+    await lab.ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    await assertCounting(to, name, before);
+    const pid = (await task(to, name)).mainPid!;
+    assert.ok(holds('FLOCK', pid), `${mode}: the flock is held again`);
+    assert.ok(holds('POSIX', pid), `${mode}: the POSIX lock is held again`);
+    assert.match(lab.logOf(to, name).trimEnd().split('\n').at(-1)!, /gone 4194304$/, `${mode}: the deleted file came along`);
+  }
+});
+
+test('a lock on a file the source still holds fails the restore at once; the task runs on at the source', async (t) => {
+  const name = 'shared-lock';
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-lock-'));
+  t.after(async () => {
+    await lab.removeEverywhere(name);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  // The lab's hosts share this directory, as hosts share a network file system: the frozen
+  // source keeps its lock until the destination runs, so the destination cannot take it.
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--cwd', dir, '--', 'python3', '-c', 'import fcntl, time\na = open("held.lck", "w"); fcntl.flock(a, fcntl.LOCK_EX)\ni = 0\nwhile True:\n    i += 1; print("n", i, flush=True); time.sleep(0.05)']);
+  await waitFor('counting', () => counts(lab.logOf('h1', name)).length > 10 || undefined);
+  const t0 = performance.now();
+  const r = await lab.ferry(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy']);
+  oneLine(r, /lock/);
+  assert.ok(performance.now() - t0 < 60_000, `it failed at once, not at a timeout (${Math.round(performance.now() - t0)} ms)`);
+  const before = counts(lab.logOf('h1', name)).at(-1)!;
+  await assertCounting('h1', name, before);
+  assert.ok(holds('FLOCK', (await task('h1', name)).mainPid!), 'the source still holds its lock');
+  assert.equal((await lab.tasksOn('h2')).some((x) => x.name === name), false, 'nothing is left on h2');
 });
