@@ -24,6 +24,8 @@ test('the errors seen moving other projects\' test programs get a hint that name
   const cases: Array<[string, RegExp]> = [
     ["Can't dump ghost file /tmp/x/ghost.test of 2097152 size, increase limit", /deleted file larger than 256 MiB/],
     ['Unseizable non-zombie 19863 found, state t, err -1/10', /traced by another/],
+    ['Timeout reached. Try to interrupt: 0', /uninterruptible wait/],
+    ['Unseizable non-zombie 20001 found, state D, err -1/10', /uninterruptible wait/],
     ['Zombies with threads are not supported', /zombie with threads/],
     ['pidfd: PIDFD_THREAD flag is currently not supported', /pidfd of a thread/],
     ['0x20e095: Error splicing data: Resource temporarily unavailable', /FIFO/],
