@@ -19,7 +19,7 @@ const HINTS: Array<[RegExp, string]> = [
   [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],
   [/Can't dump ghost file .* size/, 'the task holds a deleted file larger than 256 MiB, which CRIU would have to copy whole; close it in the task (or truncate it), then migrate again'],
   [/Unseizable non-zombie \d+ found, state t/, 'a process of the task is traced by another (a debugger or strace); detach it, then try again'],
-  [/Timeout reached|Unseizable non-zombie \d+ found, state D/, 'a process of the task is in an uninterruptible wait (a vfork parent waiting for its child, or stuck I/O) and could not be frozen; try again once it is out of it'],
+  [/Timeout reached\. Try to interrupt|Unseizable non-zombie \d+ found, state D/, 'a process of the task is in an uninterruptible wait (a vfork parent waiting for its child, or stuck I/O) and could not be frozen; try again once it is out of it'],
   [/Zombies with threads are not supported/, 'a process of the task has ended while its threads still run (a zombie with threads); CRIU cannot dump that state, wait until they end'],
   [/PIDFD_THREAD/, "the task holds a pidfd of a thread, which CRIU cannot dump yet; close it in the task"],
   [/Error splicing data/, "a pipe or FIFO of the task could not be refilled where it was restored; a FIFO on storage both hosts share is still held by the source copy: keep the task's FIFOs on each host's own storage"],
