@@ -8,7 +8,7 @@ import { access, constants, mkdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { FerryError } from '../errors.js';
 import { run, startProgram, type RunResult } from '../exec/run.js';
-import { hintFor, readErrorLines } from './log.js';
+import { GHOST_LIMIT_MIB, hintFor, readErrorLines } from './log.js';
 import { keepKdat, type KdatState } from './kdat.js';
 import { readDumpStats, type DumpStats } from './stats.js';
 
@@ -44,7 +44,7 @@ const COMMON = ['--file-locks'];
  * content crosses during the freeze (256 MiB: ~2.2 s on a 1 Gbit/s link): a longer pause, not a
  * failed migration.
  */
-export const DUMP_OPTIONS = [...COMMON, '--ghost-limit', '256M'];
+export const DUMP_OPTIONS = [...COMMON, '--ghost-limit', `${GHOST_LIMIT_MIB}M`];
 /** A task in its host's network namespace cannot keep connections: they close (see tasknet.ts for the others). */
 const HOST_NET = ['--tcp-close'];
 

@@ -5,6 +5,12 @@ import { open, readFile } from 'node:fs/promises';
 
 const HARMLESS = [/rlimit: Can't setup RLIMIT_NOFILE/, /Pid-reuse detection failed: no parent inventory/];
 
+/**
+ * The largest deleted file a task may hold and still be dumped (CRIU's --ghost-limit, see
+ * DUMP_OPTIONS in driver.ts): its content crosses whole during the freeze.
+ */
+export const GHOST_LIMIT_MIB = 256;
+
 const HINTS: Array<[RegExp, string]> = [
   [/File has bad size|bad size/i, 'a file the task had open changed after the checkpoint; restore from a fresh checkpoint or keep the file unchanged'],
   [/Can't lookup mount=/, 'the task holds a file from another mount namespace; start it with `ferry run` so it owns only its own descriptors'],
@@ -17,7 +23,7 @@ const HINTS: Array<[RegExp, string]> = [
   [/Unsupported link .* kind|doesn't have a proper root mount/, "criu was run outside the task's mount/network namespace; run it where the task runs"],
   [/Can't find a session leader/, "a process of the task lives under a child subreaper of its own while its session leader exited; CRIU rebuilds such sessions only for children of the tree's root (Ferry's init), so this tree cannot be restored"],
   [/A session leader of .* is outside of its pid namespace/, 'the task shares a session with its launcher; start it with `ferry run`'],
-  [/Can't dump ghost file .* size/, 'the task holds a deleted file larger than 256 MiB, which CRIU would have to copy whole; close it in the task (or truncate it), then migrate again'],
+  [/Can't dump ghost file .* size/, `the task holds a deleted file larger than ${GHOST_LIMIT_MIB} MiB, which CRIU would have to copy whole; close it in the task (or truncate it), then migrate again`],
   [/Unseizable non-zombie \d+ found, state t/, 'a process of the task is traced by another (a debugger or strace); detach it, then try again'],
   [/Timeout reached\. Try to interrupt|Unseizable non-zombie \d+ found, state D/, 'a process of the task is in an uninterruptible wait (a vfork parent waiting for its child, or stuck I/O) and could not be frozen; try again once it is out of it'],
   [/Zombies with threads are not supported/, 'a process of the task has ended while its threads still run (a zombie with threads); CRIU cannot dump that state, wait until they end'],
