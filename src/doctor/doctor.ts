@@ -180,14 +180,14 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     effect: setTid ? 'tasks restore with their own PIDs inside their PID namespace' : 'restores may fail on PID clashes',
     ...(setTid ? {} : { fix: 'use a kernel >= 5.5' }),
   });
+  // Ferry's own locks (a task's namespace, the connections among a task's own sockets) are nftables.
   const nft = await has('nft', ['--version']);
-  const ipt = await has('iptables', ['--version']);
   checks.push({
     name: 'network lock',
-    status: nft || ipt ? 'ok' : 'missing',
-    detail: [nft ? 'nftables' : '', ipt ? 'iptables' : ''].filter(Boolean).join(' and ') || 'neither nft nor iptables found',
-    effect: nft || ipt ? "CRIU can lock a task's connections while it is frozen" : 'tasks with TCP connections cannot be dumped',
-    ...(nft || ipt ? {} : { fix: 'apt-get install nftables iptables' }),
+    status: nft ? 'ok' : 'missing',
+    detail: nft ? 'nftables' : 'nft not found',
+    effect: nft ? "a task's connections are held still while it moves" : 'tasks with their own network, or with connections between their own sockets, cannot move or be checkpointed',
+    ...(nft ? {} : { fix: 'apt-get install nftables' }),
   });
   const caps = capEff();
   for (const [bit, name, why] of CAPS) {

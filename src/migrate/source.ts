@@ -24,7 +24,6 @@ import { DUMP_OPTIONS } from '../criu/driver.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
-import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
@@ -620,9 +619,12 @@ export class OutgoingMigration {
     await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
     this.rec.state = 'frozen';
     await rt.store.save(this.rec);
+    // A task with its own network keeps its connections (the hold script locks its namespace);
+    // one in the host's network keeps those among its own sockets, held still from here.
+    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : await rt.hostTcpArgs(this.rec, this.imagesDir);
     this.phase('freeze+dump');
     this.phaseStart = this.frozenAt = performance.now();
-    this.startDump(this.imagesDir, dumpArgs);
+    this.startDump(this.imagesDir, [...net, ...dumpArgs]);
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
     await faultPoint(this.ctx.self, 'freeze');
     this.syncFilesOnceSeized();
@@ -822,9 +824,7 @@ export class OutgoingMigration {
 
   private startDump(imagesDir: string, extra: string[]): void {
     const { rt } = this.ctx;
-    // A task with its own network keeps its connections; the hold script locks its namespace.
-    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : this.hostTcp(imagesDir);
-    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, ...net, '--action-script', this.hold!.script, ...extra];
+    const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, '--action-script', this.hold!.script, ...extra];
     // Pre-copy that sends the last delta itself: every lazy page reaches the destination's store,
     // none is asked of CRIU here. A CRIU with patches/criu/0003 then leaves them out of its pipes
     // (~25 ms of the freeze per GiB) and fails a request for one rather than serve it.
@@ -840,13 +840,6 @@ export class OutgoingMigration {
     child.once('close', () => clearTimeout(deadline));
     this.dumpExit = program.exited;
     this.imagesDir = imagesDir;
-  }
-
-  /** See hostTcpArgs: connections among the task's own sockets move, the marker tells the destination. */
-  private hostTcp(imagesDir: string): string[] {
-    const kind = tcpConnections(this.rec.pid!);
-    if (kind !== 'external') writeFileSync(join(imagesDir, TCP_MARKER), '');
-    return hostNetArgs(kind);
   }
 
   /**

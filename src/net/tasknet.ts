@@ -22,10 +22,14 @@ export interface NetConfig {
 export const NETNS_KEY = 'ferry-net';
 
 const LOCK_TABLE = 'ferry_lock';
-/** Everything but loopback dropped, both ways; used by lock() and by CRIU's network-lock hook. */
+/**
+ * Everything dropped, both ways, loopback too (the task's connections to itself must not talk
+ * while CRIU takes or rebuilds one end: see src/net/tcp.ts), but CRIU's own marked packets;
+ * used by lock() and by CRIU's network-lock hook.
+ */
 const LOCK_RULES = `table inet ${LOCK_TABLE} {
-  chain in { type filter hook input priority -300; policy drop; iif "lo" accept; }
-  chain out { type filter hook output priority -300; policy drop; oif "lo" accept; }
+  chain in { type filter hook input priority -300; policy drop; meta mark 0xc114 accept; }
+  chain out { type filter hook output priority -300; policy drop; meta mark 0xc114 accept; }
 }
 `;
 
@@ -138,7 +142,7 @@ export async function detach(task: string, address: string): Promise<void> {
 }
 
 /**
- * Cuts the namespace off: its sockets neither receive nor send (loopback excepted). Held while
+ * Cuts the namespace off: its sockets neither receive nor send. Held while
  * CRIU dumps established connections and while a restored copy awaits the decision, so that
  * no reset escapes from the copy that is ending and no packet from the one not yet chosen.
  */

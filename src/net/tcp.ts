@@ -1,12 +1,26 @@
 // Which TCP connections a task without its own network has. A connection between two of the
-// task's own sockets (over loopback) can move with the task: both ends freeze together, nothing
-// outside can send to either, so CRIU needs no lock for it. A connection to anything else cannot
-// (its address stays behind), and such tasks keep CRIU's --tcp-close.
+// task's own sockets (over loopback) can move with the task: both ends freeze together and
+// nothing outside can send to either. A connection to anything else cannot (its address stays
+// behind), and such tasks keep CRIU's --tcp-close.
+//
+// The two ends still must not talk while CRIU takes or rebuilds them: the kernel acknowledges
+// data for a frozen task, so an end dumped before its peer misses what the peer sent meanwhile,
+// and the restore sends each end's never-sent data at once, to a peer not yet there (the restore
+// failed with EPIPE, or the connection was reset after the move). CRIU's own per-connection lock
+// runs iptables twice per socket inside the pause and is never lifted on the source after a
+// migration; Ferry drops the task's connections in one nftables table of its own instead, from
+// before the dump until the task runs again (or is gone), and on the destination for the restore.
+import { createHash } from 'node:crypto';
 import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { join } from 'node:path';
+import { FerryError } from '../errors.js';
+import { run } from '../exec/run.js';
 import { treePids } from '../util/proc.js';
 
-/** The marker a dump leaves in its images when the task's connections were dumped established. */
+/**
+ * The marker a dump leaves in its images when the task's connections were dumped established;
+ * it holds the connections (JSON, TcpEnds[]) for the destination's lock.
+ */
 export const TCP_MARKER = 'ferry-tcp-established';
 
 interface Conn {
@@ -15,6 +29,18 @@ interface Conn {
   /** CLOSE: nothing flows any more, wherever the other end was. */
   closed: boolean;
 }
+
+/** One socket's connection, as packets name it. */
+export interface TcpEnds {
+  family: 4 | 6;
+  src: string;
+  sport: number;
+  dst: string;
+  dport: number;
+}
+
+/** The mark CRIU's own packets (libsoccr's FIN) carry: they pass every lock. */
+const SOCCR_MARK = '0xc114';
 
 /** An IPv4-mapped IPv6 address (::ffff:a.b.c.d) as /proc/net/tcp writes the IPv4 one. */
 function plain(addr: string): string {
@@ -55,11 +81,26 @@ function socketInodes(pids: number[]): Set<string> {
   return out;
 }
 
-/**
- * 'internal' when every TCP connection of the tree has its other end in the tree too (closed
- * sockets count as internal: nothing flows); IPv4 and IPv4-mapped IPv6 ends are one address.
- */
-export function tcpConnections(root: number): 'none' | 'internal' | 'external' {
+/** /proc/net/tcp's ADDR:PORT (hex, each 32-bit word in host order) as an address and a port. */
+export function parseEnd(hex: string): { family: 4 | 6; addr: string; port: number } | undefined {
+  const m = /^([0-9A-F]{8}|[0-9A-F]{32}):([0-9A-F]{4})$/i.exec(hex);
+  if (!m) return undefined;
+  const words = m[1]!.match(/.{8}/g)!.map((w) => w.match(/../g)!.reverse());
+  const port = parseInt(m[2]!, 16);
+  if (words.length === 1) return { family: 4, addr: words[0]!.map((b) => parseInt(b, 16)).join('.'), port };
+  const groups = words.flat().join('').match(/.{4}/g)!.map((g) => parseInt(g, 16).toString(16));
+  return { family: 6, addr: groups.join(':'), port };
+}
+
+function ends(c: Conn): TcpEnds | undefined {
+  const l = parseEnd(c.local);
+  const r = parseEnd(c.remote);
+  if (!l || !r || l.family !== r.family) return undefined;
+  return { family: l.family, src: l.addr, sport: l.port, dst: r.addr, dport: r.port };
+}
+
+/** The tree's TCP connections (not listeners), by socket. */
+function treeConnections(root: number): Conn[] {
   const mine = socketInodes(treePids(root));
   const conns = new Map<string, Conn>();
   for (const f of ['tcp', 'tcp6']) {
@@ -69,7 +110,17 @@ export function tcpConnections(root: number): 'none' | 'internal' | 'external' {
       /* no IPv6 */
     }
   }
-  return classify([...conns.values()]);
+  return [...conns.values()];
+}
+
+/**
+ * 'internal' when every TCP connection of the tree has its other end in the tree too (closed
+ * sockets count as internal: nothing flows); IPv4 and IPv4-mapped IPv6 ends are one address.
+ */
+export function tcpConnections(root: number): { kind: 'none' | 'internal' | 'external'; ends: TcpEnds[] } {
+  const conns = treeConnections(root);
+  const kind = classify(conns);
+  return { kind, ends: kind === 'internal' ? conns.filter((c) => !c.closed).flatMap((c) => ends(c) ?? []) : [] };
 }
 
 export function classify(conns: Conn[]): 'none' | 'internal' | 'external' {
@@ -85,4 +136,48 @@ export function classify(conns: Conn[]): 'none' | 'internal' | 'external' {
  */
 export function hostNetArgs(kind: 'none' | 'internal' | 'external'): string[] {
   return kind === 'external' ? ['--tcp-close'] : ['--tcp-established', '--network-lock', 'skip'];
+}
+
+/** The nftables table that holds a task's connections (task names are not nft identifiers). */
+export function lockTable(task: string): string {
+  return `ferry_tcp_${createHash('sha256').update(task).digest('hex').slice(0, 16)}`;
+}
+
+/** The table's text: each connection dropped both ways, on the way out and in. */
+export function lockRules(task: string, conns: TcpEnds[]): string {
+  const rules = conns.map((c) => {
+    const ip = c.family === 4 ? 'ip' : 'ip6';
+    return `${ip} saddr ${c.src} tcp sport ${c.sport} ${ip} daddr ${c.dst} tcp dport ${c.dport} drop`;
+  });
+  const chain = (name: string, hook: string) => `  chain ${name} { type filter hook ${hook} priority -300; meta mark ${SOCCR_MARK} accept; ${rules.join('; ')}; }`;
+  return `table inet ${lockTable(task)} {\n${chain('out', 'output')}\n${chain('in', 'input')}\n}\n`;
+}
+
+/** Stops the connections' packets in this network namespace (replacing any earlier lock of the task's). */
+export async function lockConnections(task: string, conns: TcpEnds[]): Promise<void> {
+  if (!conns.length) return;
+  await unlockConnections(task);
+  const r = await run('nft', ['-f', '-'], { input: lockRules(task, conns), timeoutMs: 20_000, reject: false });
+  if (r.exitCode !== 0) {
+    throw new FerryError('NET', `cannot hold the task's own TCP connections still while it moves: ${r.stderr.trim().split('\n')[0] || 'nft failed'}`, { hint: 'install nftables (`ferry doctor` checks it), or close the connections between the task\'s own sockets' });
+  }
+}
+
+/** Lets the connections' packets through again; nothing to do when they were not held. */
+export async function unlockConnections(task: string): Promise<void> {
+  await run('nft', ['delete', 'table', 'inet', lockTable(task)], { timeoutMs: 20_000, reject: false }).catch(() => undefined);
+}
+
+/** The connections a dump's marker names (none for an empty marker, as older dumps left). */
+export function markedConnections(text: string): TcpEnds[] {
+  try {
+    const v = JSON.parse(text) as unknown;
+    if (!Array.isArray(v)) return [];
+    return v.filter(
+      (c): c is TcpEnds =>
+        !!c && typeof c === 'object' && (c.family === 4 || c.family === 6) && [c.src, c.dst].every((a) => typeof a === 'string' && /^[0-9a-f.:]+$/i.test(a)) && [c.sport, c.dport].every((p) => Number.isInteger(p) && p > 0 && p < 65536),
+    );
+  } catch {
+    return [];
+  }
 }

@@ -13,7 +13,7 @@ import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
-import { TCP_MARKER, hostNetArgs, tcpConnections } from '../net/tcp.js';
+import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections } from '../net/tcp.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -28,6 +28,9 @@ export interface RunSpec {
 const INVENTORY_MAGIC = 0x58313116;
 /** No CRIU run may hang a task for ever: a dump or restore still running after this is killed. */
 export const CRIU_TIMEOUT_MS = 10 * 60_000;
+
+/** In a task's directory while its own TCP connections are held still (see Runtime.holdTcp). */
+const TCP_HELD = 'tcp-held';
 const DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 export interface RestoreOptions {
@@ -69,11 +72,39 @@ export class Runtime {
 
   /** The task runs here: its address routes here and its namespace is open. Idempotent. */
   async netHere(rec: TaskRecord): Promise<void> {
+    await this.releaseTcp(rec.name);
     if (!rec.net || !this.netConfig) return;
     await prepareHost(this.netConfig);
     await attach(this.netConfig, rec.name, rec.net.address, this.garpPath);
     await publish(rec.name, rec.net.address, rec.net.publish ?? []);
     await unlock(netnsPath(this.stateDir, rec.name));
+  }
+
+  /** The task's own connections held still (see src/net/tcp.ts), recorded so that any path lets go. */
+  async holdTcp(name: string, conns: Parameters<typeof lockConnections>[1]): Promise<void> {
+    if (!conns.length) return;
+    await writeFile(join(this.store.dir(name), TCP_HELD), '');
+    await lockConnections(name, conns);
+  }
+
+  /**
+   * A task in its host's network keeps the connections between its own sockets (they move with
+   * it, held still from now until releaseTcp); any other connection makes them all close, as
+   * before. The images' marker names the connections for the restore's lock.
+   */
+  async hostTcpArgs(rec: TaskRecord, imagesDir: string): Promise<string[]> {
+    const { kind, ends } = tcpConnections(rec.pid!);
+    if (kind !== 'external') await writeFile(join(imagesDir, TCP_MARKER), JSON.stringify(ends));
+    await this.holdTcp(rec.name, ends);
+    return hostNetArgs(kind);
+  }
+
+  /** The task runs again, or is gone: its connections flow. Nothing to do when none were held. */
+  async releaseTcp(name: string): Promise<void> {
+    const held = join(this.store.dir(name), TCP_HELD);
+    if (!existsSync(held)) return;
+    await unlockConnections(name);
+    await rm(held, { force: true });
   }
 
   /** The task is about to run elsewhere: this host stops answering for its address. */
@@ -85,6 +116,7 @@ export class Runtime {
 
   /** The task left or was removed: its namespace, veth and route go. */
   async netGone(name: string, address: string | undefined): Promise<void> {
+    await this.releaseTcp(name);
     if (address) await destroyTaskNet(this.stateDir, name, address);
   }
 
@@ -342,13 +374,15 @@ export class Runtime {
         // Connections are dumped established; nothing may reach or leave them meanwhile.
         const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
         if (ns) await lock(ns);
-        const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : await hostTcpArgs(rec.pid!, fresh);
+        const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : await this.hostTcpArgs(rec, fresh);
         let stopped = false;
         const res = await this.criu
           .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}) })
           .then((r) => ((stopped = !opts.leaveRunning), r))
           .finally(async () => {
             releaseSlot();
+            // Running on, its connections flow again; ended, its sockets closed without a sound.
+            await this.releaseTcp(name);
             // Stopped, the namespace stays locked until the restore opens it: no reset escapes.
             // (Deciding by whether the task still lives raced with its exit.)
             if (ns && !stopped) await unlock(ns);
@@ -403,7 +437,8 @@ export class Runtime {
    * must not run before the source has let go of its own.
    */
   async restoreFrom(rec: TaskRecord, imagesDir: string, opts: RestoreOptions = {}): Promise<TaskRecord> {
-    return this.startRestore(rec, imagesDir, opts).go();
+    // Gated: CRIU starts at go(), after the task's own connections are held still.
+    return this.startRestore(rec, imagesDir, { ...opts, gated: true }).go();
   }
 
   /**
@@ -427,10 +462,14 @@ export class Runtime {
     shim.result.catch(() => {}); // awaited by go()
     const go = async (): Promise<TaskRecord> => {
       const started = performance.now();
+      // The task's own connections come back one end at a time, each sending what it had not
+      // sent yet: held still until both ends are there (see src/net/tcp.ts).
+      const marker = join(imagesDir, TCP_MARKER);
+      if (!rec.net && existsSync(marker)) await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8')));
       shim.go(opts.gated ? command() : undefined);
       let rootPid: number, shimPid: number;
       try {
-        ({ rootPid, shimPid } = await shim.result);
+        ({ rootPid, shimPid } = await shim.result.finally(() => this.releaseTcp(rec.name)));
       } catch (e) {
         const lines = await readErrorLines(join(imagesDir, 'restore.log'));
         if (!lines.length) throw e;
@@ -537,12 +576,4 @@ export function netClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[], the
   return undefined;
 }
 
-/**
- * A task in its host's network keeps the connections between its own sockets (they move with
- * it); any other connection makes them all close, as before. Marks the images when they move.
- */
-export async function hostTcpArgs(pid: number, imagesDir: string): Promise<string[]> {
-  const kind = tcpConnections(pid);
-  if (kind !== 'external') await writeFile(join(imagesDir, TCP_MARKER), '');
-  return hostNetArgs(kind);
-}
+

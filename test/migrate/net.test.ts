@@ -333,6 +333,61 @@ test('without --net, a loopback connection inside the task survives checkpoint/r
   }
 });
 
+// Both ends of a connection inside the task, never idle: data in flight both ways, much of it
+// not yet acknowledged or not yet sent, whenever the task freezes. The two ends must not talk
+// while CRIU takes or rebuilds one of them (the restore used to fail with EPIPE, and roll back,
+// every time); held still by Ferry's lock on each host, released on every outcome.
+for (const own of [false, true]) {
+  test(`a loopback connection full of data in flight survives checkpoint/restore, every mode and a failed migration (${own ? '--net' : "host's network"})`, async (t) => {
+    const name = own ? 'n-flood-net' : 'n-flood';
+    t.after(async () => {
+      rmSync(join(points, 'arm'), { force: true });
+      await lab.up();
+      await lab.removeEverywhere(name);
+    });
+    await lab.ok(['--host', 'h1', 'run', '--name', name, ...(own ? ['--net'] : []), '--', process.execPath, PAIR, '7501', 'flood']);
+    const okCount = (h: string) => (lab.logOf(h, name).match(/^pair \d+ ok$/gm) ?? []).length;
+    const progressed = async (h: string, what: string) => {
+      const n = okCount(h);
+      await waitFor(`the pair to go on streaming on ${h} after ${what}`, () => okCount(h) > n + 2 || /BROKEN/.test(lab.logOf(h, name)) || undefined, 30_000);
+      assert.doesNotMatch(lab.logOf(h, name), /BROKEN/, `after ${what}`);
+    };
+    const noLock = async (h: string) => {
+      const r = await run('ip', ['netns', 'exec', lab.netns(h), 'nft', 'list', 'tables']);
+      assert.doesNotMatch(r.stdout, /ferry_tcp_/, `no connection lock stays on ${h}`);
+    };
+    await waitFor('the pair', () => lab.logOf('h1', name).includes('pair ready') || undefined, 20_000);
+    await progressed('h1', 'the start');
+    await lab.ok(['--host', 'h1', 'checkpoint', name]);
+    await lab.ok(['--host', 'h1', 'restore', name]);
+    await progressed('h1', 'checkpoint and restore');
+    await lab.ok(['--host', 'h1', 'checkpoint', '--leave-running', name]);
+    await progressed('h1', 'a checkpoint that left it running');
+    let at = 'h1';
+    for (const mode of MODES) {
+      const to = at === 'h1' ? 'h2' : 'h1';
+      await lab.ok(['--host', at, 'migrate', name, '--to', to, '--mode', mode]);
+      at = to;
+      await progressed(at, mode);
+    }
+    // The destination's agent dies at its restore: the task runs on where it was, streaming.
+    for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
+    const to = at === 'h1' ? 'h2' : 'h1';
+    writeFileSync(join(points, 'arm'), `${to}.restore`);
+    const migration = lab.ferry(['--host', at, 'migrate', name, '--to', to, '--mode', 'stop-copy']);
+    await waitFor('the destination to reach its restore', () => (existsSync(join(points, `${to}.restore.reached`)) ? true : undefined), 60_000);
+    process.kill(lab.agentPid(to), 'SIGKILL');
+    writeFileSync(join(points, `${to}.restore.go`), '');
+    const r = await migration;
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, new RegExp(`running on ${at}`));
+    await lab.up();
+    await progressed(at, 'the failed migration');
+    await noLock('h1');
+    await noLock('h2');
+  });
+}
+
 test('a removed task leaves no namespace, veth or route', async () => {
   const name = 'n-rm';
   const address = await startEcho(name);
