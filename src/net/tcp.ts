@@ -143,14 +143,25 @@ export function lockTable(task: string): string {
   return `ferry_tcp_${createHash('sha256').update(task).digest('hex').slice(0, 16)}`;
 }
 
-/** The table's text: each connection dropped both ways, on the way out and in. */
+/**
+ * The table's text: each connection dropped both ways, on the way out and in, looked up in a set
+ * per address family (one rule each, whatever the number of connections).
+ */
 export function lockRules(task: string, conns: TcpEnds[]): string {
-  const rules = conns.map((c) => {
-    const ip = c.family === 4 ? 'ip' : 'ip6';
-    return `${ip} saddr ${c.src} tcp sport ${c.sport} ${ip} daddr ${c.dst} tcp dport ${c.dport} drop`;
-  });
+  const sets: string[] = [];
+  const rules: string[] = [];
+  for (const [family, ip, type] of [
+    [4, 'ip', 'ipv4_addr'],
+    [6, 'ip6', 'ipv6_addr'],
+  ] as const) {
+    const mine = conns.filter((c) => c.family === family);
+    if (!mine.length) continue;
+    const elements = [...new Set(mine.map((c) => `${c.src} . ${c.sport} . ${c.dst} . ${c.dport}`))];
+    sets.push(`  set c${family} { type ${type} . inet_service . ${type} . inet_service; elements = { ${elements.join(', ')} }; }`);
+    rules.push(`${ip} saddr . tcp sport . ${ip} daddr . tcp dport @c${family} drop`);
+  }
   const chain = (name: string, hook: string) => `  chain ${name} { type filter hook ${hook} priority -300; meta mark ${SOCCR_MARK} accept; ${rules.join('; ')}; }`;
-  return `table inet ${lockTable(task)} {\n${chain('out', 'output')}\n${chain('in', 'input')}\n}\n`;
+  return `table inet ${lockTable(task)} {\n${sets.join('\n')}\n${chain('out', 'output')}\n${chain('in', 'input')}\n}\n`;
 }
 
 /** Stops the connections' packets in this network namespace (replacing any earlier lock of the task's). */

@@ -37,9 +37,12 @@ test('the lock drops each connection both ways, lets CRIU\'s own packets through
     { family: 4, src: '127.0.0.1', sport: 8880, dst: '127.0.0.1', dport: 44494 },
     { family: 6, src: '0:0:0:0:0:0:0:1', sport: 8080, dst: '0:0:0:0:0:0:0:1', dport: 50000 },
   ];
-  const text = lockRules('cache', conns);
+  const text = lockRules('cache', [...conns, conns[0]!]);
   assert.match(text, new RegExp(`^table inet ${lockTable('cache')} \\{`));
-  for (const hook of ['output', 'input']) assert.match(text, new RegExp(`hook ${hook} priority -300; meta mark 0xc114 accept; ip saddr 127\\.0\\.0\\.1 tcp sport 8880 ip daddr 127\\.0\\.0\\.1 tcp dport 44494 drop; ip6 saddr 0:0:0:0:0:0:0:1 tcp sport 8080 ip6 daddr 0:0:0:0:0:0:0:1 tcp dport 50000 drop; }`));
+  assert.match(text, /set c4 \{ type ipv4_addr \. inet_service \. ipv4_addr \. inet_service; elements = \{ 127\.0\.0\.1 \. 8880 \. 127\.0\.0\.1 \. 44494 \}; \}/, 'each connection once');
+  assert.match(text, /set c6 \{ type ipv6_addr \. inet_service \. ipv6_addr \. inet_service; elements = \{ 0:0:0:0:0:0:0:1 \. 8080 \. 0:0:0:0:0:0:0:1 \. 50000 \}; \}/);
+  for (const hook of ['output', 'input']) assert.match(text, new RegExp(`hook ${hook} priority -300; meta mark 0xc114 accept; ip saddr \\. tcp sport \\. ip daddr \\. tcp dport @c4 drop; ip6 saddr \\. tcp sport \\. ip6 daddr \\. tcp dport @c6 drop; }`));
+  assert.doesNotMatch(lockRules('cache', [conns[0]!]), /c6/, 'no empty set');
   assert.match(lockTable('a task with spaces/and slashes'), /^ferry_tcp_[0-9a-f]{16}$/);
   assert.notEqual(lockTable('a'), lockTable('b'));
 });
