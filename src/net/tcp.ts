@@ -167,8 +167,10 @@ export function lockRules(task: string, conns: TcpEnds[]): string {
 /** Stops the connections' packets in this network namespace (replacing any earlier lock of the task's). */
 export async function lockConnections(task: string, conns: TcpEnds[]): Promise<void> {
   if (!conns.length) return;
-  await unlockConnections(task);
-  const r = await run('nft', ['-f', '-'], { input: lockRules(task, conns), timeoutMs: 20_000, reject: false });
+  // One transaction, one nft run (it counts inside the pause on the destination): an earlier
+  // table of the task's goes (made first, so that deleting it cannot fail), the new one comes.
+  const t = lockTable(task);
+  const r = await run('nft', ['-f', '-'], { input: `add table inet ${t}\ndelete table inet ${t}\n${lockRules(task, conns)}`, timeoutMs: 20_000, reject: false });
   if (r.exitCode !== 0) {
     throw new FerryError('NET', `cannot hold the task's own TCP connections still while it moves: ${r.stderr.trim().split('\n')[0] || 'nft failed'}`, { hint: 'install nftables (`ferry doctor` checks it), or close the connections between the task\'s own sockets' });
   }
