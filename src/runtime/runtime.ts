@@ -402,6 +402,9 @@ export class Runtime {
         await this.store.save(rec);
         return rec;
       } catch (e) {
+        // Also when the dump never started (its slot and the connection lock are taken before).
+        releaseSlot();
+        await this.releaseTcp(name);
         await rm(fresh, { recursive: true, force: true });
         // CRIU resumes the task when a dump fails; the record must say what is true.
         const now = await this.store.get(name).catch(() => undefined);
@@ -465,7 +468,13 @@ export class Runtime {
       // The task's own connections come back one end at a time, each sending what it had not
       // sent yet: held still until both ends are there (see src/net/tcp.ts).
       const marker = join(imagesDir, TCP_MARKER);
-      if (!rec.net && existsSync(marker)) await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8')));
+      if (!rec.net && existsSync(marker)) {
+        await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8'))).catch(async (e: unknown) => {
+          shim.cancel(); // a gated shim would wait for its command for ever
+          await this.releaseTcp(rec.name);
+          throw e;
+        });
+      }
       shim.go(opts.gated ? command() : undefined);
       let rootPid: number, shimPid: number;
       try {
