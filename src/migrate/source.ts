@@ -111,6 +111,9 @@ const POSTCOPY_GRACE_MS = 120_000;
 const COMMIT_RETRY_MS = 180_000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
+/** Stop-copy: a page stream that moves no byte for this long while the task is frozen ends the dump. */
+const PAGE_STALL_MS = 30_000;
+const STALL_CHECK_MS = 1000;
 function trackMethod(armed: boolean, hashed: boolean): string {
   const wp = 'userfaultfd write-protect + PAGEMAP_SCAN';
   if (!hashed) return wp;
@@ -166,6 +169,8 @@ export class OutgoingMigration {
   /** Post-copy: where CRIU serves lazy pages on this host. */
   private lazyPort?: number;
   private frozenAt?: number;
+  /** The dump was ended because its page stream stopped moving (see startDump). */
+  private pageStall = false;
   /** Held from the dump's start until CRIU is past its parasite (see criu/dump-slot.ts). */
   private releaseDumpSlot: () => void = () => {};
   private resumedAt?: number;
@@ -837,7 +842,25 @@ export class OutgoingMigration {
       if (!this.hold?.reachedPostDump) this.killDump();
     }, DUMP_TIMEOUT_MS);
     deadline.unref();
-    child.once('close', () => clearTimeout(deadline));
+    // Stop-copy streams every page while the task is frozen: a stream that stops moving (the
+    // destination neither takes pages nor breaks the stream) would hold the task frozen until
+    // that deadline. Seen once with the destination's disk full at the freeze.
+    let moved = this.pages.bytes;
+    let still = 0;
+    const watch = this.mode === 'stop-copy' ? setInterval(() => {
+      if (this.hold?.reachedPostDump) return clearInterval(watch);
+      still = this.pages.bytes === moved ? still + STALL_CHECK_MS : 0;
+      moved = this.pages.bytes;
+      if (still < PAGE_STALL_MS) return;
+      clearInterval(watch);
+      this.pageStall = true;
+      this.killDump();
+    }, STALL_CHECK_MS) : undefined;
+    watch?.unref();
+    child.once('close', () => {
+      clearTimeout(deadline);
+      clearInterval(watch);
+    });
     this.dumpExit = program.exited;
     this.imagesDir = imagesDir;
   }
@@ -871,6 +894,7 @@ export class OutgoingMigration {
   }
 
   private async dumpFailure(): Promise<FerryError> {
+    if (this.pageStall) return new FerryError('PEER', `the page stream to ${this.target.name} stopped moving for ${PAGE_STALL_MS / 1000} s while the task was frozen; Ferry ended the dump`, { hint: `check ${this.target.name}'s agent and its free disk space, then migrate again` });
     const log = join(this.imagesDir ?? '', 'dump.log');
     const lines = await readErrorLines(log);
     const sessionGone = this.session?.destroyed || this.session?.closed;

@@ -175,6 +175,48 @@ test('auto with --allow-throttle slows a task that out-writes the link until it 
   assertAllOk(await checkMemory('h2', 'hog'));
 });
 
+// The destination stops taking pages without breaking the stream (its page server stopped here;
+// seen for real once with its disk full): the frozen task must not wait for CRIU's 10-minute
+// deadline. Ferry ends the dump once the stream has not moved for 30 s, and the task runs on.
+test('stop-copy: a page stream that stops moving while the task is frozen ends the dump, and the task runs on', async (t) => {
+  const name = 'stall';
+  let stopped: number | undefined;
+  t.after(async () => {
+    try {
+      if (stopped) process.kill(stopped, 'SIGCONT');
+    } catch {
+      /* the agent ended it already */
+    }
+    await lab.removeEverywhere(name);
+  });
+  const sum = await lab.startHeartbeat(name, 512);
+  const started = Date.now();
+  const migration = lab.ferry(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy'], 120_000);
+  stopped = await waitFor(
+    "h2's page server",
+    () => {
+      const pids = execFileSync('ip', ['netns', 'pids', lab.netns('h2')], { encoding: 'utf8' }).split('\n').filter(Boolean);
+      return pids.map(Number).find((p) => {
+        try {
+          return / page-server /.test(readFileSync(`/proc/${p}/cmdline`, 'utf8').replace(/\0/g, ' '));
+        } catch {
+          return false;
+        }
+      });
+    },
+    20_000,
+    5,
+  );
+  process.kill(stopped, 'SIGSTOP');
+  const r = await migration;
+  const tookS = (Date.now() - started) / 1000;
+  assert.notEqual(r.code, 0);
+  oneLine(r, /the page stream to h2 stopped moving for 30 s while the task was frozen.*running on h1/);
+  assert.ok(tookS < 60, `ended after ${tookS.toFixed(1)} s`);
+  const pause = await lab.assertIntact('h1', name, sum);
+  t.diagnostic(`failed after ${tookS.toFixed(1)} s; the task paused ${pause.toFixed(1)} s and runs on h1, memory intact`);
+});
+
 test('--compress on: compressible memory crosses in fewer bytes, stop-copy and pre-copy, every page intact', async (t) => {
   t.after(() => lab.removeEverywhere('text'));
   await startMemcheck('text', ['--mib', '64', '--rate', '8', '--text', '1', '--threads', '2', '--procs', '2']);
