@@ -245,7 +245,7 @@ export class Destination {
       // The restore's shim starts now and waits for the restore request (and CRIU's command,
       // made from the images then): a fork+exec from this agent blocks it ~15 ms, which was
       // inside the pause.
-      m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), imagesDir, { lazyPages: req.mode !== 'stop-copy', leaveStopped: true, gated: true, onRestored: () => this.quiet(req.id) });
+      m.restoreAhead = this.rt.startRestore(this.restoreRecord(m), imagesDir, { lazyPages: req.mode !== 'stop-copy', leaveStopped: true, onRestored: () => this.quiet(req.id) });
     } catch (e) {
       await this.abort(req.id);
       throw e;

@@ -13,7 +13,7 @@ import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
-import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections } from '../net/tcp.js';
+import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -81,7 +81,7 @@ export class Runtime {
   }
 
   /** The task's own connections held still (see src/net/tcp.ts), recorded so that any path lets go. */
-  async holdTcp(name: string, conns: Parameters<typeof lockConnections>[1]): Promise<void> {
+  async holdTcp(name: string, conns: TcpEnds[]): Promise<void> {
     if (!conns.length) return;
     await writeFile(join(this.store.dir(name), TCP_HELD), '');
     await lockConnections(name, conns);
@@ -440,28 +440,28 @@ export class Runtime {
    * must not run before the source has let go of its own.
    */
   async restoreFrom(rec: TaskRecord, imagesDir: string, opts: RestoreOptions = {}): Promise<TaskRecord> {
-    // Gated: CRIU starts at go(), after the task's own connections are held still.
-    return this.startRestore(rec, imagesDir, { ...opts, gated: true }).go();
+    return this.startRestore(rec, imagesDir, opts).go();
   }
 
   /**
-   * A restore whose shim is started now; CRIU runs at go(). Gated, the shim waits for go(), so it
-   * can be started ahead of the restore (a migration's destination does, while the images still
-   * arrive); cancel() then ends it before CRIU ran.
+   * A restore whose shim is started now and waits for go(), where CRIU runs: so it can be started
+   * ahead of the restore (a migration's destination does, while the images still arrive), and
+   * CRIU starts only after the task's own connections are held still. cancel() ends it before
+   * CRIU ran.
    */
-  startRestore(rec: TaskRecord, imagesDir: string, opts: RestoreOptions & { gated?: boolean } = {}): { go: () => Promise<TaskRecord>; cancel: () => void } {
+  startRestore(rec: TaskRecord, imagesDir: string, opts: RestoreOptions = {}): { go: () => Promise<TaskRecord>; cancel: () => void } {
     const dir = this.store.dir(rec.name);
     const incarnation = rec.incarnation + 1;
     const pidfile = join(dir, `restore-${incarnation}.pid`);
     // CRIU's command depends on the images (a marker among them says how to restore connections):
-    // gated, it is made only at go().
+    // it is made only at go().
     const command = (): string[] => {
       rmSync(pidfile, { force: true });
       rmSync(join(imagesDir, 'stats-restore'), { force: true });
       const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
       return this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
     };
-    const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--', ...(opts.gated ? [] : command())], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, !!opts.gated);
+    const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--'], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, true);
     shim.result.catch(() => {}); // awaited by go()
     const go = async (): Promise<TaskRecord> => {
       const started = performance.now();
@@ -470,12 +470,12 @@ export class Runtime {
       const marker = join(imagesDir, TCP_MARKER);
       if (!rec.net && existsSync(marker)) {
         await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8'))).catch(async (e: unknown) => {
-          shim.cancel(); // a gated shim would wait for its command for ever
+          shim.cancel(); // the shim would wait for its command for ever
           await this.releaseTcp(rec.name);
           throw e;
         });
       }
-      shim.go(opts.gated ? command() : undefined);
+      shim.go(command());
       let rootPid: number, shimPid: number;
       try {
         ({ rootPid, shimPid } = await shim.result.finally(() => this.releaseTcp(rec.name)));
@@ -584,5 +584,3 @@ export function netClash(rec: Pick<TaskRecord, 'net'>, others: TaskRecord[], the
   }
   return undefined;
 }
-
-
