@@ -23,6 +23,7 @@ export const ErrorCodes = {
   FORBIDDEN: "the peer's certificate role does not allow the request",
   PRECHECK: 'a migration pre-check failed',
   MIGRATION: 'a migration failed and was rolled back',
+  DROPPED: 'the destination dropped its copy of the task before it ran there',
   LAB: 'the test lab could not be set up',
   PRECOPY: 'tracking the pages a task writes failed',
   NET: "setting up a task's own network failed",

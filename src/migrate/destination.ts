@@ -31,6 +31,7 @@ import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
+import { readErrorLines } from '../criu/log.js';
 import { connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
@@ -150,7 +151,7 @@ export class Destination {
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(name, rec?.net?.address);
-      await rm(dir, { recursive: true, force: true });
+      await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
     for (const { name, dir, mark } of await this.marks<IncomingMark>('incoming.json')) {
@@ -159,7 +160,7 @@ export class Destination {
         continue;
       }
       await this.rt.netGone(name, mark.address);
-      await rm(dir, { recursive: true, force: true });
+      await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
       removed.push(name);
     }
     return { removed, inDoubt };
@@ -253,7 +254,7 @@ export class Destination {
     session.once('close', () => {
       // The source went away: what has not started running here is removed. A task that is
       // being restored or runs here is kept: the source may already have let go of its copy.
-      if (this.incoming.get(req.id) === m && !m.restored && !m.restoring) void this.abort(req.id);
+      if (this.incoming.get(req.id) === m && !m.restored && !m.restoring) this.background(this.abort(req.id), m.req.task.name, 'removing a migration whose source went away');
     });
     this.onEvent({ event: 'incoming', id: req.id, task: name, from: req.from, mode: req.mode });
     return { freeMemBytes: free.memBytes, freeDiskBytes: free.diskBytes };
@@ -409,7 +410,7 @@ export class Destination {
     const restoring = prepared ? prepared.go() : this.rt.restoreFrom(this.restoreRecord(m), m.imagesDir, { lazyPages: opts.lazy, leaveStopped: true, onRestored: () => this.quiet(id) });
     m.restoring = restoring.catch(() => {
       // Failed with nobody left to tell us to clean up.
-      if (m.session.destroyed) setImmediate(() => void this.abort(id));
+      if (m.session.destroyed) setImmediate(() => this.background(this.abort(id), m.req.task.name, 'removing a failed restore'));
     });
     const restored = await restoring;
     m.restored = restored;
@@ -441,7 +442,7 @@ export class Destination {
     tunnel.on('detached', () => {
       if (this.lazyLinks.get(link.id) !== link || !link.committed || link.grace) return;
       // The task runs here and waits on its missing pages; the source has this long to come back.
-      link.grace = setTimeout(() => void this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), POSTCOPY_GRACE_MS);
+      link.grace = setTimeout(() => this.background(this.dropLazy(link, `the source did not come back within ${POSTCOPY_GRACE_MS / 1000} s`), link.task, 'dropping a copy whose pages cannot come'), POSTCOPY_GRACE_MS);
       link.grace.unref();
     });
     const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
@@ -480,7 +481,7 @@ export class Destination {
     this.lazyLinks.set(m.id, link);
     // From here a pages link that arrives finds the tunnel (lazyStream()); one that came before waits in m.
     if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
-    void daemon.exited.then((code) => {
+    void daemon.exited.then(async (code) => {
       sock.destroy();
       m.store?.remove();
       this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
@@ -494,9 +495,11 @@ export class Destination {
         link.tunnel?.confirmEnd();
         if (link.committed) void writeJsonAtomic(join(this.rt.store.dir(link.task), 'postcopy.json'), { id: link.id, from: link.from, complete: true } satisfies PostCopyMark);
       } else {
-        void this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived`);
+        // What CRIU said goes with the reason: the task's directory, its log with it, goes next.
+        const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
+        await this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived${said ? ` (${said})` : ''}`);
       }
-    });
+    }).catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `cleaning up after its lazy pages: ${e.message}` }));
     // The restore talks to the daemon through this socket; wait until it exists.
     const sockPath = join(m.imagesDir, 'lazy-pages.socket');
     const end = Date.now() + 10_000;
@@ -514,6 +517,10 @@ export class Destination {
    * knows from disk (it restarted in between). Returns false for a migration it never restored.
    */
   async commit(id: string, from: string): Promise<{ known: boolean; resumedAgoMs?: number }> {
+    // A copy dropped before it was committed (its lazy pages failed) must not be taken for one
+    // that ran and was cleaned up: the source still has the task and takes it back.
+    const why = this.dropped.get(id);
+    if (why !== undefined && !this.lazyLinks.has(id)) throw new FerryError('DROPPED', `${this.self} dropped its copy: ${why}`);
     const m = this.incoming.get(id);
     if (m && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     if (m) {
@@ -532,6 +539,14 @@ export class Destination {
     } finally {
       link?.front?.release();
     }
+  }
+
+  /**
+   * Work nobody awaits (a timer's, a closed session's): a failure is reported, never left to
+   * end the agent and every task it holds with it.
+   */
+  private background(p: Promise<unknown>, task: string, what: string): void {
+    p.catch((e: Error) => this.onEvent({ event: 'warning', task, message: `${what}: ${e.message}` }));
   }
 
   /** The committed task runs here from now on. */
@@ -583,7 +598,7 @@ export class Destination {
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(found.name, found.mark.address);
-      await rm(found.dir, { recursive: true, force: true });
+      await rm(found.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
     }
@@ -602,7 +617,7 @@ export class Destination {
     if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
     await this.rt.netGone(m.req.task.name, m.req.task.net?.address);
-    await rm(m.dir, { recursive: true, force: true });
+    await rm(m.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
 
@@ -621,15 +636,23 @@ export class Destination {
   /** A post-copy task whose pages cannot arrive any more: killed before it reads zeros, removed. */
   private async dropLazy(link: LazyLink, why: string): Promise<void> {
     if (this.lazyLinks.get(link.id) !== link) return;
-    const rec = await this.rt.store.get(link.task).catch(() => undefined);
-    if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-    await this.rt.netGone(link.task, rec?.net?.address);
     this.closeLazy(link);
     if (this.dropped.size > 1000) this.dropped.clear();
     this.dropped.set(link.id, why);
-    await rm(this.rt.store.dir(link.task), { recursive: true, force: true });
-    this.incoming.delete(link.id);
     this.onEvent({ event: 'post-copy dropped', id: link.id, task: link.task, from: link.from, why });
+    // Before the decision the restore may still be running: it ends (the daemon is gone) before
+    // anything of it is removed, or it would write into a directory on its way out.
+    const m = this.incoming.get(link.id);
+    if (m) {
+      this.incoming.delete(link.id);
+      m.restoreAhead?.cancel();
+      await m.restoring?.catch(() => {});
+      m.store?.remove();
+    }
+    const rec = await this.rt.store.get(link.task).catch(() => undefined);
+    if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+    await this.rt.netGone(link.task, rec?.net?.address);
+    await rm(this.rt.store.dir(link.task), { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
   }
 }
 

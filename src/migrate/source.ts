@@ -1120,7 +1120,8 @@ export class OutgoingMigration {
         const ago = answer.resumedAgoMs;
         return typeof ago === 'number' && ago >= 0 && ago <= COMMIT_RETRY_MS ? ago : undefined;
       } catch (e) {
-        if (Date.now() > deadline) throw e;
+        // A destination that dropped its copy says so: there is nothing to wait for.
+        if (Date.now() > deadline || (e instanceof FerryError && e.code === 'DROPPED')) throw e;
         await sleep(1000);
       }
     }
