@@ -18,7 +18,7 @@ import { FerryError } from '../errors.js';
 import { startProgram } from '../exec/run.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
-import { readJson, writeJsonAtomic } from '../util/fs.js';
+import { readJson, removeTree, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
@@ -151,7 +151,7 @@ export class Destination {
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(name, rec?.net?.address);
-      await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+      await removeTree(dir);
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
     for (const { name, dir, mark } of await this.marks<IncomingMark>('incoming.json')) {
@@ -160,7 +160,7 @@ export class Destination {
         continue;
       }
       await this.rt.netGone(name, mark.address);
-      await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+      await removeTree(dir);
       removed.push(name);
     }
     return { removed, inDoubt };
@@ -598,7 +598,7 @@ export class Destination {
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(found.name, found.mark.address);
-      await rm(found.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+      await removeTree(found.dir);
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
     }
@@ -617,7 +617,7 @@ export class Destination {
     if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
     await this.rt.netGone(m.req.task.name, m.req.task.net?.address);
-    await rm(m.dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+    await removeTree(m.dir);
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
 
@@ -652,7 +652,7 @@ export class Destination {
     const rec = await this.rt.store.get(link.task).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
     await this.rt.netGone(link.task, rec?.net?.address);
-    await rm(this.rt.store.dir(link.task), { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+    await removeTree(this.rt.store.dir(link.task));
   }
 }
 

@@ -2,11 +2,11 @@
 // truth for what Ferry did (started, checkpointed, migrated away); the shim's exit file and /proc
 // are the truth for whether the task still runs. Together they survive restarts of Ferry.
 import { closeSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
-import { mkdir, readdir, rm } from 'node:fs/promises';
+import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import type { DumpStats, RestoreStats } from '../criu/stats.js';
-import { readJson, writeJsonAtomic } from '../util/fs.js';
+import { readJson, removeTree, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, signalName } from '../util/proc.js';
 
 export type TaskState =
@@ -144,8 +144,7 @@ export class TaskStore {
   }
 
   async remove(name: string): Promise<void> {
-    // A shim that is just recording its task's exit may add a file while we remove.
-    await rm(this.dir(name), { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
+    await removeTree(this.dir(name));
   }
 
   private async refresh(rec: TaskRecord): Promise<TaskRecord> {

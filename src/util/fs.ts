@@ -1,6 +1,6 @@
 import { randomBytes } from 'node:crypto';
 import { renameSync, writeFileSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
+import { readFile, rm } from 'node:fs/promises';
 
 /**
  * Writes through a temporary file and a rename, so readers never see half a file. Synchronous
@@ -20,4 +20,13 @@ export async function readJson<T>(path: string): Promise<T | undefined> {
     if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
     throw e;
   }
+}
+
+/**
+ * Removes a task's directory tree. A process on its way out (a shim recording its task's exit,
+ * CRIU writing its stats) may add a file meanwhile: rmdir then fails with ENOTEMPTY, and the
+ * removal is tried again.
+ */
+export async function removeTree(dir: string): Promise<void> {
+  await rm(dir, { recursive: true, force: true, maxRetries: 10, retryDelay: 20 });
 }
