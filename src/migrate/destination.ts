@@ -647,7 +647,6 @@ export class Destination {
       this.incoming.delete(link.id);
       m.restoreAhead?.cancel();
       await m.restoring?.catch(() => {});
-      m.store?.remove();
     }
     const rec = await this.rt.store.get(link.task).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);

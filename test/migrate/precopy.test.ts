@@ -395,9 +395,6 @@ test('bad pre-copy options get one line', async () => {
   oneLine(await lab.ferry(['--host', 'h1', 'migrate', 'x', '--to', 'h2', '--mode', 'pre-copy', '--allow-throttle']), /--allow-throttle applies to --mode auto/);
 });
 
-// Memory a task reserved but never touched (a big malloc arena, a runtime's heap reservation,
-// PROT_NONE guards) must stay untouched: tracking it must not make CRIU dump it as zeros, nor the
-// destination fill it.
 test('auto and post-copy move a tree of 100 processes forked from one, all 100 running after each move, memory intact', async (t) => {
   // Forked children share their parent's pages: after the restore the lazy-pages daemon asks for
   // the same pages for each of them, several requests each, faster than the front reads them.
@@ -418,6 +415,9 @@ test('auto and post-copy move a tree of 100 processes forked from one, all 100 r
   }
 });
 
+// Memory a task reserved but never touched (a big malloc arena, a runtime's heap reservation,
+// PROT_NONE guards) must stay untouched: tracking it must not make CRIU dump it as zeros, nor the
+// destination fill it.
 test('pre-copy moves only the memory a task uses, not what it merely reserved', async (t) => {
   const name = 'pc-reserved';
   t.after(() => lab.removeEverywhere(name));
