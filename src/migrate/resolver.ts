@@ -68,6 +68,13 @@ export class Resolver {
       this.log(`migration ${e.id} of ${e.task}: ${e.to.name} acknowledged ${e.decision}`);
       await this.ctx.journal.remove(e.id);
     } catch (err) {
+      // A destination that dropped its copy has nothing to be told: the source's copy, settled
+      // above, is where the task is (or was).
+      if (err instanceof FerryError && err.code === 'DROPPED') {
+        this.log(`migration ${e.id} of ${e.task}: ${err.message}`);
+        await this.ctx.journal.remove(e.id);
+        return;
+      }
       if (Date.now() - Date.parse(e.at) > GIVE_UP_MS) {
         this.log(`migration ${e.id} of ${e.task}: giving up telling ${e.to.name} '${e.decision}' after a day: ${(err as Error).message}`);
         await this.ctx.journal.remove(e.id);
