@@ -7,6 +7,8 @@ import { FerryError } from './errors.js';
 
 export interface FerryConfig {
   stateDir: string;
+  /** Where migrations keep CRIU's images while they run (a tmpfs; see runtime/scratch.ts). */
+  scratchDir: string;
   configFile: string;
   /** The criu binary and where that choice came from, for `ferry doctor`. */
   criu: string;
@@ -42,6 +44,7 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): FerryConfig {
   }
   return {
     stateDir: env['FERRY_STATE_DIR'] ?? str('stateDir') ?? '/var/lib/ferry',
+    scratchDir: env['FERRY_SCRATCH_DIR'] ?? str('scratchDir') ?? '/run/ferry',
     configFile,
     criu,
     criuSource,

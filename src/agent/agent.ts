@@ -86,6 +86,7 @@ export class Agent {
     // Outgoing migrations of an agent that died are settled from the journal before serving.
     await this.resolver.start();
     await rm(outgoingDir(this.o.runtime.stateDir), { recursive: true, force: true });
+    await this.o.runtime.store.scratch.sweep((p) => this.o.runtime.store.linksTo(p));
     await this.revoked.refresh();
     // Revocation takes effect without a restart: sessions of a revoked certificate are dropped.
     this.revocationTimer = setInterval(() => {

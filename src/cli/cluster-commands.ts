@@ -47,7 +47,7 @@ export function registerClusterCommands(program: Command): void {
       if (opts.netPool) parseCidr(opts.netPool);
       if (opts.netUplink && !existsSync(`/sys/class/net/${opts.netUplink}`)) throw new FerryError('USAGE', `--net-uplink: no interface named '${opts.netUplink}' on this host`, { hint: 'see `ip link` for the names' });
       const tls = await loadTls({ ca: opts.ca, cert: opts.cert, key: opts.key });
-      const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir, opts.netPool && opts.netUplink ? { pool: opts.netPool, uplink: opts.netUplink } : undefined);
+      const rt = new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir, opts.netPool && opts.netUplink ? { pool: opts.netPool, uplink: opts.netUplink } : undefined, cfg.scratchDir);
       const revoked = resolve(opts.revoked ?? join(dirname(opts.ca), 'revoked.txt'));
       const agent = new Agent({ name: opts.name, listen: opts.listen, tls, runtime: rt, revoked, capacity: { memBytes, cpus }, log: (l) => process.stdout.write(l + '\n') });
       await agent.start();

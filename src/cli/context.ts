@@ -20,7 +20,7 @@ export function requireRoot(): void {
 export function runtimeFor(cmd: Command): Runtime {
   requireRoot();
   const cfg = configFor(cmd);
-  return new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir);
+  return new Runtime(cfg.stateDir, new Criu(cfg.criu), cfg.nativeDir, undefined, cfg.scratchDir);
 }
 
 export function printJson(value: unknown): void {

@@ -4,7 +4,7 @@
 import { spawn } from 'node:child_process';
 import { existsSync, openSync, closeSync } from 'node:fs';
 import { mkdir, readFile, readdir, rm, writeFile } from 'node:fs/promises';
-import { join } from 'node:path';
+import { basename, dirname, join } from 'node:path';
 import { repoRoot } from '../config.js';
 import { FerryError } from '../errors.js';
 import { run } from '../exec/run.js';
@@ -219,7 +219,7 @@ export async function startAgent(h: LabHost, caDir: string, mountNs: string, net
   const child = spawn('nsenter', args, {
     detached: true,
     stdio: ['ignore', logFd, logFd],
-    env: { ...process.env, FERRY_STATE_DIR: '/var/lib/ferry' },
+    env: { ...process.env, FERRY_STATE_DIR: '/var/lib/ferry', FERRY_SCRATCH_DIR: join(labScratch(dirname(h.dir)), h.name) },
   });
   closeSync(logFd);
   child.unref();
@@ -308,8 +308,17 @@ export async function labDown(name: string, log: (l: string) => void = () => {})
   await run('umount', [mountNsDir(state.dir)], { reject: false }).catch(() => undefined);
   await run('ip', ['link', 'del', state.bridge], { reject: false }).catch(() => undefined);
   await rm(state.dir, { recursive: true, force: true });
+  await rm(labScratch(state.dir), { recursive: true, force: true });
   log(`removed lab ${name}`);
   return true;
+}
+
+/**
+ * The hosts' scratch directories (see runtime/scratch.ts), in memory as /run is on a Debian
+ * host, and at a path the machine sees too: tests read the images through the tasks' links.
+ */
+function labScratch(labDir: string): string {
+  return join('/dev/shm', basename(labDir));
 }
 
 async function taskPids(tasksDir: string): Promise<number[]> {

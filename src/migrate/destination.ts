@@ -8,7 +8,7 @@
 // that arrives after this agent restarted still finds its migration by id on disk.
 import type { Socket } from 'node:net';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, readdir, rm, statfs, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rm, statfs, symlink, writeFile } from 'node:fs/promises';
 import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import { Duplex } from 'node:stream';
@@ -18,7 +18,7 @@ import { FerryError } from '../errors.js';
 import { startProgram } from '../exec/run.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
-import { readJson, removeTree, writeJsonAtomic } from '../util/fs.js';
+import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
@@ -26,7 +26,7 @@ import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
-import { PageStore } from '../precopy/store.js';
+import { PRECOPY_PAGES, PageStore } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
@@ -151,7 +151,7 @@ export class Destination {
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(name, rec?.net?.address);
-      await removeTree(dir);
+      await this.rt.store.scratch.removeTaskDir(dir);
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
     for (const { name, dir, mark } of await this.marks<IncomingMark>('incoming.json')) {
@@ -160,7 +160,7 @@ export class Destination {
         continue;
       }
       await this.rt.netGone(name, mark.address);
-      await removeTree(dir);
+      await this.rt.store.scratch.removeTaskDir(dir);
       removed.push(name);
     }
     return { removed, inDoubt };
@@ -225,7 +225,11 @@ export class Destination {
       if (clash) throw new FerryError('PRECHECK', `destination: ${clash}`, { hint: 'remove that task or migrate to another host' });
     }
     const imagesDir = this.rt.store.imagesDir(name);
-    await mkdir(imagesDir, { recursive: true, mode: 0o700 });
+    // Lazy modes: the images live in scratch (memory; see runtime/scratch.ts), reached through a
+    // link where they would be. Stop-copy's hold the task's memory: they stay on disk.
+    const scratch = req.mode === 'stop-copy' ? undefined : await this.rt.store.scratch.make('incoming', name, req.memBytes);
+    await mkdir(scratch ? dir : imagesDir, { recursive: true, mode: 0o700 });
+    if (scratch) await symlink(scratch, imagesDir);
     await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving', ...(address ? { address } : {}) } satisfies IncomingMark);
     const m: Incoming = { id: req.id, req, session, dir, imagesDir, committed: false, imagesIn: false };
     this.incoming.set(req.id, m);
@@ -314,7 +318,8 @@ export class Destination {
     const m = this.get(id);
     if (m.req.mode !== 'pre-copy' && m.req.mode !== 'auto') throw new FerryError('USAGE', `migration ${id} is not a pre-copy`);
     if (m.store) throw new FerryError('USAGE', `migration ${id} already has its pre-copy stream`);
-    const store = new PageStore(join(m.imagesDir, 'precopy.pages'));
+    // On disk beside the images (which may be in memory): it holds the task's memory.
+    const store = new PageStore(join(m.dir, PRECOPY_PAGES));
     m.store = store;
     const done = codec ? pipeline(stream, new Decompressor(), store.writer()) : pipeline(stream, store.writer());
     m.storeDone = done;
@@ -598,7 +603,7 @@ export class Destination {
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(found.name, found.mark.address);
-      await removeTree(found.dir);
+      await this.rt.store.scratch.removeTaskDir(found.dir);
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
     }
@@ -617,7 +622,7 @@ export class Destination {
     if (r?.pid) await killAndWait(r.pid, r.pidStart);
     await m.pageServer?.exited;
     await this.rt.netGone(m.req.task.name, m.req.task.net?.address);
-    await removeTree(m.dir);
+    await this.rt.store.scratch.removeTaskDir(m.dir);
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
 
@@ -651,7 +656,7 @@ export class Destination {
     const rec = await this.rt.store.get(link.task).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
     await this.rt.netGone(link.task, rec?.net?.address);
-    await removeTree(this.rt.store.dir(link.task));
+    await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(link.task));
   }
 }
 

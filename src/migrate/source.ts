@@ -12,6 +12,7 @@ import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/p
 import { createServer, type Server, type Socket } from 'node:net';
 import { join } from 'node:path';
 import { FerryError, ioError } from '../errors.js';
+import { PRECOPY_PAGES } from '../precopy/store.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { requireRunning } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
@@ -587,7 +588,10 @@ export class OutgoingMigration {
   private async freeze(): Promise<void> {
     const { rt } = this.ctx;
     // Everything that can be made ready is made ready before the task freezes.
-    this.imagesDir = join(this.workDir!, 'images');
+    // In scratch (memory) when it can: CRIU creates ~7 files per process inside the pause. A lazy
+    // dump keeps what is not lazy memory (shared memory) in its images: room for all of it.
+    const room = this.mode === 'stop-copy' ? 0 : treeRss(this.rec.pid!);
+    this.imagesDir = (await rt.store.scratch.make('outgoing', this.rec.name, room)) ?? join(this.workDir!, 'images');
     await mkdir(this.imagesDir, { recursive: true });
     this.hold = await (this.holdMade ?? Hold.create(join(this.workDir!, 'hold')));
     let dumpArgs: string[];
@@ -974,7 +978,7 @@ export class OutgoingMigration {
     await new Promise<void>((r) => server.listen(sockPath, r));
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
-    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`, src, `${this.target.name}:${src}`];
+    const args = ['-a', '--delete', '--exclude=/images', '--exclude=/images.new', `--exclude=/${PRECOPY_PAGES}`, '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', '-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`, src, `${this.target.name}:${src}`];
     // A held sync waits as long as the rounds take; its time limit runs from the gate.
     const limit = new AbortController();
     const outer = this.signal;
@@ -1239,6 +1243,7 @@ export class OutgoingMigration {
     await this.hold?.dispose();
     this.session?.close();
     if (this.workDir) await rm(this.workDir, { recursive: true, force: true });
+    if (this.imagesDir && this.ctx.rt.store.scratch.owns(this.imagesDir)) await rm(this.imagesDir, { recursive: true, force: true });
   }
 }
 

@@ -7,6 +7,8 @@ import { Writable } from 'node:stream';
 import { FerryError } from '../errors.js';
 
 export const PAGE = 4096;
+/** The destination's store, in the task's directory (the source's file sync leaves it alone). */
+export const PRECOPY_PAGES = 'precopy.pages';
 /** Page records from ferry-track: {u32 kind, u32 vpid, u64 vaddr, u32 npages, u32 pad}. */
 export const REC_HEADER = 24;
 export const REC_DATA = 1;

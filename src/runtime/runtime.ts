@@ -14,6 +14,7 @@ import { FerryError } from '../errors.js';
 import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
+import { Scratch } from './scratch.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -49,8 +50,10 @@ export class Runtime {
     readonly nativeDir: string,
     /** Set when this host gives tasks their own address (agent --net-pool/--net-uplink). */
     readonly netConfig?: NetConfig,
+    /** Where migrations keep CRIU's images while they run (see scratch.ts). */
+    scratchDir = '/run/ferry',
   ) {
-    this.store = new TaskStore(stateDir);
+    this.store = new TaskStore(stateDir, new Scratch(scratchDir));
   }
 
   get garpPath(): string {
@@ -387,7 +390,7 @@ export class Runtime {
             // (Deciding by whether the task still lives raced with its exit.)
             if (ns && !stopped) await unlock(ns);
           });
-        await rm(final, { recursive: true, force: true });
+        await this.store.scratch.removeImages(final);
         await rename(fresh, final);
         rec.checkpoint = { at: new Date().toISOString(), leftRunning: !!opts.leaveRunning, durationMs: Math.round(res.durationMs), ...(res.stats ? { stats: res.stats } : {}) };
         if (opts.leaveRunning) {

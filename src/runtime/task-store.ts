@@ -1,12 +1,13 @@
 // Ferry's record of each task, one directory per task under <stateDir>/tasks. The record is the
 // truth for what Ferry did (started, checkpointed, migrated away); the shim's exit file and /proc
 // are the truth for whether the task still runs. Together they survive restarts of Ferry.
-import { closeSync, openSync, readFileSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, readdirSync, unlinkSync, writeSync } from 'node:fs';
 import { mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { FerryError } from '../errors.js';
 import type { DumpStats, RestoreStats } from '../criu/stats.js';
-import { readJson, removeTree, writeJsonAtomic } from '../util/fs.js';
+import { readJson, writeJsonAtomic } from '../util/fs.js';
+import { linkTarget, type Scratch } from './scratch.js';
 import { isAlive, signalName } from '../util/proc.js';
 
 export type TaskState =
@@ -89,7 +90,10 @@ interface ShimExit {
 export class TaskStore {
   readonly tasksDir: string;
 
-  constructor(readonly stateDir: string) {
+  constructor(
+    readonly stateDir: string,
+    readonly scratch: Scratch,
+  ) {
     this.tasksDir = join(stateDir, 'tasks');
   }
 
@@ -143,8 +147,19 @@ export class TaskStore {
     return out;
   }
 
+  /** Whether some task's images are the directory at path (a link into scratch). */
+  linksTo(path: string): boolean {
+    let names: string[] = [];
+    try {
+      names = readdirSync(this.tasksDir);
+    } catch {
+      return false;
+    }
+    return names.some((n) => NAME_RE.test(n) && linkTarget(join(this.tasksDir, n, 'images')) === path);
+  }
+
   async remove(name: string): Promise<void> {
-    await removeTree(this.dir(name));
+    await this.scratch.removeTaskDir(this.dir(name));
   }
 
   private async refresh(rec: TaskRecord): Promise<TaskRecord> {
