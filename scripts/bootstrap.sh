@@ -149,11 +149,21 @@ SRC
 fi
 mkdir -p "$confdir"
 conf="$confdir/config.json"
-if [ ! -f "$conf" ] || ! grep -q "\"criu\": *\"$criu_bin\"" "$conf"; then
-  printf '{\n  "criu": "%s"\n}\n' "$criu_bin" >"$conf"
-  say "wrote $conf (criu: $criu_bin)"
+# A migration's CRIU images (all but memory) live in scratch memory while it runs: /run/ferry
+# where /run is a tmpfs (Debian), else /dev/shm/ferry; neither, and they stay on disk.
+scratch=""
+for d in /run /dev/shm; do
+  if [ "$(stat -f -c %T "$d" 2>/dev/null)" = tmpfs ]; then scratch="$d/ferry"; break; fi
+done
+if [ ! -f "$conf" ] || ! grep -q "\"criu\": *\"$criu_bin\"" "$conf" || { [ -n "$scratch" ] && ! grep -q "\"scratchDir\": *\"$scratch\"" "$conf"; }; then
+  if [ -n "$scratch" ]; then
+    printf '{\n  "criu": "%s",\n  "scratchDir": "%s"\n}\n' "$criu_bin" "$scratch" >"$conf"
+  else
+    printf '{\n  "criu": "%s"\n}\n' "$criu_bin" >"$conf"
+  fi
+  say "wrote $conf (criu: $criu_bin${scratch:+, scratch: $scratch})"
 else
-  say "$conf already names $criu_bin"
+  say "$conf already names $criu_bin${scratch:+ and $scratch}"
 fi
 
 # ---- pipe sysctls for lazy pages -------------------------------------------------------------

@@ -2,18 +2,18 @@
 // processes (in every mode, with the slope of the pause), several migrations at once among three
 // hosts, many tasks on one host, and a soak of back-and-forth migrations checked for leaks of
 // descriptors, processes, files, firewall rules and agent memory. Measured, never asserted.
-import { readFileSync, readdirSync } from 'node:fs';
+import { readFileSync, readdirSync, type Dirent } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { repoRoot } from '../config.js';
 import { run } from '../exec/run.js';
-import { labDown, labUp, type LabState } from '../lab/lab.js';
+import { labDown, labScratch, labUp, type LabState } from '../lab/lab.js';
 import { sleep, waitUntil } from '../util/proc.js';
 import { checkBeats, parseBeats, readySum } from './heartbeat.js';
 
 const CLI = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
 const WORKLOAD = join(repoRoot, 'build', 'native', 'ferry-workload');
-const MODES = ['stop-copy', 'post-copy'] as const;
+const MODES = ['stop-copy', 'post-copy', 'auto'] as const;
 
 interface Point {
   dimension: string;
@@ -84,7 +84,7 @@ export async function runScale(o: ScaleOptions): Promise<void> {
     for (const d of dims) {
       for (const count of d.counts) {
         for (const mode of MODES) {
-          const t = `sc-${d.flag.slice(2)}-${count}-${mode === 'stop-copy' ? 's' : 'p'}`;
+          const t = `sc-${d.flag.slice(2)}-${count}-${mode[0]}`;
           try {
             await start('h1', t, ['--mib', '16', d.flag, String(count)]);
             const before = parseBeats(logOf('h1', t)).length;
@@ -108,7 +108,7 @@ export async function runScale(o: ScaleOptions): Promise<void> {
     await Promise.all(tasks.map((x) => start(x.from, x.t, ['--mib', '64'])));
     const beforeBeats = tasks.map((x) => parseBeats(logOf(x.from, x.t)).length);
     const c0 = performance.now();
-    const cres = await Promise.all(tasks.map((x, i) => migrate(x.from, x.to, x.t, i % 2 ? 'post-copy' : 'stop-copy')));
+    const cres = await Promise.all(tasks.map((x, i) => migrate(x.from, x.to, x.t, MODES[i % MODES.length]!)));
     const concurrentMs = Math.round(performance.now() - c0);
     const cPauses = tasks.map((x, i) => (cres[i]!.ok ? pauseOf(x.to, x.t, beforeBeats[i]!) : undefined)).filter((x): x is number => x !== undefined);
     await Promise.all(tasks.map((x) => rm(x.t)));
@@ -126,7 +126,7 @@ export async function runScale(o: ScaleOptions): Promise<void> {
     let manyOk = 0;
     for (let i = 0; i < many; i += 4) {
       const batch = Array.from({ length: Math.min(4, many - i) }, (_, k) => `many-${i + k}`);
-      manyOk += (await Promise.all(batch.map((t) => migrate('h1', 'h2', t, 'stop-copy')))).filter((r) => r.ok).length;
+      manyOk += (await Promise.all(batch.map((t) => migrate('h1', 'h2', t, 'auto')))).filter((r) => r.ok).length;
     }
     const drainMs = Math.round(performance.now() - mm0);
     for (let i = 0; i < many; i++) await rm(`many-${i}`);
@@ -138,6 +138,8 @@ export async function runScale(o: ScaleOptions): Promise<void> {
     // Warm up once each way so lazily made things (listeners, caches) are not counted as leaks.
     await migrate('h1', 'h2', 'soak', 'stop-copy');
     await migrate('h2', 'h1', 'soak', 'post-copy');
+    await migrate('h1', 'h2', 'soak', 'auto');
+    await migrate('h2', 'h1', 'soak', 'auto');
     const before = await resources(lab);
     let soakOk = 0;
     const soakPauses: number[] = [];
@@ -145,7 +147,7 @@ export async function runScale(o: ScaleOptions): Promise<void> {
       const from = i % 2 ? 'h2' : 'h1';
       const to = i % 2 ? 'h1' : 'h2';
       const b = parseBeats(logOf(from, 'soak')).length;
-      const r = await migrate(from, to, 'soak', i % 4 < 2 ? 'stop-copy' : 'post-copy');
+      const r = await migrate(from, to, 'soak', MODES[Math.floor(i / 2) % MODES.length]!);
       if (r.ok) {
         soakOk++;
         soakPauses.push(pauseOf(to, 'soak', b));
@@ -201,7 +203,7 @@ async function resources(lab: LabState): Promise<Resources> {
     fds += readdirSync(`/proc/${pid}/fd`).length;
     rss += Number(/VmRSS:\s+(\d+)/.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0) / 1024;
     procs += (await run('ip', ['netns', 'pids', h.netns], { reject: false })).stdout.split('\n').filter(Boolean).length;
-    files += countFiles(join(h.dir, 'state'));
+    files += countFiles(join(h.dir, 'state')) + countFiles(join(labScratch(lab.dir), h.name));
   }
   const rules = ((await run('nft', ['list', 'ruleset'], { reject: false }).catch(() => undefined))?.stdout ?? '').split('\n').filter((l) => /drop|CRIU/i.test(l)).length + ((await run('iptables-save', [], { reject: false }).catch(() => undefined))?.stdout ?? '').split('\n').filter((l) => /DROP|CRIU/.test(l)).length;
   const criu = (await run('pgrep', ['-x', 'criu'], { reject: false })).stdout.split('\n').filter(Boolean).length;
@@ -210,7 +212,13 @@ async function resources(lab: LabState): Promise<Resources> {
 
 function countFiles(dir: string): number {
   let n = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
+  let entries: Dirent[] = [];
+  try {
+    entries = readdirSync(dir, { withFileTypes: true });
+  } catch {
+    return 0; // a scratch directory made only once needed
+  }
+  for (const e of entries) {
     if (e.name === 'history.jsonl') continue; // grows by design, one line a migration
     n += e.isDirectory() ? countFiles(join(dir, e.name)) : 1;
   }
@@ -257,11 +265,11 @@ function renderScale(r: {
     '| --- | --- | --- |',
     ...slopes,
     '',
-    `**${r.concurrent.migrations} migrations at once** among three hosts (64 MiB tasks, stop-copy and post-copy alternating): ${r.concurrent.ok} ok in ${r.concurrent.wallMs} ms; pauses ${r.concurrent.pausesMs.join(', ')} ms.${r.concurrent.errors.length ? ` Failures: ${r.concurrent.errors.join('; ')}` : ''}`,
+    `**${r.concurrent.migrations} migrations at once** among three hosts (64 MiB tasks, stop-copy, post-copy and auto in turn): ${r.concurrent.ok} ok in ${r.concurrent.wallMs} ms; pauses ${r.concurrent.pausesMs.join(', ')} ms.${r.concurrent.errors.length ? ` Failures: ${r.concurrent.errors.join('; ')}` : ''}`,
     '',
-    `**${r.manyTasks.tasks} tasks on one host**: started one after another in ${r.manyTasks.startMs} ms, \`ferry ps\` in ${r.manyTasks.psMs} ms, all moved to another host four at a time in ${r.manyTasks.movedMs} ms (${r.manyTasks.ok} ok).`,
+    `**${r.manyTasks.tasks} tasks on one host**: started one after another in ${r.manyTasks.startMs} ms, \`ferry ps\` in ${r.manyTasks.psMs} ms, all moved to another host by auto, four at a time, in ${r.manyTasks.movedMs} ms (${r.manyTasks.ok} ok).`,
     '',
-    `**Soak**: ${r.soak.rounds} migrations back and forth (stop-copy and post-copy), ${r.soak.ok} ok, median pause ${r.soak.medianPauseMs} ms, largest ${r.soak.maxPauseMs} ms.`,
+    `**Soak**: ${r.soak.rounds} migrations back and forth (stop-copy, post-copy and auto, two of each in turn), ${r.soak.ok} ok, median pause ${r.soak.medianPauseMs} ms, largest ${r.soak.maxPauseMs} ms.`,
     '',
     '| resource | before | after |',
     '| --- | --- | --- |',

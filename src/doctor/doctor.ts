@@ -1,5 +1,5 @@
 // `ferry doctor`: can this host checkpoint, and which of Ferry's modes does its kernel allow?
-import { readFileSync } from 'node:fs';
+import { readFileSync, statfsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import type { FerryConfig } from '../config.js';
 import { Criu, isSupported } from '../criu/driver.js';
@@ -9,6 +9,18 @@ import { spawn } from 'node:child_process';
 import { Throttle } from '../precopy/throttle.js';
 import { Tracker } from '../precopy/tracker.js';
 import { sleep } from '../util/proc.js';
+
+/** Whether dir (or, while it does not exist yet, the directory it will be made in) is a tmpfs. */
+function scratchFs(dir: string): 'memory' | 'disk' | 'unknown' {
+  for (let d = dir; ; d = dirname(d)) {
+    try {
+      return statfsSync(d).type === TMPFS_MAGIC ? 'memory' : 'disk';
+    } catch {
+      if (d === dirname(d)) return 'unknown';
+    }
+  }
+}
+const TMPFS_MAGIC = 0x01021994;
 
 export type CheckStatus = 'ok' | 'missing' | 'warn';
 
@@ -210,6 +222,14 @@ export async function doctor(cfg: FerryConfig, signal?: AbortSignal): Promise<Do
     detail: `fs.pipe-max-size=${pipeMax} fs.pipe-user-pages-soft=${pipeSoft}`,
     effect: pipesOk ? 'lazy pages can use large pipes' : 'lazy pages fail (page-pipe: tee: Operation not permitted)',
     ...(pipesOk ? {} : { fix: 'sysctl -w fs.pipe-max-size=4194304 fs.pipe-user-pages-soft=0' }),
+  });
+  const scratch = scratchFs(cfg.scratchDir);
+  checks.push({
+    name: 'scratch',
+    status: scratch === 'memory' ? 'ok' : 'warn',
+    detail: `${cfg.scratchDir} ${scratch === 'memory' ? 'is in memory (tmpfs)' : scratch === 'disk' ? 'is on disk' : 'cannot be inspected'}`,
+    effect: scratch === 'memory' ? "a migration's CRIU images are written to memory inside the pause" : 'CRIU writes a migration\'s images to disk inside the pause (slower, most for tasks of many processes)',
+    ...(scratch === 'memory' ? {} : { fix: 'mount a tmpfs there, or point FERRY_SCRATCH_DIR (or "scratchDir" in the config) at one' }),
   });
   for (const tool of ['rsync', 'ip', 'tc', 'nsenter']) {
     const found = await has('sh', ['-c', `command -v ${tool}`]);

@@ -317,7 +317,7 @@ export async function labDown(name: string, log: (l: string) => void = () => {})
  * The hosts' scratch directories (see runtime/scratch.ts), in memory as /run is on a Debian
  * host, and at a path the machine sees too: tests read the images through the tasks' links.
  */
-function labScratch(labDir: string): string {
+export function labScratch(labDir: string): string {
   return join('/dev/shm', basename(labDir));
 }
 

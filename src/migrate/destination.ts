@@ -31,7 +31,7 @@ import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
-import { readErrorLines } from '../criu/log.js';
+import { GHOST_LIMIT_MIB, readErrorLines } from '../criu/log.js';
 import { connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
@@ -227,7 +227,7 @@ export class Destination {
     const imagesDir = this.rt.store.imagesDir(name);
     // Lazy modes: the images live in scratch (memory; see runtime/scratch.ts), reached through a
     // link where they would be. Stop-copy's hold the task's memory: they stay on disk.
-    const scratch = req.mode === 'stop-copy' ? undefined : await this.rt.store.scratch.make('incoming', name, req.memBytes);
+    const scratch = req.mode === 'stop-copy' ? undefined : await this.rt.store.scratch.make('incoming', name, req.memBytes + (GHOST_LIMIT_MIB << 20));
     await mkdir(scratch ? dir : imagesDir, { recursive: true, mode: 0o700 });
     if (scratch) await symlink(scratch, imagesDir);
     await writeJsonAtomic(join(dir, 'incoming.json'), { id: req.id, from: req.from, phase: 'receiving', ...(address ? { address } : {}) } satisfies IncomingMark);

@@ -20,7 +20,7 @@ import type { LoadedTls } from '../tls/pki.js';
 import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSession, type MuxStream } from '../wire/session.js';
 import { run, startProgram } from '../exec/run.js';
 import { dumpSlot } from '../criu/dump-slot.js';
-import { hintFor, readErrorLines, untilSeized } from '../criu/log.js';
+import { GHOST_LIMIT_MIB, hintFor, readErrorLines, untilSeized } from '../criu/log.js';
 import { DUMP_OPTIONS } from '../criu/driver.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
@@ -589,8 +589,9 @@ export class OutgoingMigration {
     const { rt } = this.ctx;
     // Everything that can be made ready is made ready before the task freezes.
     // In scratch (memory) when it can: CRIU creates ~7 files per process inside the pause. A lazy
-    // dump keeps what is not lazy memory (shared memory) in its images: room for all of it.
-    const room = this.mode === 'stop-copy' ? 0 : treeRss(this.rec.pid!);
+    // dump keeps what is not lazy memory (shared memory) in its images: room for all of it, and
+    // for a deleted file the task holds (copied whole).
+    const room = (this.mode === 'stop-copy' ? 0 : treeRss(this.rec.pid!)) + (GHOST_LIMIT_MIB << 20);
     this.imagesDir = (await rt.store.scratch.make('outgoing', this.rec.name, room)) ?? join(this.workDir!, 'images');
     await mkdir(this.imagesDir, { recursive: true });
     this.hold = await (this.holdMade ?? Hold.create(join(this.workDir!, 'hold')));
