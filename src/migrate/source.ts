@@ -326,7 +326,9 @@ export class OutgoingMigration {
     await faultPoint(this.ctx.self, 'checks');
     await rt.criu.ensureUsable(this.signal);
     await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
-    this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name}-`));
+    // A short path: rsync's socket lives in it, and a Unix socket's path has at most 107 bytes
+    // (a task named with 60 characters could not move).
+    this.workDir = await mkdtemp(join(outgoingDir(rt.stateDir), `${this.rec.name.slice(0, 12)}-`));
     const cpuDir = join(this.workDir, 'cpu');
     await rt.criu.cpuinfoDump(cpuDir, this.signal);
     const cpuinfo = (await readFile(join(cpuDir, 'cpuinfo.img'))).toString('base64');
@@ -947,8 +949,9 @@ export class OutgoingMigration {
    * rsync of the task's directory, carried inside the session (see native/ferry-rsh.c); with a
    * gate, its bytes wait for it.
    */
+  private rsyncs = 0;
   private async rsync(gate?: Promise<void>): Promise<void> {
-    const sockPath = join(this.workDir!, `rsync-${this.files.bytes}-${Date.now()}.sock`);
+    const sockPath = join(this.workDir!, `rsync-${++this.rsyncs}.sock`);
     const server = createServer((sock) => {
       this.sockets.add(sock);
       let head = '';

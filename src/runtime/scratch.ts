@@ -36,7 +36,8 @@ export class Scratch {
       if (fs.bavail * fs.bsize < bytes + SCRATCH_SPARE) return undefined;
       const parent = join(this.dir, kind);
       await mkdir(parent, { recursive: true, mode: 0o700 });
-      return await mkdtemp(join(parent, `${name}-`));
+      // Short: CRIU's lazy-pages socket lives in it (a Unix socket's path has at most 107 bytes).
+      return await mkdtemp(join(parent, `${name.slice(0, 12)}-`));
     } catch {
       return undefined;
     }

@@ -1,7 +1,7 @@
 // Live migration between two test hosts (network namespaces with their own agents), real CRIU.
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, lstatSync, mkdtempSync, readFileSync, readdirSync, realpathSync, rmSync } from 'node:fs';
 import tls from 'node:tls';
 import { MuxSession, type Headers } from '../../src/wire/mux.js';
 import { tmpdir } from 'node:os';
@@ -125,6 +125,29 @@ test('a migration out of a task whose pages are still arriving by post-copy wait
   assert.equal((await first).code, 0, (await first).stderr);
   assert.equal(second.code, 0, second.stderr);
   await assertIntact('h1', 'fill', sum);
+});
+
+test('a task with the longest name moves in every mode; its images live in scratch memory and leave with it', async (t) => {
+  // Sockets live in a migration's directories: a Unix socket's path has at most 107 bytes.
+  const name = `n${'x'.repeat(62)}`;
+  t.after(() => removeEverywhere(name));
+  const sum = await startHeartbeat(name, 16);
+  const scratchOf = (h: string) => join('/dev/shm', `ferry-lab-${LAB}`, h);
+  const leftIn = (dir: string) => (existsSync(dir) ? readdirSync(dir) : []);
+  let from = 'h1';
+  for (const mode of ['stop-copy', 'post-copy', 'auto', 'pre-copy'] as const) {
+    const to = from === 'h1' ? 'h2' : 'h1';
+    await ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    await assertIntact(to, name, sum);
+    const images = join(taskDir(to, name), 'images');
+    if (mode === 'stop-copy') assert.ok(lstatSync(images).isDirectory(), 'stop-copy images hold the memory: on disk');
+    else assert.ok(realpathSync(images).startsWith(join(scratchOf(to), 'incoming') + '/'), `${mode}: the images are in scratch`);
+    assert.deepEqual(leftIn(join(scratchOf(from), 'incoming')), [], `${from} kept no images of the task that left`);
+    assert.deepEqual(leftIn(join(scratchOf(from), 'outgoing')), [], `${from} kept no dump images`);
+    from = to;
+  }
+  await ok(['--host', from, 'rm', '--force', name]);
+  assert.deepEqual(leftIn(join(scratchOf(from), 'incoming')), [], 'removing the task removes its images in scratch');
 });
 
 test('a listening TCP socket keeps listening at the new host', async (t) => {

@@ -20,6 +20,8 @@ test('scratch makes a directory per migration, and none without room or when oth
   const b = await s.make('outgoing', 'web', 1 << 20);
   assert.ok(a && b && a !== b, 'two migrations of one task get two directories');
   assert.ok(s.owns(a!) && a!.startsWith(join(root, 'run', 'outgoing', 'web-')));
+  const long = await s.make('incoming', 'x'.repeat(63), 0);
+  assert.ok(long && long.length - join(root, 'run', 'incoming').length < 24, 'a long task name is cut: sockets live in these directories');
   assert.equal(await s.make('incoming', 'web', Number.MAX_SAFE_INTEGER), undefined, 'no room: the caller keeps its images on disk');
   chmodSync(join(root, 'run'), 0o777);
   assert.equal(await s.make('incoming', 'web', 0), undefined, 'a scratch directory others may enter is not used');
