@@ -672,8 +672,9 @@ async function killAndWait(pid: number, start: number | undefined): Promise<void
 
 /**
  * The options of a receiving `rsync --server` that Ferry's own sender produces (`rsync -a
- * --delete`), and nothing else: no option may name a file (--log-file, --temp-dir, ...) or change
- * how the receiver treats links. The final argument (the target) is replaced by the caller.
+ * --delete --inplace`, and `-a --append` for the task's log), and nothing else: no option may name a file (--log-file, --temp-dir, ...)
+ * or change how the receiver treats links. (--inplace patches files of the task's new directory
+ * where they are; an existing link or other non-file is removed first, never written through.) The final argument (the target) is replaced by the caller.
  */
 export function rsyncServerArgs(args: unknown): string[] {
   const refuse = () => new FerryError('USAGE', 'refusing an rsync command that is not the receiving server Ferry runs');
@@ -682,7 +683,7 @@ export function rsyncServerArgs(args: unknown): string[] {
   if (prog !== 'rsync' || server !== '--server') throw refuse();
   const opts = rest.slice(0, -1);
   for (const a of opts) {
-    const ok = /^-[logDtpr]+e\.[A-Za-z]{1,16}$/.test(a) || a === '--delete' || a === '.';
+    const ok = /^-[logDtpr]+e\.[A-Za-z]{1,16}$/.test(a) || a === '--delete' || a === '--inplace' || a === '--append' || a === '.';
     if (!ok) throw refuse();
   }
   return ['--server', ...opts];

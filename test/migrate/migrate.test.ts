@@ -150,6 +150,29 @@ test('a task with the longest name moves in every mode; its images live in scrat
   assert.deepEqual(leftIn(join(scratchOf(from), 'incoming')), [], 'removing the task removes its images in scratch');
 });
 
+test("a task's log arrives whole, every line once, however large it grew", async (t) => {
+  // The last sync sends the log by what it grew (rsync --append); the rest of the directory by rsync's comparison.
+  const name = 'biglog';
+  t.after(() => removeEverywhere(name));
+  await ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', 'head -c 50000000 /dev/zero | tr "\\0" a | fold -w 100; echo; i=0; while :; do i=$((i+1)); echo "line $i"; sleep 0.005; done']);
+  await waitFor('the log', () => (logOf('h1', name).includes('line 50\n') ? true : undefined), 30_000);
+  let from = 'h1';
+  for (const mode of ['auto', 'stop-copy', 'post-copy'] as const) {
+    const to = from === 'h1' ? 'h2' : 'h1';
+    await ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    const n = (logOf(to, name).match(/^line \d+$/gm) ?? []).length;
+    await waitFor('more lines', () => ((logOf(to, name).match(/^line \d+$/gm) ?? []).length > n + 20 ? true : undefined), 10_000);
+    from = to;
+  }
+  const log = logOf(from, name);
+  const head = log.slice(0, log.indexOf('line'));
+  assert.equal(head.replaceAll('\n', '').length, 50_000_000, 'the 50 MB the task wrote first are all there');
+  assert.match(head, /^[a\n]+$/);
+  const nums = (log.match(/^line (\d+)$/gm) ?? []).map((l) => Number(l.slice(5)));
+  assert.ok(nums.length > 100);
+  nums.forEach((v, i) => assert.equal(v, i + 1, `line ${i + 1} of the log is 'line ${v}'`));
+});
+
 test('a listening TCP socket keeps listening at the new host', async (t) => {
   t.after(() => removeEverywhere('srv'));
   await ok(['--host', 'h1', 'run', '--name', 'srv', '--', SOCKETS, '7100', '/dev/null']);
