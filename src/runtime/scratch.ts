@@ -54,16 +54,19 @@ export class Scratch {
    * into scratch: a task may put a link of its own where its images were.
    */
   async removeImages(imagesDir: string): Promise<void> {
-    const target = linkTarget(imagesDir);
-    if (target && this.owns(target)) await removeTree(target);
+    await this.removeLinked(imagesDir);
     await removeTree(imagesDir);
   }
 
   /** A task's directory, and its images in scratch if they are there. */
   async removeTaskDir(dir: string): Promise<void> {
-    const target = linkTarget(join(dir, 'images'));
-    if (target && this.owns(target)) await removeTree(target);
+    await this.removeLinked(join(dir, 'images'));
     await removeTree(dir);
+  }
+
+  private async removeLinked(link: string): Promise<void> {
+    const target = linkTarget(link);
+    if (target && this.owns(target)) await removeTree(target);
   }
 
   /**
