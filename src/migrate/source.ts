@@ -989,11 +989,13 @@ export class OutgoingMigration {
     await new Promise<void>((r) => server.listen(sockPath, r));
     this.servers.push(server);
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
-    // --inplace: a changed file is patched where it is, not rebuilt whole beside it. A task's
-    // 300 MB log, grown by a few lines since the presync, was rewritten on the destination's disk
-    // inside the pause (0.37 s). Nothing uses the destination's copies before the task runs there.
     const ssh = ['-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`];
-    const args = what === 'log' ? ['-a', '--append', ...ssh, this.ctx.rt.store.logPath(this.rec.name), `${this.target.name}:${src}`] : ['-a', '--delete', '--inplace', ...(what === 'rest' ? ['--exclude=/task.log'] : []), '--exclude=/images', '--exclude=/images.new', `--exclude=/${PRECOPY_PAGES}`, '--exclude=/lock', '--exclude=/task.json', '--exclude=/incoming.json', '--exclude=/migrate-dump.log', '--exclude=/exit-*.json', '--exclude=/restore-*.pid', ...ssh, src, `${this.target.name}:${src}`];
+    const dest = `${this.target.name}:${src}`;
+    const excluded = ['/images', '/images.new', `/${PRECOPY_PAGES}`, '/lock', '/task.json', '/incoming.json', '/migrate-dump.log', '/exit-*.json', '/restore-*.pid', ...(what === 'rest' ? ['/task.log'] : [])];
+    // --inplace: a changed file is patched where it is, not rebuilt whole beside it (a 300 MB
+    // file was rewritten on the destination's disk inside the pause). Nothing uses the
+    // destination's copies before the task runs there.
+    const args = what === 'log' ? ['-a', '--append', ...ssh, this.ctx.rt.store.logPath(this.rec.name), dest] : ['-a', '--delete', '--inplace', ...excluded.map((x) => `--exclude=${x}`), ...ssh, src, dest];
     // A held sync waits as long as the rounds take; its time limit runs from the gate.
     const limit = new AbortController();
     const outer = this.signal;
