@@ -4,7 +4,7 @@
 // and the dashboard watched in a real headless Chromium — every task beating on, its memory intact,
 // each on exactly one host.
 import assert from 'node:assert/strict';
-import { existsSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -43,6 +43,11 @@ after(async () => {
   await lab.down();
   await rm(points, { recursive: true, force: true });
 });
+
+/** The fault points as new: nothing reached, nothing armed. */
+function clearPoints(): void {
+  for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
+}
 
 /** What a refused request must not change. */
 const shape = (h: Host) => ({ name: h.name, cordoned: h.cordoned, freeBytes: h.freeBytes, tasks: [...h.tasks].sort() });
@@ -133,10 +138,16 @@ test('placement fills hosts best-fit, a higher priority migrates a lower one, ba
   await lab.ok(['delete', 'd']);
   assert.deepEqual((await tasks()).map((x) => x.name).sort(), ['a', 'b', 'c', 'e']);
 
-  // The drain, watched in a browser, with the controller killed while a migration is under way.
+  // The drain, watched in a browser, with the controller killed while a migration is under way:
+  // the migrations wait at their checks on h1 until the kill (they take well under a second, too
+  // short to catch otherwise).
+  clearPoints();
+  writeFileSync(join(points, 'arm'), 'h1.checks\n');
+  t.after(clearPoints);
   const browser = await openDashboard(t);
   const start = await lab.ok(['drain', 'h1', '--no-wait']);
   assert.match(start, /draining h1: 2 tasks to move/);
+  await waitFor('a migration at its checks on h1', () => existsSync(join(points, 'h1.checks.reached')) || undefined, 60_000, 20);
   await browser?.waitFor('.migration', 'a migration in flight on the dashboard');
   await waitFor('a migration in flight', async () => {
     const r = (await fetch(`${dashboard}/v1/cluster`).then((x) => x.json())) as { inflight: unknown[] };
@@ -145,6 +156,8 @@ test('placement fills hosts best-fit, a higher priority migrates a lower one, ba
   const c = controllerPid();
   process.kill(c.pid, 'SIGKILL');
   await waitFor('controller gone', () => !isAlive(c.pid, c.start) || undefined);
+  writeFileSync(join(points, 'h1.checks.go'), '');
+  rmSync(join(points, 'arm'), { force: true });
   await lab.up(); // restarts the controller from its store
   assert.notEqual(controllerPid().pid, c.pid);
   const done = await lab.ferry(['drain', 'h1'], 180_000);
@@ -227,6 +240,7 @@ test('a drain whose migration fails (destination agent killed at restore) tries 
   const from = (await where('r'))!;
   const [first, second] = ['h1', 'h2', 'h3'].filter((h) => h !== from);
   // Best fit between two empty hosts goes by name: the first destination is the first name.
+  clearPoints(); // what the first test's migrations reached
   writeFileSync(join(points, 'arm'), `${first}.restore\n`);
   t.after(() => rm(join(points, 'arm'), { force: true }));
   assert.match(await lab.ok(['drain', from, '--no-wait']), /1 tasks to move/);
