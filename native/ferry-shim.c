@@ -80,7 +80,7 @@ static int join_netns(void) {
   return 0;
 }
 
-static void run_init(const char *hostname, const char *cwd, int logfd, char **argv) {
+static void run_init(const char *dir, const char *hostname, const char *cwd, int logfd, char **argv) {
   setsid();  // CRIU needs the session leader inside the task's PID namespace
   if (join_netns() != 0) {
     dprintf(logfd, "ferry: cannot join the task's network namespace: %s\n", strerror(errno));
@@ -109,6 +109,10 @@ static void run_init(const char *hostname, const char *cwd, int logfd, char **ar
     _exit(errno == ENOENT ? 127 : 126);
   }
   main_child = c;
+  // CRIU's parasite mounts a proc of the task's PID namespace at ./proc.crtools of pid 1 while it
+  // dumps: in a directory of this task's own, so that tasks dumped at once do not collide (at "/"
+  // every concurrent dump but one failed with EEXIST).
+  if (chdir(dir) != 0) _exit(125);
   // The init keeps no file of the host open: only /dev/null, so a checkpoint has nothing of ours
   // to describe.
   int devnull = open("/dev/null", O_RDWR);
@@ -262,7 +266,7 @@ int main(int argc, char **argv) {
     if (root == 0) {
       int fl = fcntl(logfd, F_GETFD);
       fcntl(logfd, F_SETFD, fl & ~FD_CLOEXEC);
-      run_init(hostname, cwd, logfd, cmd);
+      run_init(dir, hostname, cwd, logfd, cmd);
     }
     close(logfd);
     report("ok %d", (int)root);

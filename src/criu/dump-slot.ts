@@ -1,17 +1,28 @@
 // CRIU's parasite, dumping a task whose /proc is not its own (every Ferry task has its own PID
-// namespace), mounts proc for a moment at `proc.crtools` in the task's working directory
-// (criu/pie/parasite.c, get_proc_fd). Two such dumps of tasks that share a working directory
-// collide there ("Can't create a directory (-17)"), and a dump killed at that moment leaves the
-// directory behind for every later one. So this host dumps one task per working directory at a
-// time, and clears a leftover before it starts.
+// namespace), mounts proc for a moment at `proc.crtools` in the working directory of the task's
+// pid 1 (criu/pie/parasite.c, get_proc_fd). Two such dumps in one directory collide there
+// ("Can't create a directory (-17)"), and a dump killed at that moment leaves the directory
+// behind for every later one. Ferry's pid 1 now sits in its task's own directory; one started
+// by an older shim sits in "/", shared by every such task. So this host dumps one task per such
+// directory at a time, and clears a leftover before it starts.
+import { readlinkSync } from 'node:fs';
 import { rmdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { run } from '../exec/run.js';
 
 const queues = new Map<string, Promise<void>>();
 
-/** Waits for the working directory's turn; call the returned function once CRIU is past its parasite. */
-export async function dumpSlot(cwd: string): Promise<() => void> {
+/**
+ * Waits for the turn of the directory where the task's pid 1 (host pid root) works, else of
+ * fallback; call the returned function once CRIU is past its parasite.
+ */
+export async function dumpSlot(root: number | undefined, fallback: string): Promise<() => void> {
+  let cwd = fallback;
+  try {
+    if (root !== undefined) cwd = readlinkSync(`/proc/${root}/cwd`);
+  } catch {
+    /* gone: CRIU will say so */
+  }
   const prev = queues.get(cwd) ?? Promise.resolve();
   let release!: () => void;
   const mine = new Promise<void>((r) => (release = r));

@@ -631,7 +631,7 @@ export class OutgoingMigration {
         throttle.release();
       });
     }
-    this.releaseDumpSlot = await dumpSlot(this.rec.cwd);
+    this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
     if (this.cancelled) throw this.cancelled;
     await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
     this.rec.state = 'frozen';
@@ -991,7 +991,7 @@ export class OutgoingMigration {
     const src = `${this.ctx.rt.store.dir(this.rec.name)}/`;
     const ssh = ['-e', `${join(this.ctx.rt.nativeDir, 'ferry-rsh')} ${sockPath}`];
     const dest = `${this.target.name}:${src}`;
-    const excluded = ['/images', '/images.new', `/${PRECOPY_PAGES}`, '/lock', '/task.json', '/incoming.json', '/migrate-dump.log', '/exit-*.json', '/restore-*.pid', ...(what === 'rest' ? ['/task.log'] : [])];
+    const excluded = ['/images', '/images.new', `/${PRECOPY_PAGES}`, '/lock', '/task.json', '/incoming.json', '/migrate-dump.log', '/exit-*.json', '/restore-*.pid', '/proc.crtools', ...(what === 'rest' ? ['/task.log'] : [])];
     // --inplace: a changed file is patched where it is, not rebuilt whole beside it (a 300 MB
     // file was rewritten on the destination's disk inside the pause). Nothing uses the
     // destination's copies before the task runs there.

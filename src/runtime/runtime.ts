@@ -372,7 +372,7 @@ export class Runtime {
       await mkdir(fresh, { recursive: true });
       rec.state = 'frozen';
       await this.store.save(rec);
-      const releaseSlot = await dumpSlot(rec.cwd);
+      const releaseSlot = await dumpSlot(rec.pid, rec.cwd);
       try {
         // Connections are dumped established; nothing may reach or leave them meanwhile.
         const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
