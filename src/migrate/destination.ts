@@ -358,8 +358,10 @@ export class Destination {
     const limit = setTimeout(() => rsync.kill(), 10 * 60_000);
     limit.unref();
     await splice(stream, duplex);
-    await rsync.exited;
+    const code = await rsync.exited;
     clearTimeout(limit);
+    // The sender only sees a broken stream; why the receiver stopped is said here.
+    if (code !== 0) this.onEvent({ event: 'warning', task: m.req.task.name, message: `rsync receiving its files ended (${code === null ? 'killed' : `code ${code}`}): ${rsync.stderrTail() || 'no output'}` });
   }
 
   /** What a restore here records: the source's record, checkpointed. */
