@@ -90,11 +90,8 @@ for cand in "$cache"/criu-*-ferry-"$patchid"/criu; do
   # ferry-patches says which patches went in (ferry doctor reads it); a build without it is older.
   if [ -x "$cand" ] && [ -f "$(dirname "$cand")/ferry-patches" ] && criu_good "$cand"; then criu_bin=$cand; fi
 done
-if [ -n "$criu_bin" ]; then
-  say "using cached criu: $criu_bin ($(criu_version "$criu_bin"), Ferry's patches $patchid)"
-else
-  say "building CRIU >= 4.2 from Debian unstable's source package, with Ferry's patches ($patchid)"
-  apt_install "${build_pkgs[@]}"
+# CRIU's source from Debian unstable (sets srcver, upver, work, srcdir).
+fetch_criu_source() {
   srclist=/etc/apt/sources.list.d/ferry-criu-src.sources
   if [ ! -f "$srclist" ]; then
     # The same mirror this machine already uses for bookworm.
@@ -126,6 +123,14 @@ SRC
   [ -n "$tarball" ] || die "could not download criu_${upver}.orig tarball; check the deb-src entry in $srclist"
   tar -C "$work" -xf "$tarball"
   srcdir=$(find "$work" -maxdepth 1 -mindepth 1 -type d -name 'criu*' | head -n1)
+}
+
+if [ -n "$criu_bin" ]; then
+  say "using cached criu: $criu_bin ($(criu_version "$criu_bin"), Ferry's patches $patchid)"
+else
+  say "building CRIU >= 4.2 from Debian unstable's source package, with Ferry's patches ($patchid)"
+  apt_install "${build_pkgs[@]}"
+  fetch_criu_source
   # A patch that does not apply to a newer CRIU is left out (doctor says what that costs: speed,
   # or for 0012/0013 tasks that changed their user, and a quick failure on a lock held elsewhere).
   : >"$work/ferry-patches"
@@ -146,6 +151,40 @@ SRC
   criu_bin="$cache/criu-$upver-ferry-$patchid/criu"
   criu_good "$criu_bin" || die "built $criu_bin but 'criu check' fails: run '$criu_bin check' to see why"
   say "built and installed $criu_bin"
+fi
+# CRIU's own tests of one kernel object each (test/zdtm/static: a file, socket, timer, mapping,
+# ...): test/migrate/zdtm.test.ts runs them as Ferry tasks and migrates them. Built once; a
+# failed build is reported and leaves the suite to say what it cannot check.
+zdtm_tests=(
+  env00 umask00 pthread00 zombie00 session00 sigpending sigaltstack futex posix_timers
+  pthread_timers timerfd signalfd00 eventfs00 epoll inotify00 fanotify00 unlink_fstat00
+  unlink_mmap00 write_read01 file_append fd_offset pipe00 pipe02 sockets00 sockets_dgram
+  socket_listen socket_udp sk-unix-unconn socket_queues sk-netlink packet_sock sock_opts00
+  deleted_unix_sock maps00 maps04 mprotect00 shm memfd00 shmemfd msgque sem vdso00 selfexe00
+  thp_disable
+)
+zdtm="$cache/zdtm"
+if [ ! -f "$zdtm/commands" ]; then
+  [ -n "${srcdir:-}" ] || { apt_install "${build_pkgs[@]}"; fetch_criu_source; }
+  say "building CRIU's zdtm tests for Ferry's test suite"
+  st="$srcdir/test/zdtm/static"
+  if make -C "$srcdir/test/zdtm/lib" >"$work/zdtm.log" 2>&1; then
+    make -C "$st" -k -j"$(nproc)" "${zdtm_tests[@]}" >>"$work/zdtm.log" 2>&1 || true
+    mkdir -p "$zdtm"
+    : >"$zdtm/commands.new"
+    for t in "${zdtm_tests[@]}"; do
+      [ -x "$st/$t" ] || { say "warning: zdtm test $t did not build"; continue; }
+      install -m 0755 "$st/$t" "$zdtm/$t"
+      # Its command line as zdtm runs it (make's rule for TEST.pid names the test's options).
+      cmd=$(make -s -C "$st" -n "$t.pid" 2>/dev/null | grep "^\./$t " | tail -n1)
+      [ -n "$cmd" ] && printf '%s\n' "${cmd#./}" >>"$zdtm/commands.new"
+    done
+    mv "$zdtm/commands.new" "$zdtm/commands"
+    say "built $(wc -l <"$zdtm/commands") zdtm tests into $zdtm"
+  else
+    tail -n 20 "$work/zdtm.log" >&2
+    say "warning: CRIU's zdtm library did not build (log above); test/migrate/zdtm.test.ts will skip"
+  fi
 fi
 mkdir -p "$confdir"
 conf="$confdir/config.json"

@@ -1,0 +1,92 @@
+// CRIU's own tests of one kernel object each (test/zdtm/static, built by scripts/bootstrap.sh):
+// a timer, an eventfd, an inotify watch, a socket of each kind with data queued, a mapping, SysV
+// IPC, a deleted file still open, ... Each is another author's program that sets its object up,
+// daemonizes (its first process exits), waits for SIGTERM, then checks that the object is as it
+// left it and writes PASS or FAIL. Here each runs as a Ferry task, moves h1 -> h2 in every mode,
+// and is stopped there: its own check decides.
+import assert from 'node:assert/strict';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
+import { rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+import { Lab } from '../support/lab.js';
+import { waitFor } from '../support/ferry.js';
+
+const ZDTM = join(process.env['FERRY_CACHE'] ?? '/var/cache/ferry', 'zdtm');
+const COMMANDS = join(ZDTM, 'commands');
+const missing = existsSync(COMMANDS) ? false : `no ${COMMANDS} (scripts/bootstrap.sh builds CRIU's zdtm tests)`;
+/**
+ * Tasks set up, moved and checked at once. Six at a time, about 1 move in 44 failed its file sync
+ * in pre-copy, post-copy and auto (rsync: "error in rsync protocol data stream", the task ran on
+ * at the source; not yet understood, see README): one at a time until that is found.
+ */
+const PARALLEL = 1;
+
+const lab = new Lab('z', 85, 2);
+const work = mkdtempSync(join(tmpdir(), 'ferry-zdtm-'));
+
+before(async () => {
+  if (missing) return;
+  await lab.down().catch(() => {});
+  await lab.up();
+});
+after(async () => {
+  if (!missing) await lab.down();
+  await rm(work, { recursive: true, force: true });
+});
+
+/** Each test's command line, as zdtm runs it: `NAME --pidfile=NAME.pid --outfile=NAME.out ...`. */
+function commands(): Array<{ name: string; argv: string[] }> {
+  return readFileSync(COMMANDS, 'utf8')
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => {
+      const argv = line.split(' ');
+      return { name: argv[0]!, argv: [join(ZDTM, argv[0]!), ...argv.slice(1)] };
+    });
+}
+
+function readOr(path: string): string | undefined {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch {
+    return undefined;
+  }
+}
+
+async function inBatches<T>(items: T[], n: number, fn: (x: T) => Promise<void>): Promise<void> {
+  const queue = [...items];
+  await Promise.all(Array.from({ length: n }, async () => {
+    for (let x = queue.shift(); x !== undefined; x = queue.shift()) await fn(x);
+  }));
+}
+
+for (const mode of ['stop-copy', 'pre-copy', 'post-copy', 'auto'] as const) {
+  test(`CRIU's zdtm tests (files, sockets, timers, IPC, mappings) pass their own checks after moving by ${mode}`, { skip: missing }, async (t) => {
+    const failed: string[] = [];
+    const tests = commands();
+    assert.ok(tests.length >= 20, `only ${tests.length} zdtm tests built`);
+    await inBatches(tests, PARALLEL, async ({ name, argv }) => {
+      const task = `z-${name.replace(/_/g, '-').toLowerCase()}-${mode}`.slice(0, 63);
+      const cwd = join(work, task);
+      mkdirSync(cwd);
+      t.after(() => lab.removeEverywhere(task));
+      const say = (what: string): void => void failed.push(`${name}: ${what}`);
+      await lab.ok(['--host', 'h1', 'run', '--name', task, '--cwd', cwd, '--', ...argv]);
+      // Its pidfile says it is set up and waits for the signal.
+      const ready = await waitFor(`${name} set up`, () => existsSync(join(cwd, `${name}.pid`)) || undefined, 20_000, 20).catch(() => false);
+      if (!ready) return say(`not set up: ${lab.logOf('h1', task).slice(-300)}`);
+      const moved = await lab.ferry(['--host', 'h1', 'migrate', task, '--to', 'h2', '--mode', mode], 120_000);
+      if (moved.code !== 0) return say(`migration failed: ${moved.stderr.trim()}`);
+      const stopped = await lab.ferry(['--host', 'h2', 'stop', task], 60_000);
+      if (stopped.code !== 0) return say(`stop failed: ${stopped.stderr.trim()}`);
+      const out = join(cwd, `${name}.out`);
+      await waitFor(`${name}'s verdict`, () => existsSync(out) || undefined, 10_000, 20).catch(() => undefined);
+      const verdict = [out, `${out}.inprogress`].map(readOr).find((x) => x !== undefined) ?? '(no output)';
+      if (!/\bPASS\b/.test(verdict)) say(`its check failed: ${verdict.trim().split('\n').slice(-4).join(' | ')}`);
+    });
+    t.diagnostic(`${tests.length - failed.length} of ${tests.length} zdtm tests passed after ${mode}`);
+    assert.deepEqual(failed, []);
+  });
+}
