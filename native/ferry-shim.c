@@ -111,8 +111,9 @@ static void run_init(const char *dir, const char *hostname, const char *cwd, int
   main_child = c;
   // CRIU's parasite mounts a proc of the task's PID namespace at ./proc.crtools of pid 1 while it
   // dumps: in a directory of this task's own, so that tasks dumped at once do not collide (at "/"
-  // every concurrent dump but one failed with EEXIST).
-  if (chdir(dir) != 0) _exit(125);
+  // every concurrent dump but one failed with EEXIST). Where it cannot, Ferry queues such dumps
+  // by the directory it is in: no reason to end the task.
+  (void)!chdir(dir);
   // The init keeps no file of the host open: only /dev/null, so a checkpoint has nothing of ours
   // to describe.
   int devnull = open("/dev/null", O_RDWR);
