@@ -164,7 +164,8 @@ zdtm_tests=(
   thp_disable
 )
 zdtm="$cache/zdtm"
-if [ ! -f "$zdtm/commands" ]; then
+# Built again when the list changes (zdtm/list holds the one it was built from).
+if [ ! -f "$zdtm/commands" ] || [ "$(cat "$zdtm/list" 2>/dev/null)" != "${zdtm_tests[*]}" ]; then
   [ -n "${srcdir:-}" ] || { apt_install "${build_pkgs[@]}"; fetch_criu_source; }
   say "building CRIU's zdtm tests for Ferry's test suite"
   st="$srcdir/test/zdtm/static"
@@ -180,6 +181,7 @@ if [ ! -f "$zdtm/commands" ]; then
       [ -n "$cmd" ] && printf '%s\n' "${cmd#./}" >>"$zdtm/commands.new"
     done
     mv "$zdtm/commands.new" "$zdtm/commands"
+    printf '%s\n' "${zdtm_tests[*]}" >"$zdtm/list"
     say "built $(wc -l <"$zdtm/commands") zdtm tests into $zdtm"
   else
     tail -n 20 "$work/zdtm.log" >&2
