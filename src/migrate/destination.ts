@@ -11,7 +11,6 @@ import { existsSync } from 'node:fs';
 import { mkdir, readFile, readdir, rm, statfs, symlink, writeFile } from 'node:fs/promises';
 import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
-import { Duplex } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import type { ServerHandle } from '../criu/driver.js';
 import { FerryError } from '../errors.js';
@@ -32,7 +31,7 @@ import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { GHOST_LIMIT_MIB, readErrorLines } from '../criu/log.js';
-import { connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
+import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -353,13 +352,18 @@ export class Destination {
     const serverArgs = [...rsyncServerArgs(args), `${m.dir}/`];
     const rsync = startProgram('rsync', serverArgs, { stdin: 'pipe', stdout: 'pipe' });
     stream.respond({ ':status': 200 });
-    const duplex = Duplex.from({ readable: rsync.child.stdout!, writable: rsync.child.stdin! });
     // A sender that goes quiet does not keep an rsync server here for ever.
-    const limit = setTimeout(() => rsync.kill(), 10 * 60_000);
+    const limit = setTimeout(() => {
+      rsync.kill();
+      stream.destroy();
+    }, 10 * 60_000);
     limit.unref();
-    await splice(stream, duplex);
+    await bridgeProgram(stream, rsync.child.stdin!, rsync.child.stdout!);
     const code = await rsync.exited;
     clearTimeout(limit);
+    // The sender ends its side once it has read ours; one that does not is not waited for.
+    const linger = setTimeout(() => stream.destroy(), 30_000).unref();
+    stream.once('close', () => clearTimeout(linger));
     // The sender only sees a broken stream; why the receiver stopped is said here.
     if (code !== 0) this.onEvent({ event: 'warning', task: m.req.task.name, message: `rsync receiving its files ended (${code === null ? 'killed' : `code ${code}`}): ${rsync.stderrTail() || 'no output'}` });
   }

@@ -3,7 +3,8 @@
 import { spawn } from 'node:child_process';
 import { join } from 'node:path';
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
-import { Duplex, type Readable, type Transform } from 'node:stream';
+import { Duplex, type Readable, type Transform, type Writable } from 'node:stream';
+import { finished } from 'node:stream/promises';
 
 /** Bytes through a stream, and when the first and the last of them passed. */
 export class ByteCounter {
@@ -55,6 +56,24 @@ export function splice(a: Duplex, b: Duplex, counter?: ByteCounter, counterBack?
 }
 
 /**
+ * Joins a stream to a program's stdin and stdout (rsync's receiving server). The program may exit
+ * before its peer ends its side (rsync does, once it has said its last): what it wrote still goes
+ * out whole and the stream then ends cleanly; what the peer sends after that is read and dropped.
+ * (Its exit closes its stdin, and a stream reset then lost the tail of its answer.) Resolves when
+ * its output has all been handed to the stream, or the stream is gone.
+ */
+export async function bridgeProgram(stream: Duplex, stdin: Writable, stdout: Readable): Promise<void> {
+  stdin.on('error', () => {});
+  stream.pipe(stdin);
+  stdin.once('close', () => {
+    stream.unpipe(stdin);
+    stream.resume();
+  });
+  stdout.pipe(stream);
+  await finished(stream, { readable: false }).catch(() => {});
+}
+
+/**
  * Two connected in-process streams (what one writes the other reads), for two parts of one agent
  * that would otherwise talk through a loopback socket: every byte would cross the kernel twice
  * more. A write completes when the other side reads it, so backpressure works as on a socket;
@@ -98,7 +117,9 @@ class PairSide extends Duplex {
     const w = this.pendingWrite;
     this.pendingWrite = undefined;
     w?.();
-    if (!this.other.destroyed) this.other.destroy();
+    // Closed after both ways ended (autoDestroy), the other side still reads what it was sent.
+    const clean = !err && this.readableEnded && this.writableFinished;
+    if (!this.other.destroyed && !clean) this.other.destroy();
     cb(err);
   }
 }
