@@ -16,7 +16,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { allows, identify, type Permission, type PeerIdentity } from '../tls/identity.js';
 import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
-import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, taskName } from '../wire/schemas.js';
+import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, killBody, taskName } from '../wire/schemas.js';
 import { CODEC_HEADER, streamCodec } from '../wire/codec.js';
 import { releaseLeftThrottles } from '../precopy/throttle.js';
 import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
@@ -203,6 +203,10 @@ export class Agent {
     this.route('POST', task('/stop'), 'operate', async (r) => {
       const b = await r.body(stopBody);
       reply(r.stream, await rt.stop(name(r), { graceMs: b.graceMs ?? 10_000 }));
+    });
+    this.route('POST', task('/kill'), 'operate', async (r) => {
+      const b = await r.body(killBody);
+      reply(r.stream, await rt.kill(name(r), b.signal));
     });
     this.route('DELETE', task(), 'operate', async (r) => {
       await rt.remove(name(r), { force: r.headers['x-ferry-force'] === '1' });

@@ -35,12 +35,14 @@ export async function withAgent<T>(cmd: Command, fn: (session: MuxSession, targe
 import { requestJson, readAll, decodeAnswer } from '../wire/session.js';
 import type { Runtime, RunSpec } from '../runtime/runtime.js';
 import type { TaskRecord } from '../runtime/task-store.js';
+import type { TaskSignal } from '../wire/schemas.js';
 
 /** What the task commands need, served by the local runtime or by a host's agent. */
 export interface TaskApi {
   run(spec: RunSpec): Promise<TaskRecord>;
   list(): Promise<TaskRecord[]>;
   stop(name: string, graceMs: number, signal?: AbortSignal): Promise<TaskRecord>;
+  kill(name: string, sig: TaskSignal, signal?: AbortSignal): Promise<TaskRecord>;
   remove(name: string, force: boolean): Promise<void>;
   checkpoint(name: string, leaveRunning: boolean, signal?: AbortSignal): Promise<TaskRecord>;
   restore(name: string, signal?: AbortSignal): Promise<TaskRecord>;
@@ -53,6 +55,7 @@ export function localApi(rt: Runtime): TaskApi {
     run: (spec) => rt.run(spec),
     list: () => rt.listLive(),
     stop: (name, graceMs, signal) => rt.stop(name, { graceMs, ...(signal ? { signal } : {}) }),
+    kill: (name, sig, signal) => rt.kill(name, sig, signal ? { signal } : {}),
     remove: (name, force) => rt.remove(name, { force }),
     checkpoint: (name, leaveRunning, signal) => rt.checkpoint(name, { leaveRunning, ...(signal ? { signal } : {}) }),
     restore: (name, signal) => rt.restore(name, signal ? { signal } : {}),
@@ -68,6 +71,7 @@ export async function agentApi(cluster: Cluster, host: string): Promise<TaskApi>
     run: (spec) => requestJson<TaskRecord>(s, 'POST', '/v1/tasks', spec),
     list: () => requestJson<TaskRecord[]>(s, 'GET', '/v1/tasks'),
     stop: (name, graceMs) => requestJson<TaskRecord>(s, 'POST', `${t(name)}/stop`, { graceMs }),
+    kill: (name, sig) => requestJson<TaskRecord>(s, 'POST', `${t(name)}/kill`, { signal: sig }),
     remove: async (name, force) => {
       const st = s.request({ ':method': 'DELETE', ':path': t(name), 'x-ferry-force': force ? '1' : '0' });
       st.end();

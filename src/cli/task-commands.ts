@@ -1,10 +1,11 @@
-// Commands about tasks on one host: run, ps, logs, stop, rm, checkpoint, restore, doctor.
+// Commands about tasks on one host: run, ps, logs, stop, kill, rm, checkpoint, restore, doctor.
 import type { Command } from 'commander';
 import { doctor } from '../doctor/doctor.js';
 import { FerryError } from '../errors.js';
 import { describeState, type Publish, type TaskRecord } from '../runtime/task-store.js';
 import type { RunSpec } from '../runtime/runtime.js';
 import { ipToInt } from '../net/tasknet.js';
+import { parseTaskSignal } from '../wire/schemas.js';
 import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
 import { agentApi, localApi, remoteTarget, type TaskApi } from './remote.js';
 
@@ -158,6 +159,19 @@ export function registerTaskCommands(program: Command): void {
       const t = await withTasks(cmd, (api) => api.stop(task, grace * 1000, interruptSignal()));
       if (opts.json) printJson(taskSummary(t));
       else process.stdout.write(`${t.name}: ${describeState(t)}\n`);
+    });
+
+  program
+    .command('kill')
+    .description("send a signal to a task (KILL, the default, ends all of it; HUP, USR1, ... reach its command, or its daemon once the command has exited)")
+    .option('-s, --signal <signal>', 'KILL, TERM, INT, QUIT, HUP, USR1, USR2 or WINCH', 'KILL')
+    .option('--json', 'print the task as JSON')
+    .argument('<task>')
+    .action(async (task: string, opts: { signal: string; json?: boolean }, cmd: Command) => {
+      const sig = parseTaskSignal(opts.signal);
+      const t = await withTasks(cmd, (api) => api.kill(task, sig, interruptSignal()));
+      if (opts.json) printJson(taskSummary(t));
+      else process.stdout.write(`${t.name}: ${sig === 'SIGKILL' ? describeState(t) : `sent ${sig}`}\n`);
     });
 
   program

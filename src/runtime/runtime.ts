@@ -15,6 +15,7 @@ import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { Scratch } from './scratch.js';
+import type { TaskSignal } from '../wire/schemas.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
 export interface RunSpec {
@@ -281,6 +282,33 @@ export class Runtime {
         throw new FerryError('TASK_STATE', `task '${name}' is not running: it has ${describeState(rec)}`, { hint: `remove it with \`ferry rm ${name}\`` });
       }
       return this.terminate(rec, opts.graceMs ?? 10_000, opts.signal);
+    });
+  }
+
+  /**
+   * Sends a signal to the task through its init: KILL ends every process of it; TERM, INT and
+   * QUIT reach them all; the others reach the command while it runs, then every process left (a
+   * daemon it forked). KILL waits until the task has exited; the others return at once.
+   */
+  async kill(name: string, sig: TaskSignal, opts: { signal?: AbortSignal } = {}): Promise<TaskRecord> {
+    return this.store.withLock(name, 'kill', async () => {
+      const rec = await this.getLive(name);
+      if (rec.state !== 'running' || rec.pid === undefined) {
+        throw new FerryError('TASK_STATE', `task '${name}' is not running: it ${rec.state === 'exited' ? 'has' : 'is'} ${describeState(rec)}`, { hint: rec.state === 'checkpointed' ? `restore it with \`ferry restore ${name}\` first` : `see \`ferry ps\`` });
+      }
+      try {
+        if (isAlive(rec.pid, rec.pidStart)) process.kill(rec.pid, sig);
+      } catch {
+        /* exited meanwhile: seen below */
+      }
+      if (sig !== 'SIGKILL') return this.getLive(name);
+      const deadline = Date.now() + 10_000;
+      for (;;) {
+        const cur = await this.store.get(name);
+        if (cur.state === 'exited') return cur;
+        if (Date.now() > deadline) throw new FerryError('TIMEOUT', `task '${name}' (pid ${rec.pid}) did not exit after SIGKILL`);
+        await sleep(50, opts.signal);
+      }
     });
   }
 

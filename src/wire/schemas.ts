@@ -1,7 +1,10 @@
 // What a request to an agent may contain, checked at the wire's edge before anything acts on it.
 // Shapes, sizes and names: a peer's body is never cast, it is parsed.
 import { z } from 'zod';
+import { constants } from 'node:os';
 import { FerryError } from '../errors.js';
+
+const osSignals = constants.signals as Record<string, number>;
 
 const NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/;
 export const taskName = z.string().regex(NAME, "use 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit");
@@ -28,6 +31,24 @@ export const runBody = z.object({
 });
 
 export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
+/**
+ * Signals `ferry kill` sends: those the task's init passes on (native/ferry-shim.c), and KILL,
+ * which ends the whole task. Any other would reach only the init, which ignores it.
+ */
+export const taskSignals = ['SIGKILL', 'SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'] as const;
+export type TaskSignal = (typeof taskSignals)[number];
+export const killBody = z.object({ signal: z.enum(taskSignals) });
+
+/** A signal as a user writes it (HUP, SIGHUP, sighup, 1) to one `ferry kill` sends. */
+export function parseTaskSignal(text: string): TaskSignal {
+  const t = text.trim().toUpperCase();
+  const byNumber = /^\d+$/.test(t) ? taskSignals.find((s) => osSignals[s] === Number(t)) : undefined;
+  const found = byNumber ?? taskSignals.find((s) => s === t || s === `SIG${t}`);
+  if (!found) {
+    throw new FerryError('USAGE', `cannot send signal '${text}' to a task: a task's init passes on only ${taskSignals.map((s) => s.slice(3)).join(', ')}`, { hint: 'pick one of those; KILL ends the whole task' });
+  }
+  return found;
+}
 export const checkpointBody = z.object({ leaveRunning: z.boolean().optional() });
 export const emptyBody = z.object({});
 
