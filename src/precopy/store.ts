@@ -66,7 +66,7 @@ export class ChunkQueue {
 }
 
 export class PageStore {
-  private readonly fd: number;
+  private fd: number;
   private readonly index = new Map<number, Int32Array>();
   private count = 0;
   private next = 0;
@@ -180,12 +180,16 @@ export class PageStore {
     }
   }
 
+  /**
+   * Closes and deletes the store; again is a no-op. (An aborted post-copy removes it twice: a
+   * second close of the same number closed whatever had it by then, once the connection to
+   * another agent, whose first bytes were then a file's.)
+   */
   remove(): void {
-    try {
-      closeSync(this.fd);
-    } catch {
-      /* closed */
-    }
+    const fd = this.fd;
+    if (fd < 0) return;
+    this.fd = -1;
+    closeSync(fd);
     rmSync(this.path, { force: true });
   }
 

@@ -1,7 +1,7 @@
 // Pre-copy's stop policy and the destination's page store and CRIU page-server answers (parsing
 // and policy only; the migration itself is tested between real hosts in test/migrate).
 import assert from 'node:assert/strict';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -61,6 +61,26 @@ async function feed(store: PageStore, bytes: Buffer, chunk: number): Promise<voi
   for (let i = 0; i < bytes.length; i += chunk) await new Promise<void>((r, j) => w.write(bytes.subarray(i, i + chunk), (e) => (e ? j(e) : r())));
   await new Promise<void>((r, j) => w.end((e?: Error | null) => (e ? j(e) : r())));
 }
+
+test('page store: removed twice, it leaves alone the file that took its descriptor number, and it no longer writes', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  try {
+    const store = new PageStore(join(dir, 'pages'));
+    store.remove();
+    // The lowest free number is the one the store just gave back.
+    const other = openSync(join(dir, 'other'), 'w+');
+    try {
+      store.remove();
+      assert.doesNotThrow(() => fstatSync(other), "the second remove must not close another file's descriptor");
+      assert.throws(() => store.put(1, 0x1000, 1, Buffer.alloc(PAGE, 0xcc)));
+      assert.equal(fstatSync(other).size, 0, "the store's pages must not land in another file");
+    } finally {
+      closeSync(other);
+    }
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
 
 test('page store: records split anywhere, later rounds overwrite, zero and dropped pages', async () => {
   const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
