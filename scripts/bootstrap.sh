@@ -162,6 +162,10 @@ zdtm_tests=(
   socket_listen socket_udp sk-unix-unconn socket_queues sk-netlink packet_sock sock_opts00
   deleted_unix_sock maps00 maps04 mprotect00 shm memfd00 shmemfd msgque sem vdso00 selfexe00
   thp_disable
+  # Mappings and memory, which pre-copy's tracking must not miss a write of:
+  maps01 maps02 maps03 maps05 maps06 maps11 maps12 maps_file_prot mem-touch grow_map grow_map02
+  grow_map03 shm-unaligned shmemfd-priv memfd03 mtime_mmap unlink_mmap01 unlink_mmap02 pthread01
+  fpu00
 )
 zdtm="$cache/zdtm"
 # Built again when the list changes (zdtm/list holds the one it was built from).
