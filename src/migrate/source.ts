@@ -1013,6 +1013,10 @@ export class OutgoingMigration {
     );
     try {
       await run('rsync', args, { signal: limit.signal });
+    } catch (e) {
+      // What failed, in the user's terms; rsync's command line stays in the details.
+      if (!(e instanceof FerryError) || e.code !== 'PROGRAM_FAILED') throw e;
+      throw new FerryError('PROGRAM_FAILED', `copying the task's ${what === 'log' ? 'log' : 'files'} to ${this.target.name} failed: ${e.details.at(-1) ?? e.message}`, { details: [e.message, ...e.details] });
     } finally {
       finished = true;
       clearTimeout(timer);
