@@ -70,6 +70,13 @@ export async function bridgeProgram(stream: Duplex, stdin: Writable, stdout: Rea
     stream.resume();
   });
   stdout.pipe(stream);
+  // A stream cut off (the peer or the session gone) ends the program's pipes too: it sees the
+  // end of its input or a broken pipe and exits, instead of waiting for a peer that is gone.
+  stream.once('close', () => {
+    if (stream.readableEnded && stream.writableFinished) return;
+    stdin.destroy();
+    stdout.destroy();
+  });
   await finished(stream, { readable: false }).catch(() => {});
 }
 

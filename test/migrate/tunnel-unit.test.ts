@@ -64,3 +64,20 @@ test('a program that reads all its peer sends sees it whole and its end', async 
   assert.equal(r.text.trim(), String(3 * 64 * 1024));
   assert.ok(r.ended);
 });
+
+test('a stream cut off ends the program: it does not wait for a peer that is gone', async () => {
+  const [mine, peer] = localPair();
+  // cat would copy for ever; the peer vanishes after its first answer.
+  const child = spawn('cat', [], { stdio: ['pipe', 'pipe', 'ignore'] });
+  const exited = once(child, 'close');
+  const done = bridgeProgram(mine, child.stdin, child.stdout);
+  peer.write(Buffer.from('hello'));
+  await once(peer, 'data');
+  peer.destroy();
+  await done;
+  const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+  const [code, signal] = (await exited) as [number | null, string | null];
+  clearTimeout(timer);
+  assert.notEqual(signal, 'SIGKILL', 'the program had to be killed: its pipes stayed open');
+  assert.ok(code !== null || signal !== null);
+});
