@@ -18,6 +18,10 @@ import { Scratch } from './scratch.js';
 import type { TaskSignal } from '../wire/schemas.js';
 import { TaskStore, validateName, type Publish, type TaskRecord, describeState } from './task-store.js';
 
+function notKilled(rec: TaskRecord): never {
+  throw new FerryError('TIMEOUT', `task '${rec.name}' (pid ${rec.pid}) did not exit after SIGKILL`);
+}
+
 export interface RunSpec {
   name?: string;
   command: string[];
@@ -302,14 +306,19 @@ export class Runtime {
         /* exited meanwhile: seen below */
       }
       if (sig !== 'SIGKILL') return this.getLive(name);
-      const deadline = Date.now() + 10_000;
-      for (;;) {
-        const cur = await this.store.get(name);
-        if (cur.state === 'exited') return cur;
-        if (Date.now() > deadline) throw new FerryError('TIMEOUT', `task '${name}' (pid ${rec.pid}) did not exit after SIGKILL`);
-        await sleep(50, opts.signal);
-      }
+      return (await this.exitedWithin(name, 10_000, opts.signal)) ?? notKilled(rec);
     });
+  }
+
+  /** The task's record once it has exited, or undefined if it still runs after ms. */
+  private async exitedWithin(name: string, ms: number, signal?: AbortSignal): Promise<TaskRecord | undefined> {
+    const deadline = Date.now() + ms;
+    for (;;) {
+      const cur = await this.store.get(name);
+      if (cur.state === 'exited') return cur;
+      if (Date.now() >= deadline) return undefined;
+      await sleep(50, signal);
+    }
   }
 
   private async terminate(rec: TaskRecord, graceMs: number, signal?: AbortSignal): Promise<TaskRecord> {
@@ -323,20 +332,10 @@ export class Runtime {
       }
     };
     send('SIGTERM');
-    const deadline = Date.now() + graceMs;
-    let killed = false;
-    for (;;) {
-      const cur = await this.store.get(rec.name);
-      if (cur.state === 'exited') return cur;
-      if (!killed && Date.now() >= deadline) {
-        send('SIGKILL');
-        killed = true;
-      }
-      if (killed && Date.now() > deadline + 10_000) {
-        throw new FerryError('TIMEOUT', `task '${rec.name}' (pid ${rec.pid}) did not exit after SIGKILL`);
-      }
-      await sleep(50, signal);
-    }
+    const ended = await this.exitedWithin(rec.name, graceMs, signal);
+    if (ended) return ended;
+    send('SIGKILL');
+    return (await this.exitedWithin(rec.name, 10_000, signal)) ?? notKilled(rec);
   }
 
   async remove(name: string, opts: { force?: boolean } = {}): Promise<void> {
