@@ -7,7 +7,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import { Lab, comm, oneLine } from '../support/lab.js';
-import { WORKLOAD, waitFor, type TaskInfo } from '../support/ferry.js';
+import { WORKLOAD, commandExited, waitFor, type TaskInfo } from '../support/ferry.js';
 import { parseBeats, readySum } from '../support/heartbeat.js';
 import { treePids } from '../../src/util/proc.js';
 
@@ -165,11 +165,7 @@ test("after a migration, kill reaches the daemon of a task whose command exited,
   t.after(() => lab.removeEverywhere(name));
   await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', '(trap "echo daemon-USR1" USR1; echo daemon-up; while :; do sleep 0.1; done) & sleep 1; exit 0']);
   await waitFor('the daemon to start', () => lab.logOf('h1', name).includes('daemon-up') || undefined);
-  // The command is the init's child until it exits (after 1 s); then only the daemon is.
-  const init = (await task('h1', name)).pid!;
-  const children = () => readFileSync(`/proc/${init}/task/${init}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
-  const [command] = children();
-  await waitFor('the command to exit', () => (children().length > 0 && !children().includes(command!) ? true : undefined));
+  await commandExited((await task('h1', name)).pid!);
   await lab.ok(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy']);
   assert.equal((await lab.ok(['--host', 'h2', 'kill', '-s', 'USR1', name])).trim(), `${name}: sent SIGUSR1`);
   await waitFor('the daemon on h2 to get SIGUSR1', () => lab.logOf('h2', name).includes('daemon-USR1') || undefined);

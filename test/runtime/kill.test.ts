@@ -1,9 +1,8 @@
 // `ferry kill`: a signal reaches the task's command, or the daemon it left behind; KILL ends
 // the task; a signal the task's init cannot pass on is refused with a clear error.
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
-import { TestHost, waitFor } from '../support/ferry.js';
+import { TestHost, commandExited, waitFor } from '../support/ferry.js';
 
 test('kill passes HUP and USR1 to the command, refuses what cannot reach it, and KILL ends the task', async (t) => {
   const host = new TestHost();
@@ -39,11 +38,7 @@ test("kill reaches the daemon a task's command left behind when it exited", asyn
   // The first process forks a daemon and exits, as a service started by an init script does.
   await host.ok(['run', '--name', 'dmn', '--', 'sh', '-c', '(trap "echo daemon-USR1" USR1; trap "echo daemon-HUP" HUP; echo daemon-up; while :; do sleep 0.1; done) & sleep 1; exit 0']);
   await waitFor('the daemon to start', () => host.log('dmn').includes('daemon-up') || undefined);
-  // The command is the init's child until it exits (it sleeps 1 s first); then the daemon is.
-  const init = (await host.task('dmn')).pid!;
-  const children = () => readFileSync(`/proc/${init}/task/${init}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
-  const [command] = children();
-  await waitFor('the command to exit', () => (children().length > 0 && !children().includes(command!) ? true : undefined));
+  await commandExited((await host.task('dmn')).pid!);
   await host.ok(['kill', '-s', 'USR1', 'dmn']);
   await waitFor('the daemon to get SIGUSR1', () => host.log('dmn').includes('daemon-USR1') || undefined);
   await host.ok(['kill', '-s', '1', 'dmn']); // HUP by number

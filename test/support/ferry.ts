@@ -114,6 +114,17 @@ export async function waitFor<T>(what: string, fn: () => T | undefined | Promise
   }
 }
 
+/**
+ * Waits until a task's command has exited and left its daemon behind: the command is the child of
+ * the task's init (pid initPid) until then, the daemon after. The command must outlive this call's
+ * start (the tests' commands sleep 1 s after forking the daemon).
+ */
+export async function commandExited(initPid: number): Promise<void> {
+  const children = () => readFileSync(`/proc/${initPid}/task/${initPid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean);
+  const [command] = children();
+  await waitFor('the command to exit', () => (children().length > 0 && !children().includes(command!) ? true : undefined));
+}
+
 export function freePort(host = '127.0.0.1'): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = createServer();
