@@ -206,7 +206,7 @@ export class Agent {
     });
     this.route('POST', task('/kill'), 'operate', async (r) => {
       const b = await r.body(killBody);
-      reply(r.stream, await rt.kill(name(r), b.signal));
+      reply(r.stream, await rt.kill(name(r), b.signal as NodeJS.Signals, b.pid !== undefined ? { pid: b.pid } : {}));
     });
     this.route('DELETE', task(), 'operate', async (r) => {
       await rt.remove(name(r), { force: r.headers['x-ferry-force'] === '1' });

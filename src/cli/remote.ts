@@ -42,7 +42,7 @@ export interface TaskApi {
   run(spec: RunSpec): Promise<TaskRecord>;
   list(): Promise<TaskRecord[]>;
   stop(name: string, graceMs: number, signal?: AbortSignal): Promise<TaskRecord>;
-  kill(name: string, sig: TaskSignal, signal?: AbortSignal): Promise<TaskRecord>;
+  kill(name: string, sig: TaskSignal | NodeJS.Signals, opts?: { pid?: number; signal?: AbortSignal }): Promise<TaskRecord>;
   remove(name: string, force: boolean): Promise<void>;
   checkpoint(name: string, leaveRunning: boolean, signal?: AbortSignal): Promise<TaskRecord>;
   restore(name: string, signal?: AbortSignal): Promise<TaskRecord>;
@@ -55,7 +55,7 @@ export function localApi(rt: Runtime): TaskApi {
     run: (spec) => rt.run(spec),
     list: () => rt.listLive(),
     stop: (name, graceMs, signal) => rt.stop(name, { graceMs, ...(signal ? { signal } : {}) }),
-    kill: (name, sig, signal) => rt.kill(name, sig, signal ? { signal } : {}),
+    kill: (name, sig, opts) => rt.kill(name, sig, opts ?? {}),
     remove: (name, force) => rt.remove(name, { force }),
     checkpoint: (name, leaveRunning, signal) => rt.checkpoint(name, { leaveRunning, ...(signal ? { signal } : {}) }),
     restore: (name, signal) => rt.restore(name, signal ? { signal } : {}),
@@ -71,7 +71,7 @@ export async function agentApi(cluster: Cluster, host: string): Promise<TaskApi>
     run: (spec) => requestJson<TaskRecord>(s, 'POST', '/v1/tasks', spec),
     list: () => requestJson<TaskRecord[]>(s, 'GET', '/v1/tasks'),
     stop: (name, graceMs) => requestJson<TaskRecord>(s, 'POST', `${t(name)}/stop`, { graceMs }),
-    kill: (name, sig) => requestJson<TaskRecord>(s, 'POST', `${t(name)}/kill`, { signal: sig }),
+    kill: (name, sig, opts) => requestJson<TaskRecord>(s, 'POST', `${t(name)}/kill`, { signal: sig, ...(opts?.pid !== undefined ? { pid: opts.pid } : {}) }),
     remove: async (name, force) => {
       const st = s.request({ ':method': 'DELETE', ':path': t(name), 'x-ferry-force': force ? '1' : '0' });
       st.end();

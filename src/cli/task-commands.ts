@@ -5,7 +5,7 @@ import { FerryError } from '../errors.js';
 import { describeState, type Publish, type TaskRecord } from '../runtime/task-store.js';
 import type { RunSpec } from '../runtime/runtime.js';
 import { ipToInt } from '../net/tasknet.js';
-import { parseTaskSignal } from '../wire/schemas.js';
+import { parseProcessSignal, parseTaskSignal } from '../wire/schemas.js';
 import { configFor, interruptSignal, printJson, runtimeFor } from './context.js';
 import { agentApi, localApi, remoteTarget, type TaskApi } from './remote.js';
 
@@ -163,15 +163,21 @@ export function registerTaskCommands(program: Command): void {
 
   program
     .command('kill')
-    .description("send a signal to a task (KILL, the default, ends all of it; HUP, USR1, ... reach its command, or its daemon once the command has exited)")
-    .option('-s, --signal <signal>', 'KILL, TERM, INT, QUIT, HUP, USR1, USR2 or WINCH', 'KILL')
+    .description("send a signal to a task (KILL, the default, ends all of it; HUP, USR1, ... reach its command, or its daemon once the command has exited), or to one of its processes (--pid)")
+    .option('-s, --signal <signal>', 'KILL, TERM, INT, QUIT, HUP, USR1, USR2 or WINCH; with --pid any signal', 'KILL')
+    .option('--pid <pid>', "only the process with this pid inside the task (as its programs and pidfiles name it)")
     .option('--json', 'print the task as JSON')
     .argument('<task>')
-    .action(async (task: string, opts: { signal: string; json?: boolean }, cmd: Command) => {
-      const sig = parseTaskSignal(opts.signal);
-      const t = await withTasks(cmd, (api) => api.kill(task, sig, interruptSignal()));
+    .action(async (task: string, opts: { signal: string; pid?: string; json?: boolean }, cmd: Command) => {
+      let pid: number | undefined;
+      if (opts.pid !== undefined) {
+        pid = Number(opts.pid);
+        if (!/^\d+$/.test(opts.pid.trim()) || pid < 1 || pid > 4_194_304) throw new FerryError('USAGE', `--pid takes a process id inside the task, got '${opts.pid}'`);
+      }
+      const sig = pid === undefined ? parseTaskSignal(opts.signal) : parseProcessSignal(opts.signal);
+      const t = await withTasks(cmd, (api) => api.kill(task, sig, { ...(pid !== undefined ? { pid } : {}), signal: interruptSignal() }));
       if (opts.json) printJson(taskSummary(t));
-      else process.stdout.write(`${t.name}: ${sig === 'SIGKILL' ? describeState(t) : `sent ${sig}`}\n`);
+      else process.stdout.write(`${t.name}: ${sig === 'SIGKILL' && pid === undefined ? describeState(t) : `sent ${sig}${pid !== undefined ? ` to process ${pid}` : ''}`}\n`);
     });
 
   program

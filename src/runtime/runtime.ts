@@ -11,7 +11,7 @@ import { dumpSlot } from '../criu/dump-slot.js';
 import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
-import { isAlive, sleep, startTime, treePids } from '../util/proc.js';
+import { isAlive, nsPid, sleep, startTime, treePids } from '../util/proc.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { Scratch } from './scratch.js';
@@ -294,11 +294,25 @@ export class Runtime {
    * QUIT reach them all; the others reach the command while it runs, then every process left (a
    * daemon it forked). KILL waits until the task has exited; the others return at once.
    */
-  async kill(name: string, sig: TaskSignal, opts: { signal?: AbortSignal } = {}): Promise<TaskRecord> {
+  /**
+   * Sends sig through the task's init (to its command, or to all of it), or with opts.pid to the
+   * one process that has that pid inside the task, as its programs and pidfiles name it.
+   */
+  async kill(name: string, sig: TaskSignal | NodeJS.Signals, opts: { pid?: number; signal?: AbortSignal } = {}): Promise<TaskRecord> {
     return this.store.withLock(name, 'kill', async () => {
       const rec = await this.getLive(name);
       if (rec.state !== 'running' || rec.pid === undefined) {
         throw new FerryError('TASK_STATE', `task '${name}' is not running: it ${rec.state === 'exited' ? 'has' : 'is'} ${describeState(rec)}`, { hint: rec.state === 'checkpointed' ? `restore it with \`ferry restore ${name}\` first` : `see \`ferry ps\`` });
+      }
+      if (opts.pid !== undefined) {
+        const target = treePids(rec.pid).find((p) => nsPid(p) === opts.pid);
+        try {
+          if (target === undefined) throw new Error('none');
+          process.kill(target, sig);
+        } catch {
+          throw new FerryError('USAGE', `task '${name}' has no process ${opts.pid}`, { hint: "give the pid as the task's own programs see it (from its pidfile, say); the process may have exited" });
+        }
+        return this.getLive(name);
       }
       try {
         if (isAlive(rec.pid, rec.pidStart)) process.kill(rec.pid, sig);

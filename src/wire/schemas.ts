@@ -37,7 +37,15 @@ export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
  */
 export const taskSignals = ['SIGKILL', 'SIGTERM', 'SIGINT', 'SIGQUIT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2', 'SIGWINCH'] as const;
 export type TaskSignal = (typeof taskSignals)[number];
-export const killBody = z.object({ signal: z.enum(taskSignals) });
+/** Signals `ferry kill --pid` sends straight to one process of a task (any but those of the real-time range). */
+export const processSignals = Object.keys(osSignals).filter((s) => s.startsWith('SIG') && !s.startsWith('SIGRT')) as NodeJS.Signals[];
+/**
+ * Without pid: one of taskSignals, through the task's init. With pid: any signal, to the process
+ * with that pid inside the task (as its own programs and pidfiles name it).
+ */
+export const killBody = z
+  .object({ signal: z.string().max(16), pid: z.number().int().min(1).max(4_194_304).optional() })
+  .refine((b) => (b.pid === undefined ? (taskSignals as readonly string[]).includes(b.signal) : processSignals.includes(b.signal as NodeJS.Signals)), { message: 'not a signal Ferry sends that way' });
 
 /** A signal as a user writes it (HUP, SIGHUP, sighup, 1) to one `ferry kill` sends. */
 export function parseTaskSignal(text: string): TaskSignal {
@@ -47,6 +55,14 @@ export function parseTaskSignal(text: string): TaskSignal {
   if (!found) {
     throw new FerryError('USAGE', `cannot send signal '${text}' to a task: a task's init passes on only ${taskSignals.map((s) => s.slice(3)).join(', ')}`, { hint: 'pick one of those; KILL ends the whole task' });
   }
+  return found;
+}
+
+/** A signal as a user writes it, for `ferry kill --pid` (one process, so any signal reaches it). */
+export function parseProcessSignal(text: string): NodeJS.Signals {
+  const t = text.trim().toUpperCase();
+  const found = /^\d+$/.test(t) ? processSignals.find((s) => osSignals[s] === Number(t)) : processSignals.find((s) => s === t || s === `SIG${t}`);
+  if (!found) throw new FerryError('USAGE', `cannot send signal '${text}': not a signal name or number this system knows`, { hint: 'use a name like TERM, HUP, STOP, CONT or USR1, or its number' });
   return found;
 }
 export const checkpointBody = z.object({ leaveRunning: z.boolean().optional() });

@@ -163,12 +163,16 @@ test('a daemon that dropped its privileges migrates in every mode and keeps its 
 test("after a migration, kill reaches the daemon of a task whose command exited, and KILL ends it there", async (t) => {
   const name = 'sig-daemon';
   t.after(() => lab.removeEverywhere(name));
-  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', '(trap "echo daemon-USR1" USR1; echo daemon-up; while :; do sleep 0.1; done) & sleep 1; exit 0']);
+  await lab.ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', `sh -c 'trap "echo daemon-USR1" USR1; trap "echo daemon-USR2" USR2; echo daemon-up=$$; while :; do sleep 0.1; done' & sleep 1; exit 0`]);
   await waitFor('the daemon to start', () => lab.logOf('h1', name).includes('daemon-up') || undefined);
   await commandExited((await task('h1', name)).pid!);
   await lab.ok(['--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy']);
   assert.equal((await lab.ok(['--host', 'h2', 'kill', '-s', 'USR1', name])).trim(), `${name}: sent SIGUSR1`);
   await waitFor('the daemon on h2 to get SIGUSR1', () => lab.logOf('h2', name).includes('daemon-USR1') || undefined);
+  // By its pid inside the task, which the move kept.
+  const pid = /daemon-up=(\d+)/.exec(lab.logOf('h2', name))![1]!;
+  assert.equal((await lab.ok(['--host', 'h2', 'kill', '-s', 'USR2', '--pid', pid, name])).trim(), `${name}: sent SIGUSR2 to process ${pid}`);
+  await waitFor('the daemon on h2 to get SIGUSR2 by its pid', () => lab.logOf('h2', name).includes('daemon-USR2') || undefined);
   const killed = JSON.parse(await lab.ok(['--host', 'h2', 'kill', name, '--json'])) as TaskInfo;
   assert.equal(killed.state, 'exited');
 });
