@@ -178,7 +178,7 @@ static size_t nprocs;
 static FILE *ctl;
 static uint8_t buf[CHUNK * PAGE];
 static const uint8_t zero[PAGE];
-static int round_no, drop_round, force_hash;
+static int round_no, drop_round, force_hash, slow_end_ms;
 
 /* Per-command counters, reported on fd 3. */
 static struct {
@@ -973,6 +973,10 @@ int main(void) {
   drop_round = dr ? atoi(dr) : 0;
   const char *method = getenv("FERRY_TRACK_METHOD");
   force_hash = method && !strcmp(method, "hash");
+  /* Tests: linger this long after ending the pages, as a helper the scheduler left waiting would. */
+  const char *se = getenv("FERRY_DEBUG_TRACK_SLOW_END");
+  slow_end_ms = se ? atoi(se) : 0;
+  int end_pages = 0;
   char *line = NULL;
   size_t cap = 0;
   while (getline(&line, &cap, stdin) > 0) {
@@ -986,9 +990,7 @@ int main(void) {
       for (size_t i = 0; i < nprocs; i++) counted += visit(&procs[i], 'c', 0);
     else if (!strncmp(line, "final", 5)) {
       cmd_final(args);
-      /* The last pages are out: end their stream now, not after disarming (closing the
-       * descriptors walks every armed page table, ~20 ms per GiB, inside the pause). */
-      close(1);
+      end_pages = 1;
     }
     else if (!strncmp(line, "quit", 4)) break;
     else snprintf(st.why, sizeof st.why, "unknown command");
@@ -996,6 +998,15 @@ int main(void) {
       if (*c == '"' || *c == '\\') *c = '\'';
     fprintf(ctl, "{\"pages\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"counted\":%" PRIu64 ",\"fullVmas\":%" PRIu64 ",\"armed\":%d,\"hashed\":%d,\"unarmed\":%d,\"ms\":%.2f,\"note\":\"%s\"}\n", st.pages, st.zero, st.bytes, st.dropped, counted, st.full_vmas, st.armed, st.hashed, st.unarmed, now_ms() - t0, st.why);
     fflush(ctl);
+    if (end_pages) {
+      /* The last pages are out: end their stream now, not after disarming (closing the
+       * descriptors walks every armed page table, ~20 ms per GiB, inside the pause). Only after
+       * the reply: the stream's end makes the agent stop this helper, and a helper stopped before
+       * it replied failed the migration (seen once in 109 moves, six at a time on two cores). */
+      close(1);
+      end_pages = 0;
+      if (slow_end_ms > 0) usleep((useconds_t)slow_end_ms * 1000);
+    }
   }
   return 0;
 }

@@ -51,6 +51,14 @@ export function debugTrackMethod(): string | undefined {
   return debugSetting('track-method');
 }
 
+/**
+ * DIR/track-slow-end holding a number of ms: the write tracker lingers that long after it ended
+ * the pages stream at the freeze, as a helper the scheduler left waiting would.
+ */
+export function debugTrackSlowEnd(): string | undefined {
+  return debugSetting('track-slow-end');
+}
+
 /** DIR/throttle-gate holding "fail": lifting the throttle at CRIU's pre-dump fails, once. */
 export function debugThrottleGate(): boolean {
   return debugSetting('throttle-gate') === 'fail';

@@ -30,7 +30,7 @@ import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
 import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
-import { debugDropRound, debugThrottleGate, debugTrackMethod, faultPoint } from './fault-points.js';
+import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
 import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, resetOnClose, splice } from './tunnel.js';
@@ -429,7 +429,8 @@ export class OutgoingMigration {
     const maxRounds = this.opts.maxRounds ?? DEFAULT_MAX_ROUNDS;
     const drop = debugDropRound();
     const method = debugTrackMethod();
-    this.tracker = new Tracker(this.ctx.rt.nativeDir, { ...process.env, ...(drop ? { FERRY_DEBUG_DROP_ROUND: drop } : {}), ...(method ? { FERRY_TRACK_METHOD: method } : {}) });
+    const slowEnd = debugTrackSlowEnd();
+    this.tracker = new Tracker(this.ctx.rt.nativeDir, { ...process.env, ...(drop ? { FERRY_DEBUG_DROP_ROUND: drop } : {}), ...(method ? { FERRY_TRACK_METHOD: method } : {}), ...(slowEnd ? { FERRY_DEBUG_TRACK_SLOW_END: slowEnd } : {}) });
     const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/precopy`, ...this.codecHeaders() });
     this.precopyStream = stream;
     this.precopyStored = readAll(stream, 0).then(([h, text]) => decodeAnswer(h, text, 'pre-copy pages'));

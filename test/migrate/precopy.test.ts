@@ -258,6 +258,23 @@ test('a round whose written pages are dropped on purpose is caught by the memory
   assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
 });
 
+test('a write tracker slow to finish after it ended the last pages does not fail the move (pre-copy and auto)', async (t) => {
+  t.after(() => {
+    rmSync(join(debugDir, 'track-slow-end'), { force: true });
+    return lab.removeEverywhere('slowend');
+  });
+  // The helper ends its page stream, and the destination's answer then stops it: before its
+  // reply came first, one that the scheduler left waiting this long was stopped before it replied.
+  writeFileSync(join(debugDir, 'track-slow-end'), '300\n');
+  await startMemcheck('slowend', ['--mib', '16', '--rate', '4']);
+  const there = await migrate('slowend', ['--mode', 'pre-copy']);
+  assert.ok(there.precopy!.rounds.length >= 1);
+  assertAllOk(await checkMemory('h2', 'slowend'));
+  const back = JSON.parse(await lab.ok(['--host', 'h2', 'migrate', 'slowend', '--to', 'h1', '--json', '--mode', 'auto'])) as MigrationReport;
+  assert.ok(back.precopy);
+  assertAllOk(await checkMemory('h1', 'slowend'));
+});
+
 test('content hash (where write-protect cannot arm a task): a busy tree moves by pre-copy and auto with every page intact, and a dropped round is caught', async (t) => {
   t.after(() => {
     rmSync(join(debugDir, 'track-method'), { force: true });
