@@ -166,6 +166,13 @@ zdtm_tests=(
   maps01 maps02 maps03 maps05 maps06 maps11 maps12 maps_file_prot mem-touch grow_map grow_map02
   grow_map03 shm-unaligned shmemfd-priv memfd03 mtime_mmap unlink_mmap01 unlink_mmap02 pthread01
   fpu00
+  # One kernel object each, moved by stop-copy and auto (OBJECTS in test/migrate/zdtm.test.ts):
+  pty00 pty02 pty04 tty00 tty03 fifo-ghost fifo-rowo-pair unlink_fifo scm00 scm03 scm05
+  sockets01 sockets_spair sockets03 sk-unix-rel del_standalone_un sk-unix-dgram-ghost
+  sk-unix-listen01 socket_listen6 socket_udp_shutdown socket-tcp-listen socket-tcp sock_filter00
+  sock_tcp_opts00 pidfd_child pidfd_kill fd_from_pidfd ghost_holes00 unlink_fstat02 rmdir_open
+  opath_file cwd01 write_read10 file_fown fdt_shared file_shared aio00 timers rlimits00
+  thread_different_uid_gid stopped stopped03 child_subreaper pstree dumpable02
 )
 zdtm="$cache/zdtm"
 # Built again when the list changes (zdtm/list holds the one it was built from).
