@@ -292,11 +292,9 @@ export class Runtime {
   /**
    * Sends a signal to the task through its init: KILL ends every process of it; TERM, INT and
    * QUIT reach them all; the others reach the command while it runs, then every process left (a
-   * daemon it forked). KILL waits until the task has exited; the others return at once.
-   */
-  /**
-   * Sends sig through the task's init (to its command, or to all of it), or with opts.pid to the
-   * one process that has that pid inside the task, as its programs and pidfiles name it.
+   * daemon it forked). KILL waits until the task has exited; the others return at once. With
+   * opts.pid, any signal goes to the one process whose pid inside the task is that (as its
+   * programs and pidfiles name it), and returns at once.
    */
   async kill(name: string, sig: TaskSignal | NodeJS.Signals, opts: { pid?: number; signal?: AbortSignal } = {}): Promise<TaskRecord> {
     return this.store.withLock(name, 'kill', async () => {
@@ -306,13 +304,15 @@ export class Runtime {
       }
       if (opts.pid !== undefined) {
         const target = treePids(rec.pid).find((p) => nsPid(p) === opts.pid);
-        try {
-          if (target === undefined) throw new Error('none');
-          process.kill(target, sig);
-        } catch {
-          throw new FerryError('USAGE', `task '${name}' has no process ${opts.pid}`, { hint: "give the pid as the task's own programs see it (from its pidfile, say); the process may have exited" });
+        if (target !== undefined) {
+          try {
+            process.kill(target, sig);
+            return this.getLive(name);
+          } catch {
+            /* exited meanwhile: as if not found */
+          }
         }
-        return this.getLive(name);
+        throw new FerryError('USAGE', `task '${name}' has no process ${opts.pid}`, { hint: "give the pid as the task's own programs see it (from its pidfile, say); the process may have exited" });
       }
       try {
         if (isAlive(rec.pid, rec.pidStart)) process.kill(rec.pid, sig);
