@@ -29,12 +29,11 @@ const HINTS: Array<[RegExp, string]> = [
   [/Zombies with threads are not supported/, 'a process of the task has ended while its threads still run (a zombie with threads); CRIU cannot dump that state, wait until they end'],
   [/PIDFD_THREAD/, "the task holds a pidfd of a thread, which CRIU cannot dump yet; close it in the task"],
   [/Error splicing data/, "a pipe or FIFO of the task could not be refilled where it was restored; a FIFO on storage both hosts share is still held by the source copy: keep the task's FIFOs on each host's own storage"],
-  [/Can not set (flock|posix lock)/, "a file the task locks is locked by another process where it was restored; on storage both hosts share, the source copy holds the lock until the move is over: keep locked files on each host's own storage"],
+  [/Can not set (flock|posix lock|ofd lock)/, "a file the task locks is locked by another process where it was restored; on storage both hosts share, the source copy holds the lock until the move is over: keep locked files on each host's own storage"],
   [/Can't create link remap/, "a file the task holds open lost that name while another hard link to it remains, and CRIU reopens files by name; close it in the task, or link it back under the name it had"],
   [/Can't create inet socket: Permission denied|Can't create inet socket: Operation not permitted/, "this host does not let the task's kind of socket be made (an ICMP ping socket needs net.ipv4.ping_group_range to include the task's group, a raw one CAP_NET_RAW); set the same on both hosts"],
   [/Can't open file \/proc\/.* on restore/, "the task holds open a /proc file (of another process, or a namespace under /proc/PID/ns) that cannot be opened again where it is restored; close it in the task"],
   [/Can't set lease/, "a file the task holds a lease on is leased by another process where it was restored; on storage both hosts share, the source copy holds the lease until the move is over (and its holder is told to give it up): keep leased files on each host's own storage"],
-  [/Can not set ofd lock/, "a file the task locks is locked by another process where it was restored; on storage both hosts share, the source copy holds the lock until the move is over: keep locked files on each host's own storage"],
   [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
   [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],
 ];

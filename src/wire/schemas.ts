@@ -47,11 +47,15 @@ export const killBody = z
   .object({ signal: z.string().max(16), pid: z.number().int().min(1).max(4_194_304).optional() })
   .refine((b) => (b.pid === undefined ? (taskSignals as readonly string[]).includes(b.signal) : processSignals.includes(b.signal as NodeJS.Signals)), { message: 'not a signal Ferry sends that way' });
 
-/** A signal as a user writes it (HUP, SIGHUP, sighup, 1) to one `ferry kill` sends. */
-export function parseTaskSignal(text: string): TaskSignal {
+/** The signal of `among` a user means by text (HUP, SIGHUP, sighup, or its number 1). */
+function findSignal<T extends string>(text: string, among: readonly T[]): T | undefined {
   const t = text.trim().toUpperCase();
-  const byNumber = /^\d+$/.test(t) ? taskSignals.find((s) => osSignals[s] === Number(t)) : undefined;
-  const found = byNumber ?? taskSignals.find((s) => s === t || s === `SIG${t}`);
+  return /^\d+$/.test(t) ? among.find((s) => osSignals[s] === Number(t)) : among.find((s) => s === t || s === `SIG${t}`);
+}
+
+/** A signal as a user writes it, to one `ferry kill` sends. */
+export function parseTaskSignal(text: string): TaskSignal {
+  const found = findSignal(text, taskSignals);
   if (!found) {
     throw new FerryError('USAGE', `cannot send signal '${text}' to a task: a task's init passes on only ${taskSignals.map((s) => s.slice(3)).join(', ')}`, { hint: 'pick one of those; KILL ends the whole task' });
   }
@@ -60,8 +64,7 @@ export function parseTaskSignal(text: string): TaskSignal {
 
 /** A signal as a user writes it, for `ferry kill --pid` (one process, so any signal reaches it). */
 export function parseProcessSignal(text: string): NodeJS.Signals {
-  const t = text.trim().toUpperCase();
-  const found = /^\d+$/.test(t) ? processSignals.find((s) => osSignals[s] === Number(t)) : processSignals.find((s) => s === t || s === `SIG${t}`);
+  const found = findSignal(text, processSignals);
   if (!found) throw new FerryError('USAGE', `cannot send signal '${text}': not a signal name or number this system knows`, { hint: 'use a name like TERM, HUP, STOP, CONT or USR1, or its number' });
   return found;
 }

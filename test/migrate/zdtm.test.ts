@@ -21,15 +21,6 @@ const missing = existsSync(COMMANDS) ? false : `no ${COMMANDS} (scripts/bootstra
  * time (six at a time found two bugs one at a time did not, see README).
  */
 const PARALLEL = 6;
-/** Their names (see OBJECT_TESTS); scripts/bootstrap.sh builds them with the others. */
-const OBJECTS = [
-  'pty00', 'pty02', 'pty04', 'tty00', 'tty03', 'fifo-ghost', 'fifo-rowo-pair', 'unlink_fifo', 'scm00', 'scm03', 'scm05',
-  'sockets01', 'sockets_spair', 'sockets03', 'sk-unix-rel', 'del_standalone_un', 'sk-unix-dgram-ghost', 'sk-unix-listen01',
-  'socket_listen6', 'socket_udp_shutdown', 'socket-tcp-listen', 'socket-tcp', 'sock_filter00', 'sock_tcp_opts00',
-  'pidfd_child', 'pidfd_kill', 'fd_from_pidfd', 'ghost_holes00', 'unlink_fstat02', 'rmdir_open', 'opath_file', 'cwd01',
-  'write_read10', 'file_fown', 'fdt_shared', 'file_shared', 'aio00', 'timers', 'rlimits00', 'thread_different_uid_gid',
-  'stopped', 'stopped03', 'child_subreaper', 'pstree', 'dumpable02',
-];
 
 const lab = new Lab('z', 85, 2);
 const work = mkdtempSync(join(tmpdir(), 'ferry-zdtm-'));
@@ -48,9 +39,17 @@ after(async () => {
  * Tests of one kernel object each (terminals, FIFOs, descriptors passed over sockets, pidfds,
  * credentials, stopped processes, ...), whose state moves in CRIU's images the same way in every
  * mode: moved by stop-copy and by auto (the default: pre-copy, then the local fill) only, to keep
- * the suite's time. The others, memory among them, move by all four.
+ * the suite's time (scripts/bootstrap.sh builds them with the others). The others, memory among
+ * them, move by all four.
  */
-const OBJECT_TESTS = new Set(OBJECTS);
+const OBJECT_TESTS = new Set([
+  'pty00', 'pty02', 'pty04', 'tty00', 'tty03', 'fifo-ghost', 'fifo-rowo-pair', 'unlink_fifo', 'scm00', 'scm03', 'scm05',
+  'sockets01', 'sockets_spair', 'sockets03', 'sk-unix-rel', 'del_standalone_un', 'sk-unix-dgram-ghost', 'sk-unix-listen01',
+  'socket_listen6', 'socket_udp_shutdown', 'socket-tcp-listen', 'socket-tcp', 'sock_filter00', 'sock_tcp_opts00',
+  'pidfd_child', 'pidfd_kill', 'fd_from_pidfd', 'ghost_holes00', 'unlink_fstat02', 'rmdir_open', 'opath_file', 'cwd01',
+  'write_read10', 'file_fown', 'fdt_shared', 'file_shared', 'aio00', 'timers', 'rlimits00', 'thread_different_uid_gid',
+  'stopped', 'stopped03', 'child_subreaper', 'pstree', 'dumpable02',
+]);
 
 /** Each test's command line, as zdtm runs it: `NAME --pidfile=NAME.pid --outfile=NAME.out ...`. */
 function commands(): Array<{ name: string; argv: string[] }> {
