@@ -16,7 +16,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { allows, identify, type Permission, type PeerIdentity } from '../tls/identity.js';
 import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
-import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, killBody, taskName } from '../wire/schemas.js';
+import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, killBody, settleBody, taskName } from '../wire/schemas.js';
 import { CODEC_HEADER, streamCodec } from '../wire/codec.js';
 import { releaseLeftThrottles } from '../precopy/throttle.js';
 import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
@@ -207,6 +207,11 @@ export class Agent {
     this.route('POST', task('/kill'), 'operate', async (r) => {
       const b = await r.body(killBody);
       reply(r.stream, await rt.kill(name(r), b.signal as NodeJS.Signals, b.pid !== undefined ? { pid: b.pid } : {}));
+    });
+    // A restored copy whose source host is gone for good: the operator decides in its place.
+    this.route('POST', task('/settle'), 'operate', async (r) => {
+      const b = await r.body(settleBody);
+      reply(r.stream, await this.dest.settleByHand(name(r), b.outcome, !!b.dryRun));
     });
     this.route('DELETE', task(), 'operate', async (r) => {
       await rt.remove(name(r), { force: r.headers['x-ferry-force'] === '1' });

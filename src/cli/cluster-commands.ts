@@ -220,6 +220,37 @@ export function registerClusterCommands(program: Command): void {
     });
 
   program
+    .command('settle')
+    .description("run or drop a task's restored copy on --host that waits for a decision its source host will never send (that host is gone for good)")
+    .argument('<task>')
+    .option('--run', 'run the copy here (refused when part of its memory was still to come from the source)')
+    .option('--drop', 'drop the copy here')
+    .option('--source-gone', 'confirm that the source host is down for good, not just cut off: if it ran on, the task would run twice')
+    .option('--json', 'print the outcome as JSON')
+    .action(async (task: string, opts: { run?: boolean; drop?: boolean; sourceGone?: boolean; json?: boolean }, cmd: Command) => {
+      if (!!opts.run === !!opts.drop) throw new FerryError('USAGE', 'say what to do with the copy: --run or --drop');
+      const outcome = opts.run ? 'run' : 'drop';
+      const r = await withAgent(cmd, async (s, { cluster, host }) => {
+        const held = await requestJson<{ id: string; from: string }>(s, 'POST', `/v1/tasks/${encodeURIComponent(task)}/settle`, { outcome, dryRun: true });
+        if (!opts.sourceGone) {
+          throw new FerryError('USAGE', `the copy of '${task}' on ${host} waits for ${held.from} to decide (migration ${held.id})`, { hint: `if ${held.from} is gone for good, add --source-gone; if it comes back, its agent settles the migration by itself` });
+        }
+        if (cluster.hosts[held.from]) {
+          // One that answers decides itself: settling in its place could run the task twice.
+          const other = await agentSession(cluster, held.from).catch(() => undefined);
+          if (other) {
+            other.close();
+            throw new FerryError('USAGE', `${held.from} answers: its agent settles migration ${held.id} itself (it retries until ${host} hears it)`, { hint: `see \`ferry --host ${held.from} migrations\`` });
+          }
+        }
+        await requestJson<{ id: string; from: string }>(s, 'POST', `/v1/tasks/${encodeURIComponent(task)}/settle`, { outcome });
+        return { task, host, ...held, outcome };
+      });
+      if (opts.json) printJson(r);
+      else process.stdout.write(r.outcome === 'run' ? `${task} runs on ${r.host} (migration ${r.id} from ${r.from}, settled by hand)\n` : `${task}: the copy on ${r.host} was dropped (migration ${r.id} from ${r.from})\n`);
+    });
+
+  program
     .command('migrations')
     .description("migrations under way on --host's agent")
     .option('--json', 'print as JSON')

@@ -43,6 +43,8 @@ interface IncomingMark {
   phase: 'receiving' | 'restored';
   /** The task's own address: its namespace here goes with the migration if it fails. */
   address?: string;
+  /** Restored for lazy pages: its memory comes through this agent (and, post-copy, from the source). */
+  lazy?: boolean;
 }
 
 interface Incoming {
@@ -427,7 +429,7 @@ export class Destination {
     m.restored = restored;
     // Read now, not at the decision: the resume is inside the task's pause.
     m.stopped = await (m.stoppedReady ?? stoppedAtDump(m.imagesDir));
-    await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
+    await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', lazy: opts.lazy, ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
   }
 
@@ -588,6 +590,49 @@ export class Destination {
     this.onEvent({ event: 'arrived', id, task: found.name, from: found.mark.from, pid: rec.pid });
     // The task ran before the records here were written: the source counts its pause to then.
     return { known: true, ...(resumedAt !== undefined ? { resumedAgoMs: Math.round((performance.now() - resumedAt) * 10) / 10 } : {}) };
+  }
+
+  /**
+   * An operator settles a restored copy whose source will never decide (that host is gone): run
+   * it here, or drop it. Running is refused when the copy's memory is not all on this host.
+   * Whether the source is really gone is the caller's to know: this host cannot tell a dead
+   * source from a cut link.
+   */
+  async settleByHand(name: string, outcome: 'run' | 'drop', dryRun = false): Promise<{ id: string; from: string }> {
+    validateName(name);
+    const dir = this.rt.store.dir(name);
+    const mark = await readJson<IncomingMark>(join(dir, 'incoming.json')).catch(() => undefined);
+    if (mark?.phase !== 'restored' || !existsSync(join(dir, 'task.json'))) {
+      throw new FerryError('USAGE', `no copy of '${name}' on ${this.self} is waiting for a decision`, { hint: mark ? 'its migration is still under way: its source settles it' : 'see `ferry ps` for its state' });
+    }
+    if (outcome === 'drop') {
+      if (dryRun) return { id: mark.id, from: mark.from };
+      await this.abort(mark.id);
+      this.onEvent({ event: 'settled by hand', id: mark.id, task: name, from: mark.from, outcome });
+      return { id: mark.id, from: mark.from };
+    }
+    if (mark.lazy && !(await this.everyPageHere(mark.id))) {
+      throw new FerryError('USAGE', `the copy of '${name}' on ${this.self} cannot run: part of its memory was to come from ${mark.from}`, { hint: `drop it (ferry settle ${name} --drop) and start the task again, from its last checkpoint if it has one` });
+    }
+    if (dryRun) return { id: mark.id, from: mark.from };
+    const r = await this.commit(mark.id, mark.from);
+    if (!r.known) throw new FerryError('USAGE', `no copy of '${name}' on ${this.self} is waiting for a decision`);
+    this.onEvent({ event: 'settled by hand', id: mark.id, task: name, from: mark.from, outcome });
+    return { id: mark.id, from: mark.from };
+  }
+
+  /** A lazy restore that needs nothing more from its source: pre-copy's store holds every lazy page, and this agent still serves it. */
+  private async everyPageHere(id: string): Promise<boolean> {
+    const m = this.incoming.get(id);
+    const link = this.lazyLinks.get(id);
+    if (!m?.store || !m.storeDone || !m.runs || !link?.front) return false;
+    try {
+      await m.storeDone;
+      const runs = await m.runs;
+      return runs.every((r) => m.store!.presentRun(r.vpid, r.first, r.n) === r.n);
+    } catch {
+      return false;
+    }
   }
 
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */

@@ -18,6 +18,8 @@ export interface JournalEntry {
   /** The task's root process when the migration began. */
   taskPid: number;
   taskPidStart?: number;
+  /** Its record's incarnation: once the record saw the task end, its pid is gone from it. */
+  taskIncarnation?: number;
   holdDir?: string;
   dump?: { pid: number; start?: number };
   /**

@@ -102,7 +102,9 @@ export class Resolver {
     await rt.store
       .withLock(e.task, 'migration recovery', async () => {
         const rec = await rt.store.get(e.task);
-        if (rec.pid !== e.taskPid) return; // another incarnation; not ours to touch
+        // Another incarnation is not ours to touch; ours may already be recorded as ended (CRIU ended it).
+        const ours = rec.pid === e.taskPid || (rec.pid === undefined && e.taskIncarnation !== undefined && rec.incarnation === e.taskIncarnation);
+        if (!ours) return;
         if (outcome === 'commit') {
           await rt.netGone(rec.name, rec.net?.address);
           await rt.store.remove(e.task);

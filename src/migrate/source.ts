@@ -221,7 +221,7 @@ export class OutgoingMigration {
   ) {
     const mode = opts.mode;
     this.mode = mode;
-    this.entry = { id: this.id, task: rec.name, to: target, mode, phase: 'checks', taskPid: rec.pid!, ...(rec.pidStart !== undefined ? { taskPidStart: rec.pidStart } : {}), at: '' };
+    this.entry = { id: this.id, task: rec.name, to: target, mode, phase: 'checks', taskPid: rec.pid!, ...(rec.pidStart !== undefined ? { taskPidStart: rec.pidStart } : {}), taskIncarnation: rec.incarnation, at: '' };
     this.report = {
       id: this.id,
       task: rec.name,

@@ -31,6 +31,8 @@ export const runBody = z.object({
 });
 
 export const stopBody = z.object({ graceMs: count.max(86_400_000).optional() });
+/** `ferry settle`: run or drop a restored copy whose source will never decide; dryRun only says which migration it is. */
+export const settleBody = z.object({ outcome: z.enum(['run', 'drop']), dryRun: z.boolean().optional() });
 /**
  * Signals `ferry kill` sends: those the task's init passes on (native/ferry-shim.c), and KILL,
  * which ends the whole task. Any other would reach only the init, which ignores it.

@@ -11,7 +11,7 @@ import { after, before, test } from 'node:test';
 import { run } from '../../src/exec/run.js';
 import { hostIf } from '../../src/net/tasknet.js';
 import { Lab, comm, oneLine } from '../support/lab.js';
-import { waitFor, type TaskInfo } from '../support/ferry.js';
+import { CLI, waitFor, type TaskInfo } from '../support/ferry.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 const ECHO = join(here, '..', '..', 'src', 'bench', 'service-server.js');
@@ -387,6 +387,42 @@ for (const own of [false, true]) {
     await noLock('h2');
   });
 }
+
+test('a restored copy whose source host is gone for good is settled by hand: refused while the source answers, then run intact', async (t) => {
+  const name = 'n-orphan';
+  let cli: ChildProcess | undefined;
+  t.after(async () => {
+    if (cli?.exitCode === null) cli.kill('SIGKILL');
+    rmSync(join(points, 'arm'), { force: true });
+    await lab.up(); // h1's agent, killed below
+    await lab.removeEverywhere(name);
+  });
+  for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
+  const sum = await lab.startHeartbeat(name, 32);
+  // The source decided and CRIU ended its copy; the destination's copy waits to be told.
+  writeFileSync(join(points, 'arm'), 'h1.commit');
+  cli = spawn(process.execPath, [CLI, '--cluster', lab.cluster, '--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy'], { stdio: 'ignore' });
+  await waitFor('the source at its commit', () => existsSync(join(points, 'h1.commit.reached')) || undefined, 120_000);
+  assert.equal((await task('h2', name)).state, 'frozen');
+  oneLine(await lab.ferry(['--host', 'h2', 'settle', name]), /--run or --drop/);
+  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run']), /waits for h1 to decide .*--source-gone/);
+  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run', '--source-gone']), /h1 answers: its agent settles migration/);
+  assert.equal((await task('h2', name)).state, 'frozen', 'refused: the copy still waits');
+
+  // h1 goes down for good, its agent with it: nobody will tell h2.
+  process.kill(lab.agentPid('h1'), 'SIGKILL');
+  cli.kill('SIGKILL');
+  assert.match(await lab.ok(['--host', 'h2', 'settle', name, '--run', '--source-gone']), /n-orphan runs on h2 \(migration \S+ from h1, settled by hand\)/);
+  await lab.assertIntact('h2', name, sum);
+  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--drop', '--source-gone']), /no copy of 'n-orphan' on h2 is waiting for a decision/);
+
+  // h1 comes back: its journal settles the same way, and no second copy appears.
+  rmSync(join(points, 'arm'), { force: true });
+  await lab.up();
+  await waitFor('h1 to settle its journal', () => (existsSync(join(lab.stateDir('h1'), 'migrations')) && readdirSync(join(lab.stateDir('h1'), 'migrations')).length > 0 ? undefined : true), 30_000, 200);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name), undefined, 'no copy left on h1');
+  assert.equal((await task('h2', name)).state, 'running');
+});
 
 test('a removed task leaves no namespace, veth or route', async () => {
   const name = 'n-rm';
