@@ -612,7 +612,7 @@ export class Destination {
       return { id: mark.id, from: mark.from };
     }
     if (mark.lazy && !(await this.everyPageHere(mark.id))) {
-      throw new FerryError('USAGE', `the copy of '${name}' on ${this.self} cannot run: part of its memory was to come from ${mark.from}`, { hint: `drop it (ferry settle ${name} --drop) and start the task again, from its last checkpoint if it has one` });
+      throw new FerryError('USAGE', `the copy of '${name}' on ${this.self} cannot run: part of its memory was to come from ${mark.from}`, { hint: `if ${mark.from} is gone for good, drop it (--drop --source-gone) and start the task again, from its last checkpoint if it has one` });
     }
     if (dryRun) return { id: mark.id, from: mark.from };
     const r = await this.commit(mark.id, mark.from);

@@ -388,41 +388,65 @@ for (const own of [false, true]) {
   });
 }
 
-test('a restored copy whose source host is gone for good is settled by hand: refused while the source answers, then run intact', async (t) => {
-  const name = 'n-orphan';
-  let cli: ChildProcess | undefined;
-  t.after(async () => {
-    if (cli?.exitCode === null) cli.kill('SIGKILL');
+/** h1 goes down for good: every process of that host (its agent, CRIU, the task) ends at once. */
+async function h1Gone(): Promise<void> {
+  const r = await run('ip', ['netns', 'pids', lab.netns('h1')], { reject: false });
+  for (const pid of r.stdout.split('\n').filter(Boolean).map(Number)) {
+    try {
+      process.kill(pid, 'SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+}
+
+for (const mode of ['stop-copy', 'pre-copy', 'post-copy'] as const) {
+  const runs = mode !== 'post-copy';
+  test(`${mode}: a restored copy whose source host is gone for good is settled by hand (${runs ? 'run, memory intact' : 'refused to run: its memory was on the source; dropped'})`, async (t) => {
+    const name = `n-orphan-${mode}`;
+    let cli: ChildProcess | undefined;
+    t.after(async () => {
+      if (cli?.exitCode === null) cli.kill('SIGKILL');
+      rmSync(join(points, 'arm'), { force: true });
+      await lab.up(); // h1's agent, ended below
+      await lab.removeEverywhere(name);
+    });
+    for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
+    const sum = await lab.startHeartbeat(name, 32);
+    // The source has decided; the destination's copy waits to be told.
+    writeFileSync(join(points, 'arm'), 'h1.commit');
+    cli = spawn(process.execPath, [CLI, '--cluster', lab.cluster, '--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode], { stdio: 'ignore' });
+    await waitFor('the source at its commit', () => existsSync(join(points, 'h1.commit.reached')) || undefined, 120_000);
+    assert.equal((await task('h2', name)).state, 'frozen');
+    if (mode === 'stop-copy') {
+      oneLine(await lab.ferry(['--host', 'h2', 'settle', name]), /--run or --drop/);
+      oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run']), /waits for h1 to decide .*--source-gone/);
+    }
+    oneLine(await lab.ferry(['--host', 'h2', 'settle', name, runs ? '--run' : '--drop', '--source-gone']), /h1 answers: its agent settles migration/);
+    assert.equal((await task('h2', name)).state, 'frozen', 'refused: the copy still waits');
+
+    await h1Gone();
+    cli.kill('SIGKILL');
+    if (runs) {
+      assert.match(await lab.ok(['--host', 'h2', 'settle', name, '--run', '--source-gone']), new RegExp(`${name} runs on h2 \\(migration \\S+ from h1, settled by hand\\)`));
+      await lab.assertIntact('h2', name, sum);
+    } else {
+      oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run', '--source-gone']), /cannot run: part of its memory was to come from h1/);
+      assert.equal((await task('h2', name)).state, 'frozen', 'refused: the copy still waits');
+      assert.match(await lab.ok(['--host', 'h2', 'settle', name, '--drop', '--source-gone']), /the copy on h2 was dropped/);
+      assert.equal((await lab.tasksOn('h2')).find((x) => x.name === name), undefined, 'dropped');
+    }
+    oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--drop', '--source-gone']), new RegExp(`no copy of '${name}' on h2 is waiting for a decision`));
+
+    // h1 comes back: its journal settles the same way, and no second copy appears.
     rmSync(join(points, 'arm'), { force: true });
-    await lab.up(); // h1's agent, killed below
-    await lab.removeEverywhere(name);
+    await lab.up();
+    const journal = join(lab.stateDir('h1'), 'migrations');
+    await waitFor('h1 to settle its journal', () => (existsSync(journal) && readdirSync(journal).length > 0 ? undefined : true), 30_000, 200);
+    assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name), undefined, 'no copy left on h1');
+    if (runs) assert.equal((await task('h2', name)).state, 'running');
   });
-  for (const f of readdirSync(points)) rmSync(join(points, f), { force: true });
-  const sum = await lab.startHeartbeat(name, 32);
-  // The source decided and CRIU ended its copy; the destination's copy waits to be told.
-  writeFileSync(join(points, 'arm'), 'h1.commit');
-  cli = spawn(process.execPath, [CLI, '--cluster', lab.cluster, '--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', 'stop-copy'], { stdio: 'ignore' });
-  await waitFor('the source at its commit', () => existsSync(join(points, 'h1.commit.reached')) || undefined, 120_000);
-  assert.equal((await task('h2', name)).state, 'frozen');
-  oneLine(await lab.ferry(['--host', 'h2', 'settle', name]), /--run or --drop/);
-  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run']), /waits for h1 to decide .*--source-gone/);
-  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run', '--source-gone']), /h1 answers: its agent settles migration/);
-  assert.equal((await task('h2', name)).state, 'frozen', 'refused: the copy still waits');
-
-  // h1 goes down for good, its agent with it: nobody will tell h2.
-  process.kill(lab.agentPid('h1'), 'SIGKILL');
-  cli.kill('SIGKILL');
-  assert.match(await lab.ok(['--host', 'h2', 'settle', name, '--run', '--source-gone']), /n-orphan runs on h2 \(migration \S+ from h1, settled by hand\)/);
-  await lab.assertIntact('h2', name, sum);
-  oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--drop', '--source-gone']), /no copy of 'n-orphan' on h2 is waiting for a decision/);
-
-  // h1 comes back: its journal settles the same way, and no second copy appears.
-  rmSync(join(points, 'arm'), { force: true });
-  await lab.up();
-  await waitFor('h1 to settle its journal', () => (existsSync(join(lab.stateDir('h1'), 'migrations')) && readdirSync(join(lab.stateDir('h1'), 'migrations')).length > 0 ? undefined : true), 30_000, 200);
-  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name), undefined, 'no copy left on h1');
-  assert.equal((await task('h2', name)).state, 'running');
-});
+}
 
 test('a removed task leaves no namespace, veth or route', async () => {
   const name = 'n-rm';
