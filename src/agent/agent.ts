@@ -190,9 +190,9 @@ export class Agent {
 
     const capacity = this.o.capacity ?? { memBytes: totalmem(), cpus: availableParallelism() };
     this.route('GET', /^\/v1\/info$/, 'info', async (r) => reply(r.stream, { name: this.o.name, criu: (await rt.criu.version()).text, capacity, peer: { name: r.peer.name, role: r.peer.role } }));
-    this.route('GET', /^\/v1\/tasks$/, 'read', async (r) => reply(r.stream, await rt.listLive()));
+    this.route('GET', /^\/v1\/tasks$/, 'read', async (r) => reply(r.stream, await this.dest.annotate(await rt.listLive())));
     this.route('POST', /^\/v1\/tasks$/, 'operate', async (r) => reply(r.stream, await rt.run(await r.body(runBody))));
-    this.route('GET', task(), 'read', async (r) => reply(r.stream, await rt.getLive(name(r))));
+    this.route('GET', task(), 'read', async (r) => reply(r.stream, await this.dest.annotate(await rt.getLive(name(r)))));
     this.route('GET', task('/logs'), 'read', async (r) => {
       const n = name(r);
       await rt.get(n);

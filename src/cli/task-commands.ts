@@ -73,6 +73,7 @@ function taskSummary(t: TaskRecord) {
     createdAt: t.createdAt,
     exit: t.exit ?? null,
     origin: t.origin ?? null,
+    awaiting: t.awaiting ?? null,
     address: t.net?.address ?? null,
     publish: t.net?.publish ?? [],
     checkpoint: t.checkpoint ?? null,

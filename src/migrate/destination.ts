@@ -635,6 +635,16 @@ export class Destination {
     }
   }
 
+  /** Marks the restored copies among recs that wait for their source's decision (for `ferry ps`). */
+  async annotate<T extends TaskRecord | TaskRecord[]>(recs: T): Promise<T> {
+    for (const rec of Array.isArray(recs) ? recs : [recs]) {
+      if (rec.state !== 'frozen') continue;
+      const mark = await readJson<IncomingMark>(join(this.rt.store.dir(rec.name), 'incoming.json')).catch(() => undefined);
+      if (mark?.phase === 'restored') rec.awaiting = { from: mark.from, migration: mark.id };
+    }
+    return recs;
+  }
+
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */
   async abort(id: string, from?: string): Promise<void> {
     const link = this.lazyLinks.get(id);

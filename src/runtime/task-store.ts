@@ -59,6 +59,8 @@ export interface TaskRecord {
   mainPid?: number;
   processes?: number;
   rssBytes?: number;
+  /** Read live: a restored copy that waits, stopped, for its source's decision on this migration. */
+  awaiting?: { from: string; migration: string };
 }
 
 /** A port of the host forwarded to the task's own address (ferry run --net --publish). */
@@ -236,6 +238,7 @@ export class TaskStore {
 }
 
 export function describeState(rec: TaskRecord): string {
+  if (rec.state === 'frozen' && rec.awaiting) return `frozen (restored, awaiting ${rec.awaiting.from}'s decision)`;
   if (rec.state !== 'exited') return rec.state;
   const e = rec.exit;
   if (!e || e.unknown) return 'exited';

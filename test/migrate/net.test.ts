@@ -417,7 +417,10 @@ for (const mode of ['stop-copy', 'pre-copy', 'post-copy'] as const) {
     writeFileSync(join(points, 'arm'), 'h1.commit');
     cli = spawn(process.execPath, [CLI, '--cluster', lab.cluster, '--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode], { stdio: 'ignore' });
     await waitFor('the source at its commit', () => existsSync(join(points, 'h1.commit.reached')) || undefined, 120_000);
-    assert.equal((await task('h2', name)).state, 'frozen');
+    const held = (await task('h2', name)) as TaskInfo & { awaiting?: { from: string } | null };
+    assert.equal(held.state, 'frozen');
+    assert.equal(held.awaiting?.from, 'h1');
+    assert.match(held.status, /frozen \(restored, awaiting h1's decision\)/);
     if (mode === 'stop-copy') {
       oneLine(await lab.ferry(['--host', 'h2', 'settle', name]), /--run or --drop/);
       oneLine(await lab.ferry(['--host', 'h2', 'settle', name, '--run']), /waits for h1 to decide .*--source-gone/);
