@@ -602,23 +602,17 @@ export class Destination {
     validateName(name);
     const dir = this.rt.store.dir(name);
     const mark = await readJson<IncomingMark>(join(dir, 'incoming.json')).catch(() => undefined);
-    if (mark?.phase !== 'restored' || !existsSync(join(dir, 'task.json'))) {
-      throw new FerryError('USAGE', `no copy of '${name}' on ${this.self} is waiting for a decision`, { hint: mark ? 'its migration is still under way: its source settles it' : 'see `ferry ps` for its state' });
-    }
-    if (outcome === 'drop') {
-      if (dryRun) return { id: mark.id, from: mark.from };
-      await this.abort(mark.id);
-      this.onEvent({ event: 'settled by hand', id: mark.id, task: name, from: mark.from, outcome });
-      return { id: mark.id, from: mark.from };
-    }
-    if (mark.lazy && !(await this.everyPageHere(mark.id))) {
+    const nothingWaits = () => new FerryError('USAGE', `no copy of '${name}' on ${this.self} is waiting for a decision`, { hint: mark?.phase === 'receiving' ? 'its migration is still under way: its source settles it' : 'see `ferry ps` for its state' });
+    if (mark?.phase !== 'restored' || !existsSync(join(dir, 'task.json'))) throw nothingWaits();
+    if (outcome === 'run' && mark.lazy && !(await this.everyPageHere(mark.id))) {
       throw new FerryError('USAGE', `the copy of '${name}' on ${this.self} cannot run: part of its memory was to come from ${mark.from}`, { hint: `if ${mark.from} is gone for good, drop it (--drop --source-gone) and start the task again, from its last checkpoint if it has one` });
     }
-    if (dryRun) return { id: mark.id, from: mark.from };
-    const r = await this.commit(mark.id, mark.from);
-    if (!r.known) throw new FerryError('USAGE', `no copy of '${name}' on ${this.self} is waiting for a decision`);
-    this.onEvent({ event: 'settled by hand', id: mark.id, task: name, from: mark.from, outcome });
-    return { id: mark.id, from: mark.from };
+    const held = { id: mark.id, from: mark.from };
+    if (dryRun) return held;
+    if (outcome === 'drop') await this.abort(mark.id);
+    else if (!(await this.commit(mark.id, mark.from)).known) throw nothingWaits();
+    this.onEvent({ event: 'settled by hand', ...held, task: name, outcome });
+    return held;
   }
 
   /** A lazy restore that needs nothing more from its source: pre-copy's store holds every lazy page, and this agent still serves it. */
