@@ -1,4 +1,4 @@
-#!/usr/bin/env node
+#!/usr/bin/env -S node --initial-old-space-size=64
 // The `ferry` command. This is the only place that turns errors into messages and exit codes.
 import { Command, CommanderError, Option } from 'commander';
 import { FerryError } from '../errors.js';

@@ -13,6 +13,7 @@ import { readJson, writeJsonAtomic } from '../util/fs.js';
 import { isAlive, sleep, startTime, waitUntil } from '../util/proc.js';
 import { connect, requestJson } from '../wire/session.js';
 import { controllerRequest } from '../cluster/client.js';
+import { AGENT_NODE_FLAGS } from '../agent/agent.js';
 
 export interface LabHost {
   name: string;
@@ -213,7 +214,7 @@ async function ensureMountNs(state: LabState, h: LabHost): Promise<string> {
 /** Starts (or restarts) a host's agent inside its namespaces. */
 export async function startAgent(h: LabHost, caDir: string, mountNs: string, netPool: string, memory?: number): Promise<void> {
   const cli = join(repoRoot, 'dist', 'src', 'cli', 'main.js');
-  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry', '--net-pool', netPool, '--net-uplink', 'eth0', ...(memory ? ['--memory', String(memory)] : [])];
+  const args = [`--net=/run/netns/${h.netns}`, `--mount=${mountNs}`, '--', process.execPath, ...AGENT_NODE_FLAGS, cli, 'agent', '--name', h.name, '--listen', `${h.address}:${AGENT_PORT}`, '--ca', `${caDir}/ca.crt`, '--cert', `${h.dir}/${h.name}.crt`, '--key', `${h.dir}/${h.name}.key`, '--state-dir', '/var/lib/ferry', '--net-pool', netPool, '--net-uplink', 'eth0', ...(memory ? ['--memory', String(memory)] : [])];
   const logFd = openSync(join(h.dir, 'agent.log'), 'a');
   // nsenter, not `ip netns exec`: that one makes a new mount namespace at every start.
   const child = spawn('nsenter', args, {
