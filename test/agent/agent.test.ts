@@ -15,6 +15,7 @@ import type { Role } from '../../src/tls/identity.js';
 import { FrameType, encodeFrame, MuxSession } from '../../src/wire/mux.js';
 import { connect, requestJson, serverOptions } from '../../src/wire/session.js';
 import { CLI, freePort, waitFor } from '../support/ferry.js';
+import { AGENT_NODE_FLAGS } from '../../src/agent/agent.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-agent-test-'));
 const caDir = join(dir, 'ca');
@@ -221,4 +222,9 @@ test('a revoked certificate is refused within seconds, without restarting the ag
   assert.deepEqual(await requestJson(rd1, 'GET', '/v1/tasks'), []);
   rd1.close();
   assert.match(agentLog, /revoked/);
+});
+
+test("the ferry command's shebang starts node with the agents' options (deployed agents run through it)", () => {
+  const shebang = readFileSync(CLI, 'utf8').split('\n')[0]!;
+  for (const flag of AGENT_NODE_FLAGS) assert.ok(shebang.split(' ').includes(flag), `${CLI} starts with '${shebang}', without ${flag}`);
 });
