@@ -3,6 +3,7 @@
 // the agent, is its parent. Every request is checked at the edge: the peer's certificate role
 // against the endpoint, its body against a schema, names before any file is touched.
 import { appendFile, readFile, rm } from 'node:fs/promises';
+import type { Socket } from 'node:net';
 import tls from 'node:tls';
 import { availableParallelism, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -23,6 +24,56 @@ import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../
 
 /** Sessions one agent serves at once; more are refused at the door. */
 const MAX_SESSIONS = 128;
+
+/**
+ * Connections still in their TLS handshake (not known yet to come from the cluster), at most, in
+ * all and from one address; more are closed as they come. Without a bound, 20000 connections from
+ * one address that never said a word held every descriptor the agent may open: the CLI and other
+ * agents were turned away, and CRIU could not have been started, until the flood stopped. The
+ * cluster's own handshakes take milliseconds.
+ */
+const MAX_HANDSHAKES = 256;
+const MAX_HANDSHAKES_FROM_ONE = 16;
+const HANDSHAKE_TIMEOUT_MS = 5_000;
+
+/**
+ * Refused peers are logged once per kind of refusal and window, then counted: a flood of them
+ * must not flood the log (or the disk under it).
+ */
+export class RefusalLog {
+  private readonly more = new Map<string, number>();
+  private timer?: NodeJS.Timeout;
+
+  constructor(
+    private readonly log: (line: string) => void,
+    private readonly windowMs = 10_000,
+  ) {}
+
+  /** `kind` says why (without the peer's address, so a flood from many is one kind); `line` is logged. */
+  note(kind: string, line: string): void {
+    const n = this.more.get(kind);
+    if (n === undefined) {
+      this.more.set(kind, 0);
+      this.log(line);
+    } else {
+      this.more.set(kind, n + 1);
+    }
+    if (!this.timer) {
+      this.timer = setTimeout(() => this.flush(), this.windowMs);
+      this.timer.unref();
+    }
+  }
+
+  flush(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    const kinds = [...this.more].filter(([, n]) => n > 0);
+    this.more.clear();
+    if (!kinds.length) return;
+    const total = kinds.reduce((a, [, n]) => a + n, 0);
+    this.log(`refused ${total} more peer${total === 1 ? '' : 's'} in ${this.windowMs / 1000} s: ${kinds.map(([k, n]) => `${k} (${n})`).join('; ')}`);
+  }
+}
 
 /**
  * Node options an agent runs with (the `ferry` command's shebang has them too). Pages streamed
@@ -69,6 +120,7 @@ export class Agent {
   private readonly ctx: MigrateContext;
   private readonly resolver: Resolver;
   private revocationTimer?: NodeJS.Timeout;
+  private readonly refusals = new RefusalLog((l) => this.log(l));
   readonly historyFile: string;
 
   constructor(private readonly o: AgentOptions) {
@@ -107,10 +159,13 @@ export class Agent {
     }, 1000);
     this.revocationTimer.unref();
     const { host, port } = parseAddress(this.o.listen);
-    const server = tls.createServer({ ...serverOptions(this.o.tls), handshakeTimeout: 10_000 }, (socket) => {
+    const handshaking = new Map<string, () => void>();
+    const fromOne = new Map<string, number>();
+    const server = tls.createServer({ ...serverOptions(this.o.tls), handshakeTimeout: HANDSHAKE_TIMEOUT_MS }, (socket) => {
+      handshaking.get(`${socket.remoteAddress}:${socket.remotePort}`)?.();
       const peer = identify(socket.getPeerCertificate());
       const refuse = (why: string) => {
-        this.log(`refused a peer from ${socket.remoteAddress}: ${why}`);
+        this.refusals.note(why.replace(/'[^']*'|\(serial \w+\)/g, '…'), `refused a peer from ${socket.remoteAddress}: ${why}`);
         socket.destroy();
       };
       if (typeof peer === 'string') return refuse(peer);
@@ -125,7 +180,29 @@ export class Agent {
       session.keepalive(1000, 4);
       session.once('close', () => this.sessions.delete(session));
     });
-    server.on('tlsClientError', (e) => this.log(`refused a peer: ${e.message}`));
+    // Before TLS wraps it: a connection over the bounds is closed at once.
+    server.prependListener('connection', (raw: Socket) => {
+      const from = raw.remoteAddress ?? '';
+      const n = fromOne.get(from) ?? 0;
+      if (handshaking.size >= MAX_HANDSHAKES || n >= MAX_HANDSHAKES_FROM_ONE) {
+        const why = n >= MAX_HANDSHAKES_FROM_ONE ? `${MAX_HANDSHAKES_FROM_ONE} connections from one address are in their TLS handshake already` : `${MAX_HANDSHAKES} connections are in their TLS handshake already`;
+        this.refusals.note(why, `refused a peer from ${from}: ${why}`);
+        raw.destroy();
+        return;
+      }
+      const key = `${from}:${raw.remotePort}`;
+      fromOne.set(from, n + 1);
+      const done = () => {
+        if (handshaking.get(key) !== done) return;
+        handshaking.delete(key);
+        const left = (fromOne.get(from) ?? 1) - 1;
+        if (left > 0) fromOne.set(from, left);
+        else fromOne.delete(from);
+      };
+      handshaking.set(key, done);
+      raw.once('close', done);
+    });
+    server.on('tlsClientError', (e) => this.refusals.note(e.message, `refused a peer: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e: NodeJS.ErrnoException) =>
         reject(new FerryError('CONFIG', `cannot listen on ${this.o.listen}: ${e.code === 'EADDRINUSE' ? 'address in use' : e.message}`, { hint: 'pick another --listen address or stop what holds it' })),

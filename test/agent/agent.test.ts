@@ -4,9 +4,10 @@ import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
 import { once } from 'node:events';
-import { chmodSync, copyFileSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, mkdtempSync, readFileSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import net from 'node:net';
 import tls from 'node:tls';
 import { after, before, test } from 'node:test';
 import { FerryError } from '../../src/errors.js';
@@ -15,7 +16,7 @@ import type { Role } from '../../src/tls/identity.js';
 import { FrameType, encodeFrame, MuxSession } from '../../src/wire/mux.js';
 import { connect, requestJson, serverOptions } from '../../src/wire/session.js';
 import { CLI, freePort, waitFor } from '../support/ferry.js';
-import { AGENT_NODE_FLAGS } from '../../src/agent/agent.js';
+import { AGENT_NODE_FLAGS, RefusalLog } from '../../src/agent/agent.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-agent-test-'));
 const caDir = join(dir, 'ca');
@@ -208,6 +209,60 @@ test('thousands of malformed frames and requests: the agent stays up, bounded, a
   fresh.close();
   good.close();
   t.diagnostic(`${frames} random frames on 150 connections and 1000 hostile requests; agent RSS ${(rssBefore / 1048576).toFixed(0)} -> ${(rssAfter / 1048576).toFixed(0)} MiB`);
+});
+
+test('connections that never finish their TLS handshake are bounded: the agent keeps its descriptors, its log stays short', async () => {
+  const fds = () => readdirSync(`/proc/${agent!.pid}/fd`).length;
+  const before = fds();
+  const logFrom = agentLog.length;
+  const flood: net.Socket[] = [];
+  // Silent connections from one loopback address (the cluster's peers here come from 127.0.0.1).
+  const open = async (from: string, n: number) => {
+    const opened: Array<Promise<unknown>> = [];
+    for (let i = 0; i < n; i++) {
+      const s = net.connect({ host: '127.0.0.1', port, localAddress: from });
+      s.on('error', () => {});
+      flood.push(s);
+      opened.push(once(s, 'connect').catch(() => undefined));
+    }
+    await Promise.all(opened);
+    await new Promise((r) => setTimeout(r, 300));
+  };
+  try {
+    await open('127.0.0.2', 500);
+    assert.ok(fds() - before <= 16 + 4, `500 silent connections from one address: the agent holds ${fds() - before} more descriptors`);
+    const s1 = await session('rd');
+    assert.deepEqual(await requestJson(s1, 'GET', '/v1/tasks'), [], 'a peer from another address is served meanwhile');
+    s1.close();
+    // From 40 addresses, 16 each: more than the agent takes in all; a newcomer is turned away, and told so.
+    await Promise.all(Array.from({ length: 40 }, (_x, a) => open(`127.0.0.${a + 3}`, 16)));
+    assert.ok(fds() - before <= 256 + 4, `640 more from 40 addresses: the agent holds ${fds() - before} more descriptors`);
+    const e = await refusal(session('rd'));
+    assert.match(e.message, /closed the connection before the TLS handshake ended/);
+    const refusals = agentLog.slice(logFrom).split('\n').filter((l) => l.includes('refused'));
+    assert.ok(refusals.length <= 10, `${refusals.length} log lines of refusals:\n${refusals.slice(0, 10).join('\n')}`);
+    assert.equal(agent!.exitCode, null);
+  } finally {
+    for (const s of flood) s.destroy();
+  }
+  await waitFor('the agent to let go of the flood', () => (fds() <= before + 2 ? true : undefined), 10_000);
+  const s2 = await session('rd');
+  assert.deepEqual(await requestJson(s2, 'GET', '/v1/tasks'), [], 'served again once the flood is gone');
+  s2.close();
+});
+
+test('refusals are logged once per kind and window, then counted', async () => {
+  const lines: string[] = [];
+  const log = new RefusalLog((l) => lines.push(l), 50);
+  for (let i = 0; i < 1000; i++) log.note('TLS handshake timeout', `refused a peer from 10.0.0.${i % 250}: TLS handshake timeout`);
+  log.note('revoked', 'refused a peer from 10.0.0.1: revoked');
+  assert.deepEqual(lines, ['refused a peer from 10.0.0.0: TLS handshake timeout', 'refused a peer from 10.0.0.1: revoked']);
+  await new Promise((r) => setTimeout(r, 120));
+  assert.deepEqual(lines.slice(2), ['refused 999 more peers in 0.05 s: TLS handshake timeout (999)']);
+  log.note('revoked', 'refused a peer from 10.0.0.2: revoked');
+  assert.equal(lines.at(-1), 'refused a peer from 10.0.0.2: revoked', 'a new window logs again');
+  log.flush();
+  assert.equal(lines.length, 4, 'nothing more to count');
 });
 
 test('a revoked certificate is refused within seconds, without restarting the agent', async () => {
