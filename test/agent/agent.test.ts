@@ -16,7 +16,7 @@ import type { Role } from '../../src/tls/identity.js';
 import { FrameType, encodeFrame, MuxSession } from '../../src/wire/mux.js';
 import { connect, requestJson, serverOptions } from '../../src/wire/session.js';
 import { CLI, freePort, waitFor } from '../support/ferry.js';
-import { AGENT_NODE_FLAGS, RefusalLog } from '../../src/agent/agent.js';
+import { AGENT_NODE_FLAGS, ConnectionRate, RefusalLog } from '../../src/agent/agent.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-agent-test-'));
 const caDir = join(dir, 'ca');
@@ -249,6 +249,61 @@ test('connections that never finish their TLS handshake are bounded: the agent k
   const s2 = await session('rd');
   assert.deepEqual(await requestJson(s2, 'GET', '/v1/tasks'), [], 'served again once the flood is gone');
   s2.close();
+});
+
+test('handshakes as fast as one address can make them: the excess is turned away, the agent stays mostly idle, others are served', async (t) => {
+  const cpu = () => readFileSync(`/proc/${agent!.pid}/stat`, 'utf8').split(') ')[1]!.split(' ').slice(11, 13).reduce((a, x) => a + Number(x), 0);
+  const cpu0 = cpu();
+  const t0 = performance.now();
+  let through = 0;
+  let refused = 0;
+  const until = t0 + 3000;
+  // Eight at a time (under the bound on handshakes in progress), each closed once through.
+  const worker = async () => {
+    while (performance.now() < until) {
+      await new Promise<void>((resolve) => {
+        const raw = net.connect({ host: '127.0.0.1', port, localAddress: '127.0.0.60' });
+        raw.on('error', () => {});
+        const s = tls.connect({ socket: raw, rejectUnauthorized: false, minVersion: 'TLSv1.3' });
+        s.once('secureConnect', () => {
+          through++;
+          s.destroy();
+        });
+        s.once('error', () => refused++);
+        s.once('close', () => resolve());
+      });
+    }
+  };
+  const served = (async () => {
+    await new Promise((r) => setTimeout(r, 1500));
+    const s = await session('rd');
+    const tasks = await requestJson(s, 'GET', '/v1/tasks');
+    s.close();
+    return tasks;
+  })();
+  await Promise.all(Array.from({ length: 8 }, worker));
+  const secs = (performance.now() - t0) / 1000;
+  const ticks = cpu() - cpu0;
+  assert.deepEqual(await served, [], 'a peer from another address is served meanwhile');
+  assert.ok(through <= 128 + 64 * secs + 16, `${through} handshakes went through in ${secs.toFixed(1)} s (${refused} refused)`);
+  assert.ok(refused > through, `${refused} refused, ${through} through: the flood outran the bound`);
+  assert.ok(ticks / 100 / secs < 0.5, `the agent was ${((ticks / secs)).toFixed(0)} % busy`);
+  t.diagnostic(`${through} handshakes through, ${refused} turned away in ${secs.toFixed(1)} s; the agent ${(ticks / secs).toFixed(0)} % busy`);
+});
+
+test('connection rate: a burst, then so many a second, per address; full buckets are forgotten', () => {
+  const r = new ConnectionRate(10, 20);
+  let ok = 0;
+  for (let i = 0; i < 50; i++) if (r.take('a', 0)) ok++;
+  assert.equal(ok, 20, 'the burst');
+  assert.ok(r.take('b', 0), 'another address has its own');
+  assert.equal(r.take('a', 50), false, 'half a token later: none');
+  assert.ok(r.take('a', 100), 'one token per 100 ms');
+  assert.equal(r.take('a', 100), false);
+  r.sweep(1000);
+  assert.equal(r.addresses, 1, "b's bucket is full again, a's is not");
+  r.sweep(3000);
+  assert.equal(r.addresses, 0);
 });
 
 test('refusals are logged once per kind and window, then counted', async () => {
