@@ -69,10 +69,10 @@ export async function connect(address: string, o: ConnectOptions): Promise<MuxSe
 function connectError(address: string, e: Error & { code?: string }): FerryError {
   if (e.code === 'ECONNREFUSED') return new FerryError('PEER', `no agent listens at ${address}`, { hint: 'start it with `ferry agent`' });
   // The agent hung up before the handshake was through (connect() sees no error after it): it
-  // turns away connections over its bounds, and some TLS stacks close this way on a certificate
-  // they do not trust.
+  // closes the oldest handshakes when too many are open to it, and some TLS stacks close this
+  // way on a certificate they do not trust.
   if (e.code === 'ECONNRESET') {
-    return new FerryError('PEER', `the agent at ${address} closed the connection before the TLS handshake ended`, { hint: 'it turns away connections while too many are open to it (its log says so); else use certificates issued by the same cluster CA (`ferry cert issue`)' });
+    return new FerryError('PEER', `the agent at ${address} closed the connection before the TLS handshake ended`, { hint: 'try again: it closes the oldest of its connections still in their handshake while too many are open to it (its log says so); else use certificates issued by the same cluster CA (`ferry cert issue`)' });
   }
   if (/certificate|alert|handshake|TLS|SSL/i.test(e.message) || e.code?.startsWith('ERR_SSL') || e.code?.startsWith('ERR_TLS')) {
     return new FerryError('TLS', `TLS with the agent at ${address} failed: ${e.message}`, { hint: 'use certificates issued by the same cluster CA (`ferry cert issue`)' });

@@ -16,7 +16,7 @@ import type { Role } from '../../src/tls/identity.js';
 import { FrameType, encodeFrame, MuxSession } from '../../src/wire/mux.js';
 import { connect, requestJson, serverOptions } from '../../src/wire/session.js';
 import { CLI, freePort, waitFor } from '../support/ferry.js';
-import { AGENT_NODE_FLAGS, ConnectionRate, RefusalLog } from '../../src/agent/agent.js';
+import { AGENT_NODE_FLAGS, RefusalLog } from '../../src/agent/agent.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-agent-test-'));
 const caDir = join(dir, 'ca');
@@ -211,12 +211,12 @@ test('thousands of malformed frames and requests: the agent stays up, bounded, a
   t.diagnostic(`${frames} random frames on 150 connections and 1000 hostile requests; agent RSS ${(rssBefore / 1048576).toFixed(0)} -> ${(rssAfter / 1048576).toFixed(0)} MiB`);
 });
 
-test('connections that never finish their TLS handshake are bounded: the agent keeps its descriptors, its log stays short', async () => {
+test('connections that never finish their TLS handshake are bounded: the agent keeps its descriptors, serves the cluster beside them, logs little', async () => {
   const fds = () => readdirSync(`/proc/${agent!.pid}/fd`).length;
   const before = fds();
   const logFrom = agentLog.length;
   const flood: net.Socket[] = [];
-  // Silent connections from one loopback address (the cluster's peers here come from 127.0.0.1).
+  // Silent connections from a loopback address; the cluster's peers here come from 127.0.0.1.
   const open = async (from: string, n: number) => {
     const opened: Array<Promise<unknown>> = [];
     for (let i = 0; i < n; i++) {
@@ -228,82 +228,64 @@ test('connections that never finish their TLS handshake are bounded: the agent k
     await Promise.all(opened);
     await new Promise((r) => setTimeout(r, 300));
   };
+  const served = async (why: string) => {
+    const s = await session('rd');
+    assert.deepEqual(await requestJson(s, 'GET', '/v1/tasks'), [], why);
+    s.close();
+  };
   try {
-    await open('127.0.0.2', 500);
-    assert.ok(fds() - before <= 16 + 4, `500 silent connections from one address: the agent holds ${fds() - before} more descriptors`);
-    const s1 = await session('rd');
-    assert.deepEqual(await requestJson(s1, 'GET', '/v1/tasks'), [], 'a peer from another address is served meanwhile');
-    s1.close();
-    // From 40 addresses, 16 each: more than the agent takes in all; a newcomer is turned away, and told so.
-    await Promise.all(Array.from({ length: 40 }, (_x, a) => open(`127.0.0.${a + 3}`, 16)));
-    assert.ok(fds() - before <= 256 + 4, `640 more from 40 addresses: the agent holds ${fds() - before} more descriptors`);
-    const e = await refusal(session('rd'));
-    assert.match(e.message, /closed the connection before the TLS handshake ended/);
-    const refusals = agentLog.slice(logFrom).split('\n').filter((l) => l.includes('refused'));
-    assert.ok(refusals.length <= 10, `${refusals.length} log lines of refusals:\n${refusals.slice(0, 10).join('\n')}`);
+    await open('127.0.0.1', 500);
+    assert.ok(fds() - before <= 64 + 4, `500 silent connections from one address: the agent holds ${fds() - before} more descriptors`);
+    await served('a peer from the same address is served beside them');
+    await Promise.all(Array.from({ length: 40 }, (_x, a) => open(`127.0.0.${a + 2}`, 20)));
+    assert.ok(fds() - before <= 512 + 4, `800 more from 40 addresses: the agent holds ${fds() - before} more descriptors`);
+    await served('and beside 800 from 40 addresses');
+    const lines = agentLog.slice(logFrom).split('\n').filter((l) => /refused|closed the oldest/.test(l));
+    assert.ok(lines.length <= 10, `${lines.length} log lines of refusals:\n${lines.slice(0, 12).join('\n')}`);
     assert.equal(agent!.exitCode, null);
   } finally {
     for (const s of flood) s.destroy();
   }
   await waitFor('the agent to let go of the flood', () => (fds() <= before + 2 ? true : undefined), 10_000);
-  const s2 = await session('rd');
-  assert.deepEqual(await requestJson(s2, 'GET', '/v1/tasks'), [], 'served again once the flood is gone');
-  s2.close();
+  await served('served once the flood is gone');
 });
 
-test('handshakes as fast as one address can make them: the excess is turned away, the agent stays mostly idle, others are served', async (t) => {
+test('handshakes as fast as one address can make them: a peer from that address is served meanwhile', async (t) => {
   const cpu = () => readFileSync(`/proc/${agent!.pid}/stat`, 'utf8').split(') ')[1]!.split(' ').slice(11, 13).reduce((a, x) => a + Number(x), 0);
   const cpu0 = cpu();
   const t0 = performance.now();
   let through = 0;
-  let refused = 0;
   const until = t0 + 3000;
-  // Eight at a time (under the bound on handshakes in progress), each closed once through.
+  // Eight at a time, each closed once through, without a certificate.
   const worker = async () => {
     while (performance.now() < until) {
       await new Promise<void>((resolve) => {
-        const raw = net.connect({ host: '127.0.0.1', port, localAddress: '127.0.0.60' });
-        raw.on('error', () => {});
-        const s = tls.connect({ socket: raw, rejectUnauthorized: false, minVersion: 'TLSv1.3' });
+        const s = tls.connect({ host: '127.0.0.1', port, rejectUnauthorized: false, minVersion: 'TLSv1.3' });
         s.once('secureConnect', () => {
           through++;
           s.destroy();
         });
-        s.once('error', () => refused++);
+        s.once('error', () => {});
         s.once('close', () => resolve());
       });
     }
   };
-  const served = (async () => {
-    await new Promise((r) => setTimeout(r, 1500));
-    const s = await session('rd');
-    const tasks = await requestJson(s, 'GET', '/v1/tasks');
-    s.close();
-    return tasks;
-  })();
+  const served: Array<Promise<unknown>> = [];
+  for (const ms of [500, 1500, 2500]) {
+    served.push(
+      new Promise((r) => setTimeout(r, ms)).then(async () => {
+        const s = await session('rd');
+        const tasks = await requestJson(s, 'GET', '/v1/tasks');
+        s.close();
+        return tasks;
+      }),
+    );
+  }
   await Promise.all(Array.from({ length: 8 }, worker));
   const secs = (performance.now() - t0) / 1000;
-  const ticks = cpu() - cpu0;
-  assert.deepEqual(await served, [], 'a peer from another address is served meanwhile');
-  assert.ok(through <= 128 + 64 * secs + 16, `${through} handshakes went through in ${secs.toFixed(1)} s (${refused} refused)`);
-  assert.ok(refused > through, `${refused} refused, ${through} through: the flood outran the bound`);
-  assert.ok(ticks / 100 / secs < 0.5, `the agent was ${((ticks / secs)).toFixed(0)} % busy`);
-  t.diagnostic(`${through} handshakes through, ${refused} turned away in ${secs.toFixed(1)} s; the agent ${(ticks / secs).toFixed(0)} % busy`);
-});
-
-test('connection rate: a burst, then so many a second, per address; full buckets are forgotten', () => {
-  const r = new ConnectionRate(10, 20);
-  let ok = 0;
-  for (let i = 0; i < 50; i++) if (r.take('a', 0)) ok++;
-  assert.equal(ok, 20, 'the burst');
-  assert.ok(r.take('b', 0), 'another address has its own');
-  assert.equal(r.take('a', 50), false, 'half a token later: none');
-  assert.ok(r.take('a', 100), 'one token per 100 ms');
-  assert.equal(r.take('a', 100), false);
-  r.sweep(1000);
-  assert.equal(r.addresses, 1, "b's bucket is full again, a's is not");
-  r.sweep(3000);
-  assert.equal(r.addresses, 0);
+  assert.deepEqual(await Promise.all(served), [[], [], []], 'three requests, each on a new session, during the flood');
+  assert.equal(agent!.exitCode, null);
+  t.diagnostic(`${through} handshakes in ${secs.toFixed(1)} s; the agent ${((cpu() - cpu0) / secs).toFixed(0)} % busy`);
 });
 
 test('refusals are logged once per kind and window, then counted', async () => {
