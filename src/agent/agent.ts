@@ -3,7 +3,7 @@
 // the agent, is its parent. Every request is checked at the edge: the peer's certificate role
 // against the endpoint, its body against a schema, names before any file is touched.
 import { appendFile, readFile, rm } from 'node:fs/promises';
-import { createServer as createNetServer, type Server as NetServer, type Socket } from 'node:net';
+import type { Server as NetServer } from 'node:net';
 import tls from 'node:tls';
 import { availableParallelism, totalmem } from 'node:os';
 import { join } from 'node:path';
@@ -21,60 +21,10 @@ import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationI
 import { CODEC_HEADER, streamCodec } from '../wire/codec.js';
 import { releaseLeftThrottles } from '../precopy/throttle.js';
 import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
+import { door, HANDSHAKE_TIMEOUT_MS, RefusalLog } from '../wire/door.js';
 
 /** Sessions one agent serves at once; more are refused at the door. */
 const MAX_SESSIONS = 128;
-
-/**
- * Connections still in their TLS handshake (not known yet to come from the cluster), at most, in
- * all and from one address. Over a bound the oldest of them gives way (from that address, else
- * from any), not the newcomer: a peer of the cluster gets through its handshake in milliseconds
- * even beside a flood from its own address. Without a bound, 22,000 connections from one lab
- * host that never said a word held every descriptor the agent may open: the CLI and other
- * agents were turned away, and CRIU could not have been started, until the flood stopped.
- */
-const MAX_HANDSHAKES = 512;
-const MAX_HANDSHAKES_FROM_ONE = 64;
-const HANDSHAKE_TIMEOUT_MS = 5_000;
-
-/**
- * Refused peers are logged once per kind of refusal and window, then counted: a flood of them
- * must not flood the log (or the disk under it).
- */
-export class RefusalLog {
-  private readonly more = new Map<string, number>();
-  private timer?: NodeJS.Timeout;
-
-  constructor(
-    private readonly log: (line: string) => void,
-    private readonly windowMs = 10_000,
-  ) {}
-
-  /** `kind` says why (without the peer's address, so a flood from many is one kind); `line` is logged. */
-  note(kind: string, line: string): void {
-    const n = this.more.get(kind);
-    if (n === undefined) {
-      this.more.set(kind, 0);
-      this.log(line);
-    } else {
-      this.more.set(kind, n + 1);
-    }
-    if (!this.timer) {
-      this.timer = setTimeout(() => this.flush(), this.windowMs);
-      this.timer.unref();
-    }
-  }
-
-  flush(): void {
-    clearTimeout(this.timer);
-    this.timer = undefined;
-    const kinds = [...this.more].filter(([, n]) => n > 0);
-    this.more.clear();
-    if (!kinds.length) return;
-    const total = kinds.reduce((a, [, n]) => a + n, 0);
-    this.log(`refused ${total} more peer${total === 1 ? '' : 's'} in ${this.windowMs / 1000} s: ${kinds.map(([k, n]) => `${k} (${n})`).join('; ')}`);
-  }
-}
 
 /**
  * Node options an agent runs with (the `ferry` command's shebang has them too). Pages streamed
@@ -161,11 +111,7 @@ export class Agent {
     }, 1000);
     this.revocationTimer.unref();
     const { host, port } = parseAddress(this.o.listen);
-    /** Connections in their TLS handshake, oldest first. */
-    const handshaking = new Map<string, { raw: Socket; from: string }>();
-    const fromOne = new Map<string, number>();
     const secure = tls.createServer({ ...serverOptions(this.o.tls), handshakeTimeout: HANDSHAKE_TIMEOUT_MS }, (socket) => {
-      gone(`${socket.remoteAddress}:${socket.remotePort}`);
       const peer = identify(socket.getPeerCertificate());
       const refuse = (why: string) => {
         this.refusals.note(why.replace(/'[^']*'|\(serial \w+\)/g, '…'), `refused a peer from ${socket.remoteAddress}: ${why}`);
@@ -183,41 +129,7 @@ export class Agent {
       session.keepalive(1000, 4);
       session.once('close', () => this.sessions.delete(session));
     });
-    // Connections are counted as they come, before TLS takes them (tls.Server serves what is
-    // handed to it with emit('connection')), and counted out once through their handshake.
-    const server = createNetServer((raw: Socket) => {
-      const from = raw.remoteAddress ?? '';
-      const key = `${from}:${raw.remotePort}`;
-      const n = fromOne.get(from) ?? 0;
-      const why = n >= MAX_HANDSHAKES_FROM_ONE ? `${MAX_HANDSHAKES_FROM_ONE} connections from one address were in their TLS handshake` : handshaking.size >= MAX_HANDSHAKES ? `${MAX_HANDSHAKES} connections were in their TLS handshake` : undefined;
-      if (why) {
-        let oldest: [string, { raw: Socket; from: string }] | undefined;
-        for (const e of handshaking) {
-          if (n < MAX_HANDSHAKES_FROM_ONE || e[1].from === from) {
-            oldest = e;
-            break;
-          }
-        }
-        if (oldest) {
-          this.refusals.note(why, `closed the oldest connection from ${oldest[1].from} still in its TLS handshake: ${why}`);
-          oldest[1].raw.destroy();
-          gone(oldest[0]);
-        }
-      }
-      handshaking.set(key, { raw, from });
-      fromOne.set(from, (fromOne.get(from) ?? 0) + 1);
-      raw.once('close', () => gone(key));
-      secure.emit('connection', raw);
-    });
-    /** A connection is through its handshake, or closed. */
-    const gone = (key: string) => {
-      const e = handshaking.get(key);
-      if (!e) return;
-      handshaking.delete(key);
-      const left = (fromOne.get(e.from) ?? 1) - 1;
-      if (left > 0) fromOne.set(e.from, left);
-      else fromOne.delete(e.from);
-    };
+    const server = door(secure, { closed: (kind, line) => this.refusals.note(kind, line) });
     secure.on('tlsClientError', (e) => this.refusals.note(e.message, `refused a peer: ${e.message}`));
     await new Promise<void>((resolve, reject) => {
       server.once('error', (e: NodeJS.ErrnoException) =>

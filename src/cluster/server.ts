@@ -6,6 +6,7 @@ import { readFile } from 'node:fs/promises';
 import http from 'node:http';
 import https from 'node:https';
 import type { TLSSocket } from 'node:tls';
+import type { Server as NetServer } from 'node:net';
 import { join } from 'node:path';
 import { z } from 'zod';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
@@ -15,6 +16,7 @@ import { allows, identify, type Permission, type PeerIdentity } from '../tls/ide
 import type { LoadedTls, RevocationList } from '../tls/pki.js';
 import { hostName, modeSchema, parse, taskName } from '../wire/schemas.js';
 import { MAX_BODY, parseAddress } from '../wire/session.js';
+import { door, HANDSHAKE_TIMEOUT_MS, RefusalLog } from '../wire/door.js';
 import type { Controller, MigrationRecord } from './controller.js';
 
 /** Connections each door serves at once; more wait in the kernel's backlog or are refused. */
@@ -119,6 +121,7 @@ export class Metrics {
 
 export class ControllerServer {
   private api?: https.Server;
+  private apiDoor?: NetServer;
   private board?: http.Server;
   private readonly routes: Route[] = [];
   /** While set, this controller stands by (another leads) and answers every request with it. */
@@ -134,7 +137,7 @@ export class ControllerServer {
 
   /** The API on listen (mutual TLS); the dashboard on dashboard (plain, read-only), if given. */
   async start(listen: string, dashboard?: string): Promise<{ api: number; dashboard?: number }> {
-    const api = https.createServer({ key: this.o.tls.key, cert: this.o.tls.cert, ca: this.o.tls.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3' }, (req, res) => {
+    const api = https.createServer({ key: this.o.tls.key, cert: this.o.tls.cert, ca: this.o.tls.ca, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.3', handshakeTimeout: HANDSHAKE_TIMEOUT_MS }, (req, res) => {
       const peer = identify((req.socket as TLSSocket).getPeerCertificate());
       if (typeof peer === 'string') return this.fail(res, new FerryError('FORBIDDEN', peer));
       if (this.o.revoked?.has(peer.serial)) return this.fail(res, new FerryError('FORBIDDEN', `the certificate of '${peer.name}' (serial ${peer.serial}) is revoked`));
@@ -144,9 +147,16 @@ export class ControllerServer {
     // headers and bodies have theirs (readBody), and connections are counted.
     api.headersTimeout = 10_000;
     api.requestTimeout = 0;
-    api.maxConnections = MAX_CONNECTIONS;
+    // Connections still in their handshake are bounded at the door (the oldest gives way), the
+    // rest by number: a flood of silent connections held every one of them for tls.Server's
+    // default handshake time (120 s), and the cluster's own peers were turned away.
+    const refusals = new RefusalLog((l) => this.o.log?.(l));
+    const apiDoor = door(api, { maxHandshakes: MAX_CONNECTIONS / 2, maxFromOne: MAX_CONNECTIONS / 8, closed: (kind, line) => refusals.note(kind, line) });
+    apiDoor.maxConnections = MAX_CONNECTIONS;
+    api.on('tlsClientError', (e) => refusals.note(e.message, `refused a client: ${e.message}`));
     this.api = api;
-    const out: { api: number; dashboard?: number } = { api: await listenOn(api, listen, 7450) };
+    this.apiDoor = apiDoor;
+    const out: { api: number; dashboard?: number } = { api: await listenOn(apiDoor, listen, 7450) };
     if (dashboard) {
       const board = http.createServer((req, res) => void this.handle(req, res, undefined, true));
       board.headersTimeout = 10_000;
@@ -159,9 +169,10 @@ export class ControllerServer {
   }
 
   async close(): Promise<void> {
-    for (const s of [this.api, this.board]) {
+    this.api?.closeAllConnections();
+    this.board?.closeAllConnections();
+    for (const s of [this.apiDoor, this.board]) {
       if (!s) continue;
-      s.closeAllConnections();
       await new Promise<void>((r) => s.close(() => r()));
     }
   }
@@ -276,7 +287,7 @@ async function readBody(req: http.IncomingMessage): Promise<unknown> {
   }
 }
 
-function listenOn(server: http.Server | https.Server, addr: string, defaultPort: number): Promise<number> {
+function listenOn(server: NetServer, addr: string, defaultPort: number): Promise<number> {
   const { host, port } = parseAddress(addr, defaultPort, true);
   return new Promise((resolve, reject) => {
     server.once('error', (e: NodeJS.ErrnoException) =>

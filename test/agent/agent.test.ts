@@ -16,7 +16,8 @@ import type { Role } from '../../src/tls/identity.js';
 import { FrameType, encodeFrame, MuxSession } from '../../src/wire/mux.js';
 import { connect, requestJson, serverOptions } from '../../src/wire/session.js';
 import { CLI, freePort, waitFor } from '../support/ferry.js';
-import { AGENT_NODE_FLAGS, RefusalLog } from '../../src/agent/agent.js';
+import { AGENT_NODE_FLAGS } from '../../src/agent/agent.js';
+import { RefusalLog } from '../../src/wire/door.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'ferry-agent-test-'));
 const caDir = join(dir, 'ca');

@@ -3,7 +3,9 @@
 import assert from 'node:assert/strict';
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
+import { once } from 'node:events';
 import https from 'node:https';
+import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
@@ -129,6 +131,26 @@ test('API: a client without a certificate of the cluster CA is refused at the ha
       req.end();
     }),
   );
+});
+
+test('API: beside 600 silent connections from its own address a client is served; the flood is bounded', async () => {
+  const flood: net.Socket[] = [];
+  try {
+    await Promise.all(
+      Array.from({ length: 600 }, () => {
+        const s = net.connect(port, '127.0.0.1');
+        s.on('error', () => {});
+        flood.push(s);
+        return once(s, 'connect').catch(() => undefined);
+      }),
+    );
+    await new Promise((r) => setTimeout(r, 300));
+    const open = flood.filter((s) => !s.destroyed && s.readyState === 'open').length;
+    assert.ok(open <= 32 + 2, `${open} of the silent connections are still held`);
+    assert.ok(Array.isArray(await ask('viewer', 'GET', '/v1/hosts')));
+  } finally {
+    for (const s of flood) s.destroy();
+  }
 });
 
 test('OpenAPI: docs/openapi.json describes every endpoint the controller serves, and nothing else', () => {
