@@ -63,7 +63,7 @@ interface Route {
 }
 
 export class Agent {
-  /** Accepts connections; those within the bounds go on to `tls`. */
+  /** Accepts connections and hands them to TLS (see door()). */
   private server?: NetServer;
   private readonly sessions = new Map<MuxSession, PeerIdentity>();
   private readonly dest: Destination;

@@ -207,9 +207,10 @@ export function registerClusterCommands(program: Command): void {
         try {
           report = await readMigration(stream, !opts.json && process.stderr.isTTY, (i) => (id = i));
         } catch (e) {
-          // The source agent went away mid-migration: once it is back, it knows how it ended.
-          if (!(e instanceof FerryError && e.code === 'PEER' && id)) throw e;
-          throw await outcomeAfterLoss(cluster, host, id, task, opts.to);
+          // The source agent went away mid-migration: once it is back, it knows how it ended
+          // (before it said the migration's id, nothing was frozen: where the task runs says it).
+          if (!(e instanceof FerryError && e.code === 'PEER')) throw e;
+          throw id ? await outcomeAfterLoss(cluster, host, id, task, opts.to) : await whereAfterLoss(cluster, host, task, opts.to);
         }
         if (opts.json) printJson(report);
         else printReport(report);
@@ -296,6 +297,29 @@ async function outcomeAfterLoss(cluster: Cluster, host: string, id: string, task
     await new Promise((r) => setTimeout(r, 1000));
   }
   return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}) and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
+}
+
+/** The source agent went away before the migration had an id: once it answers, where the task runs. */
+async function whereAfterLoss(cluster: Cluster, host: string, task: string, to: string): Promise<FerryError> {
+  const end = Date.now() + 60_000;
+  while (Date.now() < end) {
+    try {
+      for (const h of [host, to]) {
+        const s = await agentSession(cluster, h);
+        try {
+          const tasks = await requestJson<Array<{ name: string; state: string }>>(s, 'GET', '/v1/tasks');
+          if (tasks.some((t) => t.name === task && t.state === 'running')) return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task is running on ${h}`);
+        } finally {
+          s.close();
+        }
+      }
+      return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task runs on neither host`, { hint: `see \`ferry --host ${host} ps\` and \`ferry --host ${host} history\`` });
+    } catch {
+      /* not back yet */
+    }
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began, and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
 }
 
 async function readMigration(stream: MuxStream, live: boolean, onId: (id: string) => void): Promise<MigrationReport> {

@@ -29,9 +29,10 @@ export function door(secure: tls.Server, o: DoorOptions = {}): Server {
   /** Connections in their TLS handshake, oldest first. */
   const handshaking = new Map<string, { raw: Socket; from: string }>();
   const fromOne = new Map<string, number>();
-  const gone = (key: string) => {
+  /** The connection is through its handshake or closed (raw: only if it is still that one). */
+  const gone = (key: string, raw?: Socket) => {
     const e = handshaking.get(key);
-    if (!e) return;
+    if (!e || (raw && e.raw !== raw)) return;
     handshaking.delete(key);
     const left = (fromOne.get(e.from) ?? 1) - 1;
     if (left > 0) fromOne.set(e.from, left);
@@ -57,9 +58,10 @@ export function door(secure: tls.Server, o: DoorOptions = {}): Server {
         gone(oldest[0]);
       }
     }
+    gone(key);
     handshaking.set(key, { raw, from });
     fromOne.set(from, (fromOne.get(from) ?? 0) + 1);
-    raw.once('close', () => gone(key));
+    raw.once('close', () => gone(key, raw));
     secure.emit('connection', raw);
   });
 }
@@ -99,6 +101,6 @@ export class RefusalLog {
     this.more.clear();
     if (!kinds.length) return;
     const total = kinds.reduce((a, [, n]) => a + n, 0);
-    this.log(`refused ${total} more peer${total === 1 ? '' : 's'} in ${this.windowMs / 1000} s: ${kinds.map(([k, n]) => `${k} (${n})`).join('; ')}`);
+    this.log(`turned away ${total} more connection${total === 1 ? '' : 's'} in ${this.windowMs / 1000} s: ${kinds.map(([k, n]) => `${k} (${n})`).join('; ')}`);
   }
 }

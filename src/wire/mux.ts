@@ -425,7 +425,9 @@ export class MuxSession extends EventEmitter {
     this.error = err;
     clearInterval(this.keepaliveTimer);
     const why = err ?? new FerryError('PEER', 'session closed');
-    for (const s of this.streams.values()) s.destroy(why);
+    // What already arrived for a stream is read before its error: the last lines a peer sent
+    // before it died (a migration's id, its outcome) came in the same read as the close.
+    for (const s of this.streams.values()) destroyWhenRead(s, why, Date.now() + READ_GRACE_MS);
     this.streams.clear();
     for (const cb of this.pings.values()) cb(why);
     this.pings.clear();
@@ -529,4 +531,16 @@ export class MuxSession extends EventEmitter {
     const neverOpened = this.isPeerId(id) ? id > this.lastPeerId : id >= this.nextId;
     if (neverOpened) throw new ProtocolError(`frame type ${type} for stream ${id}, which was never opened`);
   }
+}
+
+/** How long data a closed session left in a stream waits for its reader. */
+const READ_GRACE_MS = 1000;
+
+function destroyWhenRead(s: MuxStream, why: Error, until: number): void {
+  if (s.destroyed) return;
+  if (s.readableLength === 0 || s.readableEnded || Date.now() >= until) {
+    s.destroy(why);
+    return;
+  }
+  setTimeout(() => destroyWhenRead(s, why, until), 5);
 }

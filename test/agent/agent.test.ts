@@ -241,7 +241,7 @@ test('connections that never finish their TLS handshake are bounded: the agent k
     await Promise.all(Array.from({ length: 40 }, (_x, a) => open(`127.0.0.${a + 2}`, 20)));
     assert.ok(fds() - before <= 512 + 4, `800 more from 40 addresses: the agent holds ${fds() - before} more descriptors`);
     await served('and beside 800 from 40 addresses');
-    const lines = agentLog.slice(logFrom).split('\n').filter((l) => /refused|closed the oldest/.test(l));
+    const lines = agentLog.slice(logFrom).split('\n').filter((l) => /refused|closed the oldest|turned away/.test(l));
     assert.ok(lines.length <= 10, `${lines.length} log lines of refusals:\n${lines.slice(0, 12).join('\n')}`);
     assert.equal(agent!.exitCode, null);
   } finally {
@@ -296,7 +296,7 @@ test('refusals are logged once per kind and window, then counted', async () => {
   log.note('revoked', 'refused a peer from 10.0.0.1: revoked');
   assert.deepEqual(lines, ['refused a peer from 10.0.0.0: TLS handshake timeout', 'refused a peer from 10.0.0.1: revoked']);
   await new Promise((r) => setTimeout(r, 120));
-  assert.deepEqual(lines.slice(2), ['refused 999 more peers in 0.05 s: TLS handshake timeout (999)']);
+  assert.deepEqual(lines.slice(2), ['turned away 999 more connections in 0.05 s: TLS handshake timeout (999)']);
   log.note('revoked', 'refused a peer from 10.0.0.2: revoked');
   assert.equal(lines.at(-1), 'refused a peer from 10.0.0.2: revoked', 'a new window logs again');
   log.flush();

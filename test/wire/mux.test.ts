@@ -136,6 +136,31 @@ test('a reset reaches the other side as an error; the session lives on', async (
   server.destroy();
 });
 
+test('what arrived for a stream before its connection closed is read before the error', async () => {
+  const { client, server } = await pair();
+  server.on('stream', (s: MuxStream) => {
+    s.respond({ ':status': 200 });
+    s.write('{"progress":{"type":"start","id":"m1"}}\n');
+  });
+  const st = client.request({ ':path': '/x' });
+  st.end();
+  st.pause();
+  for (let i = 0; i < 200 && st.readableLength === 0; i++) await new Promise((r) => setTimeout(r, 5));
+  assert.ok(st.readableLength > 0, 'the line arrived');
+  const closed = once(client, 'close');
+  server.destroy();
+  await closed;
+  let text = '';
+  let err: Error | undefined;
+  try {
+    for await (const c of st) text += String(c);
+  } catch (e) {
+    err = e as Error;
+  }
+  assert.equal(text, '{"progress":{"type":"start","id":"m1"}}\n', 'the line the peer sent is read');
+  assert.match(String(err?.message), /session closed|reset|closed/, 'then the error');
+});
+
 test('close() ends the connection once the open streams are done', async () => {
   const { client, server } = await pair();
   server.on('stream', (s: MuxStream) => {
