@@ -277,49 +277,50 @@ export function registerClusterCommands(program: Command): void {
     });
 }
 
-/** Asks a restarted source agent how a migration ended; the answer is the CLI's last line. */
-async function outcomeAfterLoss(cluster: Cluster, host: string, id: string, task: string, to: string): Promise<FerryError> {
+/**
+ * Asks every second, for a minute, until `ask` has an answer (undefined: not yet; it throws while
+ * an agent does not answer).
+ */
+async function onceBack<T>(ask: () => Promise<T | undefined>): Promise<T | undefined> {
   const end = Date.now() + 60_000;
   while (Date.now() < end) {
-    try {
-      const s = await agentSession(cluster, host);
-      try {
-        const st = await requestJson<{ state: string; ok?: boolean; where?: string }>(s, 'GET', `/v1/migrations/${id}`);
-        if (st.state === 'done') {
-          return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}); the task is running on ${st.where}`, st.ok ? { hint: 'the migration completed; there is no report' } : {});
-        }
-      } finally {
-        s.close();
-      }
-    } catch {
-      /* not back yet */
-    }
+    const answer = await ask().catch(() => undefined);
+    if (answer !== undefined) return answer;
     await new Promise((r) => setTimeout(r, 1000));
   }
-  return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}) and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
+  return undefined;
 }
 
-/** The source agent went away before the migration had an id: once it answers, where the task runs. */
-async function whereAfterLoss(cluster: Cluster, host: string, task: string, to: string): Promise<FerryError> {
-  const end = Date.now() + 60_000;
-  while (Date.now() < end) {
-    try {
-      for (const h of [host, to]) {
-        const s = await agentSession(cluster, h);
-        try {
-          const tasks = await requestJson<Array<{ name: string; state: string }>>(s, 'GET', '/v1/tasks');
-          if (tasks.some((t) => t.name === task && t.state === 'running')) return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task is running on ${h}`);
-        } finally {
-          s.close();
-        }
-      }
-      return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task runs on neither host`, { hint: `see \`ferry --host ${host} ps\` and \`ferry --host ${host} history\`` });
-    } catch {
-      /* not back yet */
-    }
-    await new Promise((r) => setTimeout(r, 1000));
+/** One request on a session of its own to the agent on host. */
+async function askAgent<T>(cluster: Cluster, host: string, path: string): Promise<T> {
+  const s = await agentSession(cluster, host);
+  try {
+    return await requestJson<T>(s, 'GET', path);
+  } finally {
+    s.close();
   }
-  return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began, and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
+}
+
+/** Asks a restarted source agent how a migration ended; the answer is the CLI's last line. */
+async function outcomeAfterLoss(cluster: Cluster, host: string, id: string, task: string, to: string): Promise<FerryError> {
+  const said = await onceBack(async () => {
+    const st = await askAgent<{ state: string; ok?: boolean; where?: string }>(cluster, host, `/v1/migrations/${id}`);
+    if (st.state !== 'done') return undefined;
+    return new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}); the task is running on ${st.where}`, st.ok ? { hint: 'the migration completed; there is no report' } : {});
+  });
+  return said ?? new FerryError('MIGRATION', `the agent on ${host} went away during the migration of '${task}' to ${to} (${id}) and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
+}
+
+/** The source agent went away before the migration had an id (nothing was frozen): once it answers, where the task runs. */
+async function whereAfterLoss(cluster: Cluster, host: string, task: string, to: string): Promise<FerryError> {
+  const said = await onceBack(async () => {
+    for (const h of [host, to]) {
+      const tasks = await askAgent<Array<{ name: string; state: string }>>(cluster, h, '/v1/tasks');
+      if (tasks.some((t) => t.name === task && t.state === 'running')) return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task is running on ${h}`);
+    }
+    return new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began; the task runs on neither host`, { hint: `see \`ferry --host ${host} ps\` and \`ferry --host ${host} history\`` });
+  });
+  return said ?? new FerryError('MIGRATION', `the agent on ${host} went away as the migration of '${task}' to ${to} began, and has not come back within a minute`, { hint: `check \`ferry --host ${host} ps\` and \`ferry --host ${to} ps\`` });
 }
 
 async function readMigration(stream: MuxStream, live: boolean, onId: (id: string) => void): Promise<MigrationReport> {
