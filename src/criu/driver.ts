@@ -185,14 +185,19 @@ export class Criu {
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
    * the restore connects.
    */
-  lazyPages(o: { imagesDir: string; early?: boolean }): ServerHandle & { socket: Socket } {
+  /** The lazy-pages daemon reads pages from pre-copy's store itself when an answer says where (patches/criu/0016). */
+  get lazyStoredAnswers(): boolean {
+    return this.hasPatch('0016-lazy-pages-stored-answers');
+  }
+
+  lazyPages(o: { imagesDir: string; early?: boolean; store?: string }): ServerHandle & { socket: Socket } {
     // Its page server is this agent, at the other end of a Unix socket it inherits (fd 3): through
     // TCP on loopback the same 1 GiB cost the writing side ~0.45 s more CPU (978 against 534 ms
     // in the socket writes, measured with the front serving a stand-in daemon).
     const args = ['lazy-pages', '--page-server', '--ps-socket', '3', '-D', o.imagesDir, '-o', 'lazy-pages.log', '-v4'];
     // More than one request in flight per process (patches/criu/0006; ignored by a CRIU without
     // it): with one, a task that kept faulting filled at ~180 MB/s from this host's own store.
-    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}) }, true);
+    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(LAZY_INFLIGHT), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}), ...(o.store ? { CRIU_LAZY_PAGES_STORE: o.store } : {}) }, true);
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
     // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the
     // whole fill. At a lower priority it leaves that core to the task and the agents; measured

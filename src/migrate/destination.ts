@@ -461,7 +461,7 @@ export class Destination {
     const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
       // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
       const holder = m.store ?? new MemPageHolder();
-      const front = serveLazy(sock, holder, frontEnd, runs, stats, { anyOrder: this.rt.criu.lazyAnswersAnyOrder });
+      const front = serveLazy(sock, holder, frontEnd, runs, stats, { anyOrder: this.rt.criu.lazyAnswersAnyOrder, stored: this.rt.criu.lazyStoredAnswers });
       link.front = front;
       // The restore starts while the last delta still arrives: no page is served before the
       // store has it (a page served from an earlier round would be stale). A store complete
@@ -476,7 +476,8 @@ export class Destination {
       if (link.running) front.prefetch();
       else if (link.quiet) link.front.quiet();
     };
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early });
+    // Where pre-copy's store will be (it may not exist yet: the daemon opens it at its first stored answer).
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early, store: join(m.dir, PRECOPY_PAGES) });
     link.daemon = daemon;
     const sock = daemon.socket;
     sock.on('error', () => {}); // the daemon's exit says how it ended
@@ -497,7 +498,7 @@ export class Destination {
     void daemon.exited.then(async (code) => {
       sock.destroy();
       m.store?.remove();
-      this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
+      this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.storedPages ? { stored: stats.storedPages } : {}), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
       if (this.lazyLinks.get(m.id) !== link) return;
       // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
       // would read them as zeros: it must not run on.

@@ -28,6 +28,11 @@ import { ChunkQueue, PAGE } from './store.js';
 const PS_IOV_GET = 7;
 const PS_IOV_ADD_F = 6;
 const PE_PRESENT = 1 << 2;
+/**
+ * Ferry's flag (patches/criu/0016): the answer's pages are in the store file the daemon was given,
+ * from the slot in the header's second word on; no data follows the header.
+ */
+const PE_STORED = 1 << 7;
 const PS_IOV_CLOSE = 0x1023;
 const PS_IOV_FORCE_CLOSE = 0x1024;
 const PS_HEADER = 32;
@@ -133,6 +138,11 @@ export interface PageHolder {
   readonly keepsServed: boolean;
   /** Copies n pages (all present) into out. */
   read(vpid: number, vaddr: number, n: number, out: Buffer, outOffset: number): void;
+  /**
+   * Where pages from `page` on (at most max) lie one after another in a file the daemon can read
+   * itself: the first one's slot and how many; undefined when the first is not in one.
+   */
+  storedRun?(vpid: number, page: number, max: number): { slot: number; n: number } | undefined;
   put(vpid: number, vaddr: number, n: number, data?: Buffer): void;
   /** The daemon has these pages now. */
   served(vpid: number, vaddr: number, n: number): void;
@@ -216,6 +226,8 @@ export interface FrontStats {
   faultWaitMaxMs: number;
   /** Faults on pages whose prefetch was already in flight. */
   faultsWaited: number;
+  /** Of localPages, those the daemon read from the store's file itself (patches/criu/0016). */
+  storedPages?: number;
   prefetchMinRttMs?: number;
 }
 
@@ -256,8 +268,9 @@ interface Pending {
  * the link to the source's CRIU (none: every page must already be in `holder`). The prefetch
  * waits for `prefetch()`: before the task runs, the link carries the migration's own messages.
  */
-export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex | undefined, runs: PageRun[], stats: FrontStats, opts: { anyOrder?: boolean } = {}): LazyFront {
+export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex | undefined, runs: PageRun[], stats: FrontStats, opts: { anyOrder?: boolean; stored?: boolean } = {}): LazyFront {
   const anyOrder = !!opts.anyOrder;
+  const storedRun = opts.stored ? holder.storedRun?.bind(holder) : undefined;
   // Requests and answers are small and each waits for the one before: no Nagle on either side.
   daemon.setNoDelay(true);
   if (upstream && 'setNoDelay' in upstream) (upstream as Socket).setNoDelay(true);
@@ -398,6 +411,19 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   const share = (n: number) => Math.min(n, performance.now() - lastFault < FAULT_GAP_MS ? LOCAL_PAGES_FAULTING : LOCAL_PAGES);
   /** An answer with the first k (>= 1) pages of the request that are here. */
   const local = (req: Buffer, vpid: number, first: number, n: number, fetched = false): Entry => {
+    // Pages in the store's file: the daemon reads them itself, this agent sends their place.
+    const at = storedRun?.(vpid, first, n);
+    if (at) {
+      const out = Buffer.allocUnsafe(PS_HEADER);
+      req.copy(out, 0, 0, PS_HEADER);
+      out.writeUInt32LE(((PE_PRESENT | PE_STORED) << 16) | PS_IOV_ADD_F, 0);
+      out.writeUInt32LE(at.slot, 4);
+      out.writeBigUInt64LE(BigInt(at.n), 8);
+      holder.served(vpid, first * PAGE, at.n);
+      if (!fetched) stats.localPages += at.n;
+      stats.storedPages = (stats.storedPages ?? 0) + at.n;
+      return { kind: 'ready', data: out };
+    }
     const k = Math.max(1, holder.presentRun(vpid, first, n));
     const whole = pooled(k) ? (spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + LOCAL_PAGES * PAGE)) : Buffer.allocUnsafe(PS_HEADER + k * PAGE);
     const out = whole.subarray(0, PS_HEADER + k * PAGE);

@@ -157,6 +157,21 @@ export class PageStore {
     return k;
   }
 
+  /** The daemon reads data pages from this file itself (patches/criu/0016); zero pages are sent. */
+  storedRun(vpid: number, page: number, max: number): { slot: number; n: number } | undefined {
+    const slot = this.slot(vpid, page);
+    if (slot < 0) return undefined;
+    let k = 1;
+    let c: Int32Array | undefined;
+    while (k < max) {
+      const p = page + k;
+      if (!c || p % INDEX_PAGES === 0) c = this.chunk(vpid, p, false);
+      if (!c || c[p % INDEX_PAGES] !== slot + k) break;
+      k++;
+    }
+    return { slot, n: k };
+  }
+
   /** The file keeps what it served (a failed fill may be retried from it): nothing to free. */
   served(): void {}
 

@@ -5,11 +5,14 @@
 // dies on a request for a page it does not hold. The real thing runs in test/migrate.
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
+import { mkdtempSync, openSync, readSync, closeSync, rmSync } from 'node:fs';
 import { createServer, connect, type AddressInfo, type Server, type Socket } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { test } from 'node:test';
 import { MemPageHolder, PREFETCH_WINDOW, PrefetchWindow, serveLazy, type FrontStats, type LazyFront } from '../../src/precopy/front.js';
 import type { PageRun } from '../../src/criu/image.js';
-import { PAGE } from '../../src/precopy/store.js';
+import { PAGE, PageStore } from '../../src/precopy/store.js';
 
 const GET = 7;
 const CLOSE = 0x1023;
@@ -607,3 +610,77 @@ for (const anyOrder of [false, true])
       src.server.close();
     }
   });
+
+test('lazy-pages front with stored answers (patches/criu/0016): pages in the store\'s file go as their slot, cut where the slots stop following each other; zero pages and pages only held in memory go as data', async () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-front-'));
+  const store = new PageStore(join(dir, 'precopy.pages'));
+  const sockets: Socket[] = [];
+  const front = createServer((d) => {
+    sockets.push(d);
+    serveLazy(d, store, undefined, runs, stats, { anyOrder: true, stored: true }).prefetch();
+  });
+  const runs: PageRun[] = [{ vpid: 3, first: 0x200, n: 64 }];
+  const stats = newStats();
+  try {
+    // Pages 0x200-0x20f in slots 0-15, then 0x218-0x21f (slots 16-23) before 0x210-0x217 (24-31):
+    // a rewrite keeps its slot. 0x220-0x23f are zero.
+    const put = (first: number, n: number) => store.put(3, first * PAGE, n, Buffer.concat(Array.from({ length: n }, (_, i) => content(3, first + i))));
+    put(0x200, 16);
+    put(0x218, 8);
+    put(0x210, 8);
+    put(0x204, 2);
+    store.put(3, 0x220 * PAGE, 32);
+    const port = await listen(front);
+    const sock = connect(port, '127.0.0.1');
+    sockets.push(sock);
+    await once(sock, 'connect');
+    let inb = Buffer.alloc(0);
+    sock.on('data', (c: Buffer) => (inb = Buffer.concat([inb, c])));
+    const fd = openSync(join(dir, 'precopy.pages'), 'r');
+    const got: Array<[string, number, number]> = [];
+    /** Parses answers as the patched daemon does: a stored one is read from the file at its slot. */
+    const parse = () => {
+      while (inb.length >= 32) {
+        const flags = inb.readUInt32LE(0) >>> 16;
+        const n = Number(inb.readBigUInt64LE(8));
+        const page = Number(inb.readBigUInt64LE(16)) / PAGE;
+        assert.equal(Number(inb.readBigUInt64LE(24)), 3);
+        const stored = (flags & (1 << 7)) !== 0;
+        if (!stored && inb.length < 32 + n * PAGE) return;
+        const data = Buffer.alloc(n * PAGE);
+        if (stored) assert.equal(readSync(fd, data, 0, n * PAGE, inb.readUInt32LE(4) * PAGE), n * PAGE);
+        else inb.copy(data, 0, 32, 32 + n * PAGE);
+        for (let i = 0; i < n; i++) {
+          const want = page + i >= 0x220 ? Buffer.alloc(PAGE) : content(3, page + i);
+          assert.ok(data.subarray(i * PAGE, (i + 1) * PAGE).equals(want), `page 0x${(page + i).toString(16)} intact`);
+        }
+        got.push([stored ? 'stored' : 'data', page, n]);
+        inb = inb.subarray(stored ? 32 : 32 + n * PAGE);
+      }
+    };
+    const ask = async (page: number, n: number) => {
+      sock.write(header(GET, n, page, 3));
+      await new Promise((r) => setTimeout(r, 30));
+      parse();
+    };
+    await new Promise((r) => setTimeout(r, 20));
+    await ask(0x200, 64);
+    await ask(0x210, 48);
+    await ask(0x218, 40);
+    await ask(0x220, 32);
+    closeSync(fd);
+    assert.deepEqual(got, [
+      ['stored', 0x200, 16],
+      ['stored', 0x210, 8],
+      ['stored', 0x218, 8],
+      ['data', 0x220, 32],
+    ]);
+    assert.equal(stats.storedPages, 32);
+    assert.equal(stats.localPages, 64);
+  } finally {
+    for (const s of sockets) s.destroy();
+    front.close();
+    store.remove();
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
