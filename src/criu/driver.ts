@@ -180,16 +180,16 @@ export class Criu {
     return this.hasPatch('0011-lazy-pages-answers-any-order');
   }
 
-  /**
-   * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
-   * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
-   * the restore connects.
-   */
   /** The lazy-pages daemon reads pages from pre-copy's store itself when an answer says where (patches/criu/0016). */
   get lazyStoredAnswers(): boolean {
     return this.hasPatch('0016-lazy-pages-stored-answers');
   }
 
+  /**
+   * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
+   * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
+   * the restore connects.
+   */
   lazyPages(o: { imagesDir: string; early?: boolean; store?: string }): ServerHandle & { socket: Socket } {
     // Its page server is this agent, at the other end of a Unix socket it inherits (fd 3): through
     // TCP on loopback the same 1 GiB cost the writing side ~0.45 s more CPU (978 against 534 ms

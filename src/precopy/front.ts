@@ -413,30 +413,24 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
   const local = (req: Buffer, vpid: number, first: number, n: number, fetched = false): Entry => {
     // Pages in the store's file: the daemon reads them itself, this agent sends their place.
     const at = storedRun?.(vpid, first, n);
-    if (at) {
-      const out = Buffer.allocUnsafe(PS_HEADER);
-      req.copy(out, 0, 0, PS_HEADER);
-      out.writeUInt32LE(((PE_PRESENT | PE_STORED) << 16) | PS_IOV_ADD_F, 0);
-      out.writeUInt32LE(at.slot, 4);
-      out.writeBigUInt64LE(BigInt(at.n), 8);
-      holder.served(vpid, first * PAGE, at.n);
-      if (!fetched) stats.localPages += at.n;
-      stats.storedPages = (stats.storedPages ?? 0) + at.n;
-      return { kind: 'ready', data: out };
-    }
-    const k = Math.max(1, holder.presentRun(vpid, first, n));
-    const whole = pooled(k) ? (spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + LOCAL_PAGES * PAGE)) : Buffer.allocUnsafe(PS_HEADER + k * PAGE);
-    const out = whole.subarray(0, PS_HEADER + k * PAGE);
+    const k = at?.n ?? Math.max(1, holder.presentRun(vpid, first, n));
+    /** Pages that follow the header. */
+    const carried = at ? 0 : k;
+    const pool = pooled(carried);
+    const whole = pool ? (spare.pop() ?? Buffer.allocUnsafeSlow(PS_HEADER + LOCAL_PAGES * PAGE)) : Buffer.allocUnsafe(PS_HEADER + carried * PAGE);
+    const out = whole.subarray(0, PS_HEADER + carried * PAGE);
     req.copy(out, 0, 0, PS_HEADER);
-    out.writeUInt32LE((PE_PRESENT << 16) | PS_IOV_ADD_F, 0);
+    out.writeUInt32LE((((at ? PE_STORED : 0) | PE_PRESENT) << 16) | PS_IOV_ADD_F, 0);
+    out.writeUInt32LE(at?.slot ?? 0, 4);
     out.writeBigUInt64LE(BigInt(k), 8);
-    holder.read(vpid, first * PAGE, k, out, PS_HEADER);
+    if (at) stats.storedPages = (stats.storedPages ?? 0) + k;
+    else holder.read(vpid, first * PAGE, k, out, PS_HEADER);
     holder.served(vpid, first * PAGE, k);
     // A holder that forgets served pages: the prefetch must not ask for them again.
     if (!holder.keepsServed) for (let i = 0; i < k; i++) asked.set(key(vpid, first + i), 2);
     // A fault's page fetched for it counts as forwarded (when it arrived), as when it went through.
     if (!fetched) stats.localPages += k;
-    return { kind: 'ready', data: out, ...(pooled(k) ? { release: () => spare.length < SPARE_ANSWERS && spare.push(whole) } : {}) };
+    return { kind: 'ready', data: out, ...(pool ? { release: () => spare.length < SPARE_ANSWERS && spare.push(whole) } : {}) };
   };
   const forward = (vpid: number, first: number, n: number, faultAt?: number): Entry => {
     let m = 1;
