@@ -153,7 +153,7 @@ else
   say "built and installed $criu_bin"
 fi
 # CRIU's own tests of one kernel object each (test/zdtm/static: a file, socket, timer, mapping,
-# ...): test/migrate/zdtm.test.ts runs them as Ferry tasks and migrates them. Built once; a
+# ...): test/support/zdtm.ts runs them as Ferry tasks and migrates them. Built once; a
 # failed build is reported and leaves the suite to say what it cannot check.
 zdtm_tests=(
   env00 umask00 pthread00 zombie00 session00 sigpending sigaltstack futex posix_timers
@@ -166,7 +166,7 @@ zdtm_tests=(
   maps01 maps02 maps03 maps05 maps06 maps11 maps12 maps_file_prot mem-touch grow_map grow_map02
   grow_map03 shm-unaligned shmemfd-priv memfd03 mtime_mmap unlink_mmap01 unlink_mmap02 pthread01
   fpu00
-  # One kernel object each, moved by stop-copy and auto (OBJECTS in test/migrate/zdtm.test.ts):
+  # One kernel object each, moved by stop-copy and auto (OBJECT_TESTS in test/support/zdtm.ts):
   pty00 pty02 pty04 tty00 tty03 fifo-ghost fifo-rowo-pair unlink_fifo scm00 scm03 scm05
   sockets01 sockets_spair sockets03 sk-unix-rel del_standalone_un sk-unix-dgram-ghost
   sk-unix-listen01 socket_listen6 socket_udp_shutdown socket-tcp-listen socket-tcp sock_filter00
@@ -196,7 +196,7 @@ if [ ! -f "$zdtm/commands" ] || [ "$(cat "$zdtm/list" 2>/dev/null)" != "${zdtm_t
     say "built $(wc -l <"$zdtm/commands") zdtm tests into $zdtm"
   else
     tail -n 20 "$work/zdtm.log" >&2
-    say "warning: CRIU's zdtm library did not build (log above); test/migrate/zdtm.test.ts will skip"
+    say "warning: CRIU's zdtm library did not build (log above); test/migrate/zdtm-*.test.ts will skip"
   fi
 fi
 mkdir -p "$confdir"

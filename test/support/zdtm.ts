@@ -3,15 +3,16 @@
 // IPC, a deleted file still open, ... Each is another author's program that sets its object up,
 // daemonizes (its first process exits), waits for SIGTERM, then checks that the object is as it
 // left it and writes PASS or FAIL. Here each runs as a Ferry task, moves h1 -> h2 in every mode,
-// and gets its SIGTERM there: its own check decides.
+// and gets its SIGTERM there: its own check decides. The modes run in two files
+// (test/migrate/zdtm-*.test.ts), each within the test runner's time for one file.
 import assert from 'node:assert/strict';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync } from 'node:fs';
 import { rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
-import { Lab } from '../support/lab.js';
-import { waitFor } from '../support/ferry.js';
+import { Lab } from './lab.js';
+import { waitFor } from './ferry.js';
 
 const ZDTM = join(process.env['FERRY_CACHE'] ?? '/var/cache/ferry', 'zdtm');
 const COMMANDS = join(ZDTM, 'commands');
@@ -21,19 +22,6 @@ const missing = existsSync(COMMANDS) ? false : `no ${COMMANDS} (scripts/bootstra
  * time (six at a time found two bugs one at a time did not, see README).
  */
 const PARALLEL = 6;
-
-const lab = new Lab('z', 85, 2);
-const work = mkdtempSync(join(tmpdir(), 'ferry-zdtm-'));
-
-before(async () => {
-  if (missing) return;
-  await lab.down().catch(() => {});
-  await lab.up();
-});
-after(async () => {
-  if (!missing) await lab.down();
-  await rm(work, { recursive: true, force: true });
-});
 
 /**
  * Tests of one kernel object each (terminals, FIFOs, descriptors passed over sockets, pidfds,
@@ -77,7 +65,27 @@ async function inBatches<T>(items: T[], n: number, fn: (x: T) => Promise<void>):
   }));
 }
 
-for (const mode of ['stop-copy', 'pre-copy', 'post-copy', 'auto'] as const) {
+export type ZdtmMode = 'stop-copy' | 'pre-copy' | 'post-copy' | 'auto';
+
+/** The zdtm tests moved by each of `modes`, on a lab of its own (`labName`, `subnet`). */
+export function zdtmSuite(modes: ZdtmMode[], labName: string, subnet: number): void {
+  const lab = new Lab(labName, subnet, 2);
+  const work = mkdtempSync(join(tmpdir(), 'ferry-zdtm-'));
+
+  before(async () => {
+    if (missing) return;
+    await lab.down().catch(() => {});
+    await lab.up();
+  });
+  after(async () => {
+    if (!missing) await lab.down();
+    await rm(work, { recursive: true, force: true });
+  });
+
+  for (const mode of modes) suite(lab, work, mode);
+}
+
+function suite(lab: Lab, work: string, mode: ZdtmMode): void {
   test(`CRIU's zdtm tests (files, sockets, timers, IPC, mappings) pass their own checks after moving by ${mode}`, { skip: missing }, async (t) => {
     const failed: string[] = [];
     const all = commands();
