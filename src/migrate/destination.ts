@@ -31,7 +31,7 @@ import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { GHOST_LIMIT_MIB, readErrorLines } from '../criu/log.js';
-import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, splice } from './tunnel.js';
+import { bridgeProgram, localPair, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -53,8 +53,9 @@ interface Incoming {
   session: MuxSession;
   dir: string;
   imagesDir: string;
-  pageServer?: ServerHandle;
-  pageServerPort?: number;
+  pageServer?: ServerHandle & { socket: Socket };
+  /** The dump's page stream arrived (there is one). */
+  pageStreamTaken?: boolean;
   /** The source's end of the lazy-pages link, held until the local daemon and its tunnel exist. */
   lazyStream?: MuxStream;
   restored?: TaskRecord;
@@ -240,9 +241,7 @@ export class Destination {
       // The namespace waits, cut off and unrouted, until the decision: the source still answers.
       if (address) await createTaskNet(this.rt.stateDir, name, address);
       if (req.mode === 'stop-copy') {
-        const port = await freeLocalPort();
-        m.pageServerPort = port;
-        m.pageServer = criu.pageServer({ imagesDir, address: '127.0.0.1', port });
+        m.pageServer = criu.pageServer({ imagesDir });
       } else if (criu.lazyPagesEarly) {
         // Up and listening long before the restore: its start (~20-70 ms) was inside the pause.
         m.lazyReady = this.startLazyDaemon(m);
@@ -268,11 +267,12 @@ export class Destination {
   /** The page stream of a stop-copy dump, handed to the local `criu page-server`. */
   async pages(id: string, stream: MuxStream, codec: 'lz4' | undefined): Promise<void> {
     const m = this.get(id);
-    if (!m.pageServer || !m.pageServerPort) throw new FerryError('PEER', 'this migration has no page server');
-    const server = m.pageServer;
-    const sock = await connectWhenListening(m.pageServerPort, 10_000, () => server.child.exitCode === null && server.child.signalCode === null);
+    if (!m.pageServer) throw new FerryError('PEER', 'this migration has no page server');
+    // One page stream per dump: a second would interleave with the first in CRIU's one socket.
+    if (m.pageStreamTaken) throw new FerryError('PEER', 'this migration already has its page stream');
+    m.pageStreamTaken = true;
     stream.respond({ ':status': 200 });
-    await splice(stream, sock, undefined, undefined, codec ? new Decompressor() : undefined);
+    await splice(stream, m.pageServer.socket, undefined, undefined, codec ? new Decompressor() : undefined);
   }
 
   /**

@@ -33,7 +33,7 @@ import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
-import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, resetOnClose, splice } from './tunnel.js';
+import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, ownLoopbackAddress, resetOnClose, splice } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
@@ -169,6 +169,8 @@ export class OutgoingMigration {
   private imagesDir?: string;
   /** Post-copy: where CRIU serves lazy pages on this host. */
   private lazyPort?: number;
+  /** The loopback address CRIU's lazy page server here listens on, this migration's own. */
+  private lazyAddress?: string;
   private frozenAt?: number;
   /** The dump was ended because its page stream stopped moving (see startDump). */
   private pageStall = false;
@@ -618,8 +620,9 @@ export class OutgoingMigration {
     } else {
       // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
       // them: so the hold is answered only after the destination restored the task.
-      this.lazyPort = await freeLocalPort();
-      dumpArgs = ['--lazy-pages', '--address', '127.0.0.1', '--port', String(this.lazyPort)];
+      this.lazyAddress = ownLoopbackAddress();
+      this.lazyPort = await freeLocalPort(this.lazyAddress);
+      dumpArgs = ['--lazy-pages', '--address', this.lazyAddress, '--port', String(this.lazyPort)];
     }
     // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
     // throttle is lifted at CRIU's pre-dump, just before the freeze (nothing frozen or held yet,
@@ -721,7 +724,7 @@ export class OutgoingMigration {
 
   /** CRIU's lazy port here, joined to the destination through the session. */
   private async connectLazy(stream: MuxStream): Promise<void> {
-    const sock = await connectWhenListening(this.lazyPort!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
+    const sock = await connectWhenListening(this.lazyPort!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null, this.lazyAddress).catch(async () => {
       throw await this.dumpFailure();
     });
     this.startLazy(sock, stream);

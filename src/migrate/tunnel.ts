@@ -1,6 +1,7 @@
 // Bridges between local TCP sockets (CRIU's page server, lazy pages) and the multiplexed streams of the
 // one agent-to-agent session, counting the bytes that cross.
 import { spawn } from 'node:child_process';
+import { randomInt } from 'node:crypto';
 import { join } from 'node:path';
 import { createServer, connect as tcpConnect, type Server, type Socket } from 'node:net';
 import { Duplex, type Readable, type Transform, type Writable } from 'node:stream';
@@ -132,22 +133,22 @@ class PairSide extends Duplex {
 }
 
 /** A loopback listener whose every connection is handed to onConnection. */
-export async function listenLocal(onConnection: (s: Socket) => void): Promise<{ server: Server; port: number }> {
+export async function listenLocal(onConnection: (s: Socket) => void, host = '127.0.0.1'): Promise<{ server: Server; port: number }> {
   const server = createServer((s) => {
     s.setNoDelay(true);
     onConnection(s);
   });
   await new Promise<void>((resolve, reject) => {
     server.once('error', reject);
-    server.listen(0, '127.0.0.1', () => resolve());
+    server.listen(0, host, () => resolve());
   });
   return { server, port: (server.address() as { port: number }).port };
 }
 
-export function connectLocal(port: number, timeoutMs = 5000): Promise<Socket> {
+export function connectLocal(port: number, timeoutMs = 5000, host = '127.0.0.1'): Promise<Socket> {
   return new Promise((resolve, reject) => {
-    const s = tcpConnect({ host: '127.0.0.1', port });
-    const t = setTimeout(() => s.destroy(new Error(`connect to 127.0.0.1:${port} timed out`)), timeoutMs);
+    const s = tcpConnect({ host, port });
+    const t = setTimeout(() => s.destroy(new Error(`connect to ${host}:${port} timed out`)), timeoutMs);
     s.once('connect', () => {
       clearTimeout(t);
       s.setNoDelay(true);
@@ -161,11 +162,11 @@ export function connectLocal(port: number, timeoutMs = 5000): Promise<Socket> {
 }
 
 /** Connects once the port listens, retrying while the program behind it starts. */
-export async function connectWhenListening(port: number, deadlineMs: number, isAlive: () => boolean): Promise<Socket> {
+export async function connectWhenListening(port: number, deadlineMs: number, isAlive: () => boolean, host = '127.0.0.1'): Promise<Socket> {
   const end = Date.now() + deadlineMs;
   for (;;) {
     try {
-      return await connectLocal(port, 1000);
+      return await connectLocal(port, 1000, host);
     } catch (e) {
       if (Date.now() > end || !isAlive()) throw e;
       // Inside the task's pause (CRIU starts listening once told to go on): a refused try costs little.
@@ -174,9 +175,23 @@ export async function connectWhenListening(port: number, deadlineMs: number, isA
   }
 }
 
+let nextLoopback = randomInt(0, 250 * 250);
+
+/**
+ * A loopback address (127.77.x.y) no other program this agent told its address has now, for one
+ * that must listen on a port picked before it binds: a port picked on 127.0.0.1 was taken in
+ * between by another migration's CRIU, and one migration's pages were asked of the other's.
+ * On an address of its own the port can only be taken by a listener on every address, and
+ * then CRIU fails to bind instead of another program answering.
+ */
+export function ownLoopbackAddress(): string {
+  const n = nextLoopback++ % (250 * 250);
+  return `127.77.${1 + Math.floor(n / 250)}.${1 + (n % 250)}`;
+}
+
 /** A loopback port that was free a moment ago, for a program that must be told its port. */
-export async function freeLocalPort(): Promise<number> {
-  const l = await listenLocal(() => {});
+export async function freeLocalPort(host = '127.0.0.1'): Promise<number> {
+  const l = await listenLocal(() => {}, host);
   await new Promise((r) => l.server.close(r));
   return l.port;
 }

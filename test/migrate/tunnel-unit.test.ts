@@ -4,7 +4,8 @@ import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
-import { bridgeProgram, localPair } from '../../src/migrate/tunnel.js';
+import { createServer } from 'node:net';
+import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, ownLoopbackAddress } from '../../src/migrate/tunnel.js';
 
 /** Runs `sh -c script` bridged to one side of a pair; the other side is the peer. */
 async function bridged(script: string, peerSends: number, endFirst = false): Promise<{ got: number; text: string; ended: boolean; code: number | null }> {
@@ -80,4 +81,27 @@ test('a stream cut off ends the program: it does not wait for a peer that is gon
   clearTimeout(timer);
   assert.notEqual(signal, 'SIGKILL', 'the program had to be killed: its pipes stayed open');
   assert.ok(code !== null || signal !== null);
+});
+
+test('a program told its loopback address and port is reached there, and not through another migration holding the same port', async () => {
+  // Two migrations whose ports came out the same: each listens on its own address, both bind.
+  const [a, b] = [ownLoopbackAddress(), ownLoopbackAddress()];
+  assert.notEqual(a, b);
+  assert.match(a, /^127\.77\.\d+\.\d+$/);
+  const port = await freeLocalPort(a);
+  const servers = [a, b].map((host) => {
+    const srv = createServer((s) => s.end(host));
+    return { srv, listening: new Promise<void>((resolve, reject) => srv.once('error', reject).listen(port, host, () => resolve())) };
+  });
+  try {
+    await Promise.all(servers.map((x) => x.listening));
+    for (const host of [a, b]) {
+      const sock = await connectWhenListening(port, 2000, () => true, host);
+      let said = '';
+      for await (const c of sock) said += String(c);
+      assert.equal(said, host);
+    }
+  } finally {
+    await Promise.all(servers.map((x) => new Promise((r) => x.srv.close(r))));
+  }
 });
