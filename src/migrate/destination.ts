@@ -271,8 +271,11 @@ export class Destination {
     // One page stream per dump: a second would interleave with the first in CRIU's one socket.
     if (m.pageStreamTaken) throw new FerryError('PEER', 'this migration already has its page stream');
     m.pageStreamTaken = true;
+    const server = m.pageServer;
+    // Ended already (its socket with it): refused here, or the dump would wait on a stream no one reads.
+    if (server.socket.destroyed || server.child.exitCode !== null || server.child.signalCode !== null) throw new FerryError('CRIU_FAILED', 'the page server here ended before the pages came');
     stream.respond({ ':status': 200 });
-    await splice(stream, m.pageServer.socket, undefined, undefined, codec ? new Decompressor() : undefined);
+    await splice(stream, server.socket, undefined, undefined, codec ? new Decompressor() : undefined);
   }
 
   /**
