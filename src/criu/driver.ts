@@ -149,15 +149,10 @@ export class Criu {
     }
   }
 
-  /**
-   * A `criu page-server` receiving pages into dir from the other end of a Unix socket it
-   * inherits (fd 3). Not a TCP port picked in advance: between the pick and CRIU's bind another
-   * migration's page server took the same port, and one migration's pages went to the other's.
-   */
-  pageServer(o: { imagesDir: string }): ServerHandle & { socket: Socket } {
-    const args = ['page-server', '--ps-socket', '3', '-D', o.imagesDir, '-o', 'page-server.log', '-v4'];
-    const h = this.server(args, join(o.imagesDir, 'page-server.log'), undefined, true);
-    return { ...h, socket: h.child.stdio[3] as Socket };
+  /** A `criu page-server` receiving pages into dir, listening on address:port. */
+  pageServer(o: { imagesDir: string; address: string; port: number }): ServerHandle {
+    const args = ['page-server', '-D', o.imagesDir, '--address', o.address, '--port', String(o.port), '-o', 'page-server.log', '-v4'];
+    return this.server(args, join(o.imagesDir, 'page-server.log'));
   }
 
   private patches?: Set<string>;

@@ -31,7 +31,7 @@ import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { GHOST_LIMIT_MIB, readErrorLines } from '../criu/log.js';
-import { bridgeProgram, localPair, splice } from './tunnel.js';
+import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, ownLoopbackAddress, splice } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -53,7 +53,9 @@ interface Incoming {
   session: MuxSession;
   dir: string;
   imagesDir: string;
-  pageServer?: ServerHandle & { socket: Socket };
+  pageServer?: ServerHandle;
+  /** Where the page server listens: a loopback address of this migration's own (see ownLoopbackAddress). */
+  pageServerAt?: { address: string; port: number };
   /** The dump's page stream arrived (there is one). */
   pageStreamTaken?: boolean;
   /** The source's end of the lazy-pages link, held until the local daemon and its tunnel exist. */
@@ -241,7 +243,10 @@ export class Destination {
       // The namespace waits, cut off and unrouted, until the decision: the source still answers.
       if (address) await createTaskNet(this.rt.stateDir, name, address);
       if (req.mode === 'stop-copy') {
-        m.pageServer = criu.pageServer({ imagesDir });
+        const at = { address: ownLoopbackAddress(), port: 0 };
+        at.port = await freeLocalPort(at.address);
+        m.pageServerAt = at;
+        m.pageServer = criu.pageServer({ imagesDir, ...at });
       } else if (criu.lazyPagesEarly) {
         // Up and listening long before the restore: its start (~20-70 ms) was inside the pause.
         m.lazyReady = this.startLazyDaemon(m);
@@ -267,15 +272,14 @@ export class Destination {
   /** The page stream of a stop-copy dump, handed to the local `criu page-server`. */
   async pages(id: string, stream: MuxStream, codec: 'lz4' | undefined): Promise<void> {
     const m = this.get(id);
-    if (!m.pageServer) throw new FerryError('PEER', 'this migration has no page server');
-    // One page stream per dump: a second would interleave with the first in CRIU's one socket.
+    if (!m.pageServer || !m.pageServerAt) throw new FerryError('PEER', 'this migration has no page server');
+    // One page stream per dump: a second would wait unanswered behind the first.
     if (m.pageStreamTaken) throw new FerryError('PEER', 'this migration already has its page stream');
     m.pageStreamTaken = true;
     const server = m.pageServer;
-    // Ended already (its socket with it): refused here, or the dump would wait on a stream no one reads.
-    if (server.socket.destroyed || server.child.exitCode !== null || server.child.signalCode !== null) throw new FerryError('CRIU_FAILED', 'the page server here ended before the pages came');
+    const sock = await connectWhenListening(m.pageServerAt.port, 10_000, () => server.child.exitCode === null && server.child.signalCode === null, m.pageServerAt.address);
     stream.respond({ ':status': 200 });
-    await splice(stream, server.socket, undefined, undefined, codec ? new Decompressor() : undefined);
+    await splice(stream, sock, undefined, undefined, codec ? new Decompressor() : undefined);
   }
 
   /**
