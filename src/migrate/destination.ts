@@ -31,7 +31,7 @@ import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
 import { lazyRuns } from '../criu/image.js';
 import { GHOST_LIMIT_MIB, readErrorLines } from '../criu/log.js';
-import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, ownLoopbackAddress, splice } from './tunnel.js';
+import { bridgeProgram, connectWhenListening, localPair, ownLoopbackEndpoint, splice, type LoopbackEndpoint } from './tunnel.js';
 
 export type { Mode, PrepareRequest } from '../wire/schemas.js';
 
@@ -54,8 +54,8 @@ interface Incoming {
   dir: string;
   imagesDir: string;
   pageServer?: ServerHandle;
-  /** Where the page server listens: a loopback address of this migration's own (see ownLoopbackAddress). */
-  pageServerAt?: { address: string; port: number };
+  /** Where the page server listens: a loopback address of this migration's own. */
+  pageServerAt?: LoopbackEndpoint;
   /** The dump's page stream arrived (there is one). */
   pageStreamTaken?: boolean;
   /** The source's end of the lazy-pages link, held until the local daemon and its tunnel exist. */
@@ -243,10 +243,8 @@ export class Destination {
       // The namespace waits, cut off and unrouted, until the decision: the source still answers.
       if (address) await createTaskNet(this.rt.stateDir, name, address);
       if (req.mode === 'stop-copy') {
-        const at = { address: ownLoopbackAddress(), port: 0 };
-        at.port = await freeLocalPort(at.address);
-        m.pageServerAt = at;
-        m.pageServer = criu.pageServer({ imagesDir, ...at });
+        m.pageServerAt = await ownLoopbackEndpoint();
+        m.pageServer = criu.pageServer({ imagesDir, ...m.pageServerAt });
       } else if (criu.lazyPagesEarly) {
         // Up and listening long before the restore: its start (~20-70 ms) was inside the pause.
         m.lazyReady = this.startLazyDaemon(m);
@@ -277,7 +275,7 @@ export class Destination {
     if (m.pageStreamTaken) throw new FerryError('PEER', 'this migration already has its page stream');
     m.pageStreamTaken = true;
     const server = m.pageServer;
-    const sock = await connectWhenListening(m.pageServerAt.port, 10_000, () => server.child.exitCode === null && server.child.signalCode === null, m.pageServerAt.address);
+    const sock = await connectWhenListening(m.pageServerAt, 10_000, () => server.child.exitCode === null && server.child.signalCode === null);
     stream.respond({ ':status': 200 });
     await splice(stream, sock, undefined, undefined, codec ? new Decompressor() : undefined);
   }

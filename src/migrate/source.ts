@@ -33,7 +33,7 @@ import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
-import { ByteCounter, connectWhenListening, freeLocalPort, listenLocal, ownLoopbackAddress, resetOnClose, splice } from './tunnel.js';
+import { ByteCounter, connectWhenListening, listenLocal, ownLoopbackEndpoint, resetOnClose, splice, type LoopbackEndpoint } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
@@ -168,9 +168,7 @@ export class OutgoingMigration {
   private holdMade?: Promise<Hold>;
   private imagesDir?: string;
   /** Post-copy: where CRIU serves lazy pages on this host. */
-  private lazyPort?: number;
-  /** The loopback address CRIU's lazy page server here listens on, this migration's own. */
-  private lazyAddress?: string;
+  private lazyAt?: LoopbackEndpoint;
   private frozenAt?: number;
   /** The dump was ended because its page stream stopped moving (see startDump). */
   private pageStall = false;
@@ -620,9 +618,8 @@ export class OutgoingMigration {
     } else {
       // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
       // them: so the hold is answered only after the destination restored the task.
-      this.lazyAddress = ownLoopbackAddress();
-      this.lazyPort = await freeLocalPort(this.lazyAddress);
-      dumpArgs = ['--lazy-pages', '--address', this.lazyAddress, '--port', String(this.lazyPort)];
+      this.lazyAt = await ownLoopbackEndpoint();
+      dumpArgs = ['--lazy-pages', '--address', this.lazyAt.address, '--port', String(this.lazyAt.port)];
     }
     // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
     // throttle is lifted at CRIU's pre-dump, just before the freeze (nothing frozen or held yet,
@@ -671,7 +668,7 @@ export class OutgoingMigration {
   /** The destination restores the task, stopped until the decision. */
   private async restoreThere(): Promise<void> {
     this.phase('restore');
-    const lazyStream = this.lazyPort ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
+    const lazyStream = this.lazyAt ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
     if (this.pagesThere) this.lazyStream = lazyStream;
     const asks = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
     // The request's end goes out in a later tick of the event loop; then the delta follows it.
@@ -679,7 +676,7 @@ export class OutgoingMigration {
     // Restored means restored on every page of the last delta; a delta that fails fails it now.
     const restoreP = Promise.all([asks, this.deltaStored]).then(([r]) => r);
     restoreP.catch(() => {}); // awaited below; an early way out must not leave it unhandled
-    if (this.lazyPort && lazyStream && !this.pagesThere) {
+    if (this.lazyAt && lazyStream && !this.pagesThere) {
       // The restore cannot finish without pages, and CRIU serves them only after the hold
       // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
       // If the restore then fails, killing the dump (past post-dump, no parasite left in the
@@ -724,7 +721,7 @@ export class OutgoingMigration {
 
   /** CRIU's lazy port here, joined to the destination through the session. */
   private async connectLazy(stream: MuxStream): Promise<void> {
-    const sock = await connectWhenListening(this.lazyPort!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null, this.lazyAddress).catch(async () => {
+    const sock = await connectWhenListening(this.lazyAt!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null).catch(async () => {
       throw await this.dumpFailure();
     });
     this.startLazy(sock, stream);

@@ -161,12 +161,18 @@ export function connectLocal(port: number, timeoutMs = 5000, host = '127.0.0.1')
   });
 }
 
-/** Connects once the port listens, retrying while the program behind it starts. */
-export async function connectWhenListening(port: number, deadlineMs: number, isAlive: () => boolean, host = '127.0.0.1'): Promise<Socket> {
+/** Where a program on this host listens: its own loopback address (see ownLoopbackEndpoint) and port. */
+export interface LoopbackEndpoint {
+  address: string;
+  port: number;
+}
+
+/** Connects once the endpoint listens, retrying while the program behind it starts. */
+export async function connectWhenListening(at: LoopbackEndpoint, deadlineMs: number, isAlive: () => boolean): Promise<Socket> {
   const end = Date.now() + deadlineMs;
   for (;;) {
     try {
-      return await connectLocal(port, 1000, host);
+      return await connectLocal(at.port, 1000, at.address);
     } catch (e) {
       if (Date.now() > end || !isAlive()) throw e;
       // Inside the task's pause (CRIU starts listening once told to go on): a refused try costs little.
@@ -178,22 +184,19 @@ export async function connectWhenListening(port: number, deadlineMs: number, isA
 let nextLoopback = randomInt(0, 250 * 250);
 
 /**
- * A loopback address (127.77.x.y) no other program this agent told its address has now, for one
- * that must listen on a port picked before it binds: a port picked on 127.0.0.1 was taken in
- * between by another migration's CRIU, and one migration's pages were asked of the other's.
- * On an address of its own the port can only be taken by a listener on every address, and
- * then CRIU fails to bind instead of another program answering.
+ * An address and port for a program that must be told where to listen before it binds: a
+ * loopback address (127.77.x.y) no other such program of this agent has now, and a port that
+ * was free on it a moment ago. A port picked on 127.0.0.1 was taken in between by another
+ * migration's CRIU, and one migration's pages were asked of the other's. On an address of its
+ * own the port can only be taken by a listener on every address, and then CRIU fails to bind
+ * instead of another program answering.
  */
-export function ownLoopbackAddress(): string {
+export async function ownLoopbackEndpoint(): Promise<LoopbackEndpoint> {
   const n = nextLoopback++ % (250 * 250);
-  return `127.77.${1 + Math.floor(n / 250)}.${1 + (n % 250)}`;
-}
-
-/** A loopback port that was free a moment ago, for a program that must be told its port. */
-export async function freeLocalPort(host = '127.0.0.1'): Promise<number> {
-  const l = await listenLocal(() => {}, host);
+  const address = `127.77.${1 + Math.floor(n / 250)}.${1 + (n % 250)}`;
+  const l = await listenLocal(() => {}, address);
   await new Promise((r) => l.server.close(r));
-  return l.port;
+  return { address, port: l.port };
 }
 
 /**

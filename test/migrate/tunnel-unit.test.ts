@@ -5,7 +5,7 @@ import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { test } from 'node:test';
 import { createServer } from 'node:net';
-import { bridgeProgram, connectWhenListening, freeLocalPort, localPair, ownLoopbackAddress } from '../../src/migrate/tunnel.js';
+import { bridgeProgram, connectWhenListening, localPair, ownLoopbackEndpoint } from '../../src/migrate/tunnel.js';
 
 /** Runs `sh -c script` bridged to one side of a pair; the other side is the peer. */
 async function bridged(script: string, peerSends: number, endFirst = false): Promise<{ got: number; text: string; ended: boolean; code: number | null }> {
@@ -85,10 +85,11 @@ test('a stream cut off ends the program: it does not wait for a peer that is gon
 
 test('a program told its loopback address and port is reached there, and not through another migration holding the same port', async () => {
   // Two migrations whose ports came out the same: each listens on its own address, both bind.
-  const [a, b] = [ownLoopbackAddress(), ownLoopbackAddress()];
+  const first = await ownLoopbackEndpoint();
+  const [a, b] = [first.address, (await ownLoopbackEndpoint()).address];
   assert.notEqual(a, b);
   assert.match(a, /^127\.77\.\d+\.\d+$/);
-  const port = await freeLocalPort(a);
+  const port = first.port;
   const servers = [a, b].map((host) => {
     const srv = createServer((s) => s.end(host));
     return { srv, listening: new Promise<void>((resolve, reject) => srv.once('error', reject).listen(port, host, () => resolve())) };
@@ -96,7 +97,7 @@ test('a program told its loopback address and port is reached there, and not thr
   try {
     await Promise.all(servers.map((x) => x.listening));
     for (const host of [a, b]) {
-      const sock = await connectWhenListening(port, 2000, () => true, host);
+      const sock = await connectWhenListening({ address: host, port }, 2000, () => true);
       let said = '';
       for await (const c of sock) said += String(c);
       assert.equal(said, host);
