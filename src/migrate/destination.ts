@@ -482,7 +482,7 @@ export class Destination {
       else if (link.quiet) link.front.quiet();
     };
     // Where pre-copy's store will be (it may not exist yet: the daemon opens it at its first stored answer).
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early, store: join(m.dir, PRECOPY_PAGES) });
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early, store: join(m.dir, PRECOPY_PAGES), fromStore: m.req.mode === 'pre-copy' || m.req.mode === 'auto' });
     link.daemon = daemon;
     const sock = daemon.socket;
     sock.on('error', () => {}); // the daemon's exit says how it ended
