@@ -202,8 +202,8 @@ export class Criu {
     // More than one request in flight per process (patches/criu/0006; ignored by a CRIU without
     // it): with one, a task that kept faulting filled at ~180 MB/s from this host's own store.
     // From the store (pre-copy, auto) two: a fault's answer waits behind every answer the daemon
-    // has not copied yet; with four the task's heartbeat in the fill was 70 % against 79 % with
-    // two, the fill as long (256 MiB at 16 MiB/s, medians of 3; README, "Pre-copy").
+    // has not copied yet; with four the task's heartbeat in the fill was 5-10 points lower than
+    // with two, the fill as long (256 MiB at 16 MiB/s, alternating runs; README, "Pre-copy").
     const inflight = o.fromStore ? LAZY_INFLIGHT_STORED : LAZY_INFLIGHT;
     const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(inflight), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}), ...(o.store ? { CRIU_LAZY_PAGES_STORE: o.store } : {}) }, true);
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
