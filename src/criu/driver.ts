@@ -194,7 +194,7 @@ export class Criu {
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
    * the restore connects.
    */
-  lazyPages(o: { imagesDir: string; early?: boolean; store?: string; fromStore?: boolean }): ServerHandle & { socket: Socket } {
+  lazyPages(o: { imagesDir: string; early?: boolean; store?: string }): ServerHandle & { socket: Socket } {
     // Its page server is this agent, at the other end of a Unix socket it inherits (fd 3): through
     // TCP on loopback the same 1 GiB cost the writing side ~0.45 s more CPU (978 against 534 ms
     // in the socket writes, measured with the front serving a stand-in daemon).
@@ -204,7 +204,7 @@ export class Criu {
     // From the store (pre-copy, auto) two: a fault's answer waits behind every answer the daemon
     // has not copied yet; with four the task's heartbeat in the fill was 5-10 points lower than
     // with two, the fill as long (256 MiB at 16 MiB/s, alternating runs; README, "Pre-copy").
-    const inflight = o.fromStore ? LAZY_INFLIGHT_STORED : LAZY_INFLIGHT;
+    const inflight = o.store ? LAZY_INFLIGHT_STORED : LAZY_INFLIGHT;
     const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(inflight), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}), ...(o.store ? { CRIU_LAZY_PAGES_STORE: o.store } : {}) }, true);
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
     // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the

@@ -481,8 +481,11 @@ export class Destination {
       if (link.running) front.prefetch();
       else if (link.quiet) link.front.quiet();
     };
-    // Where pre-copy's store will be (it may not exist yet: the daemon opens it at its first stored answer).
-    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early, store: join(m.dir, PRECOPY_PAGES), fromStore: m.req.mode === 'pre-copy' || m.req.mode === 'auto' });
+    // Where pre-copy's store will be (it may not exist yet: the daemon opens it at its first
+    // stored answer). Only pre-copy and auto have one (see precopy()): post-copy's pages all
+    // come from the source.
+    const fromStore = m.req.mode === 'pre-copy' || m.req.mode === 'auto';
+    const daemon = this.rt.criu.lazyPages({ imagesDir: m.imagesDir, early, ...(fromStore ? { store: join(m.dir, PRECOPY_PAGES) } : {}) });
     link.daemon = daemon;
     const sock = daemon.socket;
     sock.on('error', () => {}); // the daemon's exit says how it ended
