@@ -189,12 +189,17 @@ export class Criu {
     return this.hasPatch('0016-lazy-pages-stored-answers');
   }
 
+  /** The lazy-pages daemon fills the task from pre-copy's store by itself once given its index (patches/criu/0017). */
+  get lazyStoredFill(): boolean {
+    return this.hasPatch('0017-lazy-pages-fill-from-store');
+  }
+
   /**
    * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when
    * the restore connects.
    */
-  lazyPages(o: { imagesDir: string; early?: boolean; store?: string }): ServerHandle & { socket: Socket } {
+  lazyPages(o: { imagesDir: string; early?: boolean; store?: string; storeIndex?: string }): ServerHandle & { socket: Socket } {
     // Its page server is this agent, at the other end of a Unix socket it inherits (fd 3): through
     // TCP on loopback the same 1 GiB cost the writing side ~0.45 s more CPU (978 against 534 ms
     // in the socket writes, measured with the front serving a stand-in daemon).
@@ -205,7 +210,7 @@ export class Criu {
     // has not copied yet; with four the task's heartbeat in the fill was 5-10 points lower than
     // with two, the fill as long (256 MiB at 16 MiB/s, alternating runs; README, "Pre-copy").
     const inflight = o.store ? LAZY_INFLIGHT_STORED : LAZY_INFLIGHT;
-    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(inflight), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}), ...(o.store ? { CRIU_LAZY_PAGES_STORE: o.store } : {}) }, true);
+    const h = this.server(args, join(o.imagesDir, 'lazy-pages.log'), { CRIU_LAZY_PAGES_INFLIGHT: String(inflight), CRIU_LAZY_PAGES_STEADY: '1', ...(o.early ? { CRIU_LAZY_PAGES_EARLY: '1' } : {}), ...(o.store ? { CRIU_LAZY_PAGES_STORE: o.store, ...(o.storeIndex ? { CRIU_LAZY_PAGES_STORE_INDEX: o.storeIndex } : {}) } : {}) }, true);
     // A stock daemon polls without sleeping while it has requests out (criu/uffd.c: a zero epoll
     // timeout once the restore finished; patches/criu/0002 makes it sleep): a whole core for the
     // whole fill. At a lower priority it leaves that core to the task and the agents; measured

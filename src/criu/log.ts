@@ -66,6 +66,26 @@ export async function readErrorLines(logPath: string, max = 5): Promise<string[]
 }
 
 /**
+ * What the lazy-pages daemon filled from pre-copy's store by itself (patches/criu/0017), from
+ * its log's last line about it; undefined when it did not.
+ */
+export async function readStoredFill(logPath: string): Promise<{ pages: number; faults: number } | undefined> {
+  let fh: Awaited<ReturnType<typeof open>> | undefined;
+  try {
+    fh = await open(logPath, 'r');
+    const size = (await fh.stat()).size;
+    const tail = Buffer.alloc(Math.min(size, 16384));
+    await fh.read(tail, 0, tail.length, size - tail.length);
+    const m = [...tail.toString('latin1').matchAll(/Filled (\d+) pages from the store, (\d+) faults of them/g)].pop();
+    return m ? { pages: Number(m[1]), faults: Number(m[2]) } : undefined;
+  } catch {
+    return undefined;
+  } finally {
+    await fh?.close();
+  }
+}
+
+/**
  * CRIU logs "Lock network" right after it has seized every process of the tree (collect_pstree,
  * then the ids, then network_lock; criu/cr-dump.c): from then on the task runs none of its own
  * code until CRIU lets go. Resolves true once the line is in the log, false when `done` says to

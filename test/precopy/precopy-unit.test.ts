@@ -1,12 +1,12 @@
 // Pre-copy's stop policy and the destination's page store and CRIU page-server answers (parsing
 // and policy only; the migration itself is tested between real hosts in test/migrate).
 import assert from 'node:assert/strict';
-import { closeSync, fstatSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { test } from 'node:test';
-import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO } from '../../src/precopy/store.js';
+import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO, STORE_INDEX_SUFFIX } from '../../src/precopy/store.js';
 import { serveLazy } from '../../src/precopy/front.js';
 import { expectedDowntimeMs, verdict, type RoundStat } from '../../src/precopy/tracker.js';
 
@@ -103,6 +103,58 @@ test('page store: records split anywhere, later rounds overwrite, zero and dropp
     await assert.rejects(feed(new PageStore(join(dir, 'bad')), record(9, 1, 0, 1), 64), /malformed page record/);
     await assert.rejects(feed(new PageStore(join(dir, 'bad2')), record(REC_DATA, 1, 0x1001, 1), 64), /malformed page record/);
     store.remove();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test("page store: its index for CRIU's daemon names every stored page's slot, and nothing else", () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  try {
+    const store = new PageStore(join(dir, 'pages'));
+    // A seeded mix of data, zero and dropped ranges over three processes, across the index's 512-page chunks.
+    let seed = 12345;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+    const data = Buffer.alloc(64 * PAGE, 0x5a);
+    for (let r = 0; r < 3000; r++) {
+      const vpid = 1 + rand(3);
+      const vaddr = (0x7f0000000 + rand(3000)) * PAGE;
+      const n = 1 + rand(40);
+      const kind = rand(20);
+      if (kind < 12) store.put(vpid, vaddr, n, data.subarray(0, n * PAGE));
+      else if (kind < 17) store.put(vpid, vaddr, n);
+      else store.drop(vpid, vaddr, n);
+    }
+    const runs = store.writeIndex();
+    const b = readFileSync(join(dir, 'pages' + STORE_INDEX_SUFFIX));
+    assert.equal(b.subarray(0, 8).toString('latin1'), 'FERRYIX1');
+    assert.equal((b.length - 8) / 24, runs);
+    const slots = new Map<string, number>();
+    let prev: [number, number] | undefined;
+    for (let o = 8; o < b.length; o += 24) {
+      const vaddr = Number(b.readBigUInt64LE(o));
+      const vpid = b.readUInt32LE(o + 8);
+      const n = b.readUInt32LE(o + 12);
+      const slot = Number(b.readBigInt64LE(o + 16));
+      assert.ok(n > 0);
+      assert.ok(!prev || prev[0] < vpid || (prev[0] === vpid && prev[1] <= vaddr), 'runs sorted by process and address, apart');
+      prev = [vpid, vaddr + n * PAGE];
+      for (let i = 0; i < n; i++) slots.set(`${vpid}:${vaddr / PAGE + i}`, slot < 0 ? -1 : slot + i);
+    }
+    let stored = 0;
+    for (let vpid = 1; vpid <= 3; vpid++) {
+      for (let page = 0x7f0000000; page < 0x7f0000000 + 3100; page++) {
+        const got = slots.get(`${vpid}:${page}`);
+        assert.equal(got !== undefined, store.hasPage(vpid, page), `page ${page} of ${vpid}: in the index iff stored`);
+        if (got === undefined) continue;
+        stored++;
+        assert.equal(got, store.storedRun(vpid, page, 1)?.slot ?? -1, `page ${page} of ${vpid}: the slot the agent would answer with`);
+      }
+    }
+    assert.equal(stored, store.size);
+    assert.ok(runs < stored / 4, 'consecutive slots make one run');
+    store.remove();
+    assert.equal(existsSync(join(dir, 'pages' + STORE_INDEX_SUFFIX)), false, 'the index goes with the store');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
