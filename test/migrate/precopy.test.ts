@@ -11,6 +11,8 @@ import { NATIVE, SOCKETS, WORKLOAD, ask, waitFor } from '../support/ferry.js';
 import { Lab, comm, oneLine } from '../support/lab.js';
 import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { treePids } from '../../src/util/proc.js';
+import { loadConfig } from '../../src/config.js';
+import { Criu } from '../../src/criu/driver.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
@@ -98,7 +100,19 @@ test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNE
   t.diagnostic(`pre-copy: ${r.precopy.rounds.length} rounds (${r.precopy.verdict}), last delta ${r.precopy.finalBytes} B, blackout ${r.blackoutMs} ms`);
   assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pc'), false);
   assertAllOk(await checkMemory('h2', 'pc'));
+  if (new Criu(loadConfig().criu).lazyStoredFill) {
+    // CRIU's daemon filled the busy tree (its forks and moved mappings too) from the store itself.
+    const served = await waitFor('the destination to report the fill', () => lazyServed('h2', 'pc'), 30_000);
+    assert.ok((served.filledByDaemon ?? 0) > 0, `the daemon filled pages from the store by itself: ${JSON.stringify(served)}`);
+  }
 });
+
+/** The destination agent's last `lazy pages served` event for a task. */
+function lazyServed(host: string, task: string): { filledByDaemon?: number; faultsFilledByDaemon?: number } | undefined {
+  const lines = readText(join(lab.dir, host, 'agent.log')).split('\n').filter((l) => l.includes('"lazy pages served"') && l.includes(`"task":"${task}"`));
+  const last = lines.pop();
+  return last ? (JSON.parse(last.slice(last.indexOf('{'))) as { filledByDaemon?: number }) : undefined;
+}
 
 test('post-copy moves a busy tree (processes, threads, forks while its pages arrive, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
   // The lazy-pages daemon takes answers in any order (patches/criu/0011): a child forked while
