@@ -493,16 +493,11 @@ export class Destination {
     if (fillsItself) {
       // Once the task runs the daemon fills it from the store by itself (patches/criu/0017).
       link.onRunning = () => {
-        const store = m.store;
         // After this turn: the commit's answer and the task's first faults go first (1 GiB: ~3-5 ms).
+        // (The commit waited for the store to be complete.)
         void m.storeDone
           ?.then(() => new Promise((r) => setImmediate(r)))
-          .then(
-            () => {
-              if (store && store === m.store && this.lazyLinks.get(m.id) === link) store.writeIndex();
-            },
-            () => {},
-          )
+          .then(() => m.store?.writeIndex())
           .catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` }));
       };
     }

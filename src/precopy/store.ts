@@ -92,9 +92,10 @@ export class PageStore {
    * itself (patches/criu/0017): a fault then costs no round trip through this agent. Only once
    * the store is complete (the daemon takes it as final) and the task runs (from then on the
    * daemon fills without asking: before, that would take the CPU the pause needs). Returns the
-   * number of runs.
+   * number of runs; a removed store (the daemon ended) writes none.
    */
   writeIndex(): number {
+    if (this.fd < 0) return 0;
     const keys = [...this.index.keys()].sort((a, b) => a - b);
     // Entries as 32-bit halves in one typed array (little-endian, as the machine it is read on).
     let out = new Int32Array(2 + 4096 * (INDEX_ENTRY / 4));

@@ -155,6 +155,8 @@ test("page store: its index for CRIU's daemon names every stored page's slot, an
     assert.ok(runs < stored / 4, 'consecutive slots make one run');
     store.remove();
     assert.equal(existsSync(join(dir, 'pages' + STORE_INDEX_SUFFIX)), false, 'the index goes with the store');
+    assert.equal(store.writeIndex(), 0);
+    assert.equal(existsSync(join(dir, 'pages' + STORE_INDEX_SUFFIX)), false, 'a removed store writes no index');
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }
