@@ -343,7 +343,7 @@ export class Agent {
     });
     this.route('POST', incoming('/restore'), 'migrate-in', async (r) => {
       const b = await r.body(incomingRestoreBody);
-      reply(r.stream, await this.dest.restore(own(r), { lazy: !!b.lazy }));
+      reply(r.stream, await this.dest.restore(own(r), { lazy: !!b.lazy, pagesThere: !!b.pagesThere }));
     });
     // The decision may come from a later session (the source retries it), so it is checked
     // against what the destination recorded, in memory or on disk.

@@ -263,6 +263,14 @@ const ratio = (a: number, b: number) => (b > 0 ? Math.round((a / b) * 100) / 100
 
 // ---- Ferry ---------------------------------------------------------------------------------------
 
+/** The fill's length (ms after the resume) from a destination agent's `lazy pages served` event. */
+function fillOf(agentLog: string, id: string): number | undefined {
+  const line = readText(agentLog).split('\n').find((l) => l.includes('"lazy pages served"') && l.includes(`"id":"${id}"`));
+  if (!line) return undefined;
+  const e = JSON.parse(line.slice(line.indexOf('{'))) as { fillMs?: number };
+  return e.fillMs ?? -1;
+}
+
 async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop-copy' | 'post-copy' | 'pre-copy' | 'auto', extra: string[] = []): Promise<RunMetrics> {
   const name = `bench-${mode}-${tag}`.replace(/[^A-Za-z0-9_.-]/g, '');
   const ferry = (...args: string[]) => run(process.execPath, [ctx.cli, '--cluster', ctx.lab.cluster, ...args], { timeoutMs: 600_000 });
@@ -280,7 +288,13 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
     const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, ...extra, '--json');
     const wireBytes = (await txBytes(ctx)) - tx0;
     const d = disk.stop();
-    const report = JSON.parse(r.stdout) as { totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string } };
+    const report = JSON.parse(r.stdout) as { id: string; totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string }; destination?: { fillsAlone?: boolean } };
+    // A destination that fills the task alone from its store: the source let go at the resume;
+    // how long the fill took after it is in the destination's event.
+    if (report.destination?.fillsAlone) {
+      const fillMs = await waitFor('the destination to fill the task', () => fillOf(join(h(ctx, 2).dir, 'agent.log'), report.id), 120_000);
+      if (fillMs >= 0) report.postCopyWindowMs = fillMs;
+    }
     await sleep(300);
     const p = pauseAfter(log(2), fromBeat);
     const m: RunMetrics = {

@@ -367,6 +367,7 @@ function printReport(r: MigrationReport): void {
       (r.compression && r.compression.rawBytes > 0
         ? `  compression (${r.compression.mode}): ${formatBytes(r.compression.rawBytes)} of memory went as ${formatBytes(r.compression.wireBytes)}, lz4 on ${r.compression.compressedFrames} of ${r.compression.frames} frames\n`
         : '') +
+      (r.destination?.fillsAlone ? `  memory: every page was on ${r.to} at the resume; it fills the task from its own copy, needing nothing of ${r.from}\n` : '') +
       (r.postCopyWindowMs !== undefined ? `  ${r.precopy?.finish === 'residue sent' ? 'local fill' : 'post-copy'}: all pages in the task ${r.postCopyWindowMs} ms after resume\n` : '') +
       (r.warnings ?? []).map((w) => `  note: ${w}\n`).join(''),
   );

@@ -194,6 +194,11 @@ export class Criu {
     return this.hasPatch('0017-lazy-pages-fill-from-store');
   }
 
+  /** ... and finishes that fill without its page server once the store holds the rest (patches/criu/0018). */
+  get lazyFinishesAlone(): boolean {
+    return this.lazyStoredFill && this.hasPatch('0018-lazy-pages-finish-from-store-alone');
+  }
+
   /**
    * `criu lazy-pages`: fetches pages from the source's page server on fault and in the
    * background. Early (see lazyPagesEarly): it listens at once and reads the images only when

@@ -18,7 +18,7 @@ import { startProgram } from '../exec/run.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
-import { isAlive, resumeTree, sleep, waitUntil } from '../util/proc.js';
+import { isAlive, resumeTree, sleep, startTime, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
 import { netClash } from '../runtime/runtime.js';
@@ -80,6 +80,8 @@ interface Incoming {
   runs?: ReturnType<typeof lazyRuns>;
   /** What stoppedAtDump() found in the images, read as soon as they are here. */
   stoppedReady?: Promise<Set<number>>;
+  /** Pre-copy with every page in the store: the daemon fills the task without the source (see restore()). */
+  alone?: boolean;
 }
 
 /** How long a post-copy task waits for its source to come back after a cut (the source waits longer). */
@@ -90,6 +92,8 @@ interface PostCopyMark {
   id: string;
   from: string;
   complete: boolean;
+  /** Every page was in pre-copy's store here: the daemon (this process) fills the task by itself. */
+  alone?: { pid: number; start?: number };
 }
 
 /** A post-copy pages link; it lives until every page is here, across connections. */
@@ -112,6 +116,10 @@ interface LazyLink {
   serve?: () => void;
   /** The task runs here: the daemon may fill it from pre-copy's store by itself. */
   onRunning?: () => void;
+  /** Every page is in the store: the source let go at the resume and the daemon needs no link. */
+  alone?: boolean;
+  /** When the task ran here (performance.now()). */
+  resumedAt?: number;
 }
 
 export class Destination {
@@ -131,6 +139,7 @@ export class Destination {
    * resume, in post-copy, auto and pre-copy alike): it cannot be dumped before every page is in it.
    */
   async untilFilled(task: string, signal?: AbortSignal): Promise<void> {
+    await this.adopted.get(task)?.catch(() => {});
     const daemon = [...this.lazyLinks.values()].find((l) => l.task === task && l.committed)?.daemon;
     if (!daemon) return;
     signal?.throwIfAborted();
@@ -154,6 +163,10 @@ export class Destination {
     // Post-copy tasks whose pages were still arriving when this agent died: they cannot arrive now.
     for (const { name, dir, mark } of await this.marks<PostCopyMark>('postcopy.json')) {
       if (mark.complete) continue;
+      if (mark.alone) {
+        this.adoptFill(name, dir, mark, mark.alone);
+        continue;
+      }
       const rec = await this.rt.store.get(name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       await this.rt.netGone(name, rec?.net?.address);
@@ -171,6 +184,35 @@ export class Destination {
     }
     return { removed, inDoubt };
   }
+
+  /**
+   * The previous agent's daemon fills a task from pre-copy's store by itself (its page server,
+   * that agent, went with it): once it is gone its log says whether every page went in. A task
+   * whose fill did not finish may have read zeros for its memory: it must not run on.
+   */
+  private adoptFill(name: string, dir: string, mark: PostCopyMark, daemon: { pid: number; start?: number }): void {
+    const done = (async () => {
+      while (isAlive(daemon.pid, daemon.start)) await sleep(100);
+      const filled = await readStoredFill(join(this.rt.store.imagesDir(name), 'lazy-pages.log'));
+      if (filled) {
+        await writeJsonAtomic(join(dir, 'postcopy.json'), { ...mark, complete: true } satisfies PostCopyMark);
+        await rm(join(dir, PRECOPY_PAGES), { force: true });
+        await rm(join(dir, PRECOPY_PAGES + STORE_INDEX_SUFFIX), { force: true });
+        this.onEvent({ event: 'lazy pages served', id: mark.id, task: name, filledByDaemon: filled.pages, faultsFilledByDaemon: filled.faults, afterRestart: true });
+        return;
+      }
+      const rec = await this.rt.store.get(name).catch(() => undefined);
+      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      await this.rt.netGone(name, rec?.net?.address);
+      await this.rt.store.scratch.removeTaskDir(dir);
+      this.onEvent({ event: 'warning', task: name, message: `its memory was being filled from pre-copy's store when the previous agent ended, and the fill did not finish: the task was ended (its memory would not be whole)` });
+    })();
+    this.adopted.set(name, done);
+    this.background(done.finally(() => this.adopted.delete(name)), name, 'waiting for the fill of its memory');
+  }
+
+  /** Fills a previous agent's daemon still does, by task (see adoptFill). */
+  private readonly adopted = new Map<string, Promise<void>>();
 
   /** Every task directory holding a migration marker (incoming.json, postcopy.json), with it. */
   private async marks<M>(file: string): Promise<Array<{ name: string; dir: string; mark: M }>> {
@@ -394,7 +436,7 @@ export class Destination {
     link.front?.quiet();
   }
 
-  async restore(id: string, opts: { lazy: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
+  async restore(id: string, opts: { lazy: boolean; pagesThere?: boolean }): Promise<{ pid: number; restoreMs: number; pageWaitMs: number; alone?: true }> {
     const m = this.get(id);
     // The shim started at the prepare, unless this restore is not the one it was started for.
     const ahead = m.restoreAhead;
@@ -409,8 +451,11 @@ export class Destination {
     }
   }
 
-  private async restoreNow(m: Incoming, opts: { lazy: boolean }, prepared: Incoming['restoreAhead']): Promise<{ pid: number; restoreMs: number; pageWaitMs: number }> {
+  private async restoreNow(m: Incoming, opts: { lazy: boolean; pagesThere?: boolean }, prepared: Incoming['restoreAhead']): Promise<{ pid: number; restoreMs: number; pageWaitMs: number; alone?: true }> {
     const id = m.id;
+    // Pre-copy sent every page: with a daemon that fills from the store and finishes without its
+    // page server (patches/criu/0017, 0018), the task needs nothing of the source once it runs.
+    m.alone = opts.lazy && !!opts.pagesThere && !!m.store && this.rt.criu.lazyFinishesAlone;
     const started = performance.now();
     if (m.pageServer) {
       // The page server exits once the source's dump closed the page stream.
@@ -420,7 +465,9 @@ export class Destination {
     const pageWaitMs = Math.round(performance.now() - started);
     if (opts.lazy) {
       await Promise.all([(m.lazyReady ??= this.startLazyDaemon(m)), this.lazyRunsOf(m)]);
-      this.lazyLinks.get(id)?.serve?.();
+      const link = this.lazyLinks.get(id);
+      if (link) link.alone = m.alone;
+      link?.serve?.();
     } else if (m.lazyReady) {
       await m.lazyReady.catch(() => {});
       const link = this.lazyLinks.get(id);
@@ -436,8 +483,22 @@ export class Destination {
     m.restored = restored;
     // Read now, not at the decision: the resume is inside the task's pause.
     m.stopped = await (m.stoppedReady ?? stoppedAtDump(m.imagesDir));
+    // The source lets go at the resume: a page the store lacks would be lost with it, so the
+    // copy here is refused now, while the source can still take the task back.
+    if (m.alone) await this.everyPageStored(m);
     await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', lazy: opts.lazy, ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
-    return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs };
+    return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs, ...(m.alone ? { alone: true as const } : {}) };
+  }
+
+  /** Every lazy page of the images is in pre-copy's store (1 GiB: a few ms). */
+  private async everyPageStored(m: Incoming): Promise<void> {
+    await m.storeDone;
+    for (const r of await this.lazyRunsOf(m)) {
+      const k = m.store!.presentRun(r.vpid, r.first, r.n);
+      if (k < r.n) {
+        throw new FerryError('PRECOPY', `pre-copy's store on ${this.self} lacks page 0x${((r.first + k) * 4096).toString(16)} of process ${r.vpid}: the task cannot be filled here`, { hint: 'migrate it again; if this repeats, migrate it with --mode stop-copy' });
+      }
+    }
   }
 
   /** The lazy pages of the pagemap images; only once the images are here. */
@@ -468,7 +529,8 @@ export class Destination {
     const serveFront = (sock: Socket, runs: Awaited<ReturnType<typeof lazyRuns>>): void => {
       // The daemon asks a front: pre-copy's store or prefetched pages first, then the source.
       const holder = m.store ?? new MemPageHolder();
-      const front = serveLazy(sock, holder, frontEnd, runs, stats, { anyOrder: this.rt.criu.lazyAnswersAnyOrder, stored: this.rt.criu.lazyStoredAnswers });
+      // Alone, every page is here and the source is gone after the resume: nothing goes to it.
+      const front = serveLazy(sock, holder, m.alone ? undefined : frontEnd, runs, stats, { anyOrder: this.rt.criu.lazyAnswersAnyOrder, stored: this.rt.criu.lazyStoredAnswers });
       link.front = front;
       // The restore starts while the last delta still arrives: no page is served before the
       // store has it (a page served from an earlier round would be stale). A store complete
@@ -497,6 +559,7 @@ export class Destination {
         // (The commit waited for the store to be complete.)
         void m.storeDone
           ?.then(() => new Promise((r) => setImmediate(r)))
+          .then(() => faultPoint(this.self, 'fill'))
           .then(() => m.store?.writeIndex())
           .catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` }));
       };
@@ -522,7 +585,7 @@ export class Destination {
       sock.destroy();
       m.store?.remove();
       const filled = fillsItself ? await readStoredFill(join(m.imagesDir, 'lazy-pages.log')) : undefined;
-      this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, ...(filled ? { filledByDaemon: filled.pages, faultsFilledByDaemon: filled.faults } : {}), local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.storedPages ? { stored: stats.storedPages } : {}), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
+      this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, ...(code === 0 && link.resumedAt !== undefined ? { fillMs: Math.round(performance.now() - link.resumedAt) } : {}), ...(filled ? { filledByDaemon: filled.pages, faultsFilledByDaemon: filled.faults } : {}), local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.storedPages ? { stored: stats.storedPages } : {}), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
       if (this.lazyLinks.get(m.id) !== link) return;
       // The daemon ends with 0 once every page is here. Otherwise pages are missing and the task
       // would read them as zeros: it must not run on.
@@ -591,9 +654,13 @@ export class Destination {
   private async resumeHere(id: string, found: { name: string; dir: string; mark: IncomingMark }, link: LazyLink | undefined, stopped: Incoming['stopped']): Promise<{ known: true; resumedAgoMs?: number }> {
     const rec = await this.rt.store.get(found.name);
     if (link) {
-      // Until the last page is here, a restart of this agent cannot feed the task: it is dropped then.
+      // Until the last page is here, a restart of this agent cannot feed the task: it is dropped
+      // then, unless the daemon fills it alone (the next agent waits for that one to finish).
       link.committed = true;
-      await writeJsonAtomic(join(found.dir, 'postcopy.json'), { id, from: found.mark.from, complete: false } satisfies PostCopyMark);
+      const pid = link.alone ? link.daemon?.child.pid : undefined;
+      const start = pid !== undefined ? startTime(pid) : undefined;
+      const alone = pid !== undefined ? { pid, ...(start !== undefined ? { start } : {}) } : undefined;
+      await writeJsonAtomic(join(found.dir, 'postcopy.json'), { id, from: found.mark.from, complete: false, ...(alone ? { alone } : {}) } satisfies PostCopyMark);
     }
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
@@ -603,6 +670,7 @@ export class Destination {
       resumedAt = performance.now();
     }
     if (link) {
+      link.resumedAt = resumedAt ?? performance.now();
       link.running = true;
       link.front?.release();
       link.front?.prefetch();

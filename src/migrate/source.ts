@@ -72,7 +72,7 @@ export interface MigrationReport {
   /** Memory streams compressed on the way (bytes.pages counts what crossed the link). */
   compression?: CodecStats;
   /** On the destination: waiting for the last pages to land, and CRIU's restore itself. */
-  destination?: { pageWaitMs: number; criuRestoreMs: number };
+  destination?: { pageWaitMs: number; criuRestoreMs: number; fillsAlone?: true };
   /** Inside the pause: how long each step took (they overlap where they run at once). */
   stepsMs?: Record<string, number>;
 }
@@ -115,6 +115,8 @@ const DUMP_TIMEOUT_MS = 10 * 60_000;
 /** Stop-copy: a page stream that moves no byte for this long while the task is frozen ends the dump. */
 const PAGE_STALL_MS = 30_000;
 const STALL_CHECK_MS = 1000;
+/** CRIU's page-server command that ends a lazy dump (criu/page-xfer.c): its 4-byte answer says it is done. */
+const PS_IOV_CLOSE = 0x1023;
 function trackMethod(armed: boolean, hashed: boolean): string {
   const wp = 'userfaultfd write-protect + PAGEMAP_SCAN';
   if (!hashed) return wp;
@@ -307,7 +309,7 @@ export class OutgoingMigration {
       await this.transfer();
       await this.restoreThere();
       await this.handOver();
-      if (this.lazyFlow) await this.pushPages();
+      if (this.lazyFlow && !this.alone) await this.pushPages();
       await this.letGo();
       this.report.ok = true;
       return this.finish();
@@ -668,15 +670,16 @@ export class OutgoingMigration {
   /** The destination restores the task, stopped until the decision. */
   private async restoreThere(): Promise<void> {
     this.phase('restore');
-    const lazyStream = this.lazyAt ? this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 }) : undefined;
-    if (this.pagesThere) this.lazyStream = lazyStream;
-    const asks = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow }, { timeoutMs: CONFIRM_TIMEOUT_MS });
+    // Pre-copy that sent every page: CRIU's page connection, if the destination needs it at all,
+    // opens after the commit (handOver), out of the pause.
+    const lazyStream = this.lazyAt && !this.pagesThere ? this.lazyRequest() : undefined;
+    const asks = requestJson<{ pid: number; restoreMs: number; pageWaitMs: number; alone?: unknown }>(this.session!, 'POST', `/v1/incoming/${this.id}/restore`, { lazy: this.lazyFlow, ...(this.pagesThere ? { pagesThere: true } : {}) }, { timeoutMs: CONFIRM_TIMEOUT_MS });
     // The request's end goes out in a later tick of the event loop; then the delta follows it.
     setImmediate(() => this.releaseDelta?.());
     // Restored means restored on every page of the last delta; a delta that fails fails it now.
     const restoreP = Promise.all([asks, this.deltaStored]).then(([r]) => r);
     restoreP.catch(() => {}); // awaited below; an early way out must not leave it unhandled
-    if (this.lazyAt && lazyStream && !this.pagesThere) {
+    if (this.lazyAt && lazyStream) {
       // The restore cannot finish without pages, and CRIU serves them only after the hold
       // lets go; so let go once the destination's lazy-pages daemon asks for the first page.
       // If the restore then fails, killing the dump (past post-dump, no parasite left in the
@@ -690,9 +693,12 @@ export class OutgoingMigration {
     const r = await Promise.race([restoreP, this.dumpExit!.then(async () => Promise.reject(await this.dumpEnded()))]);
     this.report.pid = r.pid;
     this.report.destination = { pageWaitMs: r.pageWaitMs, criuRestoreMs: r.restoreMs };
-    // Every page is in the destination's store: its restore needed nothing of CRIU here, and
-    // CRIU's page connection waits until after the commit (handOver), out of the pause.
-    if (this.lazyStream) await this.decide('commit');
+    // The destination checked its store holds every page the task will read and fills the task
+    // from it without this host (patches/criu/0018): once it runs there, this host is done.
+    this.alone = this.pagesThere && r.alone === true;
+    if (this.alone) this.report.destination.fillsAlone = true;
+    // Every page is in the destination's store: its restore needed nothing of CRIU here.
+    if (this.pagesThere) await this.decide('commit');
     this.endPhase('restore');
   }
 
@@ -704,8 +710,15 @@ export class OutgoingMigration {
   /** Pre-copy's last delta, stored on the destination (see transfer()). */
   private deltaStored?: Promise<void>;
 
-  /** Set while CRIU's page connection waits for the commit to be told (see restoreThere). */
+  /** Pre-copy whose destination fills the task by itself: see restoreThere(). */
+  private alone = false;
+
+  /** Set while CRIU's page connection here is joined to the destination after the commit (see handOver). */
   private lazyStream?: MuxStream;
+
+  private lazyRequest(): MuxStream {
+    return this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/lazy`, 'x-ferry-received': 0 });
+  }
 
   /**
    * CRIU here could not be reached after the commit, while the destination runs the task with
@@ -717,6 +730,32 @@ export class OutgoingMigration {
     this.lazyStream?.destroy();
     if (isAlive(this.rec.pid!, this.rec.pidStart)) process.kill(this.rec.pid!, 'SIGKILL');
     this.killDump();
+  }
+
+  /**
+   * The destination needs nothing more of this host: CRIU here is told what its lazy-pages
+   * daemon would say once every page is in: it then ends the copy here and exits 0.
+   */
+  private async closeLazyHere(): Promise<void> {
+    const sock = await connectWhenListening(this.lazyAt!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null);
+    sock.setNoDelay(true);
+    try {
+      const close = Buffer.alloc(32);
+      close.writeUInt32LE(PS_IOV_CLOSE, 0);
+      sock.write(close);
+      await new Promise<void>((res, rej) => {
+        let got = 0;
+        sock.on('data', (c: Buffer) => {
+          got += c.length;
+          if (got >= 4) res();
+        });
+        sock.once('error', rej);
+        sock.once('close', () => rej(new Error('CRIU closed its page connection without an answer')));
+      });
+    } finally {
+      sock.destroy();
+    }
+    this.lazyDone = true;
   }
 
   /** CRIU's lazy port here, joined to the destination through the session. */
@@ -747,7 +786,8 @@ export class OutgoingMigration {
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
     const froze = await this.hold!.freezingAt();
     this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - (resumedAgoMs ?? 0) - froze : this.resumedAt - this.frozenAt!);
-    if (this.lazyStream) await this.connectLazy(this.lazyStream).catch((e: Error) => this.endWithoutLazy(e));
+    if (this.alone) await this.closeLazyHere().catch((e: Error) => this.endWithoutLazy(e));
+    else if (this.pagesThere) await this.connectLazy((this.lazyStream = this.lazyRequest())).catch((e: Error) => this.endWithoutLazy(e));
     this.endPhase('resume');
   }
 
@@ -771,7 +811,7 @@ export class OutgoingMigration {
     await waitUntil(() => this.rec.shimPid === undefined || !isAlive(this.rec.shimPid, this.rec.shimStart), 2000);
     await this.ctx.rt.netGone(this.rec.name, this.rec.net?.address).catch((e: Error) => this.warn(`could not remove the task's old network on ${this.ctx.self}: ${e.message}`));
     await this.ctx.rt.store.remove(this.rec.name).catch((e: Error) => this.warn(`could not remove the task's old directory on ${this.ctx.self}: ${e.message}`));
-    if (this.lazyFlow) this.endPhase('postcopy');
+    if (this.lazyFlow && !this.alone) this.endPhase('postcopy');
   }
 
   /** The one way back for the state the migration reached; always throws, saying where the task is. */

@@ -114,7 +114,7 @@ export const prepareBody = z.object({
   diskBytes: count,
 });
 
-export const incomingRestoreBody = z.object({ lazy: z.boolean().optional() });
+export const incomingRestoreBody = z.object({ lazy: z.boolean().optional(), pagesThere: z.boolean().optional() });
 
 /** Parses a peer's value or refuses it with one line naming the first problem. */
 export function parse<S extends z.ZodType>(schema: S, value: unknown, what: string): z.infer<S> {

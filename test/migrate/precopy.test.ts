@@ -3,14 +3,14 @@
 // forks, new, grown and moved mappings, dropped pages and shared memory, while the rounds run.
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { after, before, test } from 'node:test';
 import type { MigrationReport } from '../../src/migrate/source.js';
 import { NATIVE, SOCKETS, WORKLOAD, ask, waitFor } from '../support/ferry.js';
 import { Lab, comm, oneLine } from '../support/lab.js';
 import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
-import { treePids } from '../../src/util/proc.js';
+import { isAlive, sleep, treePids } from '../../src/util/proc.js';
 import { loadConfig } from '../../src/config.js';
 import { Criu } from '../../src/criu/driver.js';
 
@@ -108,11 +108,73 @@ test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNE
 });
 
 /** The destination agent's last `lazy pages served` event for a task. */
-function lazyServed(host: string, task: string): { filledByDaemon?: number; faultsFilledByDaemon?: number } | undefined {
+function lazyServed(host: string, task: string): { filledByDaemon?: number; faultsFilledByDaemon?: number; afterRestart?: boolean } | undefined {
   const lines = readText(join(lab.dir, host, 'agent.log')).split('\n').filter((l) => l.includes('"lazy pages served"') && l.includes(`"task":"${task}"`));
   const last = lines.pop();
-  return last ? (JSON.parse(last.slice(last.indexOf('{'))) as { filledByDaemon?: number }) : undefined;
+  return last ? (JSON.parse(last.slice(last.indexOf('{'))) as { filledByDaemon?: number; afterRestart?: boolean }) : undefined;
 }
+
+/** A lab host's CRIU lazy-pages daemon (in the host's namespaces; its paths are the host's own). */
+function lazyDaemon(host: string): number | undefined {
+  for (const p of execFileSync('ip', ['netns', 'pids', lab.netns(host)], { encoding: 'utf8' }).split('\n').filter(Boolean)) {
+    try {
+      const cmd = readFileSync(`/proc/${p}/cmdline`, 'utf8').split('\0');
+      if (cmd[0]?.endsWith('/criu') && cmd[1] === 'lazy-pages') return Number(p);
+    } catch {
+      /* gone */
+    }
+  }
+  return undefined;
+}
+
+test('pre-copy: the source lets go once the task runs on the destination, whose daemon fills it from its store alone, also when that agent dies in the fill', async (t) => {
+  if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
+  const arm = join(debugDir, 'arm');
+  let stopped: number | undefined;
+  t.after(async () => {
+    rmSync(arm, { force: true });
+    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+    if (stopped !== undefined && isAlive(stopped)) process.kill(stopped, 'SIGCONT');
+    await lab.up(); // the killed agent back, if the test ended before it did that itself
+    await lab.removeEverywhere('pa');
+  });
+  await startMemcheck('pa', ['--mib', '256', '--rate', '16', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '8']);
+  rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
+  // h2's agent waits in the fill, after the task runs and before it writes the store's index.
+  writeFileSync(arm, 'h2.fill');
+  const moving = migrate('pa', ['--mode', 'pre-copy']);
+  moving.catch(() => {});
+  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  // Held while the agent writes the index and answers what was asked of it; then the agent dies
+  // with most of the task's memory still to fill.
+  process.kill(daemon, 'SIGSTOP');
+  stopped = daemon;
+  const r = await moving;
+  assert.equal(r.ok, true);
+  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  assert.equal(r.phasesMs.postcopy, undefined, 'the source waits for no page transfer after the resume');
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pa'), false, 'the source let go of the task');
+  writeFileSync(join(debugDir, 'h2.fill.go'), '');
+  await waitFor('the store index', () => (existsSync(join(lab.taskDir('h2', 'pa'), 'precopy.pages.index')) ? true : undefined), 10_000, 5);
+  await sleep(300);
+  process.kill(lab.agentPid('h2'), 'SIGKILL');
+  await sleep(200);
+  process.kill(daemon, 'SIGCONT');
+  stopped = undefined;
+  await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
+  const log = readText(join(lab.taskDir('h2', 'pa'), 'images', 'lazy-pages.log'));
+  assert.match(log, /The page server is gone; the store holds every page left/);
+  const filled = /Filled (\d+) pages from the store/.exec(log);
+  assert.ok(filled && Number(filled[1]) > 0, 'the daemon filled the task from the store');
+  t.diagnostic(`filled after the agent died: ${filled[1]} pages`);
+  // The agent restarts (as systemd would), finds the fill done and keeps the task.
+  await lab.up();
+  await waitFor('the restarted agent to take the fill as done', () => (lazyServed('h2', 'pa')?.afterRestart ? true : undefined), 30_000);
+  assertAllOk(await checkMemory('h2', 'pa'));
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pa'), false);
+});
 
 test('post-copy moves a busy tree (processes, threads, forks while its pages arrive, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
   // The lazy-pages daemon takes answers in any order (patches/criu/0011): a child forked while
