@@ -355,12 +355,17 @@ export class Destination {
       this.onEvent({ event: 'pages link resumed', id, task: link.task });
       return;
     }
+    // The daemon may already be up (it starts at the prepare, or once the images are here; and
+    // pre-copy joins the source's CRIU only after the commit); else it takes the stream then.
+    if (link?.tunnel) {
+      stream.respond({ ':status': 200, 'x-ferry-received': 0 });
+      link.tunnel.attach(stream, 0);
+      return;
+    }
     const m = this.get(id);
     if (m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     stream.respond({ ':status': 200, 'x-ferry-received': 0 });
-    // The daemon may already be up (it starts at the prepare, or once the images are here); else it takes the stream then.
-    if (link?.tunnel) link.tunnel.attach(stream, 0);
-    else m.lazyStream = stream;
+    m.lazyStream = stream;
   }
 
   /** Pre-copy rounds: page records into the store; answered once the last one is stored. */
