@@ -603,7 +603,9 @@ export class Destination {
       } else {
         // What CRIU said goes with the reason: the task's directory, its log with it, goes next.
         const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
-        await this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived${said ? ` (${said})` : ''}`);
+        // Alone, the source let go at the resume: nothing can take the task back (see README).
+        const lost = link.alone && link.committed ? `; ${link.from} had let go of it, so the task is lost: start it again, from its last checkpoint if it has one` : '';
+        await this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived${said ? ` (${said})` : ''}${lost}`);
       }
     }).catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `cleaning up after its lazy pages: ${e.message}` }));
     // The restore talks to the daemon through this socket; wait until it exists.
