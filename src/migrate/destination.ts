@@ -484,13 +484,16 @@ export class Destination {
       // Failed with nobody left to tell us to clean up.
       if (m.session.destroyed) setImmediate(() => this.background(this.abort(id), m.req.task.name, 'removing a failed restore'));
     });
+    // The source lets go at the resume: a page the store lacks would be lost with it, so the
+    // copy here is refused now, while the source can still take the task back (checked while
+    // CRIU restores).
+    const stored = m.alone ? this.everyPageStored(m) : undefined;
+    stored?.catch(() => {}); // awaited below
     const restored = await restoring;
     m.restored = restored;
     // Read now, not at the decision: the resume is inside the task's pause.
     m.stopped = await (m.stoppedReady ?? stoppedAtDump(m.imagesDir));
-    // The source lets go at the resume: a page the store lacks would be lost with it, so the
-    // copy here is refused now, while the source can still take the task back.
-    if (m.alone) await this.everyPageStored(m);
+    await stored;
     await writeJsonAtomic(join(m.dir, 'incoming.json'), { id, from: m.req.from, phase: 'restored', lazy: opts.lazy, ...(m.req.task.net ? { address: m.req.task.net.address } : {}) } satisfies IncomingMark);
     return { pid: restored.pid!, restoreMs: Math.round(performance.now() - started) - pageWaitMs, pageWaitMs, ...(m.alone ? { alone: true as const } : {}) };
   }
