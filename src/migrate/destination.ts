@@ -25,7 +25,7 @@ import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
 import { faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
-import { PRECOPY_PAGES, PageStore, STORE_INDEX_SUFFIX } from '../precopy/store.js';
+import { PAGE, PRECOPY_PAGES, PageStore, STORE_INDEX_SUFFIX } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
 import { ImageBundleWriter } from '../wire/image-bundle.js';
 import { MemPageHolder, serveLazy, type FrontStats, type LazyFront } from '../precopy/front.js';
@@ -504,7 +504,7 @@ export class Destination {
     for (const r of await this.lazyRunsOf(m)) {
       const k = m.store!.presentRun(r.vpid, r.first, r.n);
       if (k < r.n) {
-        throw new FerryError('PRECOPY', `pre-copy's store on ${this.self} lacks page 0x${((r.first + k) * 4096).toString(16)} of process ${r.vpid}: the task cannot be filled here`, { hint: 'migrate it again; if this repeats, migrate it with --mode stop-copy' });
+        throw new FerryError('PRECOPY', `pre-copy's store on ${this.self} lacks page 0x${((r.first + k) * PAGE).toString(16)} of process ${r.vpid}: the task cannot be filled here`, { hint: 'migrate it again; if this repeats, migrate it with --mode stop-copy' });
       }
     }
   }
