@@ -5,6 +5,13 @@
 // arms asynchronous write-protection over its private anonymous memory. PAGEMAP_SCAN then returns
 // and re-arms the pages written since the last scan. Everything ends when this program exits: the
 // kernel drops the registrations with the last descriptor, so an agent that dies disarms the task.
+// A process's first round is read without arming and its pages' hashes kept; it is armed near the
+// end of that round, and what was read before is read again in a second thread while the rest
+// goes out: pages whose content changed count as written (late_round). A first round is long (all
+// memory crosses the link) and every first write to a page after arming is a fault in the task,
+// which on a virtual machine with shadow page tables costs 15-25 us: armed from the start, the
+// benchmark's task lost ~15 % of its heartbeat during that round. Processes larger than
+// LATE_MAX_PAGES (the hashes' memory) are armed at once (FERRY_TRACK_ARM=early: all).
 // A process that cannot be armed (ptrace refused; a kernel without asynchronous write-protect or
 // PAGEMAP_SCAN) is tracked by content hash instead: each round reads its present pages and
 // sends those whose hash differs from what was sent (FERRY_TRACK_METHOD=hash asks for that
@@ -19,10 +26,12 @@
 //                     pagemap marks lazy that was written since the last round or never sent
 //                     (with drop: only tell the destination to forget written pages it has)
 //   quit
-// With FERRY_DEBUG_DROP_ROUND=N the written pages of round N are re-armed but not sent: tests use
-// it to prove that a lost write is seen.
+// With FERRY_DEBUG_DROP_ROUND=N the written pages of round N are re-armed but not sent (=late: the
+// pages a late-armed process changed before it was armed): tests use it to prove that a lost
+// write is seen.
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <pthread.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -146,6 +155,20 @@ static void ph_put(struct pagehash *h, uint64_t pg, uint64_t v) {
   }
 }
 
+/* Room for n entries without growing (a first round would otherwise copy the table as it grows). */
+static void ph_reserve(struct pagehash *h, uint64_t n) {
+  size_t cap = 4096;
+  while (cap < 2 * n + 2) cap *= 2;
+  if (cap <= h->cap) return;
+  struct pagehash b = {calloc(cap, 8), calloc(cap, 8), cap, 0};
+  if (!b.keys || !b.vals) abort();
+  for (size_t i = 0; i < h->cap; i++)
+    if (h->keys[i]) ph_put(&b, h->keys[i] - 1, h->vals[i]);
+  free(h->keys);
+  free(h->vals);
+  *h = b;
+}
+
 /* 64-bit hash of a page: four multiply-rotate lanes (fast enough to stay near memory speed). */
 static uint64_t page_hash(const uint8_t *page) {
   const uint64_t *w = (const uint64_t *)page;
@@ -168,6 +191,9 @@ struct proc {
   pid_t pid, vpid;
   int uffd; /* -1: not armed */
   int hashed; /* tracked by content hash instead: each round reads all its memory */
+  int late;   /* its uffd is taken but not armed yet: the first round hashes, then arms */
+  struct pageset pending; /* late-armed: changed before arming, to go with the next round */
+  uint64_t present;       /* pages present when it was first seen */
   int seen, fresh;
   struct pageset sent;
   struct pagehash hashes;
@@ -176,9 +202,13 @@ struct proc {
 static struct proc *procs;
 static size_t nprocs;
 static FILE *ctl;
-static uint8_t buf[CHUNK * PAGE];
+/* Per thread: a late arming compares pages in a second thread (see late_round). */
+static __thread uint8_t buf[CHUNK * PAGE];
 static const uint8_t zero[PAGE];
-static int round_no, drop_round, force_hash, slow_end_ms;
+static int round_no, drop_round, drop_late, force_hash, arm_early, slow_end_ms;
+
+/* Arming late keeps 16-32 bytes per page of hashes until the end of the first round. */
+#define LATE_MAX_PAGES ((4ULL << 30) / PAGE)
 
 /* Per-command counters, reported on fd 3. */
 static struct {
@@ -634,8 +664,8 @@ static struct proc *find(pid_t pid) {
  * nothing); 'c': count it; 'm': mark it in marks; 'a': mark every present page.
  */
 static uint64_t hash_range(struct proc *p, int pm, uint64_t s, uint64_t e, int mode, int drop, struct pageset *marks) {
-  static uint64_t ents[CHUNK], hs[CHUNK];
-  static uint8_t ch[CHUNK];
+  static __thread uint64_t ents[CHUNK], hs[CHUNK];
+  static __thread uint8_t ch[CHUNK];
   const uint64_t zero_hash = page_hash(zero);
   uint64_t changed = 0;
   for (uint64_t at = s; at < e;) {
@@ -695,6 +725,133 @@ static uint64_t hash_range(struct proc *p, int pm, uint64_t s, uint64_t e, int m
   return changed;
 }
 
+static void cb_pend(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  (void)arg;
+  for (uint64_t i = 0; i < n; i++) ps_add(&p->pending, s / PAGE + i);
+}
+static void cb_count_new(struct proc *p, uint64_t s, uint64_t n, void *arg) {
+  for (uint64_t i = 0; i < n; i++) *(uint64_t *)arg += !ps_has(&p->pending, s / PAGE + i);
+}
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Sends the pending pages in address order (runs of neighbours go as one range), and forgets them. */
+static void send_pending(struct proc *p, int drop) {
+  uint64_t *pg = malloc((p->pending.n + 1) * 8);
+  size_t n = 0;
+  if (!pg) abort();
+  for (size_t i = 0; i < p->pending.cap; i++)
+    if (p->pending.keys[i]) pg[n++] = p->pending.keys[i] - 1;
+  qsort(pg, n, 8, cmp_u64);
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    while (j < n && pg[j] == pg[j - 1] + 1) j++;
+    if (drop) st.dropped += j - i;
+    else send_range(p, pg[i] * PAGE, j - i);
+    i = j;
+  }
+  free(pg);
+  free(p->pending.keys);
+  memset(&p->pending, 0, sizeof p->pending);
+}
+
+/* Arms every mapping of the process; -1 if it has a new address space and cannot be armed again. */
+static int arm_all(struct proc *p) {
+  struct vma *v;
+  size_t n = anon_vmas(p->pid, &v, 0);
+  for (size_t i = 0; i < n; i++)
+    if (arm_range(p, v[i].start, v[i].end) == -ESRCH) {
+      close(p->uffd);
+      p->uffd = take_uffd(p->pid);
+      if (p->uffd < 0) {
+        p->uffd = -1;
+        free(v);
+        return -1;
+      }
+      for (size_t j = 0; j < n; j++) arm_range(p, v[j].start, v[j].end);
+      break;
+    }
+  free(v);
+  return 0;
+}
+
+struct compare_job {
+  struct proc *p;
+  struct vma *ranges;
+  size_t n;
+  struct pageset marks;
+};
+
+/* Marks the pages of the ranges whose content differs from what was sent (reads only). */
+static void *compare(void *arg) {
+  struct compare_job *j = arg;
+  int pm = open_pagemap(j->p->pid);
+  for (size_t i = 0; pm >= 0 && i < j->n; i++) hash_range(j->p, pm, j->ranges[i].start, j->ranges[i].end, 'm', 0, &j->marks);
+  if (pm >= 0) close(pm);
+  return NULL;
+}
+
+/*
+ * A late-armed process's first round. Its pages are read and hashed unarmed until a sixteenth of
+ * them is left; then it is armed, the rest is read as for a process armed at once, and a second
+ * thread reads again what was read before the arming and marks each page whose content changed
+ * (written before the arming; a write during that read is also seen as written). The marked pages
+ * count as written and go with the next round, as pages written during the round would if armed
+ * at once. The compare runs while the link still carries the rest: at 1 GiB it reads for ~0.25 s
+ * here, as long as a 1 Gbit/s link takes for ~30 MB. A process whose address space changed (exec)
+ * and cannot be armed again stays with content hashes.
+ */
+static void late_round(struct proc *p, int pm, struct vma *v, size_t n, int drop, int skip_compare) {
+  struct compare_job job = {p, malloc((n + 1) * sizeof *v), 0, {0}};
+  if (!job.ranges) abort();
+  uint64_t done = 0, tail = p->present / 16;
+  int armed = 0, failed = 0, threaded = 0;
+  pthread_t th;
+  for (size_t i = 0; i < n; i++)
+    for (uint64_t at = v[i].start; at < v[i].end;) {
+      uint64_t end = v[i].end - at > CHUNK * PAGE ? at + CHUNK * PAGE : v[i].end;
+      if (!armed && !failed && done + tail >= p->present) {
+        if (arm_all(p) < 0) failed = 1;
+        else {
+          armed = 1;
+          if (!drop && !skip_compare && job.n) {
+            if (pthread_create(&th, NULL, compare, &job) == 0) threaded = 1;
+            else compare(&job);
+          }
+        }
+      }
+      if (armed) {
+        rearm_pm = pm;
+        scan(pm, p, at, end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, drop ? cb_drop : cb_send, NULL);
+        rearm_pm = -1;
+      } else {
+        done += hash_range(p, pm, at, end, 'r', drop, NULL);
+        if (job.n && job.ranges[job.n - 1].end == at) job.ranges[job.n - 1].end = end;
+        else job.ranges[job.n++] = (struct vma){.start = at, .end = end};
+      }
+      at = end;
+    }
+  if (!armed && !failed) {
+    /* Fewer pages than counted at the start: armed after the last read, compared at once. */
+    if (arm_all(p) < 0) failed = 1;
+    else if (!drop && !skip_compare) compare(&job);
+  }
+  if (threaded) pthread_join(th, NULL);
+  p->late = 0;
+  if (!failed) {
+    for (size_t i = 0; i < job.marks.cap; i++)
+      if (job.marks.keys[i]) ps_add(&p->pending, job.marks.keys[i] - 1);
+    p->hashed = 0;
+    free(p->hashes.keys);
+    free(p->hashes.vals);
+    memset(&p->hashes, 0, sizeof p->hashes);
+  }
+  free(job.marks.keys);
+  free(job.ranges);
+}
+
 /*
  * One process's pages for this round. mode: 'r' send written (everything where not armed),
  * 'c' count written, 'f' final (like 'r', plus never-sent lazy pages, done by the caller).
@@ -706,7 +863,9 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
   struct vma *v;
   size_t n = anon_vmas(p->pid, &v, 0);
   if (p->hashed) {
-    for (size_t i = 0; i < n; i++) counted += hash_range(p, pm, v[i].start, v[i].end, mode == 'c' ? 'c' : 'r', drop, NULL);
+    if (p->late && mode != 'c') late_round(p, pm, v, n, drop, drop_late);
+    else
+      for (size_t i = 0; i < n; i++) counted += hash_range(p, pm, v[i].start, v[i].end, mode == 'c' ? 'c' : 'r', drop, NULL);
     free(v);
     close(pm);
     p->fresh = 0;
@@ -717,8 +876,9 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
     if (p->fresh && mode != 'c') r = -EAGAIN; /* armed just now: all of it is new */
     else if (p->uffd >= 0 && !v[i].registered) r = -EPERM; /* new, moved, or a new address space (exec) */
     else if (p->uffd >= 0) {
-      if (mode == 'c') r = scan(pm, p, v[i].start, v[i].end, 0, PAGE_IS_WRITTEN, cb_count, &counted);
-      else r = scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, drop ? cb_drop : cb_send, NULL);
+      /* With pages pending from a late arming, written ones join them and all go in order. */
+      if (mode == 'c') r = scan(pm, p, v[i].start, v[i].end, 0, PAGE_IS_WRITTEN, p->pending.n ? cb_count_new : cb_count, &counted);
+      else r = scan(pm, p, v[i].start, v[i].end, 1, PAGE_IS_WRITTEN, p->pending.n ? cb_pend : drop ? cb_drop : cb_send, NULL);
     }
     if (r == 0) continue;
     /* Not armed (new since the last round, moved, or the process exec'd): all of it counts. */
@@ -748,6 +908,8 @@ static uint64_t visit(struct proc *p, int mode, int drop) {
   }
   free(v);
   close(pm);
+  if (mode == 'c') counted += p->pending.n;
+  else if (p->pending.n) send_pending(p, drop);
   if (mode != 'c') p->fresh = 0;
   return counted;
 }
@@ -774,10 +936,20 @@ static void cmd_round(char *args) {
         p->uffd = -1;
         p->hashed = 1;
       } else {
-        /* Armed before anything is read: a write during the read is seen by the next round. */
         struct vma *v;
         size_t n = anon_vmas(pid, &v, 0);
-        for (size_t i = 0; i < n; i++) arm_range(p, v[i].start, v[i].end);
+        uint64_t present = 0;
+        int pm = arm_early ? -1 : open_pagemap(pid);
+        for (size_t i = 0; pm >= 0 && i < n; i++) scan(pm, p, v[i].start, v[i].end, -1, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, cb_count, &present);
+        if (pm >= 0 && present <= LATE_MAX_PAGES) {
+          /* Hashed through most of this round, armed near its end (late_round). */
+          p->late = p->hashed = 1;
+          p->present = present;
+          ph_reserve(&p->hashes, present + present / 8);
+        } else
+          /* Armed before anything is read: a write during the read is seen by the next round. */
+          for (size_t i = 0; i < n; i++) arm_range(p, v[i].start, v[i].end);
+        if (pm >= 0) close(pm);
         free(v);
       }
     }
@@ -791,6 +963,7 @@ static void cmd_round(char *args) {
     }
     if (procs[i].uffd >= 0) close(procs[i].uffd);
     free(procs[i].sent.keys);
+    free(procs[i].pending.keys);
     free(procs[i].hashes.keys);
     free(procs[i].hashes.vals);
     procs[i] = procs[--nprocs];
@@ -951,6 +1124,9 @@ static void cmd_final(char *args) {
       free(v);
     }
     if (pm >= 0) close(pm);
+    /* Changed before a late arming and not sent since: written. */
+    for (size_t i = 0; i < p->pending.cap; i++)
+      if (p->pending.keys[i]) ps_add(&c.dirty, p->pending.keys[i] - 1);
     uint64_t unread0 = st.unread;
     if (lazy_runs(dir, vpid, final_run, &c)) snprintf(st.why, sizeof st.why, "pagemap-%d.img cannot be read", vpid);
     /* The task is frozen: a page CRIU listed that cannot be read would be missing on the
@@ -971,8 +1147,12 @@ int main(void) {
   }
   const char *dr = getenv("FERRY_DEBUG_DROP_ROUND");
   drop_round = dr ? atoi(dr) : 0;
+  /* "late": what a late-armed process changed before it was armed is not sent. */
+  drop_late = dr && !strcmp(dr, "late");
   const char *method = getenv("FERRY_TRACK_METHOD");
   force_hash = method && !strcmp(method, "hash");
+  const char *arm = getenv("FERRY_TRACK_ARM");
+  arm_early = arm && !strcmp(arm, "early");
   /* Tests: linger this long after ending the pages, as a helper the scheduler left waiting would. */
   const char *se = getenv("FERRY_DEBUG_TRACK_SLOW_END");
   slow_end_ms = se ? atoi(se) : 0;

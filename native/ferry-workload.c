@@ -5,8 +5,9 @@
 //
 // Allocates N MiB of incompressible data and appends a heartbeat line to stdout every interval:
 //   hb SEQ MONOTONIC_NS REALTIME_NS
-// Pages are dirtied at the given rate by rewriting their own bytes (content and checksum stay the
-// same, so a test can compare checksums while the pages still count as written): in address order
+// Pages are dirtied at the given rate by bumping a counter in each page's last word, which the
+// checksum leaves out (so a test can compare checksums while the content does change, as a real
+// task's does; a tracker that compares content must see these writes): in address order
 // (seq), at random (uniform) or 90 % of them in the first 10 % of memory (hot). --scan 1 reads
 // its memory in address order between heartbeats (every page, over and over). SIGUSR1 makes it
 // print "sum HEX" of its memory. --threads, --files and --procs make the task that many threads,
@@ -43,7 +44,8 @@ static uint64_t now_ns(clockid_t c) {
 
 static uint64_t checksum(const uint64_t *p, size_t words) {
   uint64_t h = 1469598103934665603ull;
-  for (size_t i = 0; i < words; i++) h = (h ^ p[i]) * 1099511628211ull;
+  for (size_t i = 0; i < words; i++)
+    if (i % 512 != 511) h = (h ^ p[i]) * 1099511628211ull;  // each page's last word is its write counter
   return h;
 }
 
@@ -180,8 +182,8 @@ int main(int argc, char **argv) {
         rnd ^= rnd << 13, rnd ^= rnd >> 7, rnd ^= rnd << 17;
         pg = pattern == 2 && rnd % 10 ? (rnd >> 8) % (pages / 10 + 1) : (rnd >> 8) % pages;
       }
-      volatile uint64_t *w = mem + pg * 512;
-      *w = *w;  // a write of the same value: the page is dirty, the checksum unchanged
+      volatile uint64_t *w = mem + pg * 512 + 511;
+      *w = *w + 1;  // the page's write counter: new content, the checksum unchanged
       next_page = (next_page + 1) % pages;
       owed -= 1.0;
     }

@@ -36,8 +36,9 @@ function debugSetting(name: string): string | undefined {
 }
 
 /**
- * The pre-copy round whose written pages are re-armed but not sent (DIR/drop-round), so a test
- * can show that a lost write is caught by its memory check.
+ * The pre-copy round whose written pages are re-armed but not sent (DIR/drop-round; "late": the
+ * pages a process changed before its late arming), so a test can show that a lost write is
+ * caught by its memory check.
  */
 export function debugDropRound(): string | undefined {
   return debugSetting('drop-round');

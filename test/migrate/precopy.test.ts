@@ -334,6 +334,23 @@ test('a round whose written pages are dropped on purpose is caught by the memory
   assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
 });
 
+test('late arming: writes made before a process was armed are found by content, and dropping them on purpose is caught by the memory check', async (t) => {
+  t.after(() => {
+    rmSync(join(debugDir, 'drop-round'), { force: true });
+    return Promise.all([lab.removeEverywhere('lateok'), lab.removeEverywhere('latelossy')]);
+  });
+  // A first round is read unarmed; at its end what it read is compared with what is there now.
+  await startMemcheck('lateok', ['--mib', '48', '--rate', '32', '--threads', '2', '--procs', '2']);
+  const ok = await migrate('lateok', ['--mode', 'pre-copy', '--max-downtime', '1', '--max-rounds', '3']);
+  assert.equal(ok.precopy?.method, 'userfaultfd write-protect + PAGEMAP_SCAN');
+  assertAllOk(await checkMemory('h2', 'lateok'));
+  writeFileSync(join(debugDir, 'drop-round'), 'late\n');
+  await startMemcheck('latelossy', ['--mib', '32', '--rate', '16']);
+  await migrate('latelossy', ['--mode', 'pre-copy', '--max-downtime', '1', '--max-rounds', '3']);
+  const lines = await checkMemory('h2', 'latelossy');
+  assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the writes lost before the arming: ${lines.join('; ')}`);
+});
+
 test('a write tracker slow to finish after it ended the last pages does not fail the move (pre-copy and auto)', async (t) => {
   t.after(() => {
     rmSync(join(debugDir, 'track-slow-end'), { force: true });
