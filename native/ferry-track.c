@@ -11,7 +11,8 @@
 // memory crosses the link) and every first write to a page after arming is a fault in the task,
 // which on a virtual machine with shadow page tables costs 15-25 us: armed from the start, the
 // benchmark's task lost ~15 % of its heartbeat during that round. Processes larger than
-// LATE_MAX_PAGES (the hashes' memory) are armed at once (FERRY_TRACK_ARM=early: all).
+// LATE_MAX_PAGES (the hashes' memory), and those found writing fast a tenth into the round, are
+// armed at once (FERRY_TRACK_ARM=early: all).
 // A process that cannot be armed (ptrace refused; a kernel without asynchronous write-protect or
 // PAGEMAP_SCAN) is tracked by content hash instead: each round reads its present pages and
 // sends those whose hash differs from what was sent (FERRY_TRACK_METHOD=hash asks for that
@@ -207,7 +208,7 @@ static __thread uint8_t buf[CHUNK * PAGE];
 static const uint8_t zero[PAGE];
 static int round_no, drop_round, drop_late, force_hash, arm_early, slow_end_ms;
 
-/* Arming late keeps 16-32 bytes per page of hashes until the end of the first round. */
+/* Arming late keeps 32-64 bytes per page of hashes (a half-full table) until the first round ends. */
 #define LATE_MAX_PAGES ((4ULL << 30) / PAGE)
 /* Smaller processes take no measure of how fast they write: their first round is short. */
 #define PROBE_MIN_PAGES ((64ULL << 20) / PAGE)
