@@ -135,27 +135,7 @@ static uint64_t *ph_slot(const struct pagehash *h, uint64_t pg) {
   }
 }
 
-static void ph_put(struct pagehash *h, uint64_t pg, uint64_t v) {
-  if ((h->n + 1) * 2 > h->cap) {
-    struct pagehash b = {calloc(h->cap ? h->cap * 2 : 4096, 8), calloc(h->cap ? h->cap * 2 : 4096, 8), h->cap ? h->cap * 2 : 4096, 0};
-    if (!b.keys || !b.vals) abort();
-    for (size_t i = 0; i < h->cap; i++)
-      if (h->keys[i]) ph_put(&b, h->keys[i] - 1, h->vals[i]);
-    free(h->keys);
-    free(h->vals);
-    *h = b;
-  }
-  uint64_t k = pg + 1;
-  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (h->cap - 1);; i = (i + 1) & (h->cap - 1)) {
-    if (h->keys[i] == k || !h->keys[i]) {
-      if (!h->keys[i]) h->n++;
-      h->keys[i] = k;
-      h->vals[i] = v;
-      return;
-    }
-  }
-}
-
+static void ph_put(struct pagehash *h, uint64_t pg, uint64_t v);
 /* Room for n entries without growing (a first round would otherwise copy the table as it grows). */
 static void ph_reserve(struct pagehash *h, uint64_t n) {
   size_t cap = 4096;
@@ -168,6 +148,19 @@ static void ph_reserve(struct pagehash *h, uint64_t n) {
   free(h->keys);
   free(h->vals);
   *h = b;
+}
+
+static void ph_put(struct pagehash *h, uint64_t pg, uint64_t v) {
+  if ((h->n + 1) * 2 > h->cap) ph_reserve(h, h->n + 1); /* at most half full: doubles */
+  uint64_t k = pg + 1;
+  for (size_t i = (k * 0x9E3779B97F4A7C15ULL) & (h->cap - 1);; i = (i + 1) & (h->cap - 1)) {
+    if (h->keys[i] == k || !h->keys[i]) {
+      if (!h->keys[i]) h->n++;
+      h->keys[i] = k;
+      h->vals[i] = v;
+      return;
+    }
+  }
 }
 
 /* 64-bit hash of a page: four multiply-rotate lanes (fast enough to stay near memory speed). */
