@@ -2,7 +2,7 @@
 //
 //   ferry-memcheck [--mib N] [--rate MIB_PER_S] [--pattern uniform|hot|seq] [--threads N]
 //                  [--procs N] [--shared MIB] [--churn 0|1] [--scan 0|1] [--interval-ms MS]
-//                  [--text 0|1]
+//                  [--text 0|1] [--move MS]
 //
 // Every process writes pages of its memory at the given rate (hot: 90 % of writes to 10 % of the
 // pages; seq: in address order). Before each write it appends (page, sequence number) to a log
@@ -15,7 +15,8 @@
 // --churn 1 also maps, grows (mremap), moves and unmaps regions, drops pages and forks new
 // processes while it runs; --shared puts a shared anonymous region in the tree; --scan 1 reads
 // all memory in address order without pause (what post-copy handles worst); --text 1 makes pages
-// as compressible as text (64 bytes repeated). The main process
+// as compressible as text (64 bytes repeated); --move MS moves each process's main region to a
+// new address (mremap) every MS milliseconds, its writers held meanwhile. The main process
 // prints heartbeats like ferry-workload: "hb SEQ MONOTONIC_NS REALTIME_NS".
 #define _GNU_SOURCE
 #include <errno.h>
@@ -37,7 +38,7 @@
 #define PAGE 4096UL
 #define MAX_CHILDREN 64
 
-static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0;
+static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0;
 static int pattern; /* 0 uniform, 1 hot, 2 seq */
 static volatile sig_atomic_t want_check;
 static pid_t children[MAX_CHILDREN];
@@ -229,6 +230,18 @@ static long check_churned(char *bad, size_t badlen) {
 
 static void run_process(int is_main);
 
+/* Moves a region elsewhere whole (what a growing buffer's realloc does); NULL if it could not. */
+static uint8_t *move_region(uint8_t *base, size_t len) {
+  void *to = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (to == MAP_FAILED) return NULL;
+  void *q = mremap(base, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+  if (q == MAP_FAILED) {
+    munmap(to, len);
+    return NULL;
+  }
+  return q;
+}
+
 static pid_t spawn_child(const char *nm) {
   pid_t c = fork();
   if (c == 0) {
@@ -275,7 +288,18 @@ static void run_process(int is_main) {
   uint64_t next = now_ns(CLOCK_MONOTONIC), seq = 0, ticks = 0, sum = 0;
   size_t sp = 0;
   int forked = 0;
+  uint64_t next_move = now_ns(CLOCK_MONOTONIC) + (uint64_t)move_ms * 1000000ull;
   for (;;) {
+    if (move_ms > 0 && now_ns(CLOCK_MONOTONIC) >= next_move) {
+      for (int t = 0; t < threads; t++) pthread_mutex_lock(&ws[t].mu);
+      uint8_t *q = move_region(base, pages * PAGE);
+      if (q) {
+        base = q;
+        for (int t = 0; t < threads; t++) ws[t].base = q;
+      }
+      for (int t = 0; t < threads; t++) pthread_mutex_unlock(&ws[t].mu);
+      next_move = now_ns(CLOCK_MONOTONIC) + (uint64_t)move_ms * 1000000ull;
+    }
     if (want_check) {
       want_check = 0;
       for (int c = 0; c < nchildren; c++) kill(children[c], SIGUSR1);
@@ -328,13 +352,14 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--scan")) scan = atol(v);
     else if (!strcmp(k, "--text")) text = atol(v);
     else if (!strcmp(k, "--interval-ms")) interval_ms = atol(v);
+    else if (!strcmp(k, "--move")) move_ms = atol(v);
     else if (!strcmp(k, "--pattern")) pattern = !strcmp(v, "hot") ? 1 : !strcmp(v, "seq") ? 2 : 0;
     else {
       fprintf(stderr, "ferry-memcheck: unknown option %s\n", k);
       return 2;
     }
   }
-  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1) {
+  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1 || move_ms < 0) {
     fprintf(stderr, "ferry-memcheck: bad arguments\n");
     return 2;
   }
