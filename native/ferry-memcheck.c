@@ -2,7 +2,7 @@
 //
 //   ferry-memcheck [--mib N] [--rate MIB_PER_S] [--pattern uniform|hot|seq] [--threads N]
 //                  [--procs N] [--shared MIB] [--churn 0|1] [--scan 0|1] [--interval-ms MS]
-//                  [--text 0|1] [--move MS]
+//                  [--text 0|1] [--move MS] [--dontfork MIB] [--fork-ms MS]
 //
 // Every process writes pages of its memory at the given rate (hot: 90 % of writes to 10 % of the
 // pages; seq: in address order). Before each write it appends (page, sequence number) to a log
@@ -16,7 +16,10 @@
 // processes while it runs; --shared puts a shared anonymous region in the tree; --scan 1 reads
 // all memory in address order without pause (what post-copy handles worst); --text 1 makes pages
 // as compressible as text (64 bytes repeated); --move MS moves each process's main region to a
-// new address (mremap) every MS milliseconds, its writers held meanwhile. The main process
+// new address (mremap) every MS milliseconds, its writers held meanwhile; --dontfork MIB gives
+// the main process a region its children do not inherit (MADV_DONTFORK), checked with the rest;
+// --fork-ms MS makes it fork an idle child every MS milliseconds (three alive at most, the oldest
+// ended), as a server forks workers. The main process
 // prints heartbeats like ferry-workload: "hb SEQ MONOTONIC_NS REALTIME_NS".
 #define _GNU_SOURCE
 #include <errno.h>
@@ -38,7 +41,8 @@
 #define PAGE 4096UL
 #define MAX_CHILDREN 64
 
-static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0;
+static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0, dontfork_mib = 0, fork_ms = 0;
+static uint8_t *dontfork;
 static int pattern; /* 0 uniform, 1 hot, 2 seq */
 static volatile sig_atomic_t want_check;
 static pid_t children[MAX_CHILDREN];
@@ -289,7 +293,24 @@ static void run_process(int is_main) {
   size_t sp = 0;
   int forked = 0;
   uint64_t next_move = now_ns(CLOCK_MONOTONIC) + (uint64_t)move_ms * 1000000ull;
+  uint64_t next_fork = now_ns(CLOCK_MONOTONIC) + (uint64_t)fork_ms * 1000000ull;
+  pid_t idle[3] = {0};
+  int nidle = 0;
   for (;;) {
+    if (is_main && fork_ms > 0 && now_ns(CLOCK_MONOTONIC) >= next_fork) {
+      if (nidle == 3) {
+        kill(idle[0], SIGKILL);
+        waitpid(idle[0], NULL, 0);
+        memmove(idle, idle + 1, sizeof idle[0] * 2);
+        nidle--;
+      }
+      pid_t c = fork();
+      if (c == 0) {
+        for (;;) pause();
+      }
+      if (c > 0) idle[nidle++] = c;
+      next_fork = now_ns(CLOCK_MONOTONIC) + (uint64_t)fork_ms * 1000000ull;
+    }
     if (move_ms > 0 && now_ns(CLOCK_MONOTONIC) >= next_move) {
       for (int t = 0; t < threads; t++) pthread_mutex_lock(&ws[t].mu);
       uint8_t *q = move_region(base, pages * PAGE);
@@ -310,6 +331,11 @@ static void run_process(int is_main) {
       for (int t = 0; t < threads && total >= 0; t++) total = (n = check_region(base, pages, ws[t].log, (int)threads, t, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0 && is_main && shared) total = (n = check_region(shared, spages, sw.log, 1, 0, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0) total = (n = check_churned(bad, sizeof bad)) < 0 ? -1 : total + n;
+      for (size_t i = 0; is_main && total >= 0 && i < (size_t)dontfork_mib * (1 << 20) / PAGE; i++, total++)
+        if (!matches(dontfork + i * PAGE, (uint32_t)i, 1)) {
+          snprintf(bad, sizeof bad, "page %zu of the region children do not inherit", i);
+          total = -1;
+        }
       for (int t = 0; t < threads; t++) pthread_mutex_unlock(&ws[t].mu);
       if (is_main && shared) pthread_mutex_unlock(&sw.mu);
       if (total >= 0) say("check %s ok %ld\n", name, total);
@@ -353,13 +379,15 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--text")) text = atol(v);
     else if (!strcmp(k, "--interval-ms")) interval_ms = atol(v);
     else if (!strcmp(k, "--move")) move_ms = atol(v);
+    else if (!strcmp(k, "--dontfork")) dontfork_mib = atol(v);
+    else if (!strcmp(k, "--fork-ms")) fork_ms = atol(v);
     else if (!strcmp(k, "--pattern")) pattern = !strcmp(v, "hot") ? 1 : !strcmp(v, "seq") ? 2 : 0;
     else {
       fprintf(stderr, "ferry-memcheck: unknown option %s\n", k);
       return 2;
     }
   }
-  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1 || move_ms < 0) {
+  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1 || move_ms < 0 || dontfork_mib < 0 || fork_ms < 0) {
     fprintf(stderr, "ferry-memcheck: bad arguments\n");
     return 2;
   }
@@ -372,6 +400,13 @@ int main(int argc, char **argv) {
     shared = mmap(NULL, sp * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (shared == MAP_FAILED) return 1;
     for (size_t i = 0; i < sp; i++) fill(shared + i * PAGE, (uint32_t)i, 1);
+  }
+  if (dontfork_mib > 0) {
+    /* Mapped first, so above the main region: the lazy-pages daemon fills it last. */
+    size_t dp = (size_t)dontfork_mib * (1 << 20) / PAGE;
+    dontfork = mmap(NULL, dp * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (dontfork == MAP_FAILED || madvise(dontfork, dp * PAGE, MADV_DONTFORK)) return 1;
+    for (size_t i = 0; i < dp; i++) fill(dontfork + i * PAGE, (uint32_t)i, 1);
   }
   srand((unsigned)getpid());
   snprintf(name, sizeof name, "p0");

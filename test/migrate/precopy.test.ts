@@ -84,9 +84,9 @@ async function migrate(name: string, args: string[]): Promise<MigrationReport> {
   return JSON.parse(await lab.ok(['--host', 'h1', 'migrate', name, '--to', 'h2', '--json', ...args])) as MigrationReport;
 }
 
-function assertAllOk(lines: string[]): void {
+function assertAllOk(lines: string[], when = ''): void {
   assert.ok(lines.length >= 1);
-  for (const l of lines) assert.match(l, / ok \d+$/, `memory check failed: ${l}`);
+  for (const l of lines) assert.match(l, / ok \d+$/, `memory check failed${when && ` ${when}`}: ${l}`);
 }
 
 test('pre-copy moves a busy tree (processes, threads, forks, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
@@ -200,11 +200,24 @@ test('a task that moves its memory (mremap) while its pages are in flight keeps 
   const r = await migrate('mv', ['--mode', 'post-copy']);
   assert.equal(r.ok, true);
   assert.ok((r.postCopyWindowMs ?? 0) > 2000, `pages arrived for ${r.postCopyWindowMs} ms after the resume`);
-  assertAllOk(await checkMemory('h2', 'mv'));
+  assertAllOk(await checkMemory('h2', 'mv'), 'after post-copy');
   const back = JSON.parse(await lab.ok(['--host', 'h2', 'migrate', 'mv', '--to', 'h1', '--json', '--mode', 'pre-copy'])) as MigrationReport;
   assert.equal(back.ok, true);
   t.diagnostic(`post-copy window ${r.postCopyWindowMs} ms; back by pre-copy: ${back.precopy?.rounds.length} rounds (${back.precopy?.verdict}), blackout ${back.blackoutMs} ms`);
-  assertAllOk(await checkMemory('h1', 'mv'));
+  assertAllOk(await checkMemory('h1', 'mv'), 'after pre-copy back');
+});
+
+test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK), finishes the fill, memory intact', async (t) => {
+  // Each child forked in the window is filled with what its parent still lacked (CRIU copies the
+  // parent's list of missing pages), the region it did not inherit included (patches/criu/0020).
+  t.after(() => lab.removeEverywhere('df'));
+  slowLink(t, '100mbit');
+  await startMemcheck('df', ['--mib', '24', '--rate', '4', '--dontfork', '16', '--fork-ms', '400']);
+  const r = await migrate('df', ['--mode', 'post-copy']);
+  assert.equal(r.ok, true);
+  assert.ok((r.postCopyWindowMs ?? 0) > 1000, `pages arrived for ${r.postCopyWindowMs} ms after the resume`);
+  t.diagnostic(`post-copy window ${r.postCopyWindowMs} ms, blackout ${r.blackoutMs} ms`);
+  assertAllOk(await checkMemory('h2', 'df'));
 });
 
 test('auto: a task that writes faster than the link finishes by post-copy when allowed, memory intact', async (t) => {
