@@ -331,11 +331,14 @@ static void run_process(int is_main) {
       for (int t = 0; t < threads && total >= 0; t++) total = (n = check_region(base, pages, ws[t].log, (int)threads, t, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0 && is_main && shared) total = (n = check_region(shared, spages, sw.log, 1, 0, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0) total = (n = check_churned(bad, sizeof bad)) < 0 ? -1 : total + n;
-      for (size_t i = 0; is_main && total >= 0 && i < (size_t)dontfork_mib * (1 << 20) / PAGE; i++, total++)
-        if (!matches(dontfork + i * PAGE, (uint32_t)i, 1)) {
-          snprintf(bad, sizeof bad, "page %zu of the region children do not inherit", i);
-          total = -1;
+      for (size_t i = 0; is_main && total >= 0 && i < (size_t)dontfork_mib * (1 << 20) / PAGE; i++) {
+        if (matches(dontfork + i * PAGE, (uint32_t)i, 1)) {
+          total++;
+          continue;
         }
+        snprintf(bad, sizeof bad, "page %zu of the region children do not inherit", i);
+        total = -1;
+      }
       for (int t = 0; t < threads; t++) pthread_mutex_unlock(&ws[t].mu);
       if (is_main && shared) pthread_mutex_unlock(&sw.mu);
       if (total >= 0) say("check %s ok %ld\n", name, total);
