@@ -209,7 +209,8 @@ test('a task that moves its memory (mremap) while its pages are in flight keeps 
 
 test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK), finishes the fill, memory intact', async (t) => {
   // Each child forked in the window is filled with what its parent still lacked (CRIU copies the
-  // parent's list of missing pages), the region it did not inherit included (patches/criu/0020).
+  // parent's list of missing pages), the region it did not inherit included (patches/criu/0020),
+  // and the oldest of them ends while requests are out for it (patches/criu/0021).
   t.after(() => lab.removeEverywhere('df'));
   slowLink(t, '100mbit');
   await startMemcheck('df', ['--mib', '24', '--rate', '4', '--dontfork', '16', '--fork-ms', '400']);
