@@ -115,6 +115,18 @@ const DUMP_TIMEOUT_MS = 10 * 60_000;
 /** Stop-copy: a page stream that moves no byte for this long while the task is frozen ends the dump. */
 const PAGE_STALL_MS = 30_000;
 const STALL_CHECK_MS = 1000;
+/**
+ * Post-copy: no page leaving for this long while the destination still lacks some (its
+ * lazy-pages daemon hung or stopped asking) takes the task back here, rather than leaving it
+ * frozen here and waiting on a fault there for ever. Long, because pages pre-copy already brought
+ * are filled there without asking (~1 GiB/s). FERRY_POSTCOPY_STALL_S sets it (tests, slow hosts).
+ */
+const POSTCOPY_STALL_MS = envSeconds(process.env.FERRY_POSTCOPY_STALL_S, 120) * 1000;
+
+function envSeconds(v: string | undefined, fallback: number): number {
+  const n = Number(v);
+  return v !== undefined && Number.isInteger(n) && n > 0 ? n : fallback;
+}
 /** A file sync started ahead and held until the task is seized (see holdSync()). */
 interface HeldSync {
   go: () => Promise<void>;
@@ -1102,6 +1114,22 @@ export class OutgoingMigration {
       if (this.confirmed && !this.lazyDone && this.dump?.exitCode === null) void this.reattachLazy();
     });
     tunnel.attach(stream, 0);
+    this.watchLazy(tunnel);
+  }
+
+  private watchLazy(tunnel: ResumableTunnel<Socket>): void {
+    let moved = this.pages.bytes;
+    let still = 0;
+    const watch = setInterval(() => {
+      if (this.lazyDone || this.takenBack || this.dump?.exitCode !== null) return clearInterval(watch);
+      // Before the resume nothing is asked yet; a cut link has its own grace (reattachLazy()).
+      still = this.confirmed && tunnel.attached && this.pages.bytes === moved ? still + STALL_CHECK_MS : 0;
+      moved = this.pages.bytes;
+      if (still < POSTCOPY_STALL_MS) return;
+      clearInterval(watch);
+      this.failLazy!(new FerryError('PEER', `no page went to ${this.target.name} for ${POSTCOPY_STALL_MS / 1000} s though it still lacks some (its lazy-pages daemon stopped asking)`));
+    }, STALL_CHECK_MS);
+    watch.unref();
   }
 
   private reattaching = false;

@@ -16,7 +16,8 @@ import { Criu } from '../../src/criu/driver.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
-const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir });
+// A post-copy fill that stops moving is given up after 15 s here (120 s by default).
+const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir, FERRY_POSTCOPY_STALL_S: '15' });
 const work = join('/var/tmp', 'ferry-precopy-work');
 
 before(async () => {
@@ -205,6 +206,36 @@ test('a task that moves its memory (mremap) while its pages are in flight keeps 
   assert.equal(back.ok, true);
   t.diagnostic(`post-copy window ${r.postCopyWindowMs} ms; back by pre-copy: ${back.precopy?.rounds.length} rounds (${back.precopy?.verdict}), blackout ${back.blackoutMs} ms`);
   assertAllOk(await checkMemory('h1', 'mv'), 'after pre-copy back');
+});
+
+test('post-copy: a destination whose lazy-pages daemon stops asking for pages gives the task back to the source, memory intact', async (t) => {
+  let stopped: number | undefined;
+  t.after(async () => {
+    if (stopped !== undefined && isAlive(stopped)) process.kill(stopped, 'SIGCONT');
+    await lab.removeEverywhere('hung');
+  });
+  slowLink(t, '100mbit');
+  const sum = await lab.startHeartbeat('hung', 256);
+  const arrivals = () => readText(join(lab.dir, 'h2', 'agent.log')).split('\n').filter((l) => l.includes('"arrived"') && l.includes('"task":"hung"')).length;
+  const seen = arrivals();
+  const migration = lab.ferry(['--host', 'h1', 'migrate', 'hung', '--to', 'h2', '--mode', 'post-copy'], 120_000);
+  // The task runs on h2 with most of its 256 MiB still to come (~20 s at 100 Mbit/s).
+  await waitFor('the task to run on h2', () => (arrivals() > seen ? true : undefined), 60_000, 5);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  process.kill(daemon, 'SIGSTOP');
+  stopped = daemon;
+  const started = Date.now();
+  const r = await migration;
+  const tookS = (Date.now() - started) / 1000;
+  assert.notEqual(r.code, 0);
+  oneLine(r, /no page went to h2 for 15 s though it still lacks some.*running on h1 again/);
+  assert.ok(tookS >= 14 && tookS < 45, `given up ${tookS.toFixed(1)} s after the daemon stopped`);
+  // h2 dropped its copy, the stopped daemon with it.
+  await waitFor('h2 to drop its copy', async () => (!isAlive(daemon) && !(await lab.tasksOn('h2')).some((x) => x.name === 'hung') ? true : undefined), 30_000);
+  stopped = undefined;
+  await lab.assertIntact('h1', 'hung', sum);
+  t.diagnostic(`given up ${tookS.toFixed(1)} s after h2's daemon stopped; the task runs on h1, memory intact`);
 });
 
 test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK), finishes the fill, memory intact', async (t) => {
