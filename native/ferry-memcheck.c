@@ -2,7 +2,7 @@
 //
 //   ferry-memcheck [--mib N] [--rate MIB_PER_S] [--pattern uniform|hot|seq] [--threads N]
 //                  [--procs N] [--shared MIB] [--churn 0|1] [--scan 0|1] [--interval-ms MS]
-//                  [--text 0|1] [--move MS] [--dontfork MIB] [--fork-ms MS]
+//                  [--text 0|1] [--move MS] [--dontfork MIB] [--wipeonfork MIB] [--fork-ms MS]
 //
 // Every process writes pages of its memory at the given rate (hot: 90 % of writes to 10 % of the
 // pages; seq: in address order). Before each write it appends (page, sequence number) to a log
@@ -18,8 +18,11 @@
 // as compressible as text (64 bytes repeated); --move MS moves each process's main region to a
 // new address (mremap) every MS milliseconds, its writers held meanwhile; --dontfork MIB gives
 // the main process a region its children do not inherit (MADV_DONTFORK), checked with the rest;
-// --fork-ms MS makes it fork an idle child every MS milliseconds (three alive at most, the oldest
-// ended), as a server forks workers. The main process
+// --wipeonfork MIB gives it a region children get empty (MADV_WIPEONFORK), as a TLS library's
+// random generator keeps its state; --fork-ms MS makes it fork an idle child every MS
+// milliseconds (three alive at most, the oldest ended), as a server forks workers; each such
+// child first reads its copy of that region and prints "wipe ok PAGES" when it is all zeros,
+// "wipe BAD PAGES" with the number of pages that are not. The main process
 // prints heartbeats like ferry-workload: "hb SEQ MONOTONIC_NS REALTIME_NS".
 #define _GNU_SOURCE
 #include <errno.h>
@@ -42,7 +45,8 @@
 #define MAX_CHILDREN 64
 
 static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0, dontfork_mib = 0, fork_ms = 0;
-static uint8_t *dontfork;
+static uint8_t *dontfork, *wipe;
+static long wipe_mib = 0;
 static int pattern; /* 0 uniform, 1 hot, 2 seq */
 static volatile sig_atomic_t want_check;
 static pid_t children[MAX_CHILDREN];
@@ -306,6 +310,20 @@ static void run_process(int is_main) {
       }
       pid_t c = fork();
       if (c == 0) {
+        size_t np = (size_t)wipe_mib * (1 << 20) / PAGE, bad = 0;
+        for (size_t i = 0; i < np; i++) {
+          const uint64_t *w = (const uint64_t *)(wipe + i * PAGE);
+          for (size_t k = 0; k < PAGE / 8; k++) {
+            if (w[k]) {
+              bad++;
+              break;
+            }
+          }
+        }
+        if (np) {
+          if (bad) say("wipe BAD %zu\n", bad);
+          else say("wipe ok %zu\n", np);
+        }
         for (;;) pause();
       }
       if (c > 0) idle[nidle++] = c;
@@ -337,6 +355,14 @@ static void run_process(int is_main) {
           continue;
         }
         snprintf(bad, sizeof bad, "page %zu of the region children do not inherit", i);
+        total = -1;
+      }
+      for (size_t i = 0; is_main && total >= 0 && i < (size_t)wipe_mib * (1 << 20) / PAGE; i++) {
+        if (matches(wipe + i * PAGE, (uint32_t)i, 1)) {
+          total++;
+          continue;
+        }
+        snprintf(bad, sizeof bad, "page %zu of the region children get empty", i);
         total = -1;
       }
       for (int t = 0; t < threads; t++) pthread_mutex_unlock(&ws[t].mu);
@@ -383,6 +409,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(k, "--interval-ms")) interval_ms = atol(v);
     else if (!strcmp(k, "--move")) move_ms = atol(v);
     else if (!strcmp(k, "--dontfork")) dontfork_mib = atol(v);
+    else if (!strcmp(k, "--wipeonfork")) wipe_mib = atol(v);
     else if (!strcmp(k, "--fork-ms")) fork_ms = atol(v);
     else if (!strcmp(k, "--pattern")) pattern = !strcmp(v, "hot") ? 1 : !strcmp(v, "seq") ? 2 : 0;
     else {
@@ -390,7 +417,7 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
-  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1 || move_ms < 0 || dontfork_mib < 0 || fork_ms < 0) {
+  if (mib < 1 || threads < 1 || procs < 1 || procs > MAX_CHILDREN || interval_ms < 1 || move_ms < 0 || dontfork_mib < 0 || wipe_mib < 0 || fork_ms < 0) {
     fprintf(stderr, "ferry-memcheck: bad arguments\n");
     return 2;
   }
@@ -403,6 +430,13 @@ int main(int argc, char **argv) {
     shared = mmap(NULL, sp * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (shared == MAP_FAILED) return 1;
     for (size_t i = 0; i < sp; i++) fill(shared + i * PAGE, (uint32_t)i, 1);
+  }
+  if (wipe_mib > 0) {
+    /* Mapped first too, so the daemon fills it last: children forked meanwhile find it missing. */
+    size_t wp = (size_t)wipe_mib * (1 << 20) / PAGE;
+    wipe = mmap(NULL, wp * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (wipe == MAP_FAILED || madvise(wipe, wp * PAGE, MADV_WIPEONFORK)) return 1;
+    for (size_t i = 0; i < wp; i++) fill(wipe + i * PAGE, (uint32_t)i, 1);
   }
   if (dontfork_mib > 0) {
     /* Mapped first, so above the main region: the lazy-pages daemon fills it last. */

@@ -238,18 +238,24 @@ test('post-copy: a destination whose lazy-pages daemon stops asking for pages gi
   t.diagnostic(`given up ${tookS.toFixed(1)} s after h2's daemon stopped; the task runs on h1, memory intact`);
 });
 
-test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK), finishes the fill, memory intact', async (t) => {
+test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK) or get empty (MADV_WIPEONFORK), finishes the fill, memory intact', async (t) => {
   // Each child forked in the window is filled with what its parent still lacked (CRIU copies the
-  // parent's list of missing pages), the region it did not inherit included (patches/criu/0020),
-  // and the oldest of them ends while requests are out for it (patches/criu/0021).
+  // parent's list of missing pages) but for the regions it does not inherit or gets empty
+  // (patches/criu/0023; before it, the first was never filled and the second came with its
+  // parent's pages), and the oldest of them ends while requests are out for it (0021).
   t.after(() => lab.removeEverywhere('df'));
   slowLink(t, '100mbit');
-  await startMemcheck('df', ['--mib', '24', '--rate', '4', '--dontfork', '16', '--fork-ms', '400']);
+  await startMemcheck('df', ['--mib', '24', '--rate', '4', '--dontfork', '16', '--wipeonfork', '8', '--fork-ms', '400']);
+  const before = lab.logOf('h1', 'df').length;
   const r = await migrate('df', ['--mode', 'post-copy']);
   assert.equal(r.ok, true);
   assert.ok((r.postCopyWindowMs ?? 0) > 1000, `pages arrived for ${r.postCopyWindowMs} ms after the resume`);
   t.diagnostic(`post-copy window ${r.postCopyWindowMs} ms, blackout ${r.blackoutMs} ms`);
   assertAllOk(await checkMemory('h2', 'df'));
+  // Every child forked since found its copy of the MADV_WIPEONFORK region empty.
+  const wiped = [...lab.logOf('h2', 'df').slice(before).matchAll(/^wipe (\S+) (\d+)$/gm)];
+  assert.deepEqual(wiped.filter((m) => m[1] !== 'ok').map((m) => m[0]), [], 'children forked in the window read their parent\'s pages where they must read zeros');
+  assert.ok(wiped.length >= 5, `children checked the region: ${wiped.length}`);
 });
 
 test('auto: a task that writes faster than the link finishes by post-copy when allowed, memory intact', async (t) => {
