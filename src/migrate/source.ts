@@ -119,7 +119,7 @@ const STALL_CHECK_MS = 1000;
  * Post-copy: no page leaving for this long while the destination still lacks some (its
  * lazy-pages daemon hung or stopped asking) takes the task back here, rather than leaving it
  * frozen here and waiting on a fault there for ever. Long, because pages pre-copy already brought
- * are filled there without asking (~1 GiB/s). FERRY_POSTCOPY_STALL_S sets it (tests, slow hosts).
+ * are filled there without asking (0.5-1 GiB/s here). FERRY_POSTCOPY_STALL_S sets it (tests).
  */
 const POSTCOPY_STALL_MS = envSeconds(process.env.FERRY_POSTCOPY_STALL_S, 120) * 1000;
 
