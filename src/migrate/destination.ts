@@ -23,7 +23,7 @@ import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
 import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
-import { faultPoint } from './fault-points.js';
+import { debugFillHold, faultPoint } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
 import { PAGE, PRECOPY_PAGES, PageStore, STORE_INDEX_SUFFIX } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
@@ -649,6 +649,7 @@ export class Destination {
       return await this.resumeHere(id, found, link, m?.stopped);
     } finally {
       link?.front?.release();
+      if (link?.alone && debugFillHold()) link.front?.hold();
     }
   }
 

@@ -64,3 +64,12 @@ export function debugTrackSlowEnd(): string | undefined {
 export function debugThrottleGate(): boolean {
   return debugSetting('throttle-gate') === 'fail';
 }
+
+/**
+ * DIR/fill-hold holding "requests": from the resume on, the destination agent of a task its
+ * daemon fills from the store reads no more of the daemon's page requests, so the daemon has
+ * some out, never answered, when a test then kills the agent.
+ */
+export function debugFillHold(): boolean {
+  return debugSetting('fill-hold') === 'requests';
+}

@@ -178,6 +178,47 @@ test('pre-copy: the source lets go once the task runs on the destination, whose 
   assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pa'), false);
 });
 
+test('pre-copy: the destination agent dies in the fill while the lazy-pages daemon waits for its answers; the daemon fills the task from the store alone', async (t) => {
+  if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
+  const arm = join(debugDir, 'arm');
+  const hold = join(debugDir, 'fill-hold');
+  t.after(async () => {
+    rmSync(arm, { force: true });
+    rmSync(hold, { force: true });
+    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+    await lab.up(); // the killed agent back, if the test ended before it did that itself
+    await lab.removeEverywhere('owed');
+  });
+  await startMemcheck('owed', ['--mib', '128', '--rate', '8', '--threads', '2', '--procs', '2']);
+  rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
+  // From the resume on, h2's agent reads none of the daemon's page requests: those it made
+  // before the index are never answered (patches/criu/0024), and the agent dies with them out.
+  writeFileSync(hold, 'requests');
+  writeFileSync(arm, 'h2.fill');
+  const r = await migrate('owed', ['--mode', 'pre-copy']);
+  assert.equal(r.ok, true);
+  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  await sleep(1000); // the daemon asks for pages the agent no longer reads
+  writeFileSync(join(debugDir, 'h2.fill.go'), '');
+  await waitFor('the store index', () => (existsSync(join(lab.taskDir('h2', 'owed'), 'precopy.pages.index')) ? true : undefined), 10_000, 5);
+  await sleep(1000);
+  assert.ok(isAlive(daemon), 'the daemon waits for the answers it is owed');
+  process.kill(lab.agentPid('h2'), 'SIGKILL');
+  await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
+  const log = readText(join(lab.taskDir('h2', 'owed'), 'images', 'lazy-pages.log'));
+  const tail = log.split('\n').slice(-40).join('\n'); // what the daemon did last, if it failed
+  assert.match(log, /The page server is gone owing \d+ answers; the store holds their pages/, `the daemon's log ends:\n${tail}`);
+  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log ends:\n${tail}`);
+  await lab.up();
+  await waitFor('the restarted agent to take the fill as done', () => (lazyServed('h2', 'owed')?.afterRestart ? true : undefined), 30_000);
+  assertAllOk(await checkMemory('h2', 'owed'));
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'owed'), false);
+  t.diagnostic(`filled after the agent died owing: ${/owing (\d+) answers/.exec(log)?.[1]} answers`);
+});
+
 test('post-copy moves a busy tree (processes, threads, forks while its pages arrive, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
   // The lazy-pages daemon takes answers in any order (patches/criu/0011): a child forked while
   // pages still arrive asks for them under its parent's image, and each answer must find the
