@@ -127,6 +127,25 @@ function envSeconds(v: string | undefined, fallback: number): number {
   const n = Number(v);
   return v !== undefined && Number.isInteger(n) && n > 0 ? n : fallback;
 }
+
+/**
+ * Calls onStall once the page counter has stood still for limitMs while counting() holds
+ * (checked every STALL_CHECK_MS); ends when over() does, or after onStall.
+ */
+function watchStall(pages: ByteCounter, limitMs: number, over: () => boolean, counting: () => boolean, onStall: () => void): NodeJS.Timeout {
+  let moved = pages.bytes;
+  let still = 0;
+  const watch = setInterval(() => {
+    if (over()) return clearInterval(watch);
+    still = counting() && pages.bytes === moved ? still + STALL_CHECK_MS : 0;
+    moved = pages.bytes;
+    if (still < limitMs) return;
+    clearInterval(watch);
+    onStall();
+  }, STALL_CHECK_MS);
+  watch.unref();
+  return watch;
+}
 /** A file sync started ahead and held until the task is seized (see holdSync()). */
 interface HeldSync {
   go: () => Promise<void>;
@@ -919,18 +938,19 @@ export class OutgoingMigration {
     // Stop-copy streams every page while the task is frozen: a stream that stops moving (the
     // destination neither takes pages nor breaks the stream) would hold the task frozen until
     // that deadline. Seen once with the destination's disk full at the freeze.
-    let moved = this.pages.bytes;
-    let still = 0;
-    const watch = this.mode === 'stop-copy' ? setInterval(() => {
-      if (this.hold?.reachedPostDump) return clearInterval(watch);
-      still = this.pages.bytes === moved ? still + STALL_CHECK_MS : 0;
-      moved = this.pages.bytes;
-      if (still < PAGE_STALL_MS) return;
-      clearInterval(watch);
-      this.pageStall = true;
-      this.killDump();
-    }, STALL_CHECK_MS) : undefined;
-    watch?.unref();
+    const watch =
+      this.mode === 'stop-copy'
+        ? watchStall(
+            this.pages,
+            PAGE_STALL_MS,
+            () => !!this.hold?.reachedPostDump,
+            () => true,
+            () => {
+              this.pageStall = true;
+              this.killDump();
+            },
+          )
+        : undefined;
     child.once('close', () => {
       clearTimeout(deadline);
       clearInterval(watch);
@@ -1114,22 +1134,14 @@ export class OutgoingMigration {
       if (this.confirmed && !this.lazyDone && this.dump?.exitCode === null) void this.reattachLazy();
     });
     tunnel.attach(stream, 0);
-    this.watchLazy(tunnel);
-  }
-
-  private watchLazy(tunnel: ResumableTunnel<Socket>): void {
-    let moved = this.pages.bytes;
-    let still = 0;
-    const watch = setInterval(() => {
-      if (this.lazyDone || this.takenBack || this.dump?.exitCode !== null) return clearInterval(watch);
-      // Before the resume nothing is asked yet; a cut link has its own grace (reattachLazy()).
-      still = this.confirmed && tunnel.attached && this.pages.bytes === moved ? still + STALL_CHECK_MS : 0;
-      moved = this.pages.bytes;
-      if (still < POSTCOPY_STALL_MS) return;
-      clearInterval(watch);
-      this.failLazy!(new FerryError('PEER', `no page went to ${this.target.name} for ${POSTCOPY_STALL_MS / 1000} s though it still lacks some (its lazy-pages daemon stopped asking)`));
-    }, STALL_CHECK_MS);
-    watch.unref();
+    // Counted from the resume (the decision has its own limits); a cut link has its own grace (reattachLazy()).
+    watchStall(
+      this.pages,
+      POSTCOPY_STALL_MS,
+      () => this.lazyDone || this.takenBack || this.dump?.exitCode !== null,
+      () => this.confirmed && tunnel.attached,
+      () => this.failLazy!(new FerryError('PEER', `no page went to ${this.target.name} for ${POSTCOPY_STALL_MS / 1000} s though it still lacks some (its lazy-pages daemon stopped asking)`)),
+    );
   }
 
   private reattaching = false;
