@@ -97,6 +97,17 @@ static int matches(const uint8_t *page, uint32_t idx, uint32_t seq) {
   return memcmp(want, page, PAGE) == 0;
 }
 
+/* A region written once at the start (page i holds sequence 1): its page count, or -1 and why. */
+static long check_filled(const uint8_t *r, long mib, const char *what, char *bad, size_t badlen) {
+  size_t np = (size_t)mib * (1 << 20) / PAGE;
+  for (size_t i = 0; i < np; i++) {
+    if (matches(r + i * PAGE, (uint32_t)i, 1)) continue;
+    snprintf(bad, badlen, "page %zu of the region %s", i, what);
+    return -1;
+  }
+  return (long)np;
+}
+
 /* One writer: its pages (idx % nw == w) of a region, its own log. */
 struct writer {
   uint8_t *base;
@@ -349,22 +360,8 @@ static void run_process(int is_main) {
       for (int t = 0; t < threads && total >= 0; t++) total = (n = check_region(base, pages, ws[t].log, (int)threads, t, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0 && is_main && shared) total = (n = check_region(shared, spages, sw.log, 1, 0, bad, sizeof bad)) < 0 ? -1 : total + n;
       if (total >= 0) total = (n = check_churned(bad, sizeof bad)) < 0 ? -1 : total + n;
-      for (size_t i = 0; is_main && total >= 0 && i < (size_t)dontfork_mib * (1 << 20) / PAGE; i++) {
-        if (matches(dontfork + i * PAGE, (uint32_t)i, 1)) {
-          total++;
-          continue;
-        }
-        snprintf(bad, sizeof bad, "page %zu of the region children do not inherit", i);
-        total = -1;
-      }
-      for (size_t i = 0; is_main && total >= 0 && i < (size_t)wipe_mib * (1 << 20) / PAGE; i++) {
-        if (matches(wipe + i * PAGE, (uint32_t)i, 1)) {
-          total++;
-          continue;
-        }
-        snprintf(bad, sizeof bad, "page %zu of the region children get empty", i);
-        total = -1;
-      }
+      if (total >= 0 && is_main) total = (n = check_filled(dontfork, dontfork_mib, "children do not inherit", bad, sizeof bad)) < 0 ? -1 : total + n;
+      if (total >= 0 && is_main) total = (n = check_filled(wipe, wipe_mib, "children get empty", bad, sizeof bad)) < 0 ? -1 : total + n;
       for (int t = 0; t < threads; t++) pthread_mutex_unlock(&ws[t].mu);
       if (is_main && shared) pthread_mutex_unlock(&sw.mu);
       if (total >= 0) say("check %s ok %ld\n", name, total);
