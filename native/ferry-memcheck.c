@@ -44,9 +44,8 @@
 #define PAGE 4096UL
 #define MAX_CHILDREN 64
 
-static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0, dontfork_mib = 0, fork_ms = 0;
+static long mib = 64, rate = 0, threads = 1, procs = 1, shared_mib = 0, churn = 0, scan = 0, interval_ms = 10, text = 0, move_ms = 0, dontfork_mib = 0, wipe_mib = 0, fork_ms = 0;
 static uint8_t *dontfork, *wipe;
-static long wipe_mib = 0;
 static int pattern; /* 0 uniform, 1 hot, 2 seq */
 static volatile sig_atomic_t want_check;
 static pid_t children[MAX_CHILDREN];
