@@ -25,6 +25,8 @@ import { door, HANDSHAKE_TIMEOUT_MS, RefusalLog } from '../wire/door.js';
 
 /** Sessions one agent serves at once; more are refused at the door. */
 const MAX_SESSIONS = 128;
+/** Sessions of one certificate: a peer, however trusted, cannot take all of them from the others. */
+const MAX_SESSIONS_PER_PEER = MAX_SESSIONS / 2;
 
 /**
  * Node options an agent runs with (the `ferry` command's shebang has them too). Pages streamed
@@ -121,6 +123,9 @@ export class Agent {
       if (!peer.client) return refuse(`the certificate of '${peer.name}' is not for clients`);
       if (this.revoked.has(peer.serial)) return refuse(`the certificate of '${peer.name}' (serial ${peer.serial}) is revoked`);
       if (this.sessions.size >= MAX_SESSIONS) return refuse(`${MAX_SESSIONS} sessions are open already`);
+      let own = 0;
+      for (const p of this.sessions.values()) if (p.serial === peer.serial) own++;
+      if (own >= MAX_SESSIONS_PER_PEER) return refuse(`'${peer.name}' has ${MAX_SESSIONS_PER_PEER} sessions open already, the most one certificate may hold`);
       const session = new MuxSession(socket, false);
       this.sessions.set(session, peer);
       session.on('stream', (stream: MuxStream, headers: Headers) => void this.dispatch(stream, headers, peer));

@@ -317,6 +317,37 @@ test('a revoked certificate is refused within seconds, without restarting the ag
   assert.match(agentLog, /revoked/);
 });
 
+test('one certificate holds at most half of the agent\'s sessions: the others are still served', async () => {
+  await certIssue(caDir, 'many', join(dir, 'certs'), 'reader');
+  const held: MuxSession[] = [];
+  try {
+    // Sessions of one certificate, each used, until the agent turns one away.
+    let refused: FerryError | undefined;
+    for (let i = 0; i < 70 && !refused; i++) {
+      const s = await session('many').catch((e: FerryError) => e);
+      if (s instanceof MuxSession) held.push(s);
+      refused = s instanceof MuxSession ? await requestJson(s, 'GET', '/v1/tasks').then(() => undefined, (e: FerryError) => e) : s;
+    }
+    assert.ok(refused, 'the agent never turned a session of that certificate away');
+    assert.equal(held.filter((s) => !s.destroyed).length, 64, 'sessions of one certificate the agent kept');
+    assert.match(agentLog, /'many' has 64 sessions open already/);
+    // Another peer is served beside them.
+    const rd = await session('rd');
+    assert.deepEqual(await requestJson(rd, 'GET', '/v1/tasks'), []);
+    rd.close();
+    // One of them closed leaves room for one more.
+    held.shift()!.close();
+    await waitFor('the agent to count the closed session out', async () => {
+      const s = await session('many').catch(() => undefined);
+      if (!s) return undefined;
+      held.push(s);
+      return (await requestJson(s, 'GET', '/v1/tasks').then(() => true, () => undefined)) ?? undefined;
+    }, 10_000);
+  } finally {
+    for (const s of held) s.close();
+  }
+});
+
 test("the ferry command's shebang starts node with the agents' options (deployed agents run through it)", () => {
   const shebang = readFileSync(CLI, 'utf8').split('\n')[0]!;
   for (const flag of AGENT_NODE_FLAGS) assert.ok(shebang.split(' ').includes(flag), `${CLI} starts with '${shebang}', without ${flag}`);
