@@ -34,6 +34,7 @@ const HINTS: Array<[RegExp, string]> = [
   [/Can't create inet socket: Permission denied|Can't create inet socket: Operation not permitted/, "this host does not let the task's kind of socket be made (an ICMP ping socket needs net.ipv4.ping_group_range to include the task's group, a raw one CAP_NET_RAW); set the same on both hosts"],
   [/Can't open file \/proc\/.* on restore/, "the task holds open a /proc file (of another process, or a namespace under /proc/PID/ns) that cannot be opened again where it is restored; close it in the task"],
   [/Can't set lease/, "a file the task holds a lease on is leased by another process where it was restored; on storage both hosts share, the source copy holds the lease until the move is over (and its holder is told to give it up): keep leased files on each host's own storage"],
+  [/Unix socket \d+ not found|External socket is used|Can't dump half of stream unix connection/, "a Unix socket of the task is connected to a process outside it, such as a client on one of the task's socket files or a service the task uses like syslog; CRIU moves only connections within the task: let those clients disconnect, or have them reach the task over TCP at its address, then migrate again"],
   [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
   [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],
 ];

@@ -36,6 +36,9 @@ test('the errors seen moving other projects\' test programs get a hint that name
     ["inet: Can't create inet socket: Permission denied", /ping_group_range/],
     ["Can't open file /proc/1/ns/net on restore: Permission denied", /holds open a \/proc file/],
     ["Can't create link remap for /tmp/x/unlink_fstat03.test. Use link-remap option.", /another hard link/],
+    // A PostgreSQL task with pgbench connected to its socket file from outside the task.
+    ['unix: Unix socket 116484 not found', /connected to a process outside it/],
+    ['External socket is used. Consider using --ext-unix-sk option.', /connected to a process outside it/],
   ];
   for (const [line, hint] of cases) assert.match(hintFor(errorLines(`(00.1) Error (criu/x.c:1): ${line}`)) ?? '', hint, line);
   // Advice to use a CRIU option the user cannot pass through Ferry is left out of the message.
