@@ -21,6 +21,7 @@ import { connect, readAll, decodeAnswer, requestJson, type Headers, type MuxSess
 import { run, startProgram } from '../exec/run.js';
 import { dumpSlot } from '../criu/dump-slot.js';
 import { GHOST_LIMIT_MIB, hintFor, readErrorLines, untilSeized } from '../criu/log.js';
+import { dumpBlocker } from '../criu/blockers.js';
 import { DUMP_OPTIONS } from '../criu/driver.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
@@ -365,6 +366,8 @@ export class OutgoingMigration {
     this.phase('checks');
     await faultPoint(this.ctx.self, 'checks');
     await rt.criu.ensureUsable(this.signal);
+    const blocker = dumpBlocker(this.rec.pid!, this.rec.name);
+    if (blocker) throw blocker;
     await mkdir(outgoingDir(rt.stateDir), { recursive: true, mode: 0o700 });
     // A short path: rsync's socket lives in it, and a Unix socket's path has at most 107 bytes
     // (a task named with 60 characters could not move).

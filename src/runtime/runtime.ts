@@ -12,6 +12,7 @@ import { hintFor, readErrorLines } from '../criu/log.js';
 import { readRestoreStats } from '../criu/stats.js';
 import { FerryError } from '../errors.js';
 import { isAlive, nsPid, sleep, startTime, treePids } from '../util/proc.js';
+import { dumpBlocker } from '../criu/blockers.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { Scratch } from './scratch.js';
@@ -406,6 +407,8 @@ export class Runtime {
       const rec = await this.store.get(name);
       requireRunning(rec, 'checkpoint');
       await this.criu.ensureUsable(opts.signal);
+      const blocker = dumpBlocker(rec.pid!, name);
+      if (blocker) throw blocker;
       const final = this.store.imagesDir(name);
       // Dump next to the old images and swap on success, so a failed checkpoint loses nothing.
       const fresh = `${final}.new`;

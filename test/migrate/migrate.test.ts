@@ -257,6 +257,24 @@ test('fault: a failed pre-check refuses the migration before anything is frozen'
   assert.equal((await tasksOn('h2')).find((x) => x.name === 'dup')?.command[0], '/bin/sleep', 'the destination task is untouched');
 });
 
+test('a task holding an io_uring instance is refused before anything is frozen, with what and why', async (t) => {
+  t.after(() => removeEverywhere('uring'));
+  // io_uring_setup(8, params) through libc's syscall(): CRIU cannot dump the descriptor it returns.
+  const py = "import ctypes,time\nfd=ctypes.CDLL(None).syscall(425,8,(ctypes.c_char*120)())\nprint('io_uring', fd, flush=True)\ntime.sleep(600)";
+  await ok(['--host', 'h1', 'run', '--name', 'uring', '--', 'python3', '-c', py]);
+  const fd = Number(await waitFor('the io_uring descriptor', () => /io_uring (-?\d+)/.exec(logOf('h1', 'uring'))?.[1], 20_000));
+  if (fd < 0) return t.skip('this kernel gives no io_uring (kernel.io_uring_disabled)');
+  const before = (await tasksOn('h1')).find((x) => x.name === 'uring')!;
+  const r = await ferry(['--host', 'h1', 'migrate', 'uring', '--to', 'h2']);
+  oneLine(r, /process \d+ of task 'uring' holds an io_uring instance \(descriptor 3\), which CRIU cannot checkpoint; the task is running on h1 again .*UV_USE_IO_URING=0/);
+  const c = await ferry(['--host', 'h1', 'checkpoint', 'uring']);
+  oneLine(c, /holds an io_uring instance/);
+  const after = (await tasksOn('h1')).find((x) => x.name === 'uring');
+  assert.equal(after?.status, 'running');
+  assert.equal(after?.pid, before.pid, 'the same task runs on');
+  assert.equal((await tasksOn('h2')).find((x) => x.name === 'uring'), undefined, 'nothing of it on h2');
+});
+
 test('bad input to migrate is refused with one line and changes nothing', async (t) => {
   t.after(() => removeEverywhere('bad'));
   await startHeartbeat('bad', 16);
