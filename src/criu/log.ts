@@ -36,6 +36,8 @@ const HINTS: Array<[RegExp, string]> = [
   [/Can't set lease/, "a file the task holds a lease on is leased by another process where it was restored; on storage both hosts share, the source copy holds the lease until the move is over (and its holder is told to give it up): keep leased files on each host's own storage"],
   [/Unix socket \d+ not found|External socket is used|Can't dump half of stream unix connection/, "a Unix socket of the task is connected to a process outside it, such as a client on one of the task's socket files or a service the task uses like syslog; CRIU moves only connections within the task: let those clients disconnect, or have them reach the task over TCP at its address, then migrate again"],
   [/send_fds failed \(-22\)/, "the task holds a descriptor the kernel would not hand to CRIU (an io_uring instance is one); have the program do without it, then try again"],
+  [/Unknown socket collected \(family \d+\)/, "the task has a socket of an address family CRIU cannot checkpoint (40 is AF_VSOCK); close it in the task, then try again"],
+  [/Net namespace is required to dump tun link/, "the task holds a TUN/TAP device, which CRIU moves only with the task's own network namespace: start the task with --net"],
   [/No such file or directory.*inventory|Can't open.*inventory/i, 'the images directory is missing or incomplete; checkpoint the task again'],
   [/Unable to open|Can't open image|unexpected magic|Corrupted|Can't read/i, 'the checkpoint images are damaged or incomplete; checkpoint the task again'],
 ];

@@ -41,6 +41,8 @@ test('the errors seen moving other projects\' test programs get a hint that name
     ['External socket is used. Consider using --ext-unix-sk option.', /connected to a process outside it/],
     // A descriptor the kernel will not pass over a Unix socket (an io_uring instance).
     ['pie: 2: Error (criu/pie/parasite.c:588): send_fds failed (-22)', /io_uring instance is one/],
+    ['sockets: BUG! Unknown socket collected (family 40)', /AF_VSOCK/],
+    ['tun: Net namespace is required to dump tun link', /start the task with --net/],
   ];
   for (const [line, hint] of cases) assert.match(hintFor(errorLines(`(00.1) Error (criu/x.c:1): ${line}`)) ?? '', hint, line);
   // Advice to use a CRIU option the user cannot pass through Ferry is left out of the message.
