@@ -264,14 +264,14 @@ test('a task holding an io_uring instance is refused before anything is frozen, 
   await ok(['--host', 'h1', 'run', '--name', 'uring', '--', 'python3', '-c', py]);
   const fd = Number(await waitFor('the io_uring descriptor', () => /io_uring (-?\d+)/.exec(logOf('h1', 'uring'))?.[1], 20_000));
   if (fd < 0) return t.skip('this kernel gives no io_uring (kernel.io_uring_disabled)');
-  const before = (await tasksOn('h1')).find((x) => x.name === 'uring')!;
+  const was = (await tasksOn('h1')).find((x) => x.name === 'uring')!;
   const r = await ferry(['--host', 'h1', 'migrate', 'uring', '--to', 'h2']);
   oneLine(r, /process \d+ of task 'uring' holds an io_uring instance \(descriptor 3\), which CRIU cannot checkpoint; the task is running on h1 again .*UV_USE_IO_URING=0/);
   const c = await ferry(['--host', 'h1', 'checkpoint', 'uring']);
   oneLine(c, /holds an io_uring instance/);
-  const after = (await tasksOn('h1')).find((x) => x.name === 'uring');
-  assert.equal(after?.status, 'running');
-  assert.equal(after?.pid, before.pid, 'the same task runs on');
+  const now = (await tasksOn('h1')).find((x) => x.name === 'uring');
+  assert.equal(now?.status, 'running');
+  assert.equal(now?.pid, was.pid, 'the same task runs on');
   assert.equal((await tasksOn('h2')).find((x) => x.name === 'uring'), undefined, 'nothing of it on h2');
 });
 
