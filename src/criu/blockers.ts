@@ -26,8 +26,10 @@ const HINTS: Record<string, string> = {
 };
 const GENERIC_HINT = 'close it in the task, or run the program without what opens it, then try again';
 
-/** Secret memory (memfd_secret): no other process can read it, CRIU included. */
-const SECRETMEM = /^\/secretmem( \(deleted\))?$/;
+/** Secret memory (memfd_secret), as a descriptor's target or a mapping's path: no other process can read it, CRIU included. */
+const SECRETMEM = '/secretmem( \\(deleted\\))?$';
+const SECRET_FD = new RegExp(`^${SECRETMEM}`);
+const SECRET_MAPPING = new RegExp(` ${SECRETMEM}`, 'm');
 
 /** The first thing in the tree's processes that CRIU cannot dump, as an error; else undefined. */
 export function dumpBlocker(root: number, task: string): FerryError | undefined {
@@ -50,7 +52,7 @@ export function dumpBlocker(root: number, task: string): FerryError | undefined 
       if (anon !== undefined && !DUMPABLE_ANON.has(anon)) {
         return new FerryError('PRECHECK', `${who()} holds ${ANON_NAMES[anon] ?? `a descriptor of a kind CRIU does not know (${target})`} (descriptor ${fd}), which CRIU cannot checkpoint`, { hint: HINTS[anon] ?? GENERIC_HINT });
       }
-      if (SECRETMEM.test(target)) return secret(who(), `descriptor ${fd}`);
+      if (SECRET_FD.test(target)) return secret(who(), `descriptor ${fd}`);
     }
     let maps = '';
     try {
@@ -58,7 +60,7 @@ export function dumpBlocker(root: number, task: string): FerryError | undefined 
     } catch {
       continue;
     }
-    if (/ \/secretmem( \(deleted\))?$/m.test(maps)) return secret(who(), 'a mapping');
+    if (SECRET_MAPPING.test(maps)) return secret(who(), 'a mapping');
   }
   return undefined;
 }
