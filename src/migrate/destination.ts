@@ -18,7 +18,7 @@ import { startProgram } from '../exec/run.js';
 import type { Runtime } from '../runtime/runtime.js';
 import { isValidName, validateName, type TaskRecord } from '../runtime/task-store.js';
 import { readJson, writeJsonAtomic } from '../util/fs.js';
-import { isAlive, resumeTree, sleep, startTime, waitUntil } from '../util/proc.js';
+import { isAlive, killAndWait, resumeTree, sleep, startTime, waitUntil } from '../util/proc.js';
 import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
 import { netClash } from '../runtime/runtime.js';
@@ -818,16 +818,6 @@ export class Destination {
     await this.rt.netGone(link.task, rec?.net?.address);
     await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(link.task));
   }
-}
-
-async function killAndWait(pid: number, start: number | undefined): Promise<void> {
-  if (!isAlive(pid, start)) return;
-  try {
-    process.kill(pid, 'SIGKILL');
-  } catch {
-    /* gone */
-  }
-  await waitUntil(() => !isAlive(pid, start), 2000);
 }
 
 /**

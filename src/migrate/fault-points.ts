@@ -7,7 +7,7 @@ import { writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { waitUntil } from '../util/proc.js';
 
-export type FaultPoint = 'checks' | 'presync' | 'precopy' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'postcopy' | 'fill';
+export type FaultPoint = 'checks' | 'presync' | 'precopy' | 'freeze' | 'transfer' | 'restore' | 'commit' | 'resumed' | 'postcopy' | 'fill';
 
 export async function faultPoint(host: string, point: FaultPoint): Promise<void> {
   const dir = process.env['FERRY_FAULT_POINTS'];

@@ -27,6 +27,13 @@ export interface JournalEntry {
    * may be the only one. 'abort' means the source copy runs and the destination's must go.
    */
   decision?: 'commit' | 'abort';
+  /**
+   * Pre-copy whose destination fills the task from its own store: CRIU's lazy port here, through
+   * which the copy here is ended once the destination runs the task (it never needs it again).
+   */
+  fillsAlone?: { address: string; port: number };
+  /** The destination acknowledged the decision already (see Resolver.endCopyFilledThere). */
+  told?: boolean;
   /** This host's side is final: CRIU has let go and the task record says where the task is. */
   settled?: boolean;
   at: string;

@@ -4,11 +4,12 @@
 // destination drops its stopped copy); if it is gone and the decision was commit, the destination
 // resumes its copy. The destination is told until it acknowledges.
 import { FerryError } from '../errors.js';
-import { isAlive, waitUntil } from '../util/proc.js';
+import { isAlive, killAndWait, waitUntil } from '../util/proc.js';
 import { connect, requestJson } from '../wire/session.js';
 import { answerOrphanHold } from './hold.js';
 import type { JournalEntry } from './journal.js';
 import type { MigrateContext } from './source.js';
+import { closeLazyDump } from './tunnel.js';
 
 /** How long a decision is retried before the entry is dropped (and said so in the log). */
 const GIVE_UP_MS = 24 * 3600_000;
@@ -52,20 +53,13 @@ export class Resolver {
 
   private async resolve(e: JournalEntry): Promise<void> {
     if (!e.settled) await this.settle(e);
-    const needsTelling = e.phase === 'restore' || e.phase === 'decided';
+    const needsTelling = (e.phase === 'restore' || e.phase === 'decided') && !e.told;
     if (!needsTelling) {
       await this.ctx.journal.remove(e.id);
       return;
     }
     try {
-      const session = await connect(e.to.address, { tls: this.ctx.tls, expectName: e.to.name, timeoutMs: 3000 });
-      try {
-        const r = await requestJson<{ known?: boolean }>(session, 'POST', `/v1/incoming/${e.id}/${e.decision}`, {}, { timeoutMs: 30_000 });
-        if (e.decision === 'commit' && r?.known === false) this.log(`migration ${e.id} of ${e.task}: ${e.to.name} has no record of it`);
-      } finally {
-        session.close();
-      }
-      this.log(`migration ${e.id} of ${e.task}: ${e.to.name} acknowledged ${e.decision}`);
+      await this.tell(e);
       await this.ctx.journal.remove(e.id);
     } catch (err) {
       // A destination that dropped its copy has nothing to be told: the source's copy, settled
@@ -82,11 +76,47 @@ export class Resolver {
     }
   }
 
+  /**
+   * Pre-copy committed while the destination fills the task from its own store: CRIU here still
+   * holds the frozen copy, which runs again if CRIU is merely killed, while the destination may
+   * already run the task. So the destination is told first; once it has the task, the copy here
+   * is ended (by CRIU, as the migration would have; else killed before CRIU is). Only a
+   * destination that dropped its copy gets the copy here back. Unreachable, it is asked again at
+   * the next tick and the copy here stays frozen: never two.
+   */
+  private async endCopyFilledThere(e: JournalEntry): Promise<void> {
+    try {
+      await this.tell(e);
+    } catch (err) {
+      if (err instanceof FerryError && err.code === 'DROPPED') return;
+      throw new FerryError('PEER', `${e.to.name} could not be told that it keeps the task (${(err as Error).message}); the frozen copy here waits for it`);
+    }
+    e.told = true;
+    const dump = e.dump!;
+    await closeLazyDump(e.fillsAlone!, 3000, () => isAlive(dump.pid, dump.start)).catch(() => undefined);
+    await waitUntil(() => !isAlive(dump.pid, dump.start), 10_000, 50);
+    // CRIU did not end it: the task goes first, so that CRIU's end cannot let it run on.
+    if (isAlive(e.taskPid, e.taskPidStart)) await killAndWait(e.taskPid, e.taskPidStart);
+  }
+
+  /** Tells the destination the decision; throws DROPPED when it had dropped its copy. */
+  private async tell(e: JournalEntry): Promise<void> {
+    const session = await connect(e.to.address, { tls: this.ctx.tls, expectName: e.to.name, timeoutMs: 3000 });
+    try {
+      const r = await requestJson<{ known?: boolean }>(session, 'POST', `/v1/incoming/${e.id}/${e.decision}`, {}, { timeoutMs: 30_000 });
+      if (e.decision === 'commit' && r?.known === false) this.log(`migration ${e.id} of ${e.task}: ${e.to.name} has no record of it`);
+    } finally {
+      session.close();
+    }
+    this.log(`migration ${e.id} of ${e.task}: ${e.to.name} acknowledged ${e.decision}`);
+  }
+
   /** Waits for (or ends) CRIU of a migration nobody drives, then takes the outcome from the task. */
   private async settle(e: JournalEntry): Promise<void> {
     const { rt } = this.ctx;
     if (e.dump && isAlive(e.dump.pid, e.dump.start)) {
       if (e.holdDir) await answerOrphanHold(e.holdDir, e.decision ?? 'abort');
+      if (e.decision === 'commit' && e.fillsAlone) await this.endCopyFilledThere(e);
       await waitUntil(() => !isAlive(e.dump!.pid, e.dump!.start), 10_000, 50);
       if (isAlive(e.dump.pid, e.dump.start)) {
         try {

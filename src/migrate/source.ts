@@ -34,7 +34,7 @@ import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
-import { ByteCounter, connectWhenListening, listenLocal, ownLoopbackEndpoint, resetOnClose, splice, type LoopbackEndpoint } from './tunnel.js';
+import { ByteCounter, closeLazyDump, connectWhenListening, listenLocal, ownLoopbackEndpoint, resetOnClose, splice, type LoopbackEndpoint } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
 
@@ -153,8 +153,6 @@ interface HeldSync {
   cancel: () => void;
   done: Promise<void>;
 }
-/** CRIU's page-server command that ends a lazy dump (criu/page-xfer.c): its 4-byte answer says it is done. */
-const PS_IOV_CLOSE = 0x1023;
 function trackMethod(armed: boolean, hashed: boolean): string {
   const wp = 'userfaultfd write-protect + PAGEMAP_SCAN';
   if (!hashed) return wp;
@@ -740,6 +738,9 @@ export class OutgoingMigration {
     // from it without this host (patches/criu/0018): once it runs there, this host is done.
     this.alone = this.pagesThere && r.alone === true;
     if (this.alone) this.report.destination.fillsAlone = true;
+    // Journaled with the decision: an agent that dies before ending the copy here must not let
+    // it run again once the destination runs the task (see Resolver.settle).
+    if (this.alone) this.entry.fillsAlone = { ...this.lazyAt! };
     // Every page is in the destination's store: its restore needed nothing of CRIU here.
     if (this.pagesThere) await this.decide('commit');
     this.endPhase('restore');
@@ -780,24 +781,7 @@ export class OutgoingMigration {
    * daemon would say once every page is in: it then ends the copy here and exits 0.
    */
   private async closeLazyHere(): Promise<void> {
-    const sock = await connectWhenListening(this.lazyAt!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null);
-    sock.setNoDelay(true);
-    try {
-      const close = Buffer.alloc(32);
-      close.writeUInt32LE(PS_IOV_CLOSE, 0);
-      sock.write(close);
-      await new Promise<void>((res, rej) => {
-        let got = 0;
-        sock.on('data', (c: Buffer) => {
-          got += c.length;
-          if (got >= 4) res();
-        });
-        sock.once('error', rej);
-        sock.once('close', () => rej(new Error('CRIU closed its page connection without an answer')));
-      });
-    } finally {
-      sock.destroy();
-    }
+    await closeLazyDump(this.lazyAt!, 30_000, () => this.dump?.exitCode === null && this.dump.signalCode === null);
     this.lazyDone = true;
   }
 
@@ -829,6 +813,7 @@ export class OutgoingMigration {
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
     const froze = await this.hold!.freezingAt();
     this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - (resumedAgoMs ?? 0) - froze : this.resumedAt - this.frozenAt!);
+    await faultPoint(this.ctx.self, 'resumed');
     if (this.alone) await this.closeLazyHere().catch((e: Error) => this.endWithoutLazy(e));
     else if (this.pagesThere) await this.connectLazy((this.lazyStream = this.lazyRequest())).catch((e: Error) => this.endWithoutLazy(e));
     this.endPhase('resume');

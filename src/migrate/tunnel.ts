@@ -167,6 +167,34 @@ export interface LoopbackEndpoint {
   port: number;
 }
 
+/** CRIU's page-server command that ends a lazy dump (criu/page-xfer.c): its 4-byte answer says it is done. */
+const PS_IOV_CLOSE = 0x1023;
+
+/**
+ * Tells CRIU's lazy dump at `at` what the destination's lazy-pages daemon would say once every
+ * page is in: CRIU then ends the frozen copy here and exits 0. Resolves once CRIU answered.
+ */
+export async function closeLazyDump(at: LoopbackEndpoint, deadlineMs: number, isAlive: () => boolean): Promise<void> {
+  const sock = await connectWhenListening(at, deadlineMs, isAlive);
+  sock.setNoDelay(true);
+  try {
+    const close = Buffer.alloc(32);
+    close.writeUInt32LE(PS_IOV_CLOSE, 0);
+    sock.write(close);
+    await new Promise<void>((res, rej) => {
+      let got = 0;
+      sock.on('data', (c: Buffer) => {
+        got += c.length;
+        if (got >= 4) res();
+      });
+      sock.once('error', rej);
+      sock.once('close', () => rej(new Error('CRIU closed its page connection without an answer')));
+    });
+  } finally {
+    sock.destroy();
+  }
+}
+
 /** Connects once the endpoint listens, retrying while the program behind it starts. */
 export async function connectWhenListening(at: LoopbackEndpoint, deadlineMs: number, isAlive: () => boolean): Promise<Socket> {
   const end = Date.now() + deadlineMs;

@@ -59,6 +59,17 @@ export function signalName(n: number): string {
   return names[n] ?? `signal ${n}`;
 }
 
+/** SIGKILL to one process, if it is still the one started at `start`; resolves once it is gone (at most 2 s). */
+export async function killAndWait(pid: number, start: number | undefined): Promise<void> {
+  if (!isAlive(pid, start)) return;
+  try {
+    process.kill(pid, 'SIGKILL');
+  } catch {
+    /* gone */
+  }
+  await waitUntil(() => !isAlive(pid, start), 2000);
+}
+
 /** The pids of a process tree, root first (threads' children included). */
 export function treePids(root: number): number[] {
   const out: number[] = [];

@@ -1,5 +1,6 @@
 // The fault matrix's columns from the transfer on: a fault while the task's state is on its way,
-// being restored, committed, or (post-copy) running on the destination with pages still to come.
+// being restored, committed, resumed there while the source still holds its frozen copy
+// (pre-copy), or (post-copy) running on the destination with pages still to come.
 import { faultMatrix } from '../support/fault-matrix.js';
 
-faultMatrix(['transfer', 'restore', 'commit', 'postcopy'], 'g', 84);
+faultMatrix(['transfer', 'restore', 'commit', 'resumed', 'postcopy'], 'g', 84);
