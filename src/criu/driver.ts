@@ -3,7 +3,7 @@
 import type { ChildProcess } from 'node:child_process';
 import type { Socket } from 'node:net';
 import { setPriority } from 'node:os';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { access, constants, mkdir } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { FerryError } from '../errors.js';
@@ -39,6 +39,8 @@ const LAZY_INFLIGHT = Number(process.env.FERRY_LAZY_INFLIGHT ?? 4);
 const LAZY_INFLIGHT_STORED = Number(process.env.FERRY_LAZY_INFLIGHT ?? 2);
 /** The nice level of a lazy-pages daemon (see lazyPages()). */
 const LAZY_DAEMON_NICE = 10;
+/** Never the OOM killer's choice (see lazyPages()). */
+export const LAZY_DAEMON_OOM_SCORE_ADJ = -1000;
 
 /** Options common to dump and restore of Ferry tasks. */
 const COMMON = ['--file-locks'];
@@ -226,6 +228,14 @@ export class Criu {
         setPriority(h.child.pid, LAZY_DAEMON_NICE);
       } catch {
         // it ended already: its exit is reported the usual way
+      }
+      // Once the task runs here the daemon alone holds its userfaultfd: killed, the pages not yet
+      // filled would read as zeros and the task is ended. The OOM killer must pick another (the
+      // daemon itself holds a few MiB).
+      try {
+        writeFileSync(`/proc/${h.child.pid}/oom_score_adj`, String(LAZY_DAEMON_OOM_SCORE_ADJ));
+      } catch {
+        // ended already, or not allowed here: it runs as before
       }
     }
     return { ...h, socket: h.child.stdio[3] as Socket };

@@ -12,7 +12,7 @@ import { Lab, comm, oneLine } from '../support/lab.js';
 import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { isAlive, sleep, treePids } from '../../src/util/proc.js';
 import { loadConfig } from '../../src/config.js';
-import { Criu } from '../../src/criu/driver.js';
+import { Criu, LAZY_DAEMON_OOM_SCORE_ADJ } from '../../src/criu/driver.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
@@ -128,6 +128,12 @@ function lazyDaemon(host: string): number | undefined {
   return undefined;
 }
 
+/** Whether this process may lower an OOM score (CAP_SYS_RESOURCE, bit 24, in its effective set). */
+function canLowerOomScore(): boolean {
+  const eff = /^CapEff:\s*([0-9a-f]+)$/m.exec(readFileSync('/proc/self/status', 'utf8'))?.[1];
+  return eff !== undefined && (BigInt(`0x${eff}`) & (1n << 24n)) !== 0n;
+}
+
 test('pre-copy: the source lets go once the task runs on the destination, whose daemon fills it from its store alone, also when that agent dies in the fill', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
   const arm = join(debugDir, 'arm');
@@ -148,6 +154,9 @@ test('pre-copy: the source lets go once the task runs on the destination, whose 
   await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
   const daemon = lazyDaemon('h2');
   assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  // Lowering it takes CAP_SYS_RESOURCE, which root has on a real host (not on this project's VMs).
+  if (canLowerOomScore()) assert.equal(readFileSync(`/proc/${daemon}/oom_score_adj`, 'utf8').trim(), String(LAZY_DAEMON_OOM_SCORE_ADJ), 'the OOM killer leaves the daemon alone');
+  else t.diagnostic('no CAP_SYS_RESOURCE here: the daemon keeps the OOM score it inherited');
   // Held while the agent writes the index and answers what was asked of it; then the agent dies
   // with most of the task's memory still to fill.
   process.kill(daemon, 'SIGSTOP');
