@@ -645,12 +645,16 @@ export class Destination {
     const link = this.lazyLinks.get(id);
     // Held until the task runs: then its faults must be answered at once.
     link?.front?.hold();
+    let resumed: Awaited<ReturnType<Destination['resumeHere']>>;
     try {
-      return await this.resumeHere(id, found, link, m?.stopped);
+      resumed = await this.resumeHere(id, found, link, m?.stopped);
     } finally {
       link?.front?.release();
       if (link?.alone && debugFillHold()) link.front?.hold();
     }
+    // The task runs here; the source has not heard it yet.
+    await faultPoint(this.self, 'commit');
+    return resumed;
   }
 
   /**

@@ -109,8 +109,9 @@ const POSTCOPY_GRACE_MS = 120_000;
 /**
  * How long the source keeps telling the destination to resume before leaving that to the
  * resolver (the user waits with the CLI meanwhile: past the decision there is only forward).
+ * FERRY_COMMIT_RETRY_S sets it (tests).
  */
-const COMMIT_RETRY_MS = 180_000;
+const COMMIT_RETRY_MS = envSeconds(process.env.FERRY_COMMIT_RETRY_S, 180) * 1000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
 /** Stop-copy: a page stream that moves no byte for this long while the task is frozen ends the dump. */
@@ -757,6 +758,9 @@ export class OutgoingMigration {
   /** Pre-copy whose destination fills the task by itself: see restoreThere(). */
   private alone = false;
 
+  /** That destination was told to resume and did not answer in time (see handOver). */
+  private commitUnanswered = false;
+
   /** Set while CRIU's page connection here is joined to the destination after the commit (see handOver). */
   private lazyStream?: MuxStream;
 
@@ -807,7 +811,15 @@ export class OutgoingMigration {
     await faultPoint(this.ctx.self, 'commit');
     // From here the address answers on the destination: this host stops routing it first.
     await this.step('address away', this.ctx.rt.netAway(this.rec));
-    const resumedAgoMs = await this.step('commit', this.tellCommit());
+    const resumedAgoMs = await this.step(
+      'commit',
+      this.tellCommit().catch((e: unknown) => {
+        // The destination may have resumed the task with every page and only its answer was
+        // lost: the frozen copy here must not run again unless it says it dropped its own.
+        if (this.alone && !(e instanceof FerryError && e.code === 'DROPPED')) this.commitUnanswered = true;
+        throw e;
+      }),
+    );
     this.confirmed = true;
     this.resumedAt = performance.now() - (resumedAgoMs ?? 0);
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
@@ -851,6 +863,12 @@ export class OutgoingMigration {
     if (this.takenBack) {
       this.finish();
       throw err;
+    }
+    if (this.decision === 'commit' && this.commitUnanswered && this.dump?.exitCode === null && this.dump.signalCode === null) {
+      // The resolver goes on telling it; once it answers, CRIU here ends the frozen copy (or lets
+      // it run again, if the destination dropped its own).
+      this.finish();
+      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.target.name} has every page of it and runs it, or waits for the decision, which ${this.ctx.self} keeps sending; ${this.ctx.self} keeps its frozen copy until ${this.target.name} answers`, { cause: err, details: [`migration id: ${this.id}`], hint: `check \`ferry --host ${this.target.name} ps\`` });
     }
     if (this.decision === 'commit' && this.confirmedOrUndoable()) {
       // Past the point of no return: the source let go of its copy. The destination has the

@@ -13,11 +13,12 @@ import { cgroupWritable, cpuCgroupOf } from '../support/cgroup.js';
 import { isAlive, sleep, treePids } from '../../src/util/proc.js';
 import { loadConfig } from '../../src/config.js';
 import { Criu, LAZY_DAEMON_OOM_SCORE_ADJ } from '../../src/criu/driver.js';
+import { run } from '../../src/exec/run.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
 // A post-copy fill that stops moving is given up after 15 s here (120 s by default).
-const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir, FERRY_POSTCOPY_STALL_S: '15' });
+const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir, FERRY_POSTCOPY_STALL_S: '15', FERRY_COMMIT_RETRY_S: '8' });
 const work = join('/var/tmp', 'ferry-precopy-work');
 
 before(async () => {
@@ -185,6 +186,41 @@ test('pre-copy: the source lets go once the task runs on the destination, whose 
   await waitFor('the restarted agent to take the fill as done', () => (lazyServed('h2', 'pa')?.afterRestart ? true : undefined), 30_000);
   assertAllOk(await checkMemory('h2', 'pa'));
   assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pa'), false);
+});
+
+test('pre-copy: the destination resumed the task and its answer was lost: the source keeps its frozen copy until it hears, then ends it (never two copies)', async (t) => {
+  if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
+  const arm = join(debugDir, 'arm');
+  let cut = false;
+  t.after(async () => {
+    rmSync(arm, { force: true });
+    for (const f of ['h2.commit.reached', 'h2.commit.go']) rmSync(join(debugDir, f), { force: true });
+    if (cut) await run('ip', ['link', 'set', lab.veth('h2'), 'up'], { reject: false });
+    await lab.removeEverywhere('unheard');
+  });
+  await startMemcheck('unheard', ['--mib', '64', '--rate', '8', '--threads', '2', '--procs', '2']);
+  rmSync(join(debugDir, 'h2.commit.reached'), { force: true });
+  // h2 waits after it resumed the task, before it answers; the link goes down meanwhile.
+  writeFileSync(arm, 'h2.commit');
+  const moving = lab.ferry(['--host', 'h1', 'migrate', 'unheard', '--to', 'h2', '--mode', 'pre-copy'], 120_000);
+  await waitFor('h2 to resume the task', () => (existsSync(join(debugDir, 'h2.commit.reached')) ? true : undefined), 60_000, 5);
+  await run('ip', ['link', 'set', lab.veth('h2'), 'down']);
+  cut = true;
+  rmSync(arm, { force: true });
+  writeFileSync(join(debugDir, 'h2.commit.go'), '');
+  // h1 gives up telling it (FERRY_COMMIT_RETRY_S) and says where things stand.
+  const r = await moving;
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /has not confirmed it resumed the task.*keeps its frozen copy until h2 answers/, r.stderr);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'unheard')?.state, 'frozen', 'h1 keeps its copy frozen: h2 may run the task');
+  await sleep(4000); // the resolver's ticks, h2 still unreachable: the copy stays frozen
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'unheard')?.state, 'frozen', 'h1 keeps its copy frozen while h2 cannot be asked');
+  await run('ip', ['link', 'set', lab.veth('h2'), 'up']);
+  cut = false;
+  // h2 answers the resolver: h1 ends its copy, h2's runs on whole.
+  await waitFor('h1 to end its copy', async () => ((await lab.tasksOn('h1')).some((x) => x.name === 'unheard') ? undefined : true), 60_000, 250);
+  assert.equal((await lab.tasksOn('h2')).find((x) => x.name === 'unheard')?.state, 'running');
+  assertAllOk(await checkMemory('h2', 'unheard'));
 });
 
 test('pre-copy: the destination agent dies in the fill while the lazy-pages daemon waits for its answers; the daemon fills the task from the store alone', async (t) => {
