@@ -864,17 +864,19 @@ export class OutgoingMigration {
       this.finish();
       throw err;
     }
-    if (this.decision === 'commit' && this.commitUnanswered && this.dump?.exitCode === null && this.dump.signalCode === null) {
-      // The resolver goes on telling it; once it answers, CRIU here ends the frozen copy (or lets
-      // it run again, if the destination dropped its own).
+    // A destination that needs nothing of this host may run the task already: the copy here stays
+    // frozen; the resolver goes on telling it, then has CRIU end the copy here (or lets it run
+    // again, if the destination dropped its own).
+    const keptFrozen = this.commitUnanswered && this.dump?.exitCode === null && this.dump.signalCode === null;
+    if (this.decision === 'commit' && (keptFrozen || this.confirmedOrUndoable())) {
+      // Past the point of no return: the source let go of its copy (or keeps it frozen, above).
+      // The destination has the task, stopped until it hears the decision, which this agent keeps repeating.
       this.finish();
-      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; ${this.target.name} has every page of it and runs it, or waits for the decision, which ${this.ctx.self} keeps sending; ${this.ctx.self} keeps its frozen copy until ${this.target.name} answers`, { cause: err, details: [`migration id: ${this.id}`], hint: `check \`ferry --host ${this.target.name} ps\`` });
-    }
-    if (this.decision === 'commit' && this.confirmedOrUndoable()) {
-      // Past the point of no return: the source let go of its copy. The destination has the
-      // task, stopped until it hears the decision, which this agent keeps repeating.
-      this.finish();
-      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${this.target.name} was committed but ${this.target.name} has not confirmed it resumed the task: ${err.message}; the task is on ${this.target.name}, stopped until it hears the decision, which ${this.ctx.self} keeps sending`, { cause: err, details: [`migration id: ${this.id}`], hint: `check \`ferry --host ${this.target.name} ps\`` });
+      const to = this.target.name;
+      const state = keptFrozen
+        ? `${to} has every page of it and runs it, or waits for the decision, which ${this.ctx.self} keeps sending; ${this.ctx.self} keeps its frozen copy until ${to} answers`
+        : `the task is on ${to}, stopped until it hears the decision, which ${this.ctx.self} keeps sending`;
+      throw new FerryError('MIGRATION', `migration of '${this.rec.name}' to ${to} was committed but ${to} has not confirmed it resumed the task: ${err.message}; ${state}`, { cause: err, details: [`migration id: ${this.id}`], hint: `check \`ferry --host ${to} ps\`` });
     }
     await this.rollback();
     this.finish();
