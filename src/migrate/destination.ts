@@ -376,6 +376,7 @@ export class Destination {
     // On disk beside the images (which may be in memory): it holds the task's memory.
     const store = new PageStore(join(m.dir, PRECOPY_PAGES));
     m.store = store;
+    await faultPoint(this.self, 'precopy'); // tests: a destination that takes no record
     const done = codec ? pipeline(stream, new Decompressor(), store.writer()) : pipeline(stream, store.writer());
     m.storeDone = done;
     done.catch(() => {}); // also awaited here

@@ -114,8 +114,11 @@ const POSTCOPY_GRACE_MS = 120_000;
 const COMMIT_RETRY_MS = envSeconds(process.env.FERRY_COMMIT_RETRY_S, 180) * 1000;
 /** CRIU must reach post-dump within this (pages included) or it is killed and the task rolled back. */
 const DUMP_TIMEOUT_MS = 10 * 60_000;
-/** Stop-copy: a page stream that moves no byte for this long while the task is frozen ends the dump. */
-const PAGE_STALL_MS = 30_000;
+/**
+ * A page stream that moves no byte for this long ends the migration: in stop-copy while the task
+ * is frozen, in pre-copy while the destination takes no record. FERRY_PAGE_STALL_S sets it (tests).
+ */
+const PAGE_STALL_MS = envSeconds(process.env.FERRY_PAGE_STALL_S, 30) * 1000;
 const STALL_CHECK_MS = 1000;
 /**
  * Post-copy: no page leaving for this long while the destination still lacks some (its
@@ -491,6 +494,21 @@ export class OutgoingMigration {
     wire.pipe(stream);
     // A codec failure ends the stream, and with it the rounds (the destination sees it cut).
     if (wire !== this.tracker.pages) wire.once('error', (e: Error) => stream.destroy(e));
+    // A destination that stops taking records without breaking the stream (its disk hung) would
+    // hold the rounds for ever, or the task frozen while the last delta waits: the migration
+    // fails instead, and the task runs on here.
+    let stored = false;
+    this.precopyStored.then(
+      () => (stored = true),
+      () => (stored = true),
+    );
+    watchStall(
+      this.pages,
+      PAGE_STALL_MS,
+      () => stored || stream.destroyed,
+      () => stream.writableNeedDrain,
+      () => stream.destroy(new FerryError('PEER', `the pre-copy stream to ${this.target.name} took no page for ${PAGE_STALL_MS / 1000} s`, { hint: `check ${this.target.name}'s agent and its free disk space, then migrate again` })),
+    );
     const rounds: RoundStat[] = [];
     let v: Verdict = 'continue';
     if (this.mode === 'auto' && this.opts.allowThrottle) this.throttle = new Throttle(this.ctx.self, this.id);

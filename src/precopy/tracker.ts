@@ -24,6 +24,9 @@ export interface TrackReply {
   note: string;
 }
 
+/** How long an ended helper's stderr may take to arrive after its exit. */
+const EXIT_GRACE_MS = 500;
+
 export class Tracker {
   private readonly child: ChildProcess;
   private readonly replies: Array<(r: TrackReply) => void> = [];
@@ -42,10 +45,14 @@ export class Tracker {
         this.exitedWith = e.message;
         res();
       });
-      this.child.once('close', (code, sig) => {
-        this.exitedWith = `ferry-track ended (${sig ?? `code ${code}`})${err ? `: ${err.trim()}` : ''}`;
+      const ended = (code: number | null, sig: NodeJS.Signals | null) => {
+        this.exitedWith ??= `ferry-track ended (${sig ?? `code ${code}`})${err ? `: ${err.trim()}` : ''}`;
         res();
-      });
+      };
+      // 'close' waits for its stderr's last words, but also for its page records to be read:
+      // records nobody takes any more (the destination reset the stream) would hold it for ever.
+      this.child.once('close', ended);
+      this.child.once('exit', (code, sig) => setTimeout(() => ended(code, sig), EXIT_GRACE_MS).unref());
     });
   }
 
@@ -89,6 +96,8 @@ export class Tracker {
    * helper holds it while it has a thread of the task stopped with borrowed registers.
    */
   async stop(): Promise<void> {
+    // Records still unread stay unread: a helper blocked writing them ends on the broken pipe.
+    this.child.stdout?.destroy();
     if (this.child.exitCode !== null || this.child.signalCode !== null) return this.exited;
     this.child.kill('SIGTERM');
     const hard = setTimeout(() => this.child.kill('SIGKILL'), 5000);

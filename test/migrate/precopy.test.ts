@@ -17,8 +17,9 @@ import { run } from '../../src/exec/run.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
-// A post-copy fill that stops moving is given up after 15 s here (120 s by default).
-const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir, FERRY_POSTCOPY_STALL_S: '15', FERRY_COMMIT_RETRY_S: '8' });
+// A post-copy fill that stops moving is given up after 15 s here (120 s by default), a page
+// stream that takes nothing after 8 s (30 s).
+const lab = new Lab('p', 79, 2, '1gbit', { FERRY_FAULT_POINTS: debugDir, FERRY_POSTCOPY_STALL_S: '15', FERRY_COMMIT_RETRY_S: '8', FERRY_PAGE_STALL_S: '8' });
 const work = join('/var/tmp', 'ferry-precopy-work');
 
 before(async () => {
@@ -221,6 +222,29 @@ test('pre-copy: the destination resumed the task and its answer was lost: the so
   await waitFor('h1 to end its copy', async () => ((await lab.tasksOn('h1')).some((x) => x.name === 'unheard') ? undefined : true), 60_000, 250);
   assert.equal((await lab.tasksOn('h2')).find((x) => x.name === 'unheard')?.state, 'running');
   assertAllOk(await checkMemory('h2', 'unheard'));
+});
+
+test('pre-copy: a destination that takes no page and keeps the stream open fails the migration (FERRY_PAGE_STALL_S); the task runs on h1, every page intact', async (t) => {
+  const arm = join(debugDir, 'arm');
+  t.after(async () => {
+    rmSync(arm, { force: true });
+    writeFileSync(join(debugDir, 'h2.precopy.go'), ''); // h2's handler waits no longer
+    await sleep(200);
+    for (const f of ['h2.precopy.reached', 'h2.precopy.go']) rmSync(join(debugDir, f), { force: true });
+    await lab.removeEverywhere('stuck');
+  });
+  await startMemcheck('stuck', ['--mib', '64', '--rate', '8', '--threads', '2', '--procs', '2']);
+  // h2 opens its page store and then reads nothing: the records back up behind the stream's credit.
+  writeFileSync(arm, 'h2.precopy');
+  const t0 = Date.now();
+  const r = await lab.ferry(['--host', 'h1', 'migrate', 'stuck', '--to', 'h2', '--mode', 'pre-copy'], 120_000);
+  const s = (Date.now() - t0) / 1000;
+  oneLine(r, /the pre-copy stream to h2 took no page for 8 s.*the task is running on h1 again/);
+  assert.ok(s < 40, `gave up after ${s.toFixed(1)} s`);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'stuck')?.state, 'running');
+  assert.equal((await lab.tasksOn('h2')).some((x) => x.name === 'stuck'), false);
+  assertAllOk(await checkMemory('h1', 'stuck'));
+  t.diagnostic(`failed after ${s.toFixed(1)} s: ${r.stderr.trim()}`);
 });
 
 test('pre-copy: the destination agent dies in the fill while the lazy-pages daemon waits for its answers; the daemon fills the task from the store alone', async (t) => {
