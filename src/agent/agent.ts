@@ -17,7 +17,7 @@ import type { Runtime } from '../runtime/runtime.js';
 import { allows, identify, type Permission, type PeerIdentity } from '../tls/identity.js';
 import { RevocationList, type LoadedTls } from '../tls/pki.js';
 import { MuxSession, type Headers, type MuxStream } from '../wire/mux.js';
-import { checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, killBody, settleBody, taskName } from '../wire/schemas.js';
+import { abortBody, checkpointBody, emptyBody, incomingRestoreBody, migrateBody, migrationId, parse, prepareBody, runBody, stopBody, killBody, settleBody, taskName } from '../wire/schemas.js';
 import { CODEC_HEADER, streamCodec } from '../wire/codec.js';
 import { releaseLeftThrottles } from '../precopy/throttle.js';
 import { MAX_BODY, jsonHeaders, parseAddress, readAll, serverOptions } from '../wire/session.js';
@@ -357,8 +357,8 @@ export class Agent {
       reply(r.stream, await this.dest.commit(id(r), r.peer.name));
     });
     this.route('POST', incoming('/abort'), 'migrate-in', async (r) => {
-      await r.body(emptyBody);
-      await this.dest.abort(id(r), r.peer.name);
+      const b = await r.body(abortBody);
+      await this.dest.abort(id(r), r.peer.name, b.sourceRuns === true);
       reply(r.stream, {});
     });
   }

@@ -750,7 +750,7 @@ export class Destination {
   }
 
   /** Removes everything this migration brought here; kills a restored copy the source disowned. */
-  async abort(id: string, from?: string): Promise<void> {
+  async abort(id: string, from?: string, sourceRuns = false): Promise<void> {
     const link = this.lazyLinks.get(id);
     if (link?.committed) {
       // Post-copy after the resume: the source took the task back (its pages could not come).
@@ -763,7 +763,7 @@ export class Destination {
     if (!m) {
       // Known only from disk: this agent restarted after the restore.
       const found = await this.incomingMark(id);
-      if (!found) return;
+      if (!found) return sourceRuns ? this.endArrived(id, from) : undefined;
       if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
@@ -789,6 +789,22 @@ export class Destination {
     await this.rt.netGone(m.req.task.name, m.req.task.net?.address);
     await this.rt.store.scratch.removeTaskDir(m.dir);
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
+  }
+
+  /**
+   * Every page of a post-copy came, and the task runs here; yet its source ran its own copy again
+   * (its CRIU ended before it heard the last page had come, or it gave up on a cut link) and says
+   * it keeps it. Both run: the copy here ends, as the source told its user.
+   */
+  private async endArrived(id: string, from: string | undefined): Promise<void> {
+    const found = await this.postCopyMark(id);
+    if (!found?.mark.complete) return;
+    if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
+    const rec = await this.rt.store.get(found.name).catch(() => undefined);
+    if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+    await this.rt.netGone(found.name, rec?.net?.address);
+    await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(found.name));
+    this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from, why: `${found.mark.from} runs the task again` });
   }
 
   private async postCopyMark(id: string): Promise<{ name: string; mark: PostCopyMark } | undefined> {

@@ -103,7 +103,8 @@ export class Resolver {
   private async tell(e: JournalEntry): Promise<void> {
     const session = await connect(e.to.address, { tls: this.ctx.tls, expectName: e.to.name, timeoutMs: 3000 });
     try {
-      const r = await requestJson<{ known?: boolean }>(session, 'POST', `/v1/incoming/${e.id}/${e.decision}`, {}, { timeoutMs: 30_000 });
+      const body = e.decision === 'abort' ? { sourceRuns: isAlive(e.taskPid, e.taskPidStart) } : {};
+      const r = await requestJson<{ known?: boolean }>(session, 'POST', `/v1/incoming/${e.id}/${e.decision}`, body, { timeoutMs: 30_000 });
       if (e.decision === 'commit' && r?.known === false) this.log(`migration ${e.id} of ${e.task}: ${e.to.name} has no record of it`);
     } finally {
       session.close();

@@ -1287,7 +1287,7 @@ export class OutgoingMigration {
     if (alive) await this.ctx.rt.netHere(this.rec).catch((e: Error) => this.warn(`the task's address could not be routed back to ${this.ctx.self}: ${e.message}`));
     // Tell the destination to drop its copy now if it can be reached; the resolver goes on otherwise.
     const told = await this.ensureSession()
-      .then((s) => requestJson(s, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }))
+      .then((s) => requestJson(s, 'POST', `/v1/incoming/${this.id}/abort`, { sourceRuns: alive }, { timeoutMs: 10_000 }))
       .then(
         () => true,
         () => false,
@@ -1341,7 +1341,8 @@ export class OutgoingMigration {
     // that did not removes what it got when the session ends. The agent retries what fails here.
     let told = this.entry.phase !== 'restore' && this.entry.phase !== 'decided';
     if (this.session && !this.session.destroyed) {
-      told = await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, {}, { timeoutMs: 10_000 }).then(
+      const sourceRuns = isAlive(this.rec.pid!, this.rec.pidStart);
+      told = await requestJson(this.session, 'POST', `/v1/incoming/${this.id}/abort`, { sourceRuns }, { timeoutMs: 10_000 }).then(
         () => true,
         () => told,
       );

@@ -72,6 +72,8 @@ export function parseProcessSignal(text: string): NodeJS.Signals {
 }
 export const checkpointBody = z.object({ leaveRunning: z.boolean().optional() });
 export const emptyBody = z.object({});
+/** A source's abort; sourceRuns: its own copy of the task runs (again), so one here must not. */
+export const abortBody = z.object({ sourceRuns: z.boolean().optional() });
 
 export const migrateBody = z.object({
   to: z.object({ name: hostName, address: text(300) }),

@@ -14,6 +14,9 @@ import { isAlive, sleep, treePids } from '../../src/util/proc.js';
 import { loadConfig } from '../../src/config.js';
 import { Criu, LAZY_DAEMON_OOM_SCORE_ADJ } from '../../src/criu/driver.js';
 import { run } from '../../src/exec/run.js';
+import { AGENT_PORT } from '../../src/lab/lab.js';
+import { loadTls } from '../../src/tls/pki.js';
+import { connect, requestJson } from '../../src/wire/session.js';
 
 const MEMCHECK = join(NATIVE, 'ferry-memcheck');
 const debugDir = join('/var/tmp', 'ferry-precopy-debug');
@@ -346,6 +349,27 @@ test('post-copy: a destination whose lazy-pages daemon stops asking for pages gi
   stopped = undefined;
   await lab.assertIntact('h1', 'hung', sum);
   t.diagnostic(`given up ${tookS.toFixed(1)} s after h2's daemon stopped; the task runs on h1, memory intact`);
+});
+
+test('post-copy: a source that runs its copy again after every page reached the destination (its CRIU ended before it heard so) has the destination end its own; one whose copy is gone does not', async (t) => {
+  t.after(() => lab.removeEverywhere('twice'));
+  await lab.startHeartbeat('twice', 64);
+  const r = await migrate('twice', ['--mode', 'post-copy']);
+  assert.equal(r.ok, true);
+  assert.equal((await lab.tasksOn('h2')).find((x) => x.name === 'twice')?.state, 'running');
+  // What h1 sends once it took the task back (its resolver, or its take-back after a cut).
+  const tls = await loadTls({ ca: join(lab.dir, 'ca', 'ca.crt'), cert: join(lab.dir, 'h1', 'h1.crt'), key: join(lab.dir, 'h1', 'h1.key') });
+  const session = await connect(`${lab.addr('h2')}:${AGENT_PORT}`, { tls, expectName: 'h2' });
+  try {
+    // Its own copy gone (CRIU ended it): h2's may be the only one, and stays.
+    assert.deepEqual(await requestJson(session, 'POST', `/v1/incoming/${r.id}/abort`, { sourceRuns: false }), {});
+    assert.equal((await lab.tasksOn('h2')).find((x) => x.name === 'twice')?.state, 'running', 'h2 keeps the only copy');
+    // Its own copy runs: h2's ends.
+    assert.deepEqual(await requestJson(session, 'POST', `/v1/incoming/${r.id}/abort`, { sourceRuns: true }), {});
+  } finally {
+    session.close();
+  }
+  assert.equal((await lab.tasksOn('h2')).some((x) => x.name === 'twice'), false, 'h2 ended its copy');
 });
 
 test('post-copy: a task that forks children while its pages arrive, holding memory they do not inherit (MADV_DONTFORK) or get empty (MADV_WIPEONFORK), finishes the fill, memory intact', async (t) => {
