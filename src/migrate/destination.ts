@@ -761,13 +761,16 @@ export class Destination {
     const m = this.incoming.get(id);
     if (m && from !== undefined && m.req.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
     if (!m) {
-      // Known only from disk: this agent restarted after the restore.
-      const found = await this.incomingMark(id);
-      if (!found) return sourceRuns ? this.endArrived(id, from) : undefined;
+      // Known only from disk: this agent restarted after the restore. Or every page of a
+      // post-copy came and the task runs here, yet its source runs its own copy again (its CRIU
+      // ended before it heard the last page had come, or it gave up on a cut link): the copy
+      // here ends, as the source told its user. Not when the source's copy is gone.
+      const found = (await this.incomingMark(id)) ?? (sourceRuns ? await this.arrivedMark(id) : undefined);
+      if (!found) return;
       if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
       const rec = await this.rt.store.get(found.name).catch(() => undefined);
       if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-      await this.rt.netGone(found.name, found.mark.address);
+      await this.rt.netGone(found.name, found.mark.address ?? rec?.net?.address);
       await this.rt.store.scratch.removeTaskDir(found.dir);
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
@@ -791,20 +794,9 @@ export class Destination {
     this.onEvent({ event: 'aborted', id, task: m.req.task.name, from: m.req.from });
   }
 
-  /**
-   * Every page of a post-copy came, and the task runs here; yet its source ran its own copy again
-   * (its CRIU ended before it heard the last page had come, or it gave up on a cut link) and says
-   * it keeps it. Both run: the copy here ends, as the source told its user.
-   */
-  private async endArrived(id: string, from: string | undefined): Promise<void> {
-    const found = await this.postCopyMark(id);
-    if (!found?.mark.complete) return;
-    if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
-    const rec = await this.rt.store.get(found.name).catch(() => undefined);
-    if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-    await this.rt.netGone(found.name, rec?.net?.address);
-    await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(found.name));
-    this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from, why: `${found.mark.from} runs the task again` });
+  /** A post-copy of this id whose every page came. */
+  private async arrivedMark(id: string): Promise<{ name: string; dir: string; mark: { from: string; address?: string } } | undefined> {
+    return (await this.marks<PostCopyMark>('postcopy.json')).find((x) => x.mark.id === id && x.mark.complete);
   }
 
   private async postCopyMark(id: string): Promise<{ name: string; mark: PostCopyMark } | undefined> {
