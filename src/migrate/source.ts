@@ -497,15 +497,10 @@ export class OutgoingMigration {
     // A destination that stops taking records without breaking the stream (its disk hung) would
     // hold the rounds for ever, or the task frozen while the last delta waits: the migration
     // fails instead, and the task runs on here.
-    let stored = false;
-    this.precopyStored.then(
-      () => (stored = true),
-      () => (stored = true),
-    );
     watchStall(
       this.pages,
       PAGE_STALL_MS,
-      () => stored || stream.destroyed,
+      () => stream.readableEnded || stream.destroyed, // answered (every record stored), or gone
       () => stream.writableNeedDrain,
       () => stream.destroy(new FerryError('PEER', `the pre-copy stream to ${this.target.name} took no page for ${PAGE_STALL_MS / 1000} s`, { hint: `check ${this.target.name}'s agent and its free disk space, then migrate again` })),
     );
