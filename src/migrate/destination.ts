@@ -8,7 +8,7 @@
 // that arrives after this agent restarted still finds its migration by id on disk.
 import type { Socket } from 'node:net';
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, readdir, rm, statfs, symlink, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, rm, stat, statfs, symlink, truncate, writeFile } from 'node:fs/promises';
 import { jsonHeaders, type MuxSession, type MuxStream } from '../wire/session.js';
 import { join } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -82,7 +82,12 @@ interface Incoming {
   stoppedReady?: Promise<Set<number>>;
   /** Pre-copy with every page in the store: the daemon fills the task without the source (see restore()). */
   alone?: boolean;
+  /** Times the task was restored again here after its daemon failed in the fill (see refill()). */
+  refills?: number;
 }
+
+/** Restores again after a failed fill from pre-copy's store, before the task counts as lost. */
+const MAX_REFILLS = 2;
 
 /** How long a post-copy task waits for its source to come back after a cut (the source waits longer). */
 const POSTCOPY_GRACE_MS = 110_000;
@@ -120,6 +125,8 @@ interface LazyLink {
   alone?: boolean;
   /** When the task ran here (performance.now()). */
   resumedAt?: number;
+  /** Its log's size then: a task restored again here (refill()) starts from there. */
+  logAtResume?: number;
 }
 
 export class Destination {
@@ -592,7 +599,11 @@ export class Destination {
     if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
     void daemon.exited.then(async (code) => {
       sock.destroy();
-      m.store?.remove();
+      // Filling alone, every page is in the store: a daemon that fails there leaves what the
+      // task needs to start again here (see refill()).
+      const again = code !== 0 && this.lazyLinks.get(m.id) === link && !!link.alone && link.committed && !!m.store && (m.refills ?? 0) < MAX_REFILLS;
+      if (again) this.refill(m, link, code);
+      else m.store?.remove();
       const filled = fillsItself ? await readStoredFill(join(m.imagesDir, 'lazy-pages.log')) : undefined;
       this.onEvent({ event: 'lazy pages served', id: m.id, task: m.req.task.name, ...(code === 0 && link.resumedAt !== undefined ? { fillMs: Math.round(performance.now() - link.resumedAt) } : {}), ...(filled ? { filledByDaemon: filled.pages, faultsFilledByDaemon: filled.faults } : {}), local: stats.localPages, prefetched: stats.prefetchedPages, asked: stats.forwardedPages, faultsAsked: stats.faultsForwarded, faultsWaited: stats.faultsWaited, faultWaitMeanMs: stats.faultsForwarded + stats.faultsWaited ? Math.round((stats.faultWaitMs / (stats.faultsForwarded + stats.faultsWaited)) * 100) / 100 : 0, faultWaitMaxMs: Math.round(stats.faultWaitMaxMs), ...(stats.storedPages ? { stored: stats.storedPages } : {}), ...(stats.prefetchMinRttMs !== undefined ? { prefetchMinRttMs: Math.round(stats.prefetchMinRttMs * 100) / 100 } : {}) });
       if (this.lazyLinks.get(m.id) !== link) return;
@@ -607,6 +618,7 @@ export class Destination {
       } else {
         // What CRIU said goes with the reason: the task's directory, its log with it, goes next.
         const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
+        if (again) return;
         // Alone, the source let go at the resume: nothing can take the task back (see README).
         const lost = link.alone && link.committed ? `; ${link.from} had let go of it, so the task is lost: start it again, from its last checkpoint if it has one` : '';
         await this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived${said ? ` (${said})` : ''}${lost}`);
@@ -681,6 +693,7 @@ export class Destination {
     // The address routes here and the namespace opens before the task runs (the source let go of it).
     await this.rt.netHere(rec).catch((e: Error) => this.onEvent({ event: 'warning', task: rec.name, message: `its address could not be routed here: ${e.message}` }));
     let resumedAt: number | undefined;
+    if (link?.alone) link.logAtResume = await stat(this.rt.store.logPath(found.name)).then((st) => st.size, () => undefined);
     if (rec.pid !== undefined && isAlive(rec.pid, rec.pidStart)) {
       resumeTree(rec.pid, stopped ?? (await stoppedAtDump(this.rt.store.imagesDir(found.name))));
       resumedAt = performance.now();
@@ -809,6 +822,60 @@ export class Destination {
     link.daemon?.stop();
     link.close();
     link.tunnel?.destroy();
+  }
+
+  /**
+   * The daemon that filled a task from pre-copy's store ended before the fill did, after the
+   * source let go: the task here may read zeros for pages it lacks, and no host has another copy.
+   * Everything its restore used is still here (the images, and the store with every page), so it
+   * is ended and restored again from them, as it was frozen on the source: what it did since it
+   * ran here is lost, as when a source takes back a post-copy task. A file it wrote in between
+   * (other than appended to) fails that restore (CRIU checks the sizes): then it is lost, as
+   * before. untilFilled() waits for all of it, so nothing migrates the task meanwhile.
+   */
+  private refill(m: Incoming, link: LazyLink, code: number | null): void {
+    m.refills = (m.refills ?? 0) + 1;
+    const name = link.task;
+    const ranFor = link.resumedAt !== undefined ? ` ${((performance.now() - link.resumedAt) / 1000).toFixed(1)} s` : '';
+    // Set before anything awaits: untilFilled() must not let a migration take the copy meanwhile.
+    const done = (async () => {
+      this.closeLazy(link);
+      const rec = await this.rt.store.get(name);
+      // It ends before it reads a missing page as zeros (or very soon after).
+      if (rec.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+      const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
+      const why = `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} while it filled the task${said ? ` (${said})` : ''}`;
+      this.onEvent({ event: 'warning', task: name, message: `${why}: restoring it again here, as it was frozen on ${link.from} (what it did in the${ranFor} since it ran here is lost, and its output then is taken out of its log)` });
+      // Its log goes back to where the restored copy will go on writing it (it appends).
+      if (link.logAtResume !== undefined) await truncate(this.rt.store.logPath(name), link.logAtResume).catch(() => {});
+      try {
+        // A new daemon, on the same images and store; it alone fills (the source let go).
+        m.lazyStream = undefined;
+        await rm(join(m.imagesDir, 'lazy-pages.socket'), { force: true });
+        await rename(join(m.imagesDir, 'lazy-pages.log'), join(m.imagesDir, `lazy-pages.failed-${m.refills}.log`)).catch(() => {});
+        m.lazyReady = this.startLazyDaemon(m);
+        await Promise.all([m.lazyReady, this.lazyRunsOf(m)]);
+        const again = this.lazyLinks.get(m.id);
+        if (!again) throw new FerryError('CRIU_FAILED', 'criu lazy-pages did not start again');
+        again.alone = true;
+        again.serve?.();
+        const restored = await this.rt.restoreFrom({ ...rec, state: 'checkpointed' }, m.imagesDir, { lazyPages: true, leaveStopped: true, onRestored: () => this.quiet(m.id) });
+        const stopped = m.stopped ?? (await stoppedAtDump(m.imagesDir));
+        await this.resumeHere(m.id, { name, dir: m.dir, mark: { id: m.id, from: link.from, phase: 'restored', lazy: true } }, again, stopped);
+        this.onEvent({ event: 'restored again', id: m.id, task: name, pid: restored.pid, attempt: m.refills });
+      } catch (e) {
+        const again = this.lazyLinks.get(m.id);
+        if (again) this.closeLazy(again);
+        m.store?.remove();
+        const cur = await this.rt.store.get(name).catch(() => undefined);
+        if (cur?.pid !== undefined) await killAndWait(cur.pid, cur.pidStart);
+        await this.rt.netGone(name, cur?.net?.address);
+        await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(name));
+        throw new FerryError('CRIU_FAILED', `${why}, and restoring it again here failed (${(e as Error).message}); ${link.from} had let go of it, so the task is lost: start it again, from its last checkpoint if it has one`);
+      }
+    })();
+    this.adopted.set(name, done);
+    this.background(done.finally(() => this.adopted.get(name) === done && this.adopted.delete(name)), name, 'restoring it after its fill failed');
   }
 
   /** A post-copy task whose pages cannot arrive any more: killed before it reads zeros, removed. */

@@ -291,6 +291,48 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
   t.diagnostic(`filled after the agent died owing: ${/owing (\d+) answers/.exec(log)?.[1]} answers`);
 });
 
+test('pre-copy: a lazy-pages daemon killed while it fills the task from the store (the source let go): the task is restored again on the destination from the same images, memory and heartbeat intact', async (t) => {
+  if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
+  const arm = join(debugDir, 'arm');
+  const hold = join(debugDir, 'fill-hold');
+  const clear = () => {
+    rmSync(arm, { force: true });
+    rmSync(hold, { force: true });
+    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+  };
+  t.after(async () => {
+    clear();
+    await lab.removeEverywhere('refill');
+  });
+  clear();
+  const sum = await lab.startHeartbeat('refill', 128);
+  // From the resume on h2's agent reads none of the daemon's page requests and waits before the
+  // store's index: the task stays mostly unfilled until the daemon is killed.
+  writeFileSync(hold, 'requests');
+  writeFileSync(arm, 'h2.fill');
+  const r = await migrate('refill', ['--mode', 'pre-copy']);
+  assert.equal(r.ok, true);
+  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  await sleep(500);
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'refill'), false, 'the source let go of the task');
+  // The restore that follows is neither held nor kept from its requests.
+  rmSync(hold, { force: true });
+  rmSync(arm, { force: true });
+  writeFileSync(join(debugDir, 'h2.fill.go'), '');
+  process.kill(daemon, 'SIGKILL');
+  const agentLog = () => readText(join(lab.dir, 'h2', 'agent.log'));
+  await waitFor('the task restored again on h2', () => (/"event":"restored again"[^\n]*"task":"refill"/.test(agentLog()) ? true : undefined), 60_000);
+  await waitFor('its new fill to finish', () => (lazyServed('h2', 'refill')?.filledByDaemon !== undefined && /"task":"refill","fillMs"/.test(agentLog()) ? true : undefined), 60_000);
+  assert.match(agentLog(), /criu lazy-pages ended with a signal while it filled the task: restoring it again here, as it was frozen on h1/);
+  // Its log goes on from where it was at the resume: no beat twice, the clock never back.
+  const pause = await lab.assertIntact('h2', 'refill', sum);
+  t.diagnostic(`largest pause the task saw: ${pause.toFixed(2)} s`);
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'refill'), false);
+});
+
 test('post-copy moves a busy tree (processes, threads, forks while its pages arrive, mremap, MADV_DONTNEED, shared memory) with every page intact', async (t) => {
   // The lazy-pages daemon takes answers in any order (patches/criu/0011): a child forked while
   // pages still arrive asks for them under its parent's image, and each answer must find the

@@ -52,9 +52,7 @@ function applies(phase: FaultPoint, fault: Fault): boolean {
  * missing memory, but cannot always keep it: these cells are reported, not required.
  */
 function knownLimit(phase: FaultPoint, fault: Fault): boolean {
-  // The daemon that fills a task from pre-copy's store takes its userfaultfd with it when killed:
-  // the source has let go by the time the fill could fail (README, The source lets go at the resume).
-  return (phase === 'postcopy' && fault.includes('agent killed')) || (phase === 'resumed' && fault === 'destination CRIU killed');
+  return phase === 'postcopy' && fault.includes('agent killed');
 }
 
 export interface Cell {
