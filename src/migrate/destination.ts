@@ -127,6 +127,8 @@ interface LazyLink {
   resumedAt?: number;
   /** Its log's size then: a task restored again here (refill()) starts from there. */
   logAtResume?: number;
+  /** The task's root here, once committed: ended the moment its daemon fails. */
+  root?: { pid: number; start?: number };
 }
 
 export class Destination {
@@ -597,6 +599,16 @@ export class Destination {
     this.lazyLinks.set(m.id, link);
     // From here a pages link that arrives finds the tunnel (lazyStream()); one that came before waits in m.
     if (m.lazyStream) tunnel.attach(m.lazyStream, 0);
+    // A daemon that fails leaves the task's missing pages reading as zeros: the task ends at
+    // once, not after the stream's end and the records are read ('close').
+    daemon.child.once('exit', (code) => {
+      if (code === 0 || !link.committed || !link.root || this.lazyLinks.get(m.id) !== link) return;
+      try {
+        if (isAlive(link.root.pid, link.root.start)) process.kill(link.root.pid, 'SIGKILL');
+      } catch {
+        // gone already
+      }
+    });
     void daemon.exited.then(async (code) => {
       sock.destroy();
       // Filling alone, every page is in the store: a daemon that fails there leaves what the
@@ -685,6 +697,7 @@ export class Destination {
       // Until the last page is here, a restart of this agent cannot feed the task: it is dropped
       // then, unless the daemon fills it alone (the next agent waits for that one to finish).
       link.committed = true;
+      if (rec.pid !== undefined) link.root = { pid: rec.pid, ...(rec.pidStart !== undefined ? { start: rec.pidStart } : {}) };
       const pid = link.alone ? link.daemon?.child.pid : undefined;
       const start = pid !== undefined ? startTime(pid) : undefined;
       const alone = pid !== undefined ? { pid, ...(start !== undefined ? { start } : {}) } : undefined;
