@@ -628,9 +628,9 @@ export class Destination {
         link.tunnel?.confirmEnd();
         if (link.committed) void writeJsonAtomic(join(this.rt.store.dir(link.task), 'postcopy.json'), { id: link.id, from: link.from, complete: true } satisfies PostCopyMark);
       } else {
+        if (again) return;
         // What CRIU said goes with the reason: the task's directory, its log with it, goes next.
         const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
-        if (again) return;
         // Alone, the source let go at the resume: nothing can take the task back (see README).
         const lost = link.alone && link.committed ? `; ${link.from} had let go of it, so the task is lost: start it again, from its last checkpoint if it has one` : '';
         await this.dropLazy(link, `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} before every page arrived${said ? ` (${said})` : ''}${lost}`);
@@ -853,32 +853,32 @@ export class Destination {
     // Set before anything awaits: untilFilled() must not let a migration take the copy meanwhile.
     const done = (async () => {
       this.closeLazy(link);
-      const rec = await this.rt.store.get(name);
-      // It ends before it reads a missing page as zeros (or very soon after).
-      if (rec.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
       const said = code === null ? undefined : (await readErrorLines(join(m.imagesDir, 'lazy-pages.log')).catch(() => []))[0];
       const why = `criu lazy-pages ended with ${code === null ? 'a signal' : `code ${code}`} while it filled the task${said ? ` (${said})` : ''}`;
-      this.onEvent({ event: 'warning', task: name, message: `${why}: restoring it again here, as it was frozen on ${link.from} (what it did in the${ranFor} since it ran here is lost, and its output then is taken out of its log)` });
-      // Its log goes back to where the restored copy will go on writing it (it appends).
-      if (link.logAtResume !== undefined) await truncate(this.rt.store.logPath(name), link.logAtResume).catch(() => {});
       try {
+        // Killed at the daemon's exit already (startLazyDaemon): gone before anything is restored.
+        const rec = await this.rt.store.get(name);
+        if (rec.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
+        this.onEvent({ event: 'warning', task: name, message: `${why}: restoring it again here, as it was frozen on ${link.from} (what it did in the${ranFor} since it ran here is lost, and its output then is taken out of its log)` });
+        // Its log goes back to where the restored copy will go on writing it (it appends).
+        if (link.logAtResume !== undefined) await truncate(this.rt.store.logPath(name), link.logAtResume).catch(() => {});
         // A new daemon, on the same images and store; it alone fills (the source let go).
         m.lazyStream = undefined;
         await rm(join(m.imagesDir, 'lazy-pages.socket'), { force: true });
         await rename(join(m.imagesDir, 'lazy-pages.log'), join(m.imagesDir, `lazy-pages.failed-${m.refills}.log`)).catch(() => {});
         m.lazyReady = this.startLazyDaemon(m);
         await Promise.all([m.lazyReady, this.lazyRunsOf(m)]);
-        const again = this.lazyLinks.get(m.id);
-        if (!again) throw new FerryError('CRIU_FAILED', 'criu lazy-pages did not start again');
-        again.alone = true;
-        again.serve?.();
+        const next = this.lazyLinks.get(m.id);
+        if (!next) throw new FerryError('CRIU_FAILED', 'criu lazy-pages did not start again');
+        next.alone = true;
+        next.serve?.();
         const restored = await this.rt.restoreFrom({ ...rec, state: 'checkpointed' }, m.imagesDir, { lazyPages: true, leaveStopped: true, onRestored: () => this.quiet(m.id) });
         const stopped = m.stopped ?? (await stoppedAtDump(m.imagesDir));
-        await this.resumeHere(m.id, { name, dir: m.dir, mark: { id: m.id, from: link.from, phase: 'restored', lazy: true } }, again, stopped);
+        await this.resumeHere(m.id, { name, dir: m.dir, mark: { id: m.id, from: link.from, phase: 'restored', lazy: true } }, next, stopped);
         this.onEvent({ event: 'restored again', id: m.id, task: name, pid: restored.pid, attempt: m.refills });
       } catch (e) {
-        const again = this.lazyLinks.get(m.id);
-        if (again) this.closeLazy(again);
+        const next = this.lazyLinks.get(m.id);
+        if (next) this.closeLazy(next);
         m.store?.remove();
         const cur = await this.rt.store.get(name).catch(() => undefined);
         if (cur?.pid !== undefined) await killAndWait(cur.pid, cur.pidStart);
