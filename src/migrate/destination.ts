@@ -176,10 +176,7 @@ export class Destination {
         this.adoptFill(name, dir, mark, mark.alone);
         continue;
       }
-      const rec = await this.rt.store.get(name).catch(() => undefined);
-      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-      await this.rt.netGone(name, rec?.net?.address);
-      await this.rt.store.scratch.removeTaskDir(dir);
+      await this.endHere(name, dir);
       removed.push(`${name} (post-copy, pages lost with the previous agent)`);
     }
     for (const { name, dir, mark } of await this.marks<IncomingMark>('incoming.json')) {
@@ -210,10 +207,7 @@ export class Destination {
         this.onEvent({ event: 'lazy pages served', id: mark.id, task: name, filledByDaemon: filled.pages, faultsFilledByDaemon: filled.faults, afterRestart: true });
         return;
       }
-      const rec = await this.rt.store.get(name).catch(() => undefined);
-      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-      await this.rt.netGone(name, rec?.net?.address);
-      await this.rt.store.scratch.removeTaskDir(dir);
+      await this.endHere(name, dir);
       this.onEvent({ event: 'warning', task: name, message: `its memory was being filled from pre-copy's store when the previous agent ended, and the fill did not finish: the task was ended (its memory would not be whole)` });
     })();
     this.adopted.set(name, done);
@@ -794,10 +788,7 @@ export class Destination {
       const found = (await this.incomingMark(id)) ?? (sourceRuns ? await this.arrivedMark(id) : undefined);
       if (!found) return;
       if (from !== undefined && found.mark.from !== from) throw new FerryError('FORBIDDEN', `migration ${id} is not from '${from}'`);
-      const rec = await this.rt.store.get(found.name).catch(() => undefined);
-      if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-      await this.rt.netGone(found.name, found.mark.address ?? rec?.net?.address);
-      await this.rt.store.scratch.removeTaskDir(found.dir);
+      await this.endHere(found.name, found.dir, found.mark.address);
       this.onEvent({ event: 'aborted', id, task: found.name, from: found.mark.from });
       return;
     }
@@ -880,10 +871,7 @@ export class Destination {
         const next = this.lazyLinks.get(m.id);
         if (next) this.closeLazy(next);
         m.store?.remove();
-        const cur = await this.rt.store.get(name).catch(() => undefined);
-        if (cur?.pid !== undefined) await killAndWait(cur.pid, cur.pidStart);
-        await this.rt.netGone(name, cur?.net?.address);
-        await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(name));
+        await this.endHere(name, this.rt.store.dir(name));
         throw new FerryError('CRIU_FAILED', `${why}, and restoring it again here failed (${(e as Error).message}); ${link.from} had let go of it, so the task is lost: start it again, from its last checkpoint if it has one`);
       }
     })();
@@ -906,10 +894,15 @@ export class Destination {
       m.restoreAhead?.cancel();
       await m.restoring?.catch(() => {});
     }
-    const rec = await this.rt.store.get(link.task).catch(() => undefined);
+    await this.endHere(link.task, this.rt.store.dir(link.task));
+  }
+
+  /** Kills the task's copy here, if any, and removes it: its address and its directory. */
+  private async endHere(name: string, dir: string, address?: string): Promise<void> {
+    const rec = await this.rt.store.get(name).catch(() => undefined);
     if (rec?.pid !== undefined) await killAndWait(rec.pid, rec.pidStart);
-    await this.rt.netGone(link.task, rec?.net?.address);
-    await this.rt.store.scratch.removeTaskDir(this.rt.store.dir(link.task));
+    await this.rt.netGone(name, address ?? rec?.net?.address);
+    await this.rt.store.scratch.removeTaskDir(dir);
   }
 }
 

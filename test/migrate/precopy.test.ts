@@ -78,6 +78,18 @@ async function checkMemory(host: string, name: string): Promise<string[]> {
   );
 }
 
+/** The test switches that hold h2's agent in the fill (see src/migrate/fault-points.ts), and their removal. */
+function fillSwitches(): { arm: string; hold: string; clear: () => void } {
+  const arm = join(debugDir, 'arm');
+  const hold = join(debugDir, 'fill-hold');
+  const clear = () => {
+    rmSync(arm, { force: true });
+    rmSync(hold, { force: true });
+    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+  };
+  return { arm, hold, clear };
+}
+
 function readText(path: string): string {
   try {
     return readFileSync(path, 'utf8');
@@ -252,12 +264,9 @@ test('pre-copy: a destination that takes no page and keeps the stream open fails
 
 test('pre-copy: the destination agent dies in the fill while the lazy-pages daemon waits for its answers; the daemon fills the task from the store alone', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
-  const arm = join(debugDir, 'arm');
-  const hold = join(debugDir, 'fill-hold');
+  const { arm, hold, clear } = fillSwitches();
   t.after(async () => {
-    rmSync(arm, { force: true });
-    rmSync(hold, { force: true });
-    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+    clear();
     await lab.up(); // the killed agent back, if the test ended before it did that itself
     await lab.removeEverywhere('owed');
   });
@@ -293,13 +302,7 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
 
 test('pre-copy: a lazy-pages daemon killed while it fills the task from the store (the source let go): the task is restored again on the destination from the same images, memory and heartbeat intact', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
-  const arm = join(debugDir, 'arm');
-  const hold = join(debugDir, 'fill-hold');
-  const clear = () => {
-    rmSync(arm, { force: true });
-    rmSync(hold, { force: true });
-    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
-  };
+  const { arm, hold, clear } = fillSwitches();
   t.after(async () => {
     clear();
     await lab.removeEverywhere('refill');
