@@ -90,6 +90,23 @@ function fillSwitches(): { arm: string; hold: string; clear: () => void } {
   return { arm, hold, clear };
 }
 
+/**
+ * Moves a task by pre-copy with h2's agent held in the fill (from the resume on it reads none of
+ * the daemon's page requests, and waits before the store's index); returns the daemon's pid.
+ */
+async function moveHeldInFill(name: string): Promise<number> {
+  const { arm, hold } = fillSwitches();
+  writeFileSync(hold, 'requests');
+  writeFileSync(arm, 'h2.fill');
+  const r = await migrate(name, ['--mode', 'pre-copy']);
+  assert.equal(r.ok, true);
+  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  return daemon;
+}
+
 function readText(path: string): string {
   try {
     return readFileSync(path, 'utf8');
@@ -264,7 +281,7 @@ test('pre-copy: a destination that takes no page and keeps the stream open fails
 
 test('pre-copy: the destination agent dies in the fill while the lazy-pages daemon waits for its answers; the daemon fills the task from the store alone', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
-  const { arm, hold, clear } = fillSwitches();
+  const { clear } = fillSwitches();
   t.after(async () => {
     clear();
     await lab.up(); // the killed agent back, if the test ended before it did that itself
@@ -274,14 +291,7 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
   rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
   // From the resume on, h2's agent reads none of the daemon's page requests: those it made
   // before the index are never answered (patches/criu/0024), and the agent dies with them out.
-  writeFileSync(hold, 'requests');
-  writeFileSync(arm, 'h2.fill');
-  const r = await migrate('owed', ['--mode', 'pre-copy']);
-  assert.equal(r.ok, true);
-  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
-  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
-  const daemon = lazyDaemon('h2');
-  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  const daemon = await moveHeldInFill('owed');
   await sleep(1000); // the daemon asks for pages the agent no longer reads
   writeFileSync(join(debugDir, 'h2.fill.go'), '');
   await waitFor('the store index', () => (existsSync(join(lab.taskDir('h2', 'owed'), 'precopy.pages.index')) ? true : undefined), 10_000, 5);
@@ -302,7 +312,7 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
 
 test('pre-copy: a lazy-pages daemon killed while it fills the task from the store (the source let go): the task is restored again on the destination from the same images, memory and heartbeat intact', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
-  const { arm, hold, clear } = fillSwitches();
+  const { clear } = fillSwitches();
   t.after(async () => {
     clear();
     await lab.removeEverywhere('refill');
@@ -311,19 +321,11 @@ test('pre-copy: a lazy-pages daemon killed while it fills the task from the stor
   const sum = await lab.startHeartbeat('refill', 128);
   // From the resume on h2's agent reads none of the daemon's page requests and waits before the
   // store's index: the task stays mostly unfilled until the daemon is killed.
-  writeFileSync(hold, 'requests');
-  writeFileSync(arm, 'h2.fill');
-  const r = await migrate('refill', ['--mode', 'pre-copy']);
-  assert.equal(r.ok, true);
-  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
-  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
-  const daemon = lazyDaemon('h2');
-  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  const daemon = await moveHeldInFill('refill');
   await sleep(500);
   assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'refill'), false, 'the source let go of the task');
   // The restore that follows is neither held nor kept from its requests.
-  rmSync(hold, { force: true });
-  rmSync(arm, { force: true });
+  clear();
   writeFileSync(join(debugDir, 'h2.fill.go'), '');
   process.kill(daemon, 'SIGKILL');
   const agentLog = () => readText(join(lab.dir, 'h2', 'agent.log'));
