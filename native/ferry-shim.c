@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -80,7 +81,47 @@ static int join_netns(void) {
   return 0;
 }
 
-static void run_init(const char *dir, const char *hostname, const char *cwd, int logfd, char **argv) {
+/* Unmounts every mount of type TYPE (its mountinfo's field after " - "), most recent first. */
+static void detach_all(const char *type) {
+  for (int pass = 0; pass < 4096; pass++) {
+    FILE *f = fopen("/proc/self/mountinfo", "r");
+    if (!f) return;
+    char line[8192], found[4096] = "";
+    while (fgets(line, sizeof line, f)) {
+      char *sep = strstr(line, " - ");
+      char mp[4096];
+      if (!sep || strncmp(sep + 3, type, strlen(type)) != 0 || sep[3 + strlen(type)] != ' ') continue;
+      if (sscanf(line, "%*s %*s %*s %*s %4095s", mp) == 1) snprintf(found, sizeof found, "%s", mp);
+    }
+    fclose(f);
+    // Mount points with escaped characters (\040) are left: rare, and harmless to keep.
+    if (!found[0] || strchr(found, '\\') || umount2(found, MNT_DETACH) != 0) return;
+  }
+}
+
+/*
+ * The task's own mount namespace, with a /proc of its own PID namespace: /proc/PID by the pid a
+ * process sees names that process (Python's and CRIU's test suites read it). The host's mounts are
+ * copied, private, so later mounts on the host do not pile up in the task; the handles of other
+ * tasks' namespaces (nsfs) are dropped. CRIU dumps the namespace; Ferry names the host's mounts
+ * external (src/runtime/mounts.ts). Without it (no permission) the task sees the host's /proc.
+ */
+static int own_mounts(int logfd) {
+  if (unshare(CLONE_NEWNS) != 0) {
+    dprintf(logfd, "ferry: warning: no mount namespace for the task (%s): it sees the host's /proc\n", strerror(errno));
+    return 0;
+  }
+  if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0) return -1;
+  detach_all("nsfs");
+  // Whatever was mounted under the host's /proc (binfmt_misc, ...) goes with it.
+  (void)umount2("/proc", MNT_DETACH);
+  if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0) return -1;
+  return 1;
+}
+
+static void init_main(const char *dir, const char *cwd, int logfd, char **argv);
+
+static void run_init(const char *dir, const char *hostname, const char *cwd, const char *logpath, int logfd, char **argv) {
   setsid();  // CRIU needs the session leader inside the task's PID namespace
   if (join_netns() != 0) {
     dprintf(logfd, "ferry: cannot join the task's network namespace: %s\n", strerror(errno));
@@ -91,6 +132,40 @@ static void run_init(const char *dir, const char *hostname, const char *cwd, int
     _exit(125);
   }
   if (hostname[0]) (void)sethostname(hostname, strlen(hostname));
+  char self[4096];
+  ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
+  self[n > 0 ? n : 0] = '\0';
+  int own = own_mounts(logfd);
+  if (own < 0) {
+    dprintf(logfd, "ferry: cannot set up the task's mounts: %s\n", strerror(errno));
+    _exit(125);
+  }
+  if (own && n > 0) {
+    // What was opened outside the namespace (our log, our own program and its libraries) is on
+    // mounts CRIU cannot find in it: reopen the log here, and run ourselves again from here.
+    int fd = open(logpath, O_WRONLY | O_APPEND);
+    if (fd < 0 || dup2(fd, logfd) < 0) {
+      dprintf(logfd, "ferry: cannot reopen %s: %s\n", logpath, strerror(errno));
+      _exit(125);
+    }
+    close(fd);
+    int argc = 0;
+    while (argv[argc]) argc++;
+    char **args = calloc((size_t)argc + 7, sizeof *args);
+    char fdarg[16];
+    snprintf(fdarg, sizeof fdarg, "%d", logfd);
+    if (args) {
+      const char *head[] = {self, "init", dir, cwd, fdarg, "--"};
+      for (int i = 0; i < 6; i++) args[i] = (char *)head[i];
+      for (int i = 0; i < argc; i++) args[6 + i] = argv[i];
+      execv(self, args);
+    }
+    dprintf(logfd, "ferry: warning: cannot run %s again in the task's mount namespace (%s): it cannot be checkpointed\n", self, strerror(errno));
+  }
+  init_main(dir, cwd, logfd, argv);
+}
+
+static void init_main(const char *dir, const char *cwd, int logfd, char **argv) {
   pid_t c = fork();
   if (c < 0) _exit(125);
   if (c == 0) {
@@ -100,6 +175,7 @@ static void run_init(const char *dir, const char *hostname, const char *cwd, int
     sigset_t none;
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, NULL);
+    signal(SIGPIPE, SIG_DFL);  // the shim ignores it; the command gets what a shell would give it
     if (cwd[0] && chdir(cwd) != 0) {
       fprintf(stderr, "ferry: cannot enter working directory %s: %s\n", cwd, strerror(errno));
       _exit(126);
@@ -225,6 +301,12 @@ static int usage(void) {
 
 int main(int argc, char **argv) {
   if (argc < 2) return usage();
+  // The task's init, run again inside the task's mount namespace (run_init).
+  if (strcmp(argv[1], "init") == 0) {
+    if (argc < 8 || strcmp(argv[5], "--") != 0) return usage();
+    init_main(argv[2], argv[3], atoi(argv[4]), argv + 6);
+    return 125;
+  }
   int is_run = strcmp(argv[1], "run") == 0;
   int is_restore = strcmp(argv[1], "restore") == 0;
   int fixed = is_run ? 6 : 5;  // args up to and including "--"
@@ -267,7 +349,7 @@ int main(int argc, char **argv) {
     if (root == 0) {
       int fl = fcntl(logfd, F_GETFD);
       fcntl(logfd, F_SETFD, fl & ~FD_CLOEXEC);
-      run_init(dir, hostname, cwd, logfd, cmd);
+      run_init(dir, hostname, cwd, logpath, logfd, cmd);
     }
     close(logfd);
     report("ok %d", (int)root);

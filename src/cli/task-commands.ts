@@ -101,7 +101,7 @@ export function registerTaskCommands(program: Command): void {
 
   program
     .command('run')
-    .description('start a task in its own PID, UTS, IPC and time namespaces')
+    .description('start a task in its own PID, UTS, IPC, time and mount namespaces')
     .option('--name <name>', 'task name (default: command name and a random suffix)')
     .option('--cwd <dir>', 'working directory of the task')
     .option('--env <KEY=VALUE>', 'environment variable for the task (repeatable)', collectEnv, {})

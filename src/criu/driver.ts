@@ -66,6 +66,8 @@ export interface DumpOptions {
   actionScript?: string;
   /** A task with its own network namespace: replaces --tcp-close. */
   netArgs?: string[];
+  /** The task's mounts (see src/runtime/mounts.ts). */
+  mountArgs?: string[];
   env?: NodeJS.ProcessEnv;
   signal?: AbortSignal;
   timeoutMs?: number;
@@ -120,7 +122,7 @@ export class Criu {
 
   async dump(o: DumpOptions): Promise<DumpResult> {
     await mkdir(o.imagesDir, { recursive: true });
-    const args = ['dump', '-t', String(o.pid), '-D', o.imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, ...(o.netArgs ?? HOST_NET)];
+    const args = ['dump', '-t', String(o.pid), '-D', o.imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, ...(o.netArgs ?? HOST_NET), ...(o.mountArgs ?? [])];
     if (o.leaveRunning) args.push('--leave-running');
     if (o.pageServer) args.push('--page-server', '--address', o.pageServer.address, '--port', String(o.pageServer.port));
     if (o.lazyPages) args.push('--lazy-pages', '--address', o.lazyPages.address, '--port', String(o.lazyPages.port));
@@ -131,8 +133,8 @@ export class Criu {
   }
 
   /** The argv of a detached restore; the task shim runs it so it becomes the restored tree's parent. */
-  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; leaveStopped?: boolean; logName?: string; netArgs?: string[] }): string[] {
-    const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON, ...(o.netArgs ?? HOST_NET)];
+  restoreArgs(o: { imagesDir: string; pidfile: string; lazyPages?: boolean; leaveStopped?: boolean; logName?: string; netArgs?: string[]; mountArgs?: string[] }): string[] {
+    const args = ['restore', '-d', '-D', o.imagesDir, '-o', o.logName ?? 'restore.log', '-v4', '--pidfile', o.pidfile, ...COMMON, ...(o.netArgs ?? HOST_NET), ...(o.mountArgs ?? [])];
     if (o.lazyPages) args.push('--lazy-pages');
     if (o.leaveStopped) args.push('--leave-stopped');
     return [this.bin, ...args];

@@ -23,6 +23,7 @@ import { dumpSlot } from '../criu/dump-slot.js';
 import { GHOST_LIMIT_MIB, hintFor, readErrorLines, untilSeized } from '../criu/log.js';
 import { dumpBlocker } from '../criu/blockers.js';
 import { DUMP_OPTIONS } from '../criu/driver.js';
+import { dumpMountArgs } from '../runtime/mounts.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
@@ -697,9 +698,10 @@ export class OutgoingMigration {
     // A task with its own network keeps its connections (the hold script locks its namespace);
     // one in the host's network keeps those among its own sockets, held still from here.
     const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : await rt.hostTcpArgs(this.rec, this.imagesDir);
+    const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir);
     this.phase('freeze+dump');
     this.phaseStart = this.frozenAt = performance.now();
-    this.startDump(this.imagesDir, [...net, ...dumpArgs]);
+    this.startDump(this.imagesDir, [...net, ...mounts, ...dumpArgs]);
     await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
     await faultPoint(this.ctx.self, 'freeze');
     this.syncFilesOnceSeized();

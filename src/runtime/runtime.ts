@@ -14,6 +14,7 @@ import { FerryError } from '../errors.js';
 import { isAlive, nsPid, sleep, startTime, treePids } from '../util/proc.js';
 import { dumpBlocker } from '../criu/blockers.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
+import { dumpMountArgs, restoreMountArgs } from './mounts.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { Scratch } from './scratch.js';
 import type { TaskSignal } from '../wire/schemas.js';
@@ -422,9 +423,10 @@ export class Runtime {
         const ns = rec.net ? netnsPath(this.stateDir, name) : undefined;
         if (ns) await lock(ns);
         const netArgs = rec.net ? criuDumpNetArgs(await netnsInode(rec.pid!)) : await this.hostTcpArgs(rec, fresh);
+        const mountArgs = await dumpMountArgs(rec.pid!, fresh);
         let stopped = false;
         const res = await this.criu
-          .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}) })
+          .dump({ pid: rec.pid!, imagesDir: fresh, leaveRunning: opts.leaveRunning, signal: opts.signal, timeoutMs: CRIU_TIMEOUT_MS, ...(netArgs ? { netArgs } : {}), mountArgs })
           .then((r) => ((stopped = !opts.leaveRunning), r))
           .finally(async () => {
             releaseSlot();
@@ -506,7 +508,8 @@ export class Runtime {
       rmSync(pidfile, { force: true });
       rmSync(join(imagesDir, 'stats-restore'), { force: true });
       const netArgs = rec.net ? criuRestoreNetArgs() : existsSync(join(imagesDir, TCP_MARKER)) ? hostNetArgs('internal') : undefined;
-      return this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}) });
+      const mountArgs = restoreMountArgs(imagesDir, this.stateDir);
+      return this.criu.restoreArgs({ imagesDir, pidfile, lazyPages: opts.lazyPages, leaveStopped: opts.leaveStopped, ...(netArgs ? { netArgs } : {}), mountArgs });
     };
     const shim = this.startShim(['restore', dir, String(incarnation), pidfile, '--'], { ...process.env, ...this.netEnv(rec) }, CRIU_TIMEOUT_MS, true);
     shim.result.catch(() => {}); // awaited by go()

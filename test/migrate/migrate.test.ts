@@ -173,6 +173,38 @@ test("a task's log arrives whole, every line once, however large it grew", async
   nums.forEach((v, i) => assert.equal(v, i + 1, `line ${i + 1} of the log is 'line ${v}'`));
 });
 
+test("a task has its own /proc and mounts, and keeps them in every mode", async (t) => {
+  // /proc/PID by the pid a process sees must name that process (Python's and CRIU's test suites
+  // read it); a tmpfs the task mounted moves with its content and stays out of the hosts' view.
+  const name = 'mounts';
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-mounts-'));
+  t.after(async () => {
+    await removeEverywhere(name);
+    rmSync(dir, { recursive: true, force: true });
+  });
+  const script = [
+    `mount -t tmpfs -o size=1m own ${dir} && echo kept > ${dir}/x || echo 'mount failed'`,
+    'i=0',
+    `while :; do i=$((i+1)); echo "tick $i comm=$(cat /proc/$$/comm) procs=$(ls /proc | grep -c '^[0-9]') own=$(cat ${dir}/x)"; sleep 0.1; done`,
+  ].join('; ');
+  await ok(['--host', 'h1', 'run', '--name', name, '--', 'sh', '-c', script]);
+  const ticks = (h: string) => logOf(h, name).match(/^tick \d+ .*$/gm) ?? [];
+  await waitFor('ticks', () => ticks('h1').length > 3 || undefined);
+  let from = 'h1';
+  for (const mode of ['stop-copy', 'pre-copy', 'post-copy', 'auto'] as const) {
+    const to = from === 'h1' ? 'h2' : 'h1';
+    await ok(['--host', from, 'migrate', name, '--to', to, '--mode', mode]);
+    const n = ticks(to).length;
+    await waitFor(`ticks on ${to} after ${mode}`, () => ticks(to).length > n + 3 || undefined, 10_000);
+    from = to;
+  }
+  const lines = ticks(from);
+  assert.doesNotMatch(logOf(from, name), /mount failed|No such file/);
+  // The task's pid 1 (Ferry's init), the shell, and what the shell runs at that moment.
+  for (const l of lines) assert.match(l, /^tick \d+ comm=sh procs=[2-6] own=kept$/, l);
+  assert.deepEqual(readdirSync(dir), [], "the task's tmpfs is not the host's");
+});
+
 test('a listening TCP socket keeps listening at the new host', async (t) => {
   t.after(() => removeEverywhere('srv'));
   await ok(['--host', 'h1', 'run', '--name', 'srv', '--', SOCKETS, '7100', '/dev/null']);
