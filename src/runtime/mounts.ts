@@ -4,8 +4,9 @@
 // root is the destination's "/"). Mounts the task made itself (a tmpfs, a bind) CRIU dumps and
 // rebuilds as usual.
 import { existsSync, mkdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
-import { writeFile } from 'node:fs/promises';
+import { readFile, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { FerryError } from '../errors.js';
 
 /** In a task's images: the mounts its dump named external, for the restore to bind. */
 export const MOUNTS_MARKER = 'ferry-mounts.json';
@@ -108,7 +109,8 @@ export async function dumpMountArgs(pid: number, imagesDir: string): Promise<str
 export function restoreMountArgs(imagesDir: string, stateDir: string): string[] {
   const marker = join(imagesDir, MOUNTS_MARKER);
   if (!existsSync(marker)) return [];
-  const ext = JSON.parse(readFileSync(marker, 'utf8')) as ExternalMount[];
+  const ext = parseMarker(readFileSync(marker, 'utf8'));
+  if (!ext) throw new FerryError('IMAGES', `the checkpoint images at ${imagesDir} have an unreadable ${MOUNTS_MARKER}`, { hint: 'the images cannot be used; take a new checkpoint of a running task' });
   const args = ['--root', '/'];
   for (const m of ext) {
     let target = m.path;
@@ -124,10 +126,32 @@ export function restoreMountArgs(imagesDir: string, stateDir: string): string[] 
   return args;
 }
 
+function parseMarker(text: string): ExternalMount[] | undefined {
+  let v: unknown;
+  try {
+    v = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  const ok = (m: unknown): m is ExternalMount =>
+    typeof m === 'object' && m !== null && typeof (m as ExternalMount).path === 'string' && (m as ExternalMount).path.startsWith('/') && nameable((m as ExternalMount).path) && typeof (m as ExternalMount).dir === 'boolean';
+  return Array.isArray(v) && v.every(ok) ? v : undefined;
+}
+
 function standIn(stateDir: string, dir: boolean): string {
   const base = join(stateDir, 'mount-stand-ins');
   mkdirSync(join(base, 'dir'), { recursive: true, mode: 0o755 });
   const file = join(base, 'file');
   if (!existsSync(file)) writeFileSync(file, '', { mode: 0o644 });
   return dir ? join(base, 'dir') : file;
+}
+
+/**
+ * A restore of a mount namespace works in /tmp/.criu.mntns.XXXXXX, which CRIU removes unless it is
+ * killed: after a failed restore (CRIU has exited), the one its log names goes.
+ */
+export async function removeRestoreYard(restoreLog: string): Promise<void> {
+  const log = await readFile(restoreLog, 'utf8').catch(() => '');
+  const yard = /\/tmp\/\.criu\.mntns\.[A-Za-z0-9]{6}(?=\/|\s)/.exec(log)?.[0];
+  if (yard) await rm(yard, { recursive: true, force: true }).catch(() => undefined);
 }

@@ -14,7 +14,7 @@ import { FerryError } from '../errors.js';
 import { isAlive, nsPid, sleep, startTime, treePids } from '../util/proc.js';
 import { dumpBlocker } from '../criu/blockers.js';
 import { attach, createTaskNet, detach, pickAddress, publish, unpublish, criuDumpNetArgs, criuRestoreNetArgs, destroyTaskNet, inPool, lock, netnsInode, netnsPath, prepareHost, unlock, type NetConfig } from '../net/tasknet.js';
-import { dumpMountArgs, restoreMountArgs } from './mounts.js';
+import { dumpMountArgs, removeRestoreYard, restoreMountArgs } from './mounts.js';
 import { TCP_MARKER, hostNetArgs, lockConnections, markedConnections, tcpConnections, unlockConnections, type TcpEnds } from '../net/tcp.js';
 import { Scratch } from './scratch.js';
 import type { TaskSignal } from '../wire/schemas.js';
@@ -525,11 +525,20 @@ export class Runtime {
           throw e;
         });
       }
-      shim.go(command());
+      let argv: string[];
+      try {
+        argv = command();
+      } catch (e) {
+        shim.cancel(); // the shim would wait for its command for ever
+        await this.releaseTcp(rec.name);
+        throw e;
+      }
+      shim.go(argv);
       let rootPid: number, shimPid: number;
       try {
         ({ rootPid, shimPid } = await shim.result.finally(() => this.releaseTcp(rec.name)));
       } catch (e) {
+        await removeRestoreYard(join(imagesDir, 'restore.log'));
         const lines = await readErrorLines(join(imagesDir, 'restore.log'));
         if (!lines.length) throw e;
         const hint = hintFor(lines);
