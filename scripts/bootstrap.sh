@@ -165,7 +165,7 @@ zdtm_tests=(
   # Mappings and memory, which pre-copy's tracking must not miss a write of:
   maps01 maps02 maps03 maps05 maps06 maps11 maps12 maps_file_prot mem-touch grow_map grow_map02
   grow_map03 shm-unaligned shmemfd-priv memfd03 mtime_mmap unlink_mmap01 unlink_mmap02 pthread01
-  fpu00
+  fpu00 memfd01
   # One kernel object each, moved by stop-copy and auto (OBJECT_TESTS in test/support/zdtm.ts):
   pty00 pty02 pty04 tty00 tty03 fifo-ghost fifo-rowo-pair unlink_fifo scm00 scm03 scm05
   sockets01 sockets_spair sockets03 sk-unix-rel del_standalone_un sk-unix-dgram-ghost
@@ -173,6 +173,10 @@ zdtm_tests=(
   sock_tcp_opts00 pidfd_child pidfd_kill fd_from_pidfd ghost_holes00 unlink_fstat02 rmdir_open
   opath_file cwd01 write_read10 file_fown fdt_shared file_shared aio00 timers rlimits00
   thread_different_uid_gid stopped stopped03 child_subreaper pstree dumpable02
+  # ... that read /proc/PID by the pid they see, or mount inside the task (its own namespace):
+  seccomp_strict seccomp_filter seccomp_filter_tsync seccomp_filter_threads
+  seccomp_filter_inheritance file_locks05 file_locks07 inotify01 proc-self pidfd_self
+  unhashed_proc tempfs tempfs_overmounted bind-mount mountpoints private_bind_propagation
 )
 zdtm="$cache/zdtm"
 # Built again when the list changes (zdtm/list holds the one it was built from).

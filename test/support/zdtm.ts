@@ -37,6 +37,10 @@ const OBJECT_TESTS = new Set([
   'pidfd_child', 'pidfd_kill', 'fd_from_pidfd', 'ghost_holes00', 'unlink_fstat02', 'rmdir_open', 'opath_file', 'cwd01',
   'write_read10', 'file_fown', 'fdt_shared', 'file_shared', 'aio00', 'timers', 'rlimits00', 'thread_different_uid_gid',
   'stopped', 'stopped03', 'child_subreaper', 'pstree', 'dumpable02',
+  // They read /proc/PID by the pid they see, or mount inside the task's own mount namespace.
+  'seccomp_strict', 'seccomp_filter', 'seccomp_filter_tsync', 'seccomp_filter_threads', 'seccomp_filter_inheritance',
+  'file_locks05', 'file_locks07', 'inotify01', 'proc-self', 'pidfd_self', 'unhashed_proc', 'tempfs', 'tempfs_overmounted',
+  'bind-mount', 'mountpoints', 'private_bind_propagation',
 ]);
 
 /** Each test's command line, as zdtm runs it: `NAME --pidfile=NAME.pid --outfile=NAME.out ...`. */
