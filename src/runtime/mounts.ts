@@ -65,7 +65,7 @@ function nameable(path: string): boolean {
 }
 
 /** Whether the process lives in a mount namespace other than ours. */
-export function ownMountNamespace(pid: number): boolean {
+function ownMountNamespace(pid: number): boolean {
   try {
     return readlinkSync(`/proc/${pid}/ns/mnt`) !== readlinkSync('/proc/self/ns/mnt');
   } catch {

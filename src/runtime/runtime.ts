@@ -518,16 +518,10 @@ export class Runtime {
       // The task's own connections come back one end at a time, each sending what it had not
       // sent yet: held still until both ends are there (see src/net/tcp.ts).
       const marker = join(imagesDir, TCP_MARKER);
-      if (!rec.net && existsSync(marker)) {
-        await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8'))).catch(async (e: unknown) => {
-          shim.cancel(); // the shim would wait for its command for ever
-          await this.releaseTcp(rec.name);
-          throw e;
-        });
-      }
       let argv: string[];
       try {
         argv = command();
+        if (!rec.net && existsSync(marker)) await this.holdTcp(rec.name, markedConnections(readFileSync(marker, 'utf8')));
       } catch (e) {
         shim.cancel(); // the shim would wait for its command for ever
         await this.releaseTcp(rec.name);
