@@ -4,6 +4,7 @@
 // so a test injects its fault at exactly that phase and shows that it did.
 import { existsSync, readFileSync } from 'node:fs';
 import { writeFile } from 'node:fs/promises';
+import type { Socket } from 'node:net';
 import { join } from 'node:path';
 import { waitUntil } from '../util/proc.js';
 
@@ -68,8 +69,19 @@ export function debugThrottleGate(): boolean {
 /**
  * DIR/fill-hold holding "requests": from the resume on, the destination agent of a task its
  * daemon fills from the store reads no more of the daemon's page requests, so the daemon has
- * some out, never answered, when a test then kills the agent.
+ * some out, never answered, when a test then kills the agent; those sent after the resume stay
+ * unread in the agent's socket (see holdKernelReads()).
  */
 export function debugFillHold(): boolean {
   return debugSetting('fill-hold') === 'requests';
+}
+
+/**
+ * For debugFillHold(): the socket takes nothing more from the kernel. A paused stream still reads
+ * ahead up to its high-water mark, which holds hundreds of page requests; an agent killed while
+ * busy leaves them in the kernel, and its peer then reads a reset instead of an end. The handle
+ * is told directly: the stream, still taking itself for reading, does not start it again.
+ */
+export function holdKernelReads(sock: Socket | undefined): void {
+  (sock as unknown as { _handle?: { readStop?: () => number } } | undefined)?._handle?.readStop?.();
 }

@@ -92,19 +92,34 @@ function fillSwitches(): { arm: string; hold: string; clear: () => void } {
 
 /**
  * Moves a task by pre-copy with h2's agent held in the fill (from the resume on it reads none of
- * the daemon's page requests, and waits before the store's index); returns the daemon's pid.
+ * the daemon's page requests, and waits before the store's index); returns the daemon's pid and
+ * the migration, which ends once h2 writes the index (see settled()).
  */
-async function moveHeldInFill(name: string): Promise<number> {
+async function moveHeldInFill(name: string): Promise<{ daemon: number; moving: Promise<MigrationReport> }> {
   const { arm, hold } = fillSwitches();
   writeFileSync(hold, 'requests');
   writeFileSync(arm, 'h2.fill');
-  const r = await migrate(name, ['--mode', 'pre-copy']);
-  assert.equal(r.ok, true);
-  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  const moving = migrate(name, ['--mode', 'pre-copy']);
+  moving.catch(() => {});
   await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
   const daemon = lazyDaemon('h2');
   assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
-  return daemon;
+  // The task runs on h2, but h1 keeps its frozen copy until h2's daemon can fill it alone.
+  await sleep(500);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name)?.state, 'frozen', 'the source keeps its copy until the store has its index');
+  return { daemon, moving };
+}
+
+/** The migration of moveHeldInFill() once h2 goes on: the index is there, and the source let go. */
+async function settled(name: string, moving: Promise<MigrationReport>): Promise<MigrationReport> {
+  writeFileSync(join(debugDir, 'h2.fill.go'), '');
+  const r = await moving;
+  assert.equal(r.ok, true);
+  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
+  assert.equal(r.phasesMs.postcopy, undefined, 'the source waits for no page transfer after the resume');
+  assert.ok(existsSync(join(lab.taskDir('h2', name), 'precopy.pages.index')), 'the source heard the task runs only once the index was written');
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === name), false, 'the source let go of the task');
+  return r;
 }
 
 function readText(path: string): string {
@@ -149,6 +164,13 @@ function lazyServed(host: string, task: string): { filledByDaemon?: number; faul
   return last ? (JSON.parse(last.slice(last.indexOf('{'))) as { filledByDaemon?: number; afterRestart?: boolean }) : undefined;
 }
 
+/** What a lazy-pages daemon's log says of the store, the page server and errors, and how it ends. */
+function daemonLogDigest(log: string): string {
+  const lines = log.split('\n');
+  const said = lines.filter((l) => /rror|store|gone|Remote|closed|page server|Filled|Serving|finish|Finish/.test(l)).slice(-25);
+  return [...said, '[...]', ...lines.slice(-12)].join('\n');
+}
+
 /** A lab host's CRIU lazy-pages daemon (in the host's namespaces; its paths are the host's own). */
 function lazyDaemon(host: string): number | undefined {
   for (const p of execFileSync('ip', ['netns', 'pids', lab.netns(host)], { encoding: 'utf8' }).split('\n').filter(Boolean)) {
@@ -168,7 +190,7 @@ function canLowerOomScore(): boolean {
   return eff !== undefined && (BigInt(`0x${eff}`) & (1n << 24n)) !== 0n;
 }
 
-test('pre-copy: the source lets go once the task runs on the destination, whose daemon fills it from its store alone, also when that agent dies in the fill', async (t) => {
+test('pre-copy: the source lets go once the task runs on the destination and its daemon can fill it from the store alone, also when that agent dies in the fill', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
   const arm = join(debugDir, 'arm');
   let stopped: number | undefined;
@@ -195,13 +217,9 @@ test('pre-copy: the source lets go once the task runs on the destination, whose 
   // with most of the task's memory still to fill.
   process.kill(daemon, 'SIGSTOP');
   stopped = daemon;
-  const r = await moving;
-  assert.equal(r.ok, true);
-  assert.equal(r.destination?.fillsAlone, true, `the destination fills the task alone: ${JSON.stringify(r.destination)}`);
-  assert.equal(r.phasesMs.postcopy, undefined, 'the source waits for no page transfer after the resume');
-  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'pa'), false, 'the source let go of the task');
-  writeFileSync(join(debugDir, 'h2.fill.go'), '');
-  await waitFor('the store index', () => (existsSync(join(lab.taskDir('h2', 'pa'), 'precopy.pages.index')) ? true : undefined), 10_000, 5);
+  await sleep(500);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'pa')?.state, 'frozen', 'the source keeps its copy until the store has its index');
+  await settled('pa', moving);
   await sleep(300);
   process.kill(lab.agentPid('h2'), 'SIGKILL');
   await sleep(200);
@@ -209,8 +227,7 @@ test('pre-copy: the source lets go once the task runs on the destination, whose 
   stopped = undefined;
   await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
   const log = readText(join(lab.taskDir('h2', 'pa'), 'images', 'lazy-pages.log'));
-  const tail = log.split('\n').slice(-40).join('\n'); // what the daemon did last, if it failed
-  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log ends:\n${tail}`);
+  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log:\n${daemonLogDigest(log)}`);
   const filled = /Filled (\d+) pages from the store/.exec(log);
   assert.ok(filled && Number(filled[1]) > 0, 'the daemon filled the task from the store');
   t.diagnostic(`filled after the agent died: ${filled[1]} pages`);
@@ -291,18 +308,18 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
   rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
   // From the resume on, h2's agent reads none of the daemon's page requests: those it made
   // before the index are never answered (patches/criu/0024), and the agent dies with them out.
-  const daemon = await moveHeldInFill('owed');
-  await sleep(1000); // the daemon asks for pages the agent no longer reads
-  writeFileSync(join(debugDir, 'h2.fill.go'), '');
-  await waitFor('the store index', () => (existsSync(join(lab.taskDir('h2', 'owed'), 'precopy.pages.index')) ? true : undefined), 10_000, 5);
+  const { daemon, moving } = await moveHeldInFill('owed');
+  await sleep(500); // the daemon asks for pages the agent no longer reads
+  await settled('owed', moving);
   await sleep(1000);
   assert.ok(isAlive(daemon), 'the daemon waits for the answers it is owed');
   process.kill(lab.agentPid('h2'), 'SIGKILL');
   await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
   const log = readText(join(lab.taskDir('h2', 'owed'), 'images', 'lazy-pages.log'));
-  const tail = log.split('\n').slice(-40).join('\n'); // what the daemon did last, if it failed
-  assert.match(log, /The page server is gone owing \d+ answers; the store holds their pages/, `the daemon's log ends:\n${tail}`);
-  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log ends:\n${tail}`);
+  // Requests sent after the resume were still in the agent's socket: the daemon read a reset.
+  if (new Criu(loadConfig().criu).hasPatch('0025-lazy-pages-reset-is-hangup')) assert.match(log, /The page server is gone with requests of ours unread/, `the daemon's log:\n${daemonLogDigest(log)}`);
+  assert.match(log, /The page server is gone owing \d+ answers; the store holds their pages/, `the daemon's log:\n${daemonLogDigest(log)}`);
+  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log:\n${daemonLogDigest(log)}`);
   await lab.up();
   await waitFor('the restarted agent to take the fill as done', () => (lazyServed('h2', 'owed')?.afterRestart ? true : undefined), 30_000);
   assertAllOk(await checkMemory('h2', 'owed'));
@@ -313,21 +330,25 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
 test('pre-copy: a lazy-pages daemon killed while it fills the task from the store (the source let go): the task is restored again on the destination from the same images, memory and heartbeat intact', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
   const { clear } = fillSwitches();
+  let stopped: number | undefined;
   t.after(async () => {
     clear();
+    if (stopped !== undefined && isAlive(stopped)) process.kill(stopped, 'SIGCONT');
     await lab.removeEverywhere('refill');
   });
   clear();
   const sum = await lab.startHeartbeat('refill', 128);
   // From the resume on h2's agent reads none of the daemon's page requests and waits before the
   // store's index: the task stays mostly unfilled until the daemon is killed.
-  const daemon = await moveHeldInFill('refill');
-  await sleep(500);
-  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'refill'), false, 'the source let go of the task');
+  const { daemon, moving } = await moveHeldInFill('refill');
+  // Stopped, the daemon fills nothing more once it has the index; the source then lets go.
+  process.kill(daemon, 'SIGSTOP');
+  stopped = daemon;
   // The restore that follows is neither held nor kept from its requests.
   clear();
-  writeFileSync(join(debugDir, 'h2.fill.go'), '');
+  await settled('refill', moving);
   process.kill(daemon, 'SIGKILL');
+  stopped = undefined;
   const agentLog = () => readText(join(lab.dir, 'h2', 'agent.log'));
   await waitFor('the task restored again on h2', () => (/"event":"restored again"[^\n]*"task":"refill"/.test(agentLog()) ? true : undefined), 60_000);
   await waitFor('its new fill to finish', () => (lazyServed('h2', 'refill')?.filledByDaemon !== undefined && /"task":"refill","fillMs"/.test(agentLog()) ? true : undefined), 60_000);
