@@ -569,8 +569,8 @@ export class Destination {
     if (fillsItself) {
       // Once the task runs the daemon fills it from the store by itself (patches/criu/0017).
       link.onRunning = () => {
-        // After this turn: the commit's answer and the task's first faults go first (1 GiB: ~3-5 ms).
-        // (The commit waited for the store to be complete.)
+        // After this turn: the task's first faults go first (1 GiB: ~3-5 ms). The commit waited
+        // for the store to be complete, and its answer waits for this (see commit()).
         link.indexed = m.storeDone
           ?.then(() => new Promise((r) => setImmediate(r)))
           .then(() => faultPoint(this.self, 'fill'))
