@@ -104,10 +104,14 @@ async function moveHeldInFill(name: string): Promise<{ daemon: number; moving: P
   await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
   const daemon = lazyDaemon('h2');
   assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
-  // The task runs on h2, but h1 keeps its frozen copy until h2's daemon can fill it alone.
+  await sourceKeepsItsCopy(name);
+  return { daemon, moving };
+}
+
+/** With h2 held before the store's index, the task runs there, yet h1 keeps its frozen copy. */
+async function sourceKeepsItsCopy(name: string): Promise<void> {
   await sleep(500);
   assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name)?.state, 'frozen', 'the source keeps its copy until the store has its index');
-  return { daemon, moving };
 }
 
 /** The migration of moveHeldInFill() once h2 goes on: the index is there, and the source let go. */
@@ -217,8 +221,7 @@ test('pre-copy: the source lets go once the task runs on the destination and its
   // with most of the task's memory still to fill.
   process.kill(daemon, 'SIGSTOP');
   stopped = daemon;
-  await sleep(500);
-  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'pa')?.state, 'frozen', 'the source keeps its copy until the store has its index');
+  await sourceKeepsItsCopy('pa');
   await settled('pa', moving);
   await sleep(300);
   process.kill(lab.agentPid('h2'), 'SIGKILL');
