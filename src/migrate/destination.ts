@@ -133,6 +133,11 @@ interface LazyLink {
   root?: { pid: number; start?: number };
 }
 
+/** Milliseconds since t (performance.now()), to a tenth: how long ago the task resumed here. */
+function msSince(t: number): number {
+  return Math.round((performance.now() - t) * 10) / 10;
+}
+
 export class Destination {
   private readonly incoming = new Map<string, Incoming>();
   private readonly lazyLinks = new Map<string, LazyLink>();
@@ -684,7 +689,7 @@ export class Destination {
     // written a turn after the resume (the task's first faults go first): ~3-5 ms for 1 GiB.
     if (link?.alone && link.indexed) {
       await link.indexed;
-      if (resumed.resumedAgoMs !== undefined && link.resumedAt !== undefined) resumed = { ...resumed, resumedAgoMs: Math.round((performance.now() - link.resumedAt) * 10) / 10 };
+      if (resumed.resumedAgoMs !== undefined && link.resumedAt !== undefined) resumed = { ...resumed, resumedAgoMs: msSince(link.resumedAt) };
     }
     // The task runs here; the source has not heard it yet.
     await faultPoint(this.self, 'commit');
@@ -734,7 +739,7 @@ export class Destination {
     await rm(join(found.dir, 'incoming.json'), { force: true });
     this.onEvent({ event: 'arrived', id, task: found.name, from: found.mark.from, pid: rec.pid });
     // The task ran before the records here were written: the source counts its pause to then.
-    return { known: true, ...(resumedAt !== undefined ? { resumedAgoMs: Math.round((performance.now() - resumedAt) * 10) / 10 } : {}) };
+    return { known: true, ...(resumedAt !== undefined ? { resumedAgoMs: msSince(resumedAt) } : {}) };
   }
 
   /**
