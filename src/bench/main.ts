@@ -132,7 +132,8 @@ async function main(): Promise<void> {
               runs.push(m);
               say(`${c.name.padEnd(38)} ${String(mib).padStart(5)} MiB ${String(dirty).padStart(3)} MiB/s run ${i + 1}: pause ${m.pauseMs} ms, total ${m.totalMs} ms, wire ${(m.wireBytes / 2 ** 20).toFixed(0)} MiB`);
             } catch (e) {
-              const msg = e instanceof Error ? e.message.split('\n')[0]! : String(e);
+              // A program's last lines of output say why it failed; its last one alone may be a note.
+              const msg = e instanceof FerryError && e.details.length > 1 ? `${e.message.split('\n')[0]!} [${e.details.join(' | ')}]` : e instanceof Error ? e.message.split('\n')[0]! : String(e);
               errors.push(msg);
               say(`${c.name} ${mib} MiB ${dirty} MiB/s run ${i + 1} failed: ${msg}`);
             }

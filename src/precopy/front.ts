@@ -312,13 +312,25 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     upstream?.destroy();
   };
   const wanted = (vpid: number, page: number) => !holder.hasPage(vpid, page) && !asked.has(key(vpid, page));
+  // Requests made in one turn go upstream as one write: each write is a message, a TLS record
+  // and a system call on both hosts, and a turn makes up to a window's worth of them.
+  let batch: Buffer[] = [];
+  const sendBatch = () => {
+    const b = batch;
+    batch = [];
+    if (b.length && !upstream!.destroyed && !upstream!.writableEnded) upstream!.write(b.length === 1 ? b[0]! : Buffer.concat(b));
+  };
+  const toUpstream = (b: Buffer) => {
+    if (!batch.length) queueMicrotask(sendBatch);
+    batch.push(b);
+  };
   const request = (cmd: number, vpid: number, page: number, n: number) => {
     const b = Buffer.alloc(PS_HEADER);
     b.writeUInt32LE(cmd, 0);
     b.writeBigUInt64LE(BigInt(n), 8);
     b.writeBigUInt64LE(BigInt(page * PAGE), 16);
     b.writeBigUInt64LE(BigInt(vpid), 24);
-    upstream!.write(b);
+    toUpstream(b);
   };
   const sendPrefetch = (vpid: number, first: number, n: number, fault?: true) => {
     for (let i = 0; i < n; i++) asked.set(key(vpid, first + i), 1);
@@ -516,7 +528,16 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     pending.push(p);
     return true;
   };
+  // Answers written in one pass leave in one system call.
   const flush = () => {
+    daemon.cork();
+    try {
+      flushAnswers();
+    } finally {
+      daemon.uncork();
+    }
+  };
+  const flushAnswers = () => {
     if (anyOrder) answerPending();
     while (entries.length) {
       const head = entries[0]!;
@@ -636,7 +657,7 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
         if (upstream) {
           const entry = { kind: 'remote' as const, q: new ChunkQueue(), left: -1 };
           sent.push({ kind: 'daemon', entry, n: 0, close: true });
-          upstream.write(Buffer.from(req));
+          toUpstream(Buffer.from(req));
           entries.push(entry);
         } else {
           entries.push({ kind: 'ready', data: Buffer.alloc(4) });
@@ -649,9 +670,15 @@ export function serveLazy(daemon: Socket, holder: PageHolder, upstream: Duplex |
     flush();
     pump();
   });
-  daemon.on('end', () => upstream?.end());
+  // What this turn asked for goes before the end.
+  const endUpstream = () => {
+    if (!upstream) return;
+    sendBatch();
+    upstream.end();
+  };
+  daemon.on('end', endUpstream);
   daemon.on('error', () => upstream?.destroy());
-  daemon.on('close', () => upstream?.end());
+  daemon.on('close', endUpstream);
   return {
     quiet: () => {
       quiet = true;
