@@ -108,7 +108,7 @@ async function moveHeldInFill(name: string): Promise<{ daemon: number; moving: P
   return { daemon, moving };
 }
 
-/** With h2 held before the store's index, the task runs there, yet h1 keeps its frozen copy. */
+/** With h2 held in the fill (before the commit's answer), the task runs there, yet h1 keeps its frozen copy. */
 async function sourceKeepsItsCopy(name: string): Promise<void> {
   await sleep(500);
   assert.equal((await lab.tasksOn('h1')).find((x) => x.name === name)?.state, 'frozen', 'the source keeps its copy until the store has its index');
@@ -207,7 +207,8 @@ test('pre-copy: the source lets go once the task runs on the destination and its
   });
   await startMemcheck('pa', ['--mib', '256', '--rate', '16', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '8']);
   rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
-  // h2's agent waits in the fill, after the task runs and before it writes the store's index.
+  // h2's agent waits in the fill: the task runs (the store's index written just before), and the
+  // commit's answer waits.
   writeFileSync(arm, 'h2.fill');
   const moving = migrate('pa', ['--mode', 'pre-copy']);
   moving.catch(() => {});
@@ -217,7 +218,7 @@ test('pre-copy: the source lets go once the task runs on the destination and its
   // Lowering it takes CAP_SYS_RESOURCE, which root has on a real host (not on this project's VMs).
   if (canLowerOomScore()) assert.equal(readFileSync(`/proc/${daemon}/oom_score_adj`, 'utf8').trim(), String(LAZY_DAEMON_OOM_SCORE_ADJ), 'the OOM killer leaves the daemon alone');
   else t.diagnostic('no CAP_SYS_RESOURCE here: the daemon keeps the OOM score it inherited');
-  // Held while the agent writes the index and answers what was asked of it; then the agent dies
+  // Held while the agent answers what was asked of it; then the agent dies
   // with most of the task's memory still to fill.
   process.kill(daemon, 'SIGSTOP');
   stopped = daemon;
