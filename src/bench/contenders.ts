@@ -1,6 +1,5 @@
 // The contenders of `npm run bench`, each moving the same workload from h1 to h2 of a lab:
 // the plain scheme and raw CRIU with plain commands (none of Ferry's code), and Ferry's modes.
-import { appendFileSync } from 'node:fs';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, readFileSync, readdirSync, statSync } from 'node:fs';
 import { chmod, mkdir, readFile, rm, writeFile } from 'node:fs/promises';
@@ -133,11 +132,6 @@ function pauseAfter(log: string, fromBeat: number): { pauseMs: number; resumedAt
   const c = checkBeats(beats, fromBeat);
   const resumed = beats[c.maxGapAt]?.real ?? 0;
   const frozen = beats[c.maxGapAt - 1]?.real ?? 0;
-  if (process.env.FERRY_BENCH_GAPS) {
-    const g: string[] = [];
-    for (let i = Math.max(fromBeat, 1); i < beats.length; i++) if (beats[i]!.real >= frozen - 0.05 && beats[i]!.real < frozen + 4 && beats[i]!.real - beats[i - 1]!.real > 0.02) g.push(`${Math.round((beats[i]!.real - frozen) * 1000)}:${Math.round((beats[i]!.real - beats[i - 1]!.real) * 1000)}`);
-    appendFileSync(process.env.FERRY_BENCH_GAPS, g.join(' ') + '\n');
-  }
   const since = Math.max(beats[0]?.real ?? frozen, frozen - 2);
   return { pauseMs: Math.round(c.maxGapS * 1000), resumedAtS: resumed, beforeRate: beatRate(beats, since, frozen), beats };
 }
@@ -294,7 +288,6 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
     const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, ...extra, '--json');
     const wireBytes = (await txBytes(ctx)) - tx0;
     const d = disk.stop();
-    if (process.env.FERRY_BENCH_GAPS) { const j = JSON.parse(r.stdout); appendFileSync(process.env.FERRY_BENCH_GAPS, `blackout ${j.blackoutMs} finish ${j.precopy?.finish} final ${j.precopy?.finalBytes}\n`); }
     const report = JSON.parse(r.stdout) as { id: string; totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string }; destination?: { fillsAlone?: boolean } };
     // A destination that fills the task alone from its store: the source let go at the resume;
     // how long the fill took after it is in the destination's event.

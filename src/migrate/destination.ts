@@ -121,6 +121,7 @@ interface LazyLink {
   serve?: () => void;
   /** The task runs here: the daemon may fill it from pre-copy's store by itself. */
   onRunning?: () => void;
+  /** The task is about to run: the store's index is written now if it can be (see startLazyDaemon). */
   beforeRunning?: () => void;
   /** Settles once the store's index is written (or could not be): from then on the daemon needs no agent. */
   indexed?: Promise<void>;
@@ -585,7 +586,7 @@ export class Destination {
         () => (stored = true),
         () => {},
       );
-      const indexed = () => faultPoint(this.self, 'fill').catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` }));
+      const unindexed = (e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` });
       link.beforeRunning = () => {
         // The test switch that holds the fill keeps the index for after the resume.
         if (!stored || debugFillHold()) return;
@@ -594,7 +595,7 @@ export class Destination {
         } catch {
           return; // tried again after the resume, where a failure is reported
         }
-        link.indexed = indexed();
+        link.indexed = faultPoint(this.self, 'fill').catch(unindexed);
       };
       link.onRunning = () => {
         if (link.indexed) return;
@@ -605,7 +606,7 @@ export class Destination {
           .then(() => {
             m.store?.writeIndex();
           })
-          .catch((e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` }));
+          .catch(unindexed);
       };
     }
     link.daemon = daemon;
