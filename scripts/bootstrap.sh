@@ -33,7 +33,8 @@ export DEBIAN_FRONTEND=noninteractive
 # python3 and redis-server: tests run a task on a pseudo-terminal (pty module) and a real redis;
 # chromium: the dashboard test drives it headless (playwright-core, no browser download);
 # etcd-server: the test of two controllers electing a leader runs its own etcd on loopback.
-runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd python3 redis-server chromium etcd-server)
+# strace: a test holds the lazy-pages daemon in one system call (its delay injection).
+runtime_pkgs=(iproute2 rsync util-linux nftables iptables procps kmod openssl ca-certificates gcc make libc6-dev netcat-openbsd python3 redis-server chromium etcd-server strace)
 build_pkgs=(build-essential libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler
   python3-protobuf libnl-3-dev libnet1-dev libcap-dev pkg-config libbsd-dev libaio-dev
   libgnutls28-dev libnftables-dev uuid-dev libdrm-dev dpkg-dev xz-utils patch)

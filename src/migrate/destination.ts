@@ -23,7 +23,7 @@ import { createTaskNet } from '../net/tasknet.js';
 import { stoppedAtDump } from '../criu/task-state.js';
 import { netClash } from '../runtime/runtime.js';
 import type { PrepareRequest } from '../wire/schemas.js';
-import { debugFillHold, faultPoint, holdKernelReads } from './fault-points.js';
+import { debugFillHold, debugIndexAfterResume, faultPoint, holdKernelReads } from './fault-points.js';
 import { ResumableTunnel } from './resumable.js';
 import { PAGE, PRECOPY_PAGES, PageStore, STORE_INDEX_SUFFIX } from '../precopy/store.js';
 import { Decompressor } from '../wire/codec.js';
@@ -594,9 +594,9 @@ export class Destination {
       );
       const unindexed = (e: Error) => this.onEvent({ event: 'warning', task: m.req.task.name, message: `the daemon fills the task through this agent: ${e.message}` });
       link.beforeRunning = () => {
-        // The test switch that holds the fill keeps the index for after the resume, and so does a
+        // The test switches that hold the fill keep the index for after the resume, and so does a
         // store so large that writing its index would lengthen the pause more than it saves.
-        if (!stored || debugFillHold() || (m.store?.size ?? 0) > INDEX_BEFORE_RESUME_MAX_PAGES) return;
+        if (!stored || debugFillHold() || debugIndexAfterResume() || (m.store?.size ?? 0) > INDEX_BEFORE_RESUME_MAX_PAGES) return;
         try {
           m.store?.writeIndex();
         } catch {

@@ -77,6 +77,15 @@ export function debugFillHold(): boolean {
 }
 
 /**
+ * DIR/fill-hold holding "index": the store's index is written after the resume, not before it, so
+ * the daemon fills the task through the agent until then, as it does when the store is not
+ * complete at the resume; the agent reads the daemon's requests as ever.
+ */
+export function debugIndexAfterResume(): boolean {
+  return debugSetting('fill-hold') === 'index';
+}
+
+/**
  * For debugFillHold(): the socket takes nothing more from the kernel. A paused stream still reads
  * ahead up to its high-water mark, which holds hundreds of page requests; an agent killed while
  * busy leaves them in the kernel, and its peer then reads a reset instead of an end. The handle

@@ -331,6 +331,51 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
   t.diagnostic(`filled after the agent died owing: ${/owing (\d+) answers/.exec(log)?.[1]} answers`);
 });
 
+/** The pid of the process tracing this one, 0 for none. */
+function tracerOf(pid: number): number {
+  return Number(/^TracerPid:\s*(\d+)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1] ?? 0);
+}
+
+test('pre-copy: the destination agent dies while the lazy-pages daemon sends it a request; the daemon fills the task from the store alone', async (t) => {
+  if (!new Criu(loadConfig().criu).hasPatch('0027-lazy-pages-gone-before-request')) return t.skip('this CRIU lacks patches/criu/0027');
+  const { arm, hold, clear } = fillSwitches();
+  let tracer: number | undefined;
+  t.after(async () => {
+    clear();
+    if (tracer !== undefined && isAlive(tracer)) process.kill(tracer, 'SIGKILL'); // the kernel detaches the daemon
+    await lab.up(); // the killed agent back, if the test ended before it did that itself
+    await lab.removeEverywhere('unsent');
+  });
+  clear();
+  await startMemcheck('unsent', ['--mib', '256', '--rate', '16', '--threads', '2', '--procs', '2']);
+  // The index waits for after the resume: until then the daemon fills the task through h2's agent.
+  writeFileSync(hold, 'index');
+  writeFileSync(arm, 'h2.fill');
+  const moving = migrate('unsent', ['--mode', 'pre-copy']);
+  moving.catch(() => {});
+  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
+  const daemon = lazyDaemon('h2');
+  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  // The daemon's next request waits to enter its send (strace's delay injection) until the agent
+  // is gone: it finds the page server gone as it sends.
+  const strace = spawn('strace', ['-qq', '-p', String(daemon), '-e', 'trace=sendto', '-e', 'inject=sendto:delay_enter=10000000:when=1', '-o', '/dev/null'], { stdio: 'ignore' });
+  tracer = strace.pid;
+  await waitFor('strace to trace the daemon', () => (tracerOf(daemon) === tracer ? true : undefined), 10_000);
+  await settled('unsent', moving);
+  process.kill(lab.agentPid('h2'), 'SIGKILL');
+  await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
+  const log = readText(join(lab.taskDir('h2', 'unsent'), 'images', 'lazy-pages.log'));
+  assert.match(log, /The page server is gone before a request of ours reached it/, `the daemon's log:\n${daemonLogDigest(log)}`);
+  assert.match(log, /The page server is gone; the store holds every page left/, `the daemon's log:\n${daemonLogDigest(log)}`);
+  const filled = /Filled (\d+) pages from the store/.exec(log);
+  assert.ok(filled && Number(filled[1]) > 0, 'the daemon filled the task from the store');
+  await lab.up();
+  await waitFor('the restarted agent to take the fill as done', () => (lazyServed('h2', 'unsent')?.afterRestart ? true : undefined), 30_000);
+  assertAllOk(await checkMemory('h2', 'unsent'));
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'unsent'), false);
+  t.diagnostic(`filled after the agent died, a request unsent: ${filled[1]} pages`);
+});
+
 test('pre-copy: a lazy-pages daemon killed while it fills the task from the store (the source let go): the task is restored again on the destination from the same images, memory and heartbeat intact', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
   const { clear } = fillSwitches();
