@@ -91,21 +91,32 @@ function fillSwitches(): { arm: string; hold: string; clear: () => void } {
 }
 
 /**
- * Moves a task by pre-copy with h2's agent held in the fill (from the resume on it reads none of
- * the daemon's page requests, and waits before the store's index); returns the daemon's pid and
- * the migration, which ends once h2 writes the index (see settled()).
+ * Moves a task by pre-copy with h2's agent waiting in the fill (before the commit's answer) and the
+ * test switch `hold` (see fillSwitches()); returns the daemon's pid and the migration, which ends
+ * once h2 goes on (see settled()).
  */
-async function moveHeldInFill(name: string): Promise<{ daemon: number; moving: Promise<MigrationReport> }> {
+async function moveInFill(name: string, holding?: 'requests' | 'index'): Promise<{ daemon: number; moving: Promise<MigrationReport> }> {
   const { arm, hold } = fillSwitches();
-  writeFileSync(hold, 'requests');
+  rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
+  if (holding) writeFileSync(hold, holding);
   writeFileSync(arm, 'h2.fill');
   const moving = migrate(name, ['--mode', 'pre-copy']);
   moving.catch(() => {});
   await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
   const daemon = lazyDaemon('h2');
   assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
-  await sourceKeepsItsCopy(name);
   return { daemon, moving };
+}
+
+/**
+ * Moves a task by pre-copy with h2's agent held in the fill (from the resume on it reads none of
+ * the daemon's page requests, and waits before the store's index); returns the daemon's pid and
+ * the migration, which ends once h2 writes the index (see settled()).
+ */
+async function moveHeldInFill(name: string): Promise<{ daemon: number; moving: Promise<MigrationReport> }> {
+  const moved = await moveInFill(name, 'requests');
+  await sourceKeepsItsCopy(name);
+  return moved;
 }
 
 /** With h2 held in the fill (before the commit's answer), the task runs there, yet h1 keeps its frozen copy. */
@@ -196,25 +207,18 @@ function canLowerOomScore(): boolean {
 
 test('pre-copy: the source lets go once the task runs on the destination and its daemon can fill it from the store alone, also when that agent dies in the fill', async (t) => {
   if (!new Criu(loadConfig().criu).lazyFinishesAlone) return t.skip('this CRIU lacks patches/criu/0018');
-  const arm = join(debugDir, 'arm');
+  const { clear } = fillSwitches();
   let stopped: number | undefined;
   t.after(async () => {
-    rmSync(arm, { force: true });
-    for (const f of ['h2.fill.reached', 'h2.fill.go']) rmSync(join(debugDir, f), { force: true });
+    clear();
     if (stopped !== undefined && isAlive(stopped)) process.kill(stopped, 'SIGCONT');
     await lab.up(); // the killed agent back, if the test ended before it did that itself
     await lab.removeEverywhere('pa');
   });
   await startMemcheck('pa', ['--mib', '256', '--rate', '16', '--threads', '2', '--procs', '2', '--churn', '1', '--shared', '8']);
-  rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
   // h2's agent waits in the fill: the task runs (the store's index written just before), and the
   // commit's answer waits.
-  writeFileSync(arm, 'h2.fill');
-  const moving = migrate('pa', ['--mode', 'pre-copy']);
-  moving.catch(() => {});
-  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
-  const daemon = lazyDaemon('h2');
-  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  const { daemon, moving } = await moveInFill('pa');
   // Lowering it takes CAP_SYS_RESOURCE, which root has on a real host (not on this project's VMs).
   if (canLowerOomScore()) assert.equal(readFileSync(`/proc/${daemon}/oom_score_adj`, 'utf8').trim(), String(LAZY_DAEMON_OOM_SCORE_ADJ), 'the OOM killer leaves the daemon alone');
   else t.diagnostic('no CAP_SYS_RESOURCE here: the daemon keeps the OOM score it inherited');
@@ -309,7 +313,6 @@ test('pre-copy: the destination agent dies in the fill while the lazy-pages daem
     await lab.removeEverywhere('owed');
   });
   await startMemcheck('owed', ['--mib', '128', '--rate', '8', '--threads', '2', '--procs', '2']);
-  rmSync(join(debugDir, 'h2.fill.reached'), { force: true });
   // From the resume on, h2's agent reads none of the daemon's page requests: those it made
   // before the index are never answered (patches/criu/0024), and the agent dies with them out.
   const { daemon, moving } = await moveHeldInFill('owed');
@@ -338,7 +341,7 @@ function tracerOf(pid: number): number {
 
 test('pre-copy: the destination agent dies while the lazy-pages daemon sends it a request; the daemon fills the task from the store alone', async (t) => {
   if (!new Criu(loadConfig().criu).hasPatch('0027-lazy-pages-gone-before-request')) return t.skip('this CRIU lacks patches/criu/0027');
-  const { arm, hold, clear } = fillSwitches();
+  const { clear } = fillSwitches();
   let tracer: number | undefined;
   t.after(async () => {
     clear();
@@ -349,13 +352,7 @@ test('pre-copy: the destination agent dies while the lazy-pages daemon sends it 
   clear();
   await startMemcheck('unsent', ['--mib', '256', '--rate', '16', '--threads', '2', '--procs', '2']);
   // The index waits for after the resume: until then the daemon fills the task through h2's agent.
-  writeFileSync(hold, 'index');
-  writeFileSync(arm, 'h2.fill');
-  const moving = migrate('unsent', ['--mode', 'pre-copy']);
-  moving.catch(() => {});
-  await waitFor('h2 in the fill', () => (existsSync(join(debugDir, 'h2.fill.reached')) ? true : undefined), 60_000, 2);
-  const daemon = lazyDaemon('h2');
-  assert.ok(daemon, 'the lazy-pages daemon fills the task on h2');
+  const { daemon, moving } = await moveInFill('unsent', 'index');
   // The daemon's next request waits to enter its send (strace's delay injection) until the agent
   // is gone: it finds the page server gone as it sends.
   const strace = spawn('strace', ['-qq', '-p', String(daemon), '-e', 'trace=sendto', '-e', 'inject=sendto:delay_enter=10000000:when=1', '-o', '/dev/null'], { stdio: 'ignore' });
