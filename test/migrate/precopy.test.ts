@@ -92,7 +92,7 @@ function fillSwitches(): { arm: string; hold: string; clear: () => void } {
 
 /**
  * Moves a task by pre-copy with h2's agent waiting in the fill (before the commit's answer) and the
- * test switch `hold` (see fillSwitches()); returns the daemon's pid and the migration, which ends
+ * test switch `fill-hold` set to `holding` (see fillSwitches()); returns the daemon's pid and the migration, which ends
  * once h2 goes on (see settled()).
  */
 async function moveInFill(name: string, holding?: 'requests' | 'index'): Promise<{ daemon: number; moving: Promise<MigrationReport> }> {
@@ -356,8 +356,9 @@ test('pre-copy: the destination agent dies while the lazy-pages daemon sends it 
   // The daemon's next request waits to enter its send (strace's delay injection) until the agent
   // is gone: it finds the page server gone as it sends.
   const strace = spawn('strace', ['-qq', '-p', String(daemon), '-e', 'trace=sendto', '-e', 'inject=sendto:delay_enter=10000000:when=1', '-o', '/dev/null'], { stdio: 'ignore' });
+  strace.on('error', () => {}); // not installed: the wait below says so
   tracer = strace.pid;
-  await waitFor('strace to trace the daemon', () => (tracerOf(daemon) === tracer ? true : undefined), 10_000);
+  await waitFor('strace (scripts/bootstrap.sh installs it) to trace the daemon', () => (tracerOf(daemon) === tracer ? true : undefined), 10_000);
   await settled('unsent', moving);
   process.kill(lab.agentPid('h2'), 'SIGKILL');
   await waitFor('the daemon to finish the fill', () => (isAlive(daemon) ? undefined : true), 60_000);
