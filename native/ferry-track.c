@@ -1192,11 +1192,10 @@ int main(void) {
     fprintf(ctl, "{\"pages\":%" PRIu64 ",\"zero\":%" PRIu64 ",\"bytes\":%" PRIu64 ",\"dropped\":%" PRIu64 ",\"counted\":%" PRIu64 ",\"fullVmas\":%" PRIu64 ",\"armed\":%d,\"hashed\":%d,\"unarmed\":%d,\"ms\":%.2f,\"note\":\"%s\"}\n", st.pages, st.zero, st.bytes, st.dropped, counted, st.full_vmas, st.armed, st.hashed, st.unarmed, now_ms() - t0, st.why);
     fflush(ctl);
     if (end_pages) {
-      /* The last pages are out: end their stream now, after the reply (a helper stopped
-       * before it replied failed the migration: seen once in 109 moves, six at a time on two
-       * cores). The task stays armed until the agent stops this helper after the decision:
-       * closing the descriptors walks every armed page table (~20 ms per GiB), which then is
-       * outside the pause, and nothing at all once the source copy has ended. */
+      /* The last pages are out: end their stream now, not after disarming (closing the
+       * descriptors walks every armed page table, ~20 ms per GiB, inside the pause). Only after
+       * the reply: the stream's end makes the agent stop this helper, and a helper stopped before
+       * it replied failed the migration (seen once in 109 moves, six at a time on two cores). */
       close(1);
       end_pages = 0;
       if (slow_end_ms > 0) usleep((useconds_t)slow_end_ms * 1000);

@@ -487,14 +487,8 @@ export class OutgoingMigration {
       this.precopyError = e;
       void this.tracker?.stop();
     });
-    // The destination refused or dropped the stream: nothing reads the records any more. Once
-    // the helper has ended its records (the last delta is out) it waits, still holding the task
-    // armed, for release(): disarming inside the pause took CPU from the restore.
-    let recordsEnded = false;
-    this.tracker.pages.once('end', () => (recordsEnded = true));
-    stream.once('close', () => {
-      if (!recordsEnded) void this.tracker?.stop();
-    });
+    // The destination refused or dropped the stream: nothing reads the records any more.
+    stream.once('close', () => void this.tracker?.stop());
     const wire = this.compressing(this.tracker.pages);
     this.precopyWire = wire;
     wire.on('data', (c: Buffer) => this.pages.add(c.length));
@@ -618,7 +612,7 @@ export class OutgoingMigration {
     if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
-    // The helper disarms at release(), after the decision.
+    // The helper disarms and exits on its own meanwhile; release() waits for it.
     await this.precopyStored;
   }
 

@@ -82,14 +82,13 @@ export class Tracker {
 
   /**
    * The task is frozen and CRIU's images are in dir: sends the last delta (or, with drop, tells
-   * the destination which of its pages are stale), then ends the page records. The task stays
-   * armed until stop(): disarming walks every armed page table (~27 ms of a core per GiB here),
-   * which inside the pause took that CPU from the destination's restore. Once the migration is
-   * decided the source copy is gone (nothing left to walk) or runs on (disarmed then).
+   * the destination which of its pages are stale), then ends the page records.
    */
-  final(dir: string, drop: boolean): Promise<TrackReply> {
-    if (/\s/.test(dir)) return Promise.reject(new FerryError('PRECOPY', `images directory with white space: ${dir}`));
-    return this.command(`final ${dir}${drop ? ' drop' : ''}`);
+  async final(dir: string, drop: boolean): Promise<TrackReply> {
+    if (/\s/.test(dir)) throw new FerryError('PRECOPY', `images directory with white space: ${dir}`);
+    const r = await this.command(`final ${dir}${drop ? ' drop' : ''}`);
+    this.child.stdin!.end('quit\n');
+    return r;
   }
 
   /**
