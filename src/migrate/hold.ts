@@ -22,7 +22,10 @@ if [ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ]; then
   if [ -n "$FERRY_HOLD_GATE" ]; then
     exec 3<>"$FERRY_HOLD_DIR/events" 5<>"$FERRY_HOLD_DIR/gate" || exit 1
     echo freezing >&3
-    read -r -t "$FERRY_HOLD_PATIENCE" go <&5 && [ "$go" = go ] || exit 1
+    # "wait" while Ferry finishes what comes first (a dump started during pre-copy's rounds).
+    go=
+    while read -r -t "$FERRY_HOLD_PATIENCE" go <&5 && [ "$go" = wait ]; do :; done
+    [ "$go" = go ] || exit 1
   fi
   echo "$EPOCHREALTIME" > "$FERRY_HOLD_DIR/freezing"
   exit 0
@@ -47,8 +50,9 @@ export class Hold {
    * (a throttle) and must not be in what CRIU dumps. If it throws, the dump fails before anything
    * froze and the error is kept in gateError.
    */
-  private beforeFreeze?: () => void;
+  private beforeFreeze?: () => void | Promise<void>;
   gateError?: Error;
+  private gateBeat?: NodeJS.Timeout;
   private verdict: 'commit' | 'abort' | undefined;
   private frozenSeen = false;
   readonly frozen: Promise<void>;
@@ -85,8 +89,12 @@ export class Hold {
     return new Hold(dir);
   }
 
-  /** Set before CRIU starts (see beforeFreeze). */
-  gate(beforeFreeze: () => void): void {
+  /**
+   * Set before CRIU starts (see beforeFreeze). One that returns a promise keeps CRIU waiting
+   * until it settles ("wait" twice a second meanwhile); a rejection fails the dump before anything
+   * froze, as a throw does.
+   */
+  gate(beforeFreeze: () => void | Promise<void>): void {
     this.beforeFreeze = beforeFreeze;
   }
 
@@ -94,24 +102,40 @@ export class Hold {
     const f = this.beforeFreeze;
     if (!f) return;
     this.beforeFreeze = undefined;
-    let answer = 'go';
-    try {
-      f();
-    } catch (e) {
-      this.gateError = e as Error;
-      answer = 'stop';
-    }
+    let fd: number;
     try {
       // The script holds the gate open read-write before it reports, so this cannot block.
-      const fd = openSync(join(this.dir, 'gate'), constants.O_WRONLY | constants.O_NONBLOCK);
-      try {
-        writeSync(fd, `${answer}\n`);
-      } finally {
-        closeSync(fd);
-      }
+      fd = openSync(join(this.dir, 'gate'), constants.O_WRONLY | constants.O_NONBLOCK);
     } catch {
-      // the script gave up meanwhile: CRIU fails the dump without us
+      return; // the script gave up meanwhile: CRIU fails the dump without us
     }
+    const say = (word: string) => {
+      try {
+        writeSync(fd, `${word}\n`);
+      } catch {
+        // the script gave up meanwhile
+      }
+    };
+    const settle = (answer: 'go' | 'stop', e?: unknown) => {
+      clearInterval(this.gateBeat);
+      if (e !== undefined) this.gateError = e as Error;
+      say(answer);
+      closeSync(fd);
+    };
+    let r: void | Promise<void>;
+    try {
+      r = f();
+    } catch (e) {
+      settle('stop', e);
+      return;
+    }
+    if (!(r instanceof Promise)) return settle('go');
+    this.gateBeat = setInterval(() => say('wait'), 500);
+    this.gateBeat.unref();
+    r.then(
+      () => settle('go'),
+      (e: unknown) => settle('stop', e),
+    );
   }
 
   /** CRIU has dumped everything and waits at post-dump (the task's parasite is gone by then). */
@@ -167,6 +191,7 @@ export class Hold {
 
   async dispose(): Promise<void> {
     clearInterval(this.heartbeat);
+    clearInterval(this.gateBeat);
     this.writer?.destroy();
     this.events?.destroy();
     await rm(this.dir, { recursive: true, force: true });

@@ -27,6 +27,7 @@ import { dumpMountArgs } from '../runtime/mounts.js';
 import { isAlive, sleep, startTime, treePids, waitUntil } from '../util/proc.js';
 import type { MigrateOptions, Mode, PrepareRequest } from '../wire/schemas.js';
 import { criuDumpNetArgs } from '../net/tasknet.js';
+import { hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
@@ -70,6 +71,8 @@ export interface MigrationReport {
     method: string;
     /** Auto-converge: the largest share of the task's CPU taken away. */
     maxThrottle?: number;
+    /** CRIU was started while the rounds ran and waited for them (see startAhead). */
+    dumpAhead?: true;
   };
   /** Memory streams compressed on the way (bytes.pages counts what crossed the link). */
   compression?: CodecStats;
@@ -510,6 +513,8 @@ export class OutgoingMigration {
     if (this.mode === 'auto' && this.opts.allowThrottle) this.throttle = new Throttle(this.ctx.self, this.id);
     while (v === 'continue') {
       if (this.cancelled) throw this.cancelled;
+      // From the second round on CRIU waits, started, for the rounds to end (see startAhead).
+      if (rounds.length > 0) this.startAhead();
       const t0 = performance.now();
       const pids = treePids(this.rec.pid!);
       this.throttle?.sample(pids);
@@ -652,16 +657,54 @@ export class OutgoingMigration {
 
   /** CRIU freezes and dumps the task, then holds it at post-dump until the decision. */
   private async freeze(): Promise<void> {
+    if (!(await this.goAhead())) {
+      const dumpArgs = await this.prepareDump();
+      // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
+      // throttle is lifted at CRIU's pre-dump, just before the freeze (nothing frozen or held yet,
+      // so a failure still fails cleanly): lifted before CRIU started, the task wrote 24 MiB more
+      // at 256 MiB/s, the last delta grew ~15-fold and the pause by ~0.2 s.
+      const throttle = this.throttle;
+      if (throttle?.level) this.hold!.gate(() => this.liftThrottle());
+      this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
+      if (this.cancelled) throw this.cancelled;
+      await this.markFrozen();
+      // A task with its own network keeps its connections (the hold script locks its namespace);
+      // one in the host's network keeps those among its own sockets, held still from here.
+      const net = this.rec.net ? this.ownNetArgs() : await this.ctx.rt.hostTcpArgs(this.rec, this.imagesDir!);
+      const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir!);
+      this.phase('freeze+dump');
+      this.phaseStart = this.frozenAt = performance.now();
+      await this.launchDump([...net, ...mounts, ...dumpArgs], true);
+    }
+    await faultPoint(this.ctx.self, 'freeze');
+    this.syncFilesOnceSeized();
+    await this.untilFrozen();
+    this.releaseDumpSlot();
+    this.endPhase('freeze+dump');
+  }
+
+  private liftThrottle(): void {
+    if (!this.throttle?.level) return;
+    if (debugThrottleGate()) throw new Error('a test made it fail');
+    this.throttle.release();
+  }
+
+  private ownNetArgs(): string[] {
+    return criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino);
+  }
+
+  /** The images' directory, the hold, and CRIU's memory arguments. */
+  private async prepareDump(): Promise<string[]> {
     const { rt } = this.ctx;
     // Everything that can be made ready is made ready before the task freezes.
     // In scratch (memory) when it can: CRIU creates ~7 files per process inside the pause. A lazy
     // dump keeps what is not lazy memory (shared memory) in its images: room for all of it, and
     // for a deleted file the task holds (copied whole).
     const room = (this.mode === 'stop-copy' ? 0 : treeRss(this.rec.pid!)) + (GHOST_LIMIT_MIB << 20);
-    this.imagesDir = (await rt.store.scratch.make('outgoing', this.rec.name, room)) ?? join(this.workDir!, 'images');
+    this.imagesDir ??= (await rt.store.scratch.make('outgoing', this.rec.name, room)) ?? join(this.workDir!, 'images');
     await mkdir(this.imagesDir, { recursive: true });
     this.hold = await (this.holdMade ?? Hold.create(join(this.workDir!, 'hold')));
-    let dumpArgs: string[];
+    this.holdMade = undefined; // a second dump (see goAhead) gets a hold of its own
     if (this.mode === 'stop-copy') {
       const tunnel = await this.listen(async (sock) => {
         const stream = this.session!.request({ ':method': 'POST', ':path': `/v1/incoming/${this.id}/pages`, ...this.codecHeaders() });
@@ -672,42 +715,103 @@ export class OutgoingMigration {
         });
         await splice(sock, stream, this.pages, undefined, this.compressor());
       });
-      dumpArgs = ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
-    } else {
-      // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
-      // them: so the hold is answered only after the destination restored the task.
-      this.lazyAt = await ownLoopbackEndpoint();
-      dumpArgs = ['--lazy-pages', '--address', this.lazyAt.address, '--port', String(this.lazyAt.port)];
+      return ['--page-server', '--address', '127.0.0.1', '--port', String(tunnel)];
     }
-    // The task freezes in the cgroups it had: CRIU dumps them, the destination rebuilds them. Its
-    // throttle is lifted at CRIU's pre-dump, just before the freeze (nothing frozen or held yet,
-    // so a failure still fails cleanly): lifted before CRIU started, the task wrote 24 MiB more
-    // at 256 MiB/s, the last delta grew ~15-fold and the pause by ~0.2 s.
-    const throttle = this.throttle;
-    if (throttle?.level) {
-      this.hold.gate(() => {
-        if (debugThrottleGate()) throw new Error('a test made it fail');
-        throttle.release();
-      });
-    }
-    this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
-    if (this.cancelled) throw this.cancelled;
-    await this.journal({ phase: 'frozen', holdDir: this.hold.dir });
+    // CRIU runs post-dump before it serves lazy pages, and ends the task once it served
+    // them: so the hold is answered only after the destination restored the task.
+    this.lazyAt ??= await ownLoopbackEndpoint();
+    return ['--lazy-pages', '--address', this.lazyAt.address, '--port', String(this.lazyAt.port)];
+  }
+
+  private async markFrozen(): Promise<void> {
+    await this.journal({ phase: 'frozen', holdDir: this.hold!.dir });
     this.rec.state = 'frozen';
-    await rt.store.save(this.rec);
-    // A task with its own network keeps its connections (the hold script locks its namespace);
-    // one in the host's network keeps those among its own sockets, held still from here.
-    const net = this.rec.net ? criuDumpNetArgs(statSync(`/proc/${this.rec.pid}/ns/net`).ino) : await rt.hostTcpArgs(this.rec, this.imagesDir);
-    const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir);
+    await this.ctx.rt.store.save(this.rec);
+  }
+
+  private async launchDump(args: string[], deadline: boolean): Promise<void> {
+    this.startDump(this.imagesDir!, args, deadline);
+    await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
+  }
+
+  /**
+   * Pre-copy starts CRIU while its later rounds run: CRIU's start (~40-70 ms to its pre-dump
+   * hook on a busy host) and Ferry's own steps before it (~35-80 ms) no longer lie between the
+   * last round and the freeze, where everything the task writes is in the last delta. CRIU waits
+   * at its pre-dump hook, before it touches the task, until freeze() lets it go (goAhead). Not
+   * when the rounds may end in post-copy: CRIU's environment differs then.
+   */
+  private startAhead(): void {
+    if (this.ahead || this.mode === 'stop-copy' || (this.mode === 'auto' && this.opts.allowPostCopy) || process.env['FERRY_DUMP_AHEAD'] === '0') return;
+    let go!: () => void;
+    let stop!: (e: Error) => void;
+    let stoppedWith: Error | undefined;
+    const released = new Promise<void>((res, rej) => {
+      go = res;
+      stop = (e) => {
+        stoppedWith ??= e;
+        rej(e);
+      };
+    });
+    released.catch(() => {});
+    const started = (async () => {
+      const dumpArgs = await this.prepareDump();
+      if (stoppedWith) throw stoppedWith;
+      // Let go once the rounds are over; the throttle (if any by then) is lifted just before.
+      this.hold!.gate(async () => {
+        await released;
+        this.liftThrottle();
+      });
+      await this.markFrozen();
+      // Without side effects here: the connections' lock and the markers come at the freeze.
+      const net = this.rec.net ? this.ownNetArgs() : hostNetArgs(tcpConnections(this.rec.pid!).kind);
+      const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir!);
+      // Rolled back meanwhile: no CRIU is started after the rollback looked for one.
+      if (stoppedWith) throw stoppedWith;
+      await this.launchDump([...net, ...mounts, ...dumpArgs], false);
+      return [...net, ...mounts];
+    })();
+    started.catch(() => {});
+    this.ahead = { started, go, stop };
+  }
+
+  /**
+   * Lets the dump started ahead freeze the task, if it is waiting and its arguments still hold;
+   * false when it is not there (or was stopped) and freeze() must start one now. A task that
+   * made a connection elsewhere or changed its mounts since needs other arguments: that dump is
+   * stopped at its hook, before it touched anything.
+   */
+  private async goAhead(): Promise<boolean> {
+    const a = this.ahead;
+    if (!a) return false;
+    this.ahead = undefined;
+    const had = await a.started.catch(() => undefined);
+    const dump = this.dump;
+    const stopped = async (why: string) => {
+      a.stop(new Error(why));
+      if (dump && dump.exitCode === null && dump.signalCode === null) await this.dumpExit;
+      await this.hold?.dispose().catch(() => undefined);
+      this.hold = undefined;
+      return false;
+    };
+    if (!had || !dump || dump.exitCode !== null || dump.signalCode !== null) return stopped('the dump started ahead is gone');
+    this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
+    if (this.cancelled) {
+      this.releaseDumpSlot();
+      throw this.cancelled;
+    }
+    const net = this.rec.net ? this.ownNetArgs() : await this.ctx.rt.hostTcpArgs(this.rec, this.imagesDir!);
+    const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir!);
+    if ([...net, ...mounts].join('\0') !== had.join('\0')) {
+      this.releaseDumpSlot();
+      return stopped('the task changed its connections or mounts');
+    }
     this.phase('freeze+dump');
     this.phaseStart = this.frozenAt = performance.now();
-    this.startDump(this.imagesDir, [...net, ...mounts, ...dumpArgs]);
-    await this.journal({ dump: { pid: this.dump!.pid!, ...optional('start', startTime(this.dump!.pid!)) } });
-    await faultPoint(this.ctx.self, 'freeze');
-    this.syncFilesOnceSeized();
-    await this.untilFrozen();
-    this.releaseDumpSlot();
-    this.endPhase('freeze+dump');
+    this.armDumpDeadline?.();
+    a.go();
+    if (this.report.precopy) this.report.precopy.dumpAhead = true;
+    return true;
   }
 
   /** The other images and the files, while frozen; both at once: every round trip counts. */
@@ -943,7 +1047,13 @@ export class OutgoingMigration {
     });
   }
 
-  private startDump(imagesDir: string, extra: string[]): void {
+  /** CRIU started during pre-copy's rounds, waiting at its pre-dump hook (see startAhead). */
+  private ahead?: { started: Promise<string[]>; go: () => void; stop: (e: Error) => void };
+
+  /** The deadline of a dump started ahead: from when it is let go (see goAhead). */
+  private armDumpDeadline?: () => void;
+
+  private startDump(imagesDir: string, extra: string[], deadlineNow: boolean): void {
     const { rt } = this.ctx;
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, '--action-script', this.hold!.script, ...extra];
     // Pre-copy that sends the last delta itself: every lazy page reaches the destination's store,
@@ -954,10 +1064,15 @@ export class OutgoingMigration {
     const child = program.child;
     this.dump = child;
     // A CRIU that hangs before post-dump is killed: the migration then rolls back.
-    const deadline = setTimeout(() => {
-      if (!this.hold?.reachedPostDump) this.killDump();
-    }, DUMP_TIMEOUT_MS);
-    deadline.unref();
+    let deadline: NodeJS.Timeout | undefined;
+    const arm = () => {
+      deadline = setTimeout(() => {
+        if (!this.hold?.reachedPostDump) this.killDump();
+      }, DUMP_TIMEOUT_MS);
+      deadline.unref();
+    };
+    if (deadlineNow) arm();
+    else this.armDumpDeadline = arm;
     // Stop-copy streams every page while the task is frozen: a stream that stops moving (the
     // destination neither takes pages nor breaks the stream) would hold the task frozen until
     // that deadline. Seen once with the destination's disk full at the freeze.
@@ -1306,6 +1421,11 @@ export class OutgoingMigration {
 
   private async rollback(): Promise<void> {
     const { rt } = this.ctx;
+    // A dump started ahead and never let go: stopped at its hook, it ends before touching the task.
+    if (this.ahead) {
+      this.ahead.stop(new Error('the migration is rolled back'));
+      await this.ahead.started.catch(() => undefined);
+    }
     // Keep CRIU's log of the failed dump where the user can read it.
     if (this.imagesDir) await copyFile(join(this.imagesDir, 'dump.log'), join(rt.store.dir(this.rec.name), 'migrate-dump.log')).catch(() => undefined);
     // A post-copy hold that already let go (the destination never confirmed): past post-dump the

@@ -570,10 +570,107 @@ test('auto with --allow-throttle slows a task that out-writes the link until it 
   assert.equal(r.precopy.verdict, 'converged', JSON.stringify(r.precopy.rounds));
   assert.equal(r.precopy.finish, 'residue sent');
   t.diagnostic(`throttled up to ${Math.round(r.precopy.maxThrottle! * 100)} %: ${r.precopy.rounds.length} rounds, blackout ${r.blackoutMs} ms`);
+  assert.equal(r.precopy.dumpAhead, true, 'CRIU was started while the later rounds ran');
   assert.deepEqual(throttleCgroups(), [], 'no throttle cgroup is left');
   const there = (await lab.tasksOn('h2')).find((x) => x.name === 'hog')!.pid!;
   assert.deepEqual(treePids(there).map(cpuCgroupOf), cgBefore, 'the task is back in the cgroups it had');
   assertAllOk(await checkMemory('h2', 'hog'));
+});
+
+/** The dump processes h1's journal named for a migration, as they appear (polled until stop()). */
+function watchDumpPids(stop: () => boolean): Promise<number[]> {
+  const dir = join(lab.stateDir('h1'), 'migrations');
+  const seen: number[] = [];
+  return new Promise((resolve) => {
+    const tick = () => {
+      for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+        try {
+          const pid = (JSON.parse(readFileSync(join(dir, f), 'utf8')) as { dump?: { pid: number } }).dump?.pid;
+          if (pid && !seen.includes(pid)) seen.push(pid);
+        } catch {
+          /* being written */
+        }
+      }
+      if (stop()) resolve(seen);
+      else setTimeout(tick, 20);
+    };
+    tick();
+  });
+}
+
+test('pre-copy: CRIU waits, started, while the later rounds run; cancelled then, it ends before touching the task, which runs on, every page intact', async (t) => {
+  t.after(() => lab.removeEverywhere('early'));
+  // Rounds of ~5 s each: the task writes all its memory faster than this link carries it.
+  slowLink(t, '100mbit');
+  await startMemcheck('early', ['--mib', '64', '--rate', '24', '--threads', '2']);
+  let done = false;
+  const moving = lab.ferry(['--host', 'h1', 'migrate', 'early', '--to', 'h2', '--mode', 'pre-copy'], 120_000).finally(() => (done = true));
+  const dir = join(lab.stateDir('h1'), 'migrations');
+  const found = await waitFor(
+    'CRIU started during the rounds',
+    () => {
+      for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+        try {
+          const e = JSON.parse(readFileSync(join(dir, f), 'utf8')) as { id: string; dump?: { pid: number } };
+          if (e.dump?.pid) return e;
+        } catch {
+          /* being written */
+        }
+      }
+      return undefined;
+    },
+    60_000,
+    20,
+  );
+  const dump = found.dump!.pid;
+  await sleep(500);
+  assert.equal(done, false, 'the rounds still run');
+  assert.ok(isAlive(dump), 'CRIU waits at its pre-dump hook');
+  const tasks = await lab.tasksOn('h1');
+  assert.equal(readFileSync(`/proc/${tasks.find((x) => x.name === 'early')!.pid!}/stat`, 'utf8').split(') ')[1]![0] === 'T', false, 'the task is not stopped');
+  const t0 = Date.now();
+  await lab.ok(['--host', 'h1', 'migrate', '--cancel', found.id]);
+  const r = await moving;
+  const s = (Date.now() - t0) / 1000;
+  oneLine(r, /migration of 'early' to h2 was cancelled.*the task is running on h1 again/);
+  assert.ok(s < 10, `the cancel took ${s.toFixed(1)} s`);
+  await waitFor('CRIU to end', () => (isAlive(dump) ? undefined : true), 10_000);
+  assert.equal((await lab.tasksOn('h1')).find((x) => x.name === 'early')?.state, 'running');
+  assert.equal((await lab.tasksOn('h2')).some((x) => x.name === 'early'), false);
+  assertDisarmed((await lab.tasksOn('h1')).find((x) => x.name === 'early')!.pid!);
+  assertAllOk(await checkMemory('h1', 'early'));
+});
+
+test('pre-copy: a task that connects elsewhere while CRIU waits for the rounds is dumped by a CRIU started anew with that connection closed; it runs on h2', async (t) => {
+  // The far end: a listener on h2 (its own namespace), which the task connects to when told.
+  const listener: ChildProcess = spawn('ip', ['netns', 'exec', lab.netns('h2'), SOCKETS, '7301', '/dev/null'], { stdio: 'ignore' });
+  const trigger = join(work, 'connect-now');
+  t.after(async () => {
+    listener.kill('SIGKILL');
+    rmSync(trigger, { force: true });
+    await lab.removeEverywhere('conn');
+  });
+  await waitFor('listener', () => ask(lab.addr('h2'), 7301, 'x').then(() => true, () => undefined));
+  mkdirSync(work, { recursive: true });
+  rmSync(trigger, { force: true });
+  slowLink(t, '100mbit');
+  const script = `${WORKLOAD} --mib 64 --dirty 64 --pattern uniform --scan 0 & while [ ! -e ${trigger} ]; do sleep 0.05; done; exec 3<>/dev/tcp/${lab.addr('h2')}/7301; echo connected; wait`;
+  await lab.ok(['--host', 'h1', 'run', '--name', 'conn', '--', '/bin/bash', '-c', script]);
+  await waitFor('the workload', () => (/^ready /m.test(lab.logOf('h1', 'conn')) ? true : undefined), 30_000);
+  let done = false;
+  const moving = lab.ferry(['--host', 'h1', 'migrate', 'conn', '--to', 'h2', '--mode', 'pre-copy', '--json'], 120_000).finally(() => (done = true));
+  const pids = watchDumpPids(() => done);
+  await waitFor('CRIU started during the rounds', () => (existsSync(join(lab.stateDir('h1'), 'migrations')) && readdirSync(join(lab.stateDir('h1'), 'migrations')).some((f) => /"dump"/.test(readFileSync(join(lab.stateDir('h1'), 'migrations', f), 'utf8'))) ? true : undefined), 60_000, 20);
+  writeFileSync(trigger, '');
+  await waitFor('the connection', () => (/^connected$/m.test(lab.logOf('h1', 'conn')) ? true : undefined), 10_000);
+  const r = await moving;
+  assert.equal(r.code, 0, r.stderr);
+  const report = JSON.parse(r.stdout) as MigrationReport;
+  const seen = await pids;
+  assert.equal(seen.length, 2, `a second CRIU dumped the task: ${seen.join(', ')}`);
+  assert.equal(report.precopy?.dumpAhead, undefined, 'the dump that froze the task was not the one started ahead');
+  assert.equal((await lab.tasksOn('h2')).find((x) => x.name === 'conn')?.state, 'running');
+  assert.equal((await lab.tasksOn('h1')).some((x) => x.name === 'conn'), false);
 });
 
 // The destination stops taking pages without breaking the stream (its page server stopped here;
