@@ -789,7 +789,12 @@ export class OutgoingMigration {
     const dump = this.dump;
     const stopped = async (why: string) => {
       a.stop(new Error(why));
-      if (dump && dump.exitCode === null && dump.signalCode === null) await this.dumpExit;
+      if (dump && dump.exitCode === null && dump.signalCode === null) {
+        // Told to stop at its hook, it ends there; one that never reached the hook is ended (it
+        // cannot pass the hook without a "go", so it has touched nothing).
+        if ((await Promise.race([this.dumpExit, sleep(10_000).then(() => 'slow' as const)])) === 'slow') this.killDump();
+        await this.dumpExit;
+      }
       await this.hold?.dispose().catch(() => undefined);
       this.hold = undefined;
       return false;
