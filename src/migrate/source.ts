@@ -663,8 +663,7 @@ export class OutgoingMigration {
       // throttle is lifted at CRIU's pre-dump, just before the freeze (nothing frozen or held yet,
       // so a failure still fails cleanly): lifted before CRIU started, the task wrote 24 MiB more
       // at 256 MiB/s, the last delta grew ~15-fold and the pause by ~0.2 s.
-      const throttle = this.throttle;
-      if (throttle?.level) this.hold!.gate(() => this.liftThrottle());
+      if (this.throttle?.level) this.hold!.gate(() => this.liftThrottle());
       this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
       if (this.cancelled) throw this.cancelled;
       await this.markFrozen();
