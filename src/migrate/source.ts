@@ -783,10 +783,10 @@ export class OutgoingMigration {
   private async goAhead(): Promise<boolean> {
     const a = this.ahead;
     if (!a) return false;
-    this.ahead = undefined;
     const had = await a.started.catch(() => undefined);
     const dump = this.dump;
     const stopped = async (why: string) => {
+      this.ahead = undefined;
       a.stop(new Error(why));
       if (dump && dump.exitCode === null && dump.signalCode === null) {
         // Told to stop at its hook, it ends there; one that never reached the hook is ended (it
@@ -799,17 +799,14 @@ export class OutgoingMigration {
       return false;
     };
     if (!had || !dump || dump.exitCode !== null || dump.signalCode !== null) return stopped('the dump started ahead is gone');
-    this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
-    if (this.cancelled) {
-      this.releaseDumpSlot();
-      throw this.cancelled;
-    }
+    // Until it is let go, a failure here (or a cancel) leaves it to the rollback to stop.
     const net = this.rec.net ? this.ownNetArgs() : await this.ctx.rt.hostTcpArgs(this.rec, this.imagesDir!);
     const mounts = await dumpMountArgs(this.rec.pid!, this.imagesDir!);
-    if ([...net, ...mounts].join('\0') !== had.join('\0')) {
-      this.releaseDumpSlot();
-      return stopped('the task changed its connections or mounts');
-    }
+    if ([...net, ...mounts].join('\0') !== had.join('\0')) return stopped('the task changed its connections or mounts');
+    // Taken last: a dump started anew after a stop takes the slot itself (release() frees it).
+    this.releaseDumpSlot = await dumpSlot(this.rec.pid, this.rec.cwd);
+    if (this.cancelled) throw this.cancelled;
+    this.ahead = undefined;
     this.phase('freeze+dump');
     this.phaseStart = this.frozenAt = performance.now();
     this.armDumpDeadline?.();
