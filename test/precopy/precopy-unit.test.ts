@@ -108,6 +108,38 @@ test('page store: records split anywhere, later rounds overwrite, zero and dropp
   }
 });
 
+test('page store: presentRun counts the pages here one after another, whole chunks and single pages alike', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  try {
+    const store = new PageStore(join(dir, 'pages'));
+    let seed = 777;
+    const rand = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
+    const data = Buffer.alloc(600 * PAGE, 0x11);
+    const base = 0x7f0000000;
+    // Whole 512-page chunks filled by large records, then holes punched and some filled again.
+    for (let p = 0; p < 4096; p += 512) store.put(1, (base + p) * PAGE, 512, data.subarray(0, 512 * PAGE));
+    for (let r = 0; r < 400; r++) {
+      const at = base + rand(4200);
+      const n = 1 + rand(rand(10) ? 3 : 600);
+      const kind = rand(4);
+      if (kind === 0) store.drop(1, at * PAGE, n);
+      else if (kind === 1) store.put(1, at * PAGE, n);
+      else store.put(1, at * PAGE, n, data.subarray(0, n * PAGE));
+      // After each change: from many starting points, against a page-by-page count.
+      for (let q = 0; q < 20; q++) {
+        const from = base + rand(4300) - 50;
+        const max = 1 + rand(1500);
+        let want = 0;
+        while (want < max && store.hasPage(1, from + want)) want++;
+        assert.equal(store.presentRun(1, from, max), want, `from page 0x${from.toString(16)}, at most ${max}, after change ${r}`);
+      }
+    }
+    store.remove();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
 test("page store: its index for CRIU's daemon names every stored page's slot, and nothing else", () => {
   const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
   try {
