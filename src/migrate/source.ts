@@ -452,7 +452,7 @@ export class OutgoingMigration {
   private async lastFiles(): Promise<void> {
     const log = this.lastLogSync ? this.lastLogSync.go() : existsSync(this.ctx.rt.store.logPath(this.rec.name)) ? this.rsync(undefined, 'log') : undefined;
     log?.catch(() => {}); // awaited below
-    await Promise.all([this.lastSync ? this.lastSync.go() : this.rsync(undefined, 'rest'), log]);
+    await Promise.all([this.step('files rest', this.lastSync ? this.lastSync.go() : this.rsync(undefined, 'rest')), log && this.step('files log', log)]);
   }
 
   /** Pre-copy and auto send memory in rounds first; post-copy and pre-copy restore through lazy pages. */
