@@ -660,7 +660,16 @@ test('pre-copy: a task that connects elsewhere while CRIU waits for the rounds i
   let done = false;
   const moving = lab.ferry(['--host', 'h1', 'migrate', 'conn', '--to', 'h2', '--mode', 'pre-copy', '--json'], 120_000).finally(() => (done = true));
   const pids = watchDumpPids(() => done);
-  await waitFor('CRIU started during the rounds', () => (existsSync(join(lab.stateDir('h1'), 'migrations')) && readdirSync(join(lab.stateDir('h1'), 'migrations')).some((f) => /"dump"/.test(readFileSync(join(lab.stateDir('h1'), 'migrations', f), 'utf8'))) ? true : undefined), 60_000, 20);
+  const journal = join(lab.stateDir('h1'), 'migrations');
+  // A journal entry is rewritten through a temporary file, which may be gone by the time it is read.
+  const says = (f: string) => {
+    try {
+      return readFileSync(join(journal, f), 'utf8');
+    } catch {
+      return '';
+    }
+  };
+  await waitFor('CRIU started during the rounds', () => (existsSync(journal) && readdirSync(journal).some((f) => /"dump"/.test(says(f))) ? true : undefined), 60_000, 20);
   writeFileSync(trigger, '');
   await waitFor('the connection', () => (/^connected$/m.test(lab.logOf('h1', 'conn')) ? true : undefined), 10_000);
   const r = await moving;
