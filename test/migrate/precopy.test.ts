@@ -577,19 +577,28 @@ test('auto with --allow-throttle slows a task that out-writes the link until it 
   assertAllOk(await checkMemory('h2', 'hog'));
 });
 
+/** h1's journal entries as they are now; one being rewritten (or gone since it was listed) is left out. */
+function journalEntries(): Array<{ id: string; dump?: { pid: number } }> {
+  const dir = join(lab.stateDir('h1'), 'migrations');
+  const entries: Array<{ id: string; dump?: { pid: number } }> = [];
+  for (const f of existsSync(dir) ? readdirSync(dir) : []) {
+    try {
+      entries.push(JSON.parse(readFileSync(join(dir, f), 'utf8')) as { id: string; dump?: { pid: number } });
+    } catch {
+      /* being written, or gone */
+    }
+  }
+  return entries;
+}
+
 /** The dump processes h1's journal named for a migration, as they appear (polled until stop()). */
 function watchDumpPids(stop: () => boolean): Promise<number[]> {
-  const dir = join(lab.stateDir('h1'), 'migrations');
   const seen: number[] = [];
   return new Promise((resolve) => {
     const tick = () => {
-      for (const f of existsSync(dir) ? readdirSync(dir) : []) {
-        try {
-          const pid = (JSON.parse(readFileSync(join(dir, f), 'utf8')) as { dump?: { pid: number } }).dump?.pid;
-          if (pid && !seen.includes(pid)) seen.push(pid);
-        } catch {
-          /* being written */
-        }
+      for (const e of journalEntries()) {
+        const pid = e.dump?.pid;
+        if (pid && !seen.includes(pid)) seen.push(pid);
       }
       if (stop()) resolve(seen);
       else setTimeout(tick, 20);
@@ -605,23 +614,7 @@ test('pre-copy: CRIU waits, started, while the later rounds run; cancelled then,
   await startMemcheck('early', ['--mib', '64', '--rate', '24', '--threads', '2']);
   let done = false;
   const moving = lab.ferry(['--host', 'h1', 'migrate', 'early', '--to', 'h2', '--mode', 'pre-copy'], 120_000).finally(() => (done = true));
-  const dir = join(lab.stateDir('h1'), 'migrations');
-  const found = await waitFor(
-    'CRIU started during the rounds',
-    () => {
-      for (const f of existsSync(dir) ? readdirSync(dir) : []) {
-        try {
-          const e = JSON.parse(readFileSync(join(dir, f), 'utf8')) as { id: string; dump?: { pid: number } };
-          if (e.dump?.pid) return e;
-        } catch {
-          /* being written */
-        }
-      }
-      return undefined;
-    },
-    60_000,
-    20,
-  );
+  const found = await waitFor('CRIU started during the rounds', () => journalEntries().find((e) => e.dump?.pid), 60_000, 20);
   const dump = found.dump!.pid;
   await sleep(500);
   assert.equal(done, false, 'the rounds still run');
@@ -660,16 +653,7 @@ test('pre-copy: a task that connects elsewhere while CRIU waits for the rounds i
   let done = false;
   const moving = lab.ferry(['--host', 'h1', 'migrate', 'conn', '--to', 'h2', '--mode', 'pre-copy', '--json'], 120_000).finally(() => (done = true));
   const pids = watchDumpPids(() => done);
-  const journal = join(lab.stateDir('h1'), 'migrations');
-  // A journal entry is rewritten through a temporary file, which may be gone by the time it is read.
-  const says = (f: string) => {
-    try {
-      return readFileSync(join(journal, f), 'utf8');
-    } catch {
-      return '';
-    }
-  };
-  await waitFor('CRIU started during the rounds', () => (existsSync(journal) && readdirSync(journal).some((f) => /"dump"/.test(says(f))) ? true : undefined), 60_000, 20);
+  await waitFor('CRIU started during the rounds', () => (journalEntries().some((e) => e.dump) ? true : undefined), 60_000, 20);
   writeFileSync(trigger, '');
   await waitFor('the connection', () => (/^connected$/m.test(lab.logOf('h1', 'conn')) ? true : undefined), 10_000);
   const r = await moving;
