@@ -737,8 +737,9 @@ test('a round whose written pages are dropped on purpose is caught by the memory
   await startMemcheck('lossy', ['--mib', '32', '--rate', '16']);
   const r = await migrate('lossy', ['--mode', 'pre-copy', '--max-downtime', '1', '--max-rounds', '3']);
   assert.ok(r.precopy!.rounds.length >= 2, 'round 2 ran (and was dropped)');
+  const rounds = `${r.precopy!.method}, rounds (pages sent, then written; round 2 sends none): ${r.precopy!.rounds.map((x) => `${x.pages}/${x.dirtyPages}`).join(' ')}, last delta ${r.precopy!.finalPages}`;
   const lines = await checkMemory('h2', 'lossy');
-  assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}`);
+  assert.ok(lines.some((l) => / BAD /.test(l)), `the check must see the lost writes: ${lines.join('; ')}; ${rounds}`);
 });
 
 test('late arming: writes made before a process was armed are found by content, and dropping them on purpose is caught by the memory check', async (t) => {
