@@ -31,7 +31,7 @@ import { hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
-import { THROTTLE_MAX, THROTTLE_START, THROTTLE_STEP, Throttle } from '../precopy/throttle.js';
+import { THROTTLE_MAX, Throttle, nextThrottle, writeRateMBps } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
@@ -547,11 +547,12 @@ export class OutgoingMigration {
       this.onProgress({ type: 'round', round });
       v = verdict(rounds, { maxDowntimeMs, maxRounds });
       // QEMU's auto-converge rule: a round in which the task wrote more than half what the link
-      // carried raises the throttle; the first step aims at half the link at once. A verdict that
+      // carried raises the throttle, each step aiming at half the link at once. A verdict that
       // it will not converge (too slow, stalled) raises it too, while it can go higher.
       const giveUp = v === 'too-slow' || v === 'stalled' || v === 'too-fast';
-      if (this.throttle && this.throttle.level < THROTTLE_MAX && (giveUp || (v === 'continue' && round.dirtyRateMBps > 0.5 * round.linkMBps))) {
-        const level = this.throttle.level ? this.throttle.level + THROTTLE_STEP : Math.max(THROTTLE_START, 1 - (0.5 * round.linkMBps) / Math.max(round.dirtyRateMBps, 0.1));
+      const writeMBps = writeRateMBps(dirtyPages, rounds[0]!.pages + rounds[0]!.zeroPages, since);
+      if (this.throttle && this.throttle.level < THROTTLE_MAX && (giveUp || (v === 'continue' && writeMBps > 0.5 * round.linkMBps))) {
+        const level = nextThrottle(this.throttle.level, writeMBps, round.linkMBps);
         try {
           this.throttle.set(level, treePids(this.rec.pid!));
           this.onProgress({ type: 'note', message: `pre-copy does not converge (the task writes ${round.dirtyRateMBps} MB/s, the link carries ${round.linkMBps} MB/s): throttling it to ${Math.round((1 - this.throttle.level) * 100)} % of its CPU` });

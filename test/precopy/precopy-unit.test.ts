@@ -9,6 +9,7 @@ import { test } from 'node:test';
 import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO, STORE_INDEX_SUFFIX } from '../../src/precopy/store.js';
 import { serveLazy } from '../../src/precopy/front.js';
 import { expectedDowntimeMs, verdict, type RoundStat } from '../../src/precopy/tracker.js';
+import { THROTTLE_MAX, THROTTLE_START, nextThrottle, writeRateMBps } from '../../src/precopy/throttle.js';
 
 const round = (n: number, dirtyPages: number, expectedDowntimeMs: number, dirtyRateMBps = 10, linkMBps = 110): RoundStat => ({ round: n, pages: 0, bytes: 0, zeroPages: 0, ms: 100, dirtyPages, dirtyRateMBps, linkMBps, expectedDowntimeMs });
 const policy = { maxDowntimeMs: 300, maxRounds: 8 };
@@ -44,6 +45,34 @@ test('stop policy: converged, round limit, stalled, faster than the link', () =>
   assert.equal(verdict([round(1, 5000, 5000, 30, 0), round(2, 2000, 2500, 30, 0)], policy), 'continue');
   const shrinking = Array.from({ length: 8 }, (_, i) => round(i + 1, 100_000 / 2 ** i, 5000 / 2 ** i));
   assert.equal(verdict(shrinking, { maxDowntimeMs: 1, maxRounds: 8 }), 'round-limit');
+});
+
+test('auto-converge: each throttle step aims at half the link, at least a tenth more, never past the maximum', () => {
+  // Unthrottled, writing twice the link: half the link is a quarter of that.
+  assert.equal(nextThrottle(0, 240, 120), 0.75);
+  // A task already slower than half the link still gets QEMU's first step.
+  assert.equal(nextThrottle(0, 40, 120), THROTTLE_START);
+  // At 20 % off it still writes 129 MB/s over a 116 MB/s link: keep 0.8 x 58/129 of its CPU.
+  assert.ok(Math.abs(nextThrottle(0.2, 129, 116) - (1 - (0.8 * 58) / 129)) < 1e-9);
+  // Stalled though already under half the link: a tenth more.
+  assert.ok(Math.abs(nextThrottle(0.4, 30, 120) - 0.5) < 1e-9);
+  assert.equal(nextThrottle(0.9, 500, 100), THROTTLE_MAX);
+  assert.equal(nextThrottle(0, 1e6, 100), THROTTLE_MAX);
+});
+
+test('auto-converge: the write rate counts pages written more than once in a long round', () => {
+  const N = 262_144; // 1 GiB
+  // Few pages of many: as counted.
+  assert.ok(Math.abs(writeRateMBps(1000, N, 1000) - (1000 * 4096) / 1e6) < 0.01);
+  // Writes spread evenly that would have covered 87 % of the pages once each found 58 % written.
+  const found = Math.round(N * (1 - Math.exp(-0.87)));
+  assert.ok(Math.abs(writeRateMBps(found, N, 9000) - (0.87 * N * 4096) / 1e6 / 9) < 0.5);
+  // Every page written (or more pages than tracked: new mappings) is not an infinite rate.
+  assert.ok(Number.isFinite(writeRateMBps(N, N, 1000)));
+  assert.ok(writeRateMBps(2 * N, N, 1000) >= writeRateMBps(N, N, 1000));
+  assert.ok(writeRateMBps(5 * N, N, 1000) >= (5 * N * 4096) / 1e6 - 1e-6, 'never fewer writes than pages found written');
+  assert.equal(writeRateMBps(500, 0, 1000), (500 * 4096) / 1e6);
+  assert.equal(writeRateMBps(500, N, 0), 0);
 });
 
 function record(kind: number, vpid: number, vaddr: number, n: number, fillByte?: number): Buffer {
