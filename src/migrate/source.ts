@@ -490,11 +490,8 @@ export class OutgoingMigration {
       this.precopyError = e;
       void this.tracker?.stop();
     });
-    // The destination refused or dropped the stream: nothing reads the records any more. (After
-    // the last delta the stream ends by design; the helper stays until release().)
-    stream.once('close', () => {
-      if (!this.tracker?.finalSent) void this.tracker?.stop();
-    });
+    // The destination refused or dropped the stream: nothing reads the records any more.
+    stream.once('close', () => void this.tracker?.stop());
     const wire = this.compressing(this.tracker.pages);
     this.precopyWire = wire;
     wire.on('data', (c: Buffer) => this.pages.add(c.length));
@@ -621,6 +618,7 @@ export class OutgoingMigration {
     if (r.note) throw new FerryError('PRECOPY', `last pre-copy round: ${r.note}`);
     this.report.precopy!.finalPages = r.pages;
     this.report.precopy!.finalBytes = r.bytes;
+    // The helper disarms and exits on its own meanwhile; release() waits for it.
     await this.precopyStored;
   }
 
@@ -1483,10 +1481,7 @@ export class OutgoingMigration {
   private async release(): Promise<void> {
     clearInterval(this.progressTimer);
     // Disarms the task: the helper's descriptors go, and the kernel drops the write-protection.
-    // After a commit, only once CRIU has ended the task (below): the kernel then has no page
-    // table left to walk, work that would otherwise share the cores with the resume.
-    const ending = this.decision === 'commit' && this.dump?.exitCode === null && this.dump.signalCode === null;
-    if (!ending) await this.tracker?.stop();
+    await this.tracker?.stop();
     try {
       this.throttle?.release();
     } catch (e) {
@@ -1505,7 +1500,6 @@ export class OutgoingMigration {
       if (this.decision === 'commit') await Promise.race([this.dumpExit, sleep(15_000)]);
       else this.killDump();
     }
-    await this.tracker?.stop();
     await this.hold?.dispose();
     this.session?.close();
     if (this.workDir) await rm(this.workDir, { recursive: true, force: true });

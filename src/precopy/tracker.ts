@@ -82,30 +82,24 @@ export class Tracker {
 
   /**
    * The task is frozen and CRIU's images are in dir: sends the last delta (or, with drop, tells
-   * the destination which of its pages are stale), then ends the page records. The helper stays,
-   * the task armed, until stop(): disarming walks every armed page table (~40 ms of a core per
-   * GiB), which after a commit is skipped altogether once the task is gone.
+   * the destination which of its pages are stale), then ends the page records.
    */
   async final(dir: string, drop: boolean): Promise<TrackReply> {
     if (/\s/.test(dir)) throw new FerryError('PRECOPY', `images directory with white space: ${dir}`);
-    this.finalSent = true;
-    return this.command(`final ${dir}${drop ? ' drop' : ''}`);
+    const r = await this.command(`final ${dir}${drop ? ' drop' : ''}`);
+    this.child.stdin!.end('quit\n');
+    return r;
   }
 
-  /** The last delta was asked for: the page records end by design, not because nobody reads them. */
-  finalSent = false;
-
   /**
-   * Disarms the task (the helper's descriptors close) and waits for that. After the last delta
-   * the helper just quits; before it, SIGTERM: the helper holds it while it has a thread of the
-   * task stopped with borrowed registers.
+   * Disarms the task (the helper's descriptors close) and waits for that. SIGTERM first: the
+   * helper holds it while it has a thread of the task stopped with borrowed registers.
    */
   async stop(): Promise<void> {
     // Records still unread stay unread: a helper blocked writing them ends on the broken pipe.
     this.child.stdout?.destroy();
     if (this.child.exitCode !== null || this.child.signalCode !== null) return this.exited;
-    if (this.finalSent && this.replies.length === 0) this.child.stdin!.end('quit\n');
-    else this.child.kill('SIGTERM');
+    this.child.kill('SIGTERM');
     const hard = setTimeout(() => this.child.kill('SIGKILL'), 5000);
     await this.exited;
     clearTimeout(hard);
