@@ -31,7 +31,7 @@ import { hostNetArgs, tcpConnections } from '../net/tcp.js';
 import { Tracker, expectedDowntimeMs, verdict, type RoundStat, type Verdict } from '../precopy/tracker.js';
 import { CODEC, CODEC_HEADER, Compressor, type CodecStats } from '../wire/codec.js';
 import { imageHeader, imageNameOk } from '../wire/image-bundle.js';
-import { THROTTLE_MAX, Throttle, nextThrottle, writeRateMBps } from '../precopy/throttle.js';
+import { THROTTLE_MAX, Throttle, nextThrottle, watchedMs, writeRateMBps } from '../precopy/throttle.js';
 import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
@@ -547,7 +547,8 @@ export class OutgoingMigration {
       // carried raises the throttle, each step aiming at half the link at once. A verdict that
       // it will not converge (too slow, stalled) raises it too, while it can go higher.
       const giveUp = v === 'too-slow' || v === 'stalled' || v === 'too-fast';
-      const writeMBps = writeRateMBps(dirtyPages, rounds[0]!.pages + rounds[0]!.zeroPages, since);
+      const tracked = rounds[0]!.pages + rounds[0]!.zeroPages;
+      const writeMBps = writeRateMBps(dirtyPages, tracked, watchedMs(since, ms, (r.pages + r.zero) / Math.max(tracked, 1)));
       if (this.throttle && this.throttle.level < THROTTLE_MAX && (giveUp || (v === 'continue' && writeMBps > 0.5 * round.linkMBps))) {
         const level = nextThrottle(this.throttle.level, writeMBps, round.linkMBps);
         try {
