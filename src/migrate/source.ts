@@ -553,7 +553,7 @@ export class OutgoingMigration {
         const level = nextThrottle(this.throttle.level, writeMBps, round.linkMBps);
         try {
           this.throttle.set(level, treePids(this.rec.pid!));
-          this.onProgress({ type: 'note', message: `pre-copy does not converge (the task writes ${round.dirtyRateMBps} MB/s, the link carries ${round.linkMBps} MB/s): throttling it to ${Math.round((1 - this.throttle.level) * 100)} % of its CPU` });
+          this.onProgress({ type: 'note', message: `pre-copy does not converge (the task writes ${Math.round(writeMBps * 10) / 10} MB/s, the link carries ${round.linkMBps} MB/s): throttling it to ${Math.round((1 - this.throttle.level) * 100)} % of its CPU` });
           v = 'continue';
         } catch (e) {
           this.onProgress({ type: 'note', message: `cannot throttle the task (${(e as Error).message}): it finishes without` });

@@ -32,10 +32,10 @@ export function nextThrottle(level: number, writeMBps: number, linkMBps: number)
 }
 
 /**
- * How fast the task writes, from the distinct pages found written in `ms` out of `tracked`: a
- * long round counts a page written twice once (writes spread over 1 GiB for the 9 s of a first
- * round found 58 % of its pages written, by writes that would have covered 87 % of them once
- * each). The correction assumes writes spread evenly: for writes bunched on a few pages, the
+ * How fast the task writes, from the distinct pages out of `tracked` found written by a count
+ * that watched them for `ms` on average (see watchedMs). A long round counts a page written
+ * twice once (writes spread over 1 GiB for the 9 s of a first round found 58 % of its pages
+ * written, by writes that would have covered 87 % of them once each). The correction assumes writes spread evenly: for writes bunched on a few pages, the
  * count is low against the memory and it changes little.
  */
 export function writeRateMBps(distinct: number, tracked: number, ms: number): number {
@@ -44,6 +44,7 @@ export function writeRateMBps(distinct: number, tracked: number, ms: number): nu
   const writes = Math.max(distinct, -tracked * Math.log(1 - share));
   return (writes * 4096) / 1e6 / (ms / 1000);
 }
+
 /**
  * How long, on average over the task's pages, the count that ended a round watched for writes.
  * The tracker re-arms each page the round sent as it reads it, so a write before that went with
