@@ -337,7 +337,7 @@ async function readMigration(stream: MuxStream, live: boolean, onId: (id: string
       if (p.type === 'round' || p.type === 'note') {
         const text =
           p.type === 'round'
-            ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s), pause if stopped now ~${p.round.expectedDowntimeMs} ms${p.round.throttle ? `, task at ${Math.round((1 - p.round.throttle) * 100)} % CPU` : ''}`
+            ? `round ${p.round.round}: ${formatBytes(p.round.bytes)} in ${p.round.ms} ms (${p.round.linkMBps} MB/s), written meanwhile ${formatBytes(p.round.dirtyPages * 4096)} (${p.round.dirtyRateMBps} MB/s${p.round.writeRateMBps !== undefined ? `; the task writes ~${p.round.writeRateMBps} MB/s` : ''}), pause if stopped now ~${p.round.expectedDowntimeMs} ms${p.round.throttle ? `, task at ${Math.round((1 - p.round.throttle) * 100)} % CPU` : ''}`
             : `note: ${p.message}`;
         if (live || p.type === 'note') process.stderr.write(`\r\x1b[K${text}\n`);
         return;

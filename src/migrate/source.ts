@@ -525,6 +525,9 @@ export class OutgoingMigration {
       const ms = performance.now() - t0;
       const dirtyPages = await this.tracked(this.tracker.written());
       const since = performance.now() - t0;
+      // The first round sent every page the task had: what the rate's correction is against.
+      const tracked = rounds.length > 0 ? rounds[0]!.pages + rounds[0]!.zeroPages : r.pages + r.zero;
+      const writeMBps = writeRateMBps(dirtyPages, tracked, watchedMs(since, ms, (r.pages + r.zero) / Math.max(tracked, 1)));
       // A round under 1 MiB says little about the link; until a bigger one, its rate stands in
       // (small transfers understate the link, so the expected pause errs long, not short).
       const linkMBps = r.bytes > 1 << 20 ? r.bytes / 1e6 / (ms / 1000) : rounds.at(-1)?.linkMBps || (r.bytes > 0 && ms > 0 ? r.bytes / 1e6 / (ms / 1000) : 0);
@@ -538,6 +541,7 @@ export class OutgoingMigration {
         dirtyRateMBps: Math.round(((dirtyPages * 4096) / 1e6 / (since / 1000)) * 10) / 10,
         linkMBps: Math.round(linkMBps * 10) / 10,
         expectedDowntimeMs: expectedDowntimeMs(dirtyPages, linkMBps),
+        writeRateMBps: Math.round(writeMBps * 10) / 10,
         ...(this.throttle?.level ? { throttle: this.throttle.level } : {}),
       };
       rounds.push(round);
@@ -547,8 +551,6 @@ export class OutgoingMigration {
       // carried raises the throttle, each step aiming at half the link at once. A verdict that
       // it will not converge (too slow, stalled) raises it too, while it can go higher.
       const giveUp = v === 'too-slow' || v === 'stalled' || v === 'too-fast';
-      const tracked = rounds[0]!.pages + rounds[0]!.zeroPages;
-      const writeMBps = writeRateMBps(dirtyPages, tracked, watchedMs(since, ms, (r.pages + r.zero) / Math.max(tracked, 1)));
       if (this.throttle && this.throttle.level < THROTTLE_MAX && (giveUp || (v === 'continue' && writeMBps > 0.5 * round.linkMBps))) {
         const level = nextThrottle(this.throttle.level, writeMBps, round.linkMBps);
         try {
@@ -569,7 +571,7 @@ export class OutgoingMigration {
     if (v !== 'converged') {
       const why =
         v === 'too-fast'
-          ? `the task writes ${last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s`
+          ? `the task writes ${last.writeRateMBps ?? last.dirtyRateMBps} MB/s, the link carries ${last.linkMBps} MB/s`
           : v === 'stalled'
             ? 'the written set stopped shrinking'
             : v === 'too-slow'

@@ -117,7 +117,14 @@ export interface RoundStat {
   ms: number;
   /** Pages written while this round was sent: the next round, or the pause. */
   dirtyPages: number;
+  /** How fast the written set grew: dirtyPages over the round (what convergence depends on). */
   dirtyRateMBps: number;
+  /**
+   * How fast the task itself writes, estimated (see writeRateMBps in throttle.ts): a page written
+   * twice counts twice, and a page the round sent counts from its read. Higher than
+   * dirtyRateMBps, 2-3x for a task writing all over 1 GiB; what the throttle steps from.
+   */
+  writeRateMBps?: number;
   linkMBps: number;
   expectedDowntimeMs: number;
   /** Auto-converge: the share of the task's CPU taken away during this round. */
