@@ -5,7 +5,7 @@
 // decision the source resumes its copy and the destination removes what it received. The source
 // is the one that decides; its journal (journal.ts) lets a restarted agent finish the job.
 import type { ChildProcess } from 'node:child_process';
-import type { Readable } from 'node:stream';
+import type { Duplex, Readable } from 'node:stream';
 import { randomUUID } from 'node:crypto';
 import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { copyFile, mkdir, mkdtemp, readFile, readdir, rm, stat } from 'node:fs/promises';
@@ -36,6 +36,8 @@ import { Hold } from './hold.js';
 import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd, faultPoint } from './fault-points.js';
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
+import { TaskMemory, TaskPages, pidsByVpid } from './task-pages.js';
+import { lazyRunsSync } from '../criu/image.js';
 import { ByteCounter, closeLazyDump, connectWhenListening, listenLocal, ownLoopbackEndpoint, resetOnClose, splice, type LoopbackEndpoint } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
@@ -229,7 +231,7 @@ export class OutgoingMigration {
   private readonly abortCtl = new AbortController();
   private readonly entry: JournalEntry;
   /** CRIU's lazy-pages connection, kept apart: it must not close before the outcome is known. */
-  private lazy?: ResumableTunnel<Socket>;
+  private lazy?: ResumableTunnel<Duplex>;
   /** Rejects when the pages can no longer reach the destination (the grace ran out, or it refused). */
   private lazyFailed?: Promise<never>;
   private failLazy?: (e: FerryError) => void;
@@ -829,6 +831,15 @@ export class OutgoingMigration {
     // the delta is stored, and the decision waits for it (restoreThere).
     this.deltaStored = this.step('last delta', this.finalDelta());
     this.deltaStored.catch(() => {});
+    // The pages the destination will ask for come from the frozen task itself (see TaskPages):
+    // its memory is opened now, while a failure still rolls the migration back.
+    if (this.lazyFlow && !this.pagesThere) {
+      try {
+        this.taskMem = new TaskMemory(lazyRunsSync(this.imagesDir!), pidsByVpid(this.rec.pid!));
+      } catch (e) {
+        throw new FerryError('CRIU_FAILED', `cannot read the memory of '${this.rec.name}' to serve its pages: ${(e as Error).message}`, { hint: 'migrate it with --mode stop-copy' });
+      }
+    }
     await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.lastFiles()), this.journal({ phase: 'restore' })]);
     this.endPhase('transfer');
   }
@@ -1061,10 +1072,11 @@ export class OutgoingMigration {
   private startDump(imagesDir: string, extra: string[], deadlineNow: boolean): void {
     const { rt } = this.ctx;
     const args = ['dump', '-t', String(this.rec.pid), '-D', imagesDir, '-o', 'dump.log', '-v4', ...DUMP_OPTIONS, '--action-script', this.hold!.script, ...extra];
-    // Pre-copy that sends the last delta itself: every lazy page reaches the destination's store,
-    // none is asked of CRIU here. A CRIU with patches/criu/0003 then leaves them out of its pipes
-    // (~25 ms of the freeze per GiB) and fails a request for one rather than serve it.
-    const elsewhere = this.tracker && !this.residueLazy ? { CRIU_LAZY_PAGES_ELSEWHERE: '1' } : {};
+    // No lazy page is asked of CRIU here: pre-copy that sends the last delta itself puts every
+    // one in the destination's store, and the others are read from the task (TaskPages). A CRIU
+    // with patches/criu/0003 then leaves them out of its pipes (~25 ms of the freeze per GiB)
+    // and fails a request for one rather than serve it.
+    const elsewhere = this.lazyFlow ? { CRIU_LAZY_PAGES_ELSEWHERE: '1' } : {};
     const program = startProgram(rt.criu.bin, args, { env: { ...this.hold!.env(HOLD_TIMEOUT_S), ...rt.netEnv(this.rec), ...elsewhere }, captureStderr: false });
     const child = program.child;
     this.dump = child;
@@ -1257,7 +1269,8 @@ export class OutgoingMigration {
    * task is taken back here.
    */
   private startLazy(sock: Socket, stream: MuxStream): void {
-    const tunnel = new ResumableTunnel(sock);
+    this.lazySock = sock;
+    const tunnel = new ResumableTunnel(this.pagesFromTask(sock));
     this.lazy = tunnel;
     // If this agent dies, CRIU must see a broken connection, not a clean end: between two
     // requests it takes a clean end for "every page delivered" and ends the task here, while the
@@ -1268,7 +1281,7 @@ export class OutgoingMigration {
     });
     this.lazyFailed = new Promise<never>((_res, rej) => (this.failLazy = rej));
     this.lazyFailed.catch(() => {});
-    sock.on('data', (c: Buffer) => this.pages.add(c.length));
+    tunnel.local.on('data', (c: Buffer) => this.pages.add(c.length));
     // The destination's daemon has every page and closed its side: let CRIU finish. Never before
     // the destination confirmed: CRIU would end the source task as if the pages were delivered.
     tunnel.on('peerEnded', () => this.lazyComplete());
@@ -1291,6 +1304,20 @@ export class OutgoingMigration {
   /** The destination has every page: from here nothing may take the task back. */
   private lazyDone = false;
 
+  /** CRIU's lazy page connection here. */
+  private lazySock?: Socket;
+
+  /** The frozen task's memory, opened at the transfer; what post-copy's pages are read from. */
+  private taskMem?: TaskMemory;
+
+  /**
+   * Requests for pages answered from the frozen task's memory (see TaskPages), the rest relayed
+   * to CRIU. Pre-copy that sent every page has none to serve: CRIU's connection only ends it.
+   */
+  private pagesFromTask(sock: Socket): Duplex {
+    return this.taskMem ? new TaskPages(sock, this.taskMem) : sock;
+  }
+
   private lingerSet?: Promise<void>;
 
   private lazyComplete(): void {
@@ -1299,7 +1326,7 @@ export class OutgoingMigration {
     // From here a clean end is the truth: clear the reset first, then end.
     const end = () =>
       void (this.lingerSet ?? Promise.resolve())
-        .then(() => (this.lazy ? resetOnClose(this.ctx.rt.nativeDir, this.lazy.local, false) : undefined))
+        .then(() => (this.lazySock ? resetOnClose(this.ctx.rt.nativeDir, this.lazySock, false) : undefined))
         .then((why) => {
           if (why) this.warn(`could not clear the reset on CRIU's page connection: ${why}`);
           this.lazy?.endLocal();
@@ -1496,6 +1523,7 @@ export class OutgoingMigration {
     this.releaseDumpSlot();
     for (const s of this.sockets) s.destroy();
     this.lazy?.destroy();
+    this.taskMem?.close();
     for (const srv of this.servers) srv.close();
     if (this.dump && this.dump.exitCode === null) {
       // After a commit CRIU is ending the source task: let it finish (the resolver settles what
