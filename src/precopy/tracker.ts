@@ -142,7 +142,7 @@ export const FEW_PAGES = 64;
 /**
  * QEMU's rule: switch over once what is left fits the allowed downtime at the measured link
  * rate; P.Haul's limits: a round limit, and a round that grew by more than 10 % means no progress.
- * A task that writes faster than the link carries will never converge: said after two rounds.
+ * A task that writes faster than the link carries will never converge: said after one round or two.
  */
 export function verdict(rounds: RoundStat[], p: StopPolicy): Verdict {
   const last = rounds.at(-1);
@@ -151,6 +151,11 @@ export function verdict(rounds: RoundStat[], p: StopPolicy): Verdict {
   if (last.expectedDowntimeMs <= p.maxDowntimeMs) return rounds.length < p.maxRounds && worthAnotherRound(last) ? 'continue' : 'converged';
   if (rounds.length >= p.maxRounds) return 'round-limit';
   if (rounds.length >= 2 && last.linkMBps > 0 && last.dirtyRateMBps >= 0.9 * last.linkMBps) return 'too-fast';
+  // A first round that found the task writing at least as fast as the link carries (its own
+  // rate: writes to a page already written count) says so already: a second round would send
+  // as much again and leave as much written (1 GiB at 256 MiB/s: 5.4 s more, 142k pages left
+  // against 153k). The written set's own growth reads low in a first round: it counts a page once.
+  if (rounds.length === 1 && last.linkMBps > 0 && (last.writeRateMBps ?? 0) >= last.linkMBps) return 'too-fast';
   // P.Haul gives up when a round grows by 10 %; a set that does not shrink by 10 % will not fit either.
   const prev = rounds.at(-2);
   if (prev && last.dirtyPages > prev.dirtyPages * 0.9) return 'stalled';

@@ -41,6 +41,10 @@ test('stop policy: converged, round limit, stalled, faster than the link', () =>
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 40, 900)], policy), 'converged', 'a handful of pages is not worth a round');
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 95_000, 4800)], policy), 'stalled');
   assert.equal(verdict([round(1, 100_000, 5000), round(2, 50_000, 2500, 120)], policy), 'too-fast');
+  // After one round, the task's own write rate decides (its written set's growth reads low then).
+  assert.equal(verdict([{ ...round(1, 153_000, 5600, 66), writeRateMBps: 180 }], policy), 'too-fast');
+  assert.equal(verdict([{ ...round(1, 153_000, 5600, 66), writeRateMBps: 100 }], policy), 'continue');
+  assert.equal(verdict([round(1, 153_000, 5600, 120)], policy), 'continue');
   // No round measured the link: that is not a task faster than the link.
   assert.equal(verdict([round(1, 5000, 5000, 30, 0), round(2, 2000, 2500, 30, 0)], policy), 'continue');
   const shrinking = Array.from({ length: 8 }, (_, i) => round(i + 1, 100_000 / 2 ** i, 5000 / 2 ** i));
