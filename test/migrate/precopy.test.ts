@@ -613,9 +613,10 @@ function watchDumpPids(stop: () => boolean): Promise<number[]> {
 
 test('pre-copy: CRIU waits, started, while the later rounds run; cancelled then, it ends before touching the task, which runs on, every page intact', async (t) => {
   t.after(() => lab.removeEverywhere('early'));
-  // Rounds of ~5 s each: the task writes all its memory faster than this link carries it.
+  // A first round of ~10 s, a second of ~3 s (CRIU starts with it): the task writes at two
+  // thirds of this link's rate. One writing faster is found too fast after the first round.
   slowLink(t, '100mbit');
-  await startMemcheck('early', ['--mib', '64', '--rate', '24', '--threads', '2']);
+  await startMemcheck('early', ['--mib', '128', '--rate', '8', '--threads', '2']);
   let done = false;
   const moving = lab.ferry(['--host', 'h1', 'migrate', 'early', '--to', 'h2', '--mode', 'pre-copy'], 120_000).finally(() => (done = true));
   const found = await waitFor('CRIU started during the rounds', () => journalEntries().find((e) => e.dump?.pid), 60_000, 20);

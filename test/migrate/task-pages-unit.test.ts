@@ -7,19 +7,10 @@ import { once } from 'node:events';
 import { createServer, connect, type Socket } from 'node:net';
 import { test } from 'node:test';
 import { TaskMemory, TaskPages, pidsByVpid } from '../../src/migrate/task-pages.js';
+import { PS_IOV_CLOSE, PS_IOV_GET, psRequest } from '../support/page-server.js';
 
 const PAGE = 4096;
-const PS_IOV_GET = 7;
-const PS_IOV_CLOSE = 0x1023;
-
-function req(cmd: number, n: number, vaddr: number, vpid: number): Buffer {
-  const b = Buffer.alloc(32);
-  b.writeUInt32LE(cmd, 0);
-  b.writeBigUInt64LE(BigInt(n), 8);
-  b.writeBigUInt64LE(BigInt(vaddr), 16);
-  b.writeBigUInt64LE(BigInt(vpid), 24);
-  return b;
-}
+const req = psRequest;
 
 /** Reads exactly n bytes from a readable. */
 async function take(r: TaskPages, n: number): Promise<Buffer> {

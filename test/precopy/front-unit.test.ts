@@ -13,17 +13,13 @@ import { test } from 'node:test';
 import { MemPageHolder, PREFETCH_WINDOW, PrefetchWindow, serveLazy, type FrontStats, type LazyFront } from '../../src/precopy/front.js';
 import type { PageRun } from '../../src/criu/image.js';
 import { PAGE, PageStore } from '../../src/precopy/store.js';
+import { psRequest } from '../support/page-server.js';
 
 const GET = 7;
 const CLOSE = 0x1023;
 
 function header(cmd: number, n: number, page: number, vpid: number): Buffer {
-  const b = Buffer.alloc(32);
-  b.writeUInt32LE(cmd, 0);
-  b.writeBigUInt64LE(BigInt(n), 8);
-  b.writeBigUInt64LE(BigInt(page * PAGE), 16);
-  b.writeBigUInt64LE(BigInt(vpid), 24);
-  return b;
+  return psRequest(cmd, n, page * PAGE, vpid);
 }
 
 /** What the source's memory holds at a page: its own identity, so a misplaced page shows. */

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { test } from 'node:test';
 import { PAGE, PageStore, REC_DATA, REC_DROP, REC_HEADER, REC_ZERO, STORE_INDEX_SUFFIX } from '../../src/precopy/store.js';
 import { serveLazy } from '../../src/precopy/front.js';
+import { psRequest } from '../support/page-server.js';
 import { expectedDowntimeMs, verdict, type RoundStat } from '../../src/precopy/tracker.js';
 import { THROTTLE_MAX, THROTTLE_START, nextThrottle, watchedMs, writeRateMBps } from '../../src/precopy/throttle.js';
 
@@ -239,14 +240,6 @@ test("page store: its index for CRIU's daemon names every stored page's slot, an
   }
 });
 
-function psRequest(cmd: number, n: number, vaddr: number, id: number): Buffer {
-  const b = Buffer.alloc(32);
-  b.writeUInt32LE(cmd, 0);
-  b.writeBigUInt64LE(BigInt(n), 8);
-  b.writeBigUInt64LE(BigInt(vaddr), 16);
-  b.writeBigUInt64LE(BigInt(id), 24);
-  return b;
-}
 
 test('page server: answers from the store, forwards what it lacks, keeps the order', async (t) => {
   const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
