@@ -51,9 +51,9 @@ export function pidsByVpid(root: number): Map<number, number> {
 }
 
 /**
- * The frozen task's memory, opened at the dump's post-dump hook (a process that cannot be
- * opened fails the migration there, before anything was decided), with the runs CRIU's pagemap
- * images mark lazy.
+ * The frozen task's memory, opened once CRIU has dumped it (a process that cannot be opened
+ * fails the migration there, before anything was decided), with the runs CRIU's pagemap images
+ * mark lazy.
  */
 export class TaskMemory {
   readonly procs = new Map<number, Proc>();
