@@ -1,6 +1,5 @@
 // CRIU's image files: a magic pair, then protobuf messages each after a u32 length
 // (criu/protobuf.c). Only the few fields Ferry reads are decoded.
-import { readFileSync, readdirSync } from 'node:fs';
 import { readFile, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 
@@ -80,16 +79,6 @@ export async function lazyRuns(imagesDir: string): Promise<PageRun[]> {
   for (const f of await readdir(imagesDir)) {
     const m = /^pagemap-(\d+)\.img$/.exec(f);
     if (m) out.push(...lazyRunsOf(await readFile(join(imagesDir, f)), Number(m[1])));
-  }
-  return out.sort((a, b) => a.vpid - b.vpid || a.first - b.first);
-}
-
-/** lazyRuns, read at once (a few small images: used where the task waits on the first page). */
-export function lazyRunsSync(imagesDir: string): PageRun[] {
-  const out: PageRun[] = [];
-  for (const f of readdirSync(imagesDir)) {
-    const m = /^pagemap-(\d+)\.img$/.exec(f);
-    if (m) out.push(...lazyRunsOf(readFileSync(join(imagesDir, f)), Number(m[1])));
   }
   return out.sort((a, b) => a.vpid - b.vpid || a.first - b.first);
 }

@@ -37,7 +37,7 @@ import { debugDropRound, debugThrottleGate, debugTrackMethod, debugTrackSlowEnd,
 import { Journal, type JournalEntry } from './journal.js';
 import { ResumableTunnel } from './resumable.js';
 import { TaskMemory, TaskPages, pidsByVpid } from './task-pages.js';
-import { lazyRunsSync } from '../criu/image.js';
+import { lazyRuns } from '../criu/image.js';
 import { ByteCounter, closeLazyDump, connectWhenListening, listenLocal, ownLoopbackEndpoint, resetOnClose, splice, type LoopbackEndpoint } from './tunnel.js';
 
 export type Phase = 'checks' | 'presync' | 'precopy' | 'freeze+dump' | 'transfer' | 'restore' | 'resume' | 'postcopy';
@@ -831,16 +831,7 @@ export class OutgoingMigration {
     // the delta is stored, and the decision waits for it (restoreThere).
     this.deltaStored = this.step('last delta', this.finalDelta());
     this.deltaStored.catch(() => {});
-    // The pages the destination will ask for come from the frozen task itself (see TaskPages):
-    // its memory is opened now, while a failure still rolls the migration back.
-    if (this.lazyFlow && !this.pagesThere) {
-      try {
-        this.taskMem = new TaskMemory(lazyRunsSync(this.imagesDir!), pidsByVpid(this.rec.pid!));
-      } catch (e) {
-        throw new FerryError('CRIU_FAILED', `cannot read the memory of '${this.rec.name}' to serve its pages: ${(e as Error).message}`, { hint: 'migrate it with --mode stop-copy' });
-      }
-    }
-    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.lastFiles()), this.journal({ phase: 'restore' })]);
+    await Promise.all([this.step('images', this.sendImages(this.imagesDir!)), this.earlyFiles ?? this.step('files', this.lastFiles()), this.journal({ phase: 'restore' }), this.openTaskMemory()]);
     this.endPhase('transfer');
   }
 
@@ -1309,6 +1300,19 @@ export class OutgoingMigration {
 
   /** The frozen task's memory, opened at the transfer; what post-copy's pages are read from. */
   private taskMem?: TaskMemory;
+
+  /**
+   * The pages the destination will ask for come from the frozen task itself (see TaskPages): its
+   * memory is opened while frozen, where a failure still rolls the migration back.
+   */
+  private async openTaskMemory(): Promise<void> {
+    if (!this.lazyFlow || this.pagesThere) return;
+    try {
+      this.taskMem = new TaskMemory(await lazyRuns(this.imagesDir!), pidsByVpid(this.rec.pid!));
+    } catch (e) {
+      throw new FerryError('CRIU_FAILED', `cannot read the memory of '${this.rec.name}' to serve its pages: ${(e as Error).message}`, { hint: 'migrate it with --mode stop-copy' });
+    }
+  }
 
   /**
    * Requests for pages answered from the frozen task's memory (see TaskPages), the rest relayed
