@@ -7,11 +7,11 @@
 // in CRIU's format (criu/page-xfer.c); CRIU's connection is kept for the end of the transfer
 // (PS_IOV_CLOSE, whose answer lets CRIU end the copy here) and for anything else, which from
 // then on goes to CRIU as it comes.
-import { closeSync, openSync, readFileSync, readSync } from 'node:fs';
+import { closeSync, openSync, readSync } from 'node:fs';
 import type { Socket } from 'node:net';
 import { Duplex } from 'node:stream';
 import type { PageRun } from '../criu/image.js';
-import { treePids } from '../util/proc.js';
+import { nsPids, treePids } from '../util/proc.js';
 
 const PS_HEADER = 32;
 const PS_IOV_GET = 7;
@@ -33,15 +33,11 @@ interface Proc {
  * to its pid here.
  */
 export function pidsByVpid(root: number): Map<number, number> {
-  const ns = (pid: number) => {
-    const m = /^NSpid:\s+(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    return m ? m[1]!.trim().split(/\s+/).map(Number) : [pid];
-  };
-  const level = ns(root).length - 1;
+  const level = nsPids(root).length - 1;
   const out = new Map<number, number>();
   for (const pid of treePids(root)) {
     try {
-      const v = ns(pid)[level];
+      const v = nsPids(pid)[level];
       if (v !== undefined) out.set(v, pid);
     } catch {
       // a thread list entry that is gone; the dump froze the tree, so none should be

@@ -114,12 +114,16 @@ export function resumeTree(root: number, keepStopped: ReadonlySet<number> = new 
   return pids.length;
 }
 
+/** The process's pids from the outermost PID namespace to its own (/proc's NSpid); throws if it is gone. */
+export function nsPids(pid: number): number[] {
+  const m = /^NSpid:\s+(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return m ? m[1]!.trim().split(/\s+/).map(Number) : [pid];
+}
+
 /** The process's pid in its own (innermost) PID namespace. */
 export function nsPid(pid: number): number | undefined {
   try {
-    const m = /^NSpid:\s+(.*)$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'));
-    const last = m?.[1]!.trim().split(/\s+/).pop();
-    return last ? Number(last) : undefined;
+    return nsPids(pid).pop();
   } catch {
     return undefined;
   }
