@@ -1,7 +1,7 @@
 // Pre-copy's stop policy and the destination's page store and CRIU page-server answers (parsing
 // and policy only; the migration itself is tested between real hosts in test/migrate).
 import assert from 'node:assert/strict';
-import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readFileSync, rmSync } from 'node:fs';
+import { closeSync, existsSync, fstatSync, mkdtempSync, openSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { createServer, connect, type Server, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -148,6 +148,36 @@ test('page store: records split anywhere, later rounds overwrite, zero and dropp
     assert.equal(out.subarray(0, 2 * PAGE).every((b) => b === 0), true);
     await assert.rejects(feed(new PageStore(join(dir, 'bad')), record(9, 1, 0, 1), 64), /malformed page record/);
     await assert.rejects(feed(new PageStore(join(dir, 'bad2')), record(REC_DATA, 1, 0x1001, 1), 64), /malformed page record/);
+    store.remove();
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('page store: a dropped page that comes again takes its old slot: the file stays the size of the memory', () => {
+  const dir = mkdtempSync(join(tmpdir(), 'ferry-store-'));
+  try {
+    const store = new PageStore(join(dir, 'pages'));
+    const base = 0x7f0000000;
+    const n = 1024;
+    const fill = (v: number) => Buffer.alloc(n * PAGE, v);
+    store.put(1, base * PAGE, n, fill(1));
+    // Auto's post-copy end: the last delta is dropped, then stored again as it arrives, in pieces.
+    store.drop(1, (base + 100) * PAGE, 600);
+    assert.equal(store.hasPage(1, base + 100), false);
+    assert.equal(store.size, n - 600);
+    for (let p = 100; p < 700; p += 7) store.put(1, (base + p) * PAGE, Math.min(7, 700 - p), fill(2).subarray(0, Math.min(7, 700 - p) * PAGE));
+    // Dropped twice, then zero, then data again: still within the memory's pages.
+    store.drop(1, base * PAGE, 50);
+    store.drop(1, base * PAGE, 50);
+    store.put(1, base * PAGE, 10);
+    store.put(1, (base + 10) * PAGE, 40, fill(3).subarray(0, 40 * PAGE));
+    assert.equal(store.size, n);
+    assert.ok(statSync(join(dir, 'pages')).size <= n * PAGE, `the file holds ${statSync(join(dir, 'pages')).size / PAGE} pages for ${n}`);
+    const out = Buffer.alloc(n * PAGE);
+    store.read(1, base * PAGE, n, out, 0);
+    const at = (p: number) => out[p * PAGE + 123];
+    assert.deepEqual([at(5), at(10), at(49), at(50), at(99), at(100), at(699), at(700), at(1023)], [0, 3, 3, 1, 1, 2, 2, 1, 1]);
     store.remove();
   } finally {
     rmSync(dir, { recursive: true, force: true });
