@@ -127,13 +127,16 @@ const readText = (p: string) => {
   }
 };
 
-function pauseAfter(log: string, fromBeat: number): { pauseMs: number; resumedAtS: number; beforeRate: number; beats: ReturnType<typeof parseBeats> } {
+/**
+ * The task's own view of a move: the largest gap between its heartbeats after `fromBeat` (the
+ * pause it saw: the freeze, or a stall after the resume if that was longer), and its normal
+ * heartbeat rate, over up to 2 s before the move began at `startedS`.
+ */
+function pauseAfter(log: string, fromBeat: number, startedS: number): { pauseMs: number; normalRate: number; beats: ReturnType<typeof parseBeats> } {
   const beats = parseBeats(log);
   const c = checkBeats(beats, fromBeat);
-  const resumed = beats[c.maxGapAt]?.real ?? 0;
-  const frozen = beats[c.maxGapAt - 1]?.real ?? 0;
-  const since = Math.max(beats[0]?.real ?? frozen, frozen - 2);
-  return { pauseMs: Math.round(c.maxGapS * 1000), resumedAtS: resumed, beforeRate: beatRate(beats, since, frozen), beats };
+  const since = Math.max(beats[0]?.real ?? startedS, startedS - 2);
+  return { pauseMs: Math.round(c.maxGapS * 1000), normalRate: beatRate(beats, since, startedS), beats };
 }
 
 // ---- plain commands ------------------------------------------------------------------------------
@@ -204,7 +207,9 @@ async function plainRun(ctx: BenchContext, w: Workload, tag: string, variant: 'p
   try {
     const tx0 = await txBytes(ctx);
     const t0 = performance.now();
+    const startedS = Date.now() / 1000;
     let windowMs: number | undefined;
+    let resumedS = 0;
     // The source task stays (stopped) until the restore is over, as it must for a rollback and
     // as Ferry keeps it. The lab's hosts share one kernel: a source that CRIU ends at the dump
     // hands its 1 GiB, still backed by the VM's host, to the restore a moment later, which two
@@ -235,6 +240,7 @@ async function plainRun(ctx: BenchContext, w: Workload, tag: string, variant: 'p
       await waitFor('the lazy-pages socket', () => (existsSync(join(dst, 'lazy-pages.socket')) ? true : undefined), 30_000);
       restored = await restoreOnH2(ctx, dst, true);
       const resumed = performance.now();
+      resumedS = Date.now() / 1000;
       await daemon;
       await dump;
       windowMs = Math.round(performance.now() - resumed);
@@ -242,12 +248,12 @@ async function plainRun(ctx: BenchContext, w: Workload, tag: string, variant: 'p
     const totalMs = Math.round(performance.now() - t0);
     const wireBytes = (await txBytes(ctx)) - tx0;
     await sleep(300);
-    const p = pauseAfter(readText(task.log), fromBeat);
+    const p = pauseAfter(readText(task.log), fromBeat, startedS);
     const d = disk.stop();
     const m: RunMetrics = { pauseMs: p.pauseMs, totalMs, wireBytes, peakDiskSrcMiB: d.src, peakDiskDstMiB: d.dst };
     if (windowMs !== undefined) {
       m.postCopyWindowMs = windowMs;
-      m.postCopyRateRatio = ratio(beatRate(p.beats, p.resumedAtS, p.resumedAtS + windowMs / 1000), p.beforeRate);
+      m.postCopyRateRatio = ratio(beatRate(p.beats, resumedS, resumedS + windowMs / 1000), p.normalRate);
     }
     return m;
   } finally {
@@ -288,7 +294,7 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
     const r = await ferry('--host', 'h1', 'migrate', name, '--to', 'h2', '--mode', mode, ...extra, '--json');
     const wireBytes = (await txBytes(ctx)) - tx0;
     const d = disk.stop();
-    const report = JSON.parse(r.stdout) as { id: string; totalMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string }; destination?: { fillsAlone?: boolean } };
+    const report = JSON.parse(r.stdout) as { id: string; totalMs: number; resumedAt: string; blackoutMs: number; bytes: { pages: number; images: number; files: number }; postCopyWindowMs?: number; precopy?: { rounds: unknown[]; finish: string }; destination?: { fillsAlone?: boolean } };
     // A destination that fills the task alone from its store: the source let go at the resume;
     // how long the fill took after it is in the destination's event.
     if (report.destination?.fillsAlone) {
@@ -296,7 +302,8 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
       if (fillMs >= 0) report.postCopyWindowMs = fillMs;
     }
     await sleep(300);
-    const p = pauseAfter(log(2), fromBeat);
+    const p = pauseAfter(log(2), fromBeat, startedS);
+    const resumedS = Date.parse(report.resumedAt) / 1000;
     const m: RunMetrics = {
       pauseMs: p.pauseMs,
       totalMs: report.totalMs,
@@ -307,15 +314,12 @@ async function ferryRun(ctx: BenchContext, w: Workload, tag: string, mode: 'stop
     };
     if (report.precopy) {
       m.rounds = report.precopy.rounds.length;
-      // The heartbeat rate while the rounds ran, against the rate before the migration started.
-      const frozenS = p.resumedAtS - p.pauseMs / 1000;
-      // Before: up to 2 s, but not before the first heartbeat (a young task has fewer).
-      const beforeS = Math.max(p.beats[0]?.real ?? startedS, startedS - 2);
-      m.roundsRateRatio = ratio(beatRate(p.beats, startedS, frozenS), beatRate(p.beats, beforeS, startedS));
+      // The heartbeat rate while the rounds ran (until the freeze), against the normal rate.
+      m.roundsRateRatio = ratio(beatRate(p.beats, startedS, resumedS - report.blackoutMs / 1000), p.normalRate);
     }
     if (report.postCopyWindowMs !== undefined) {
       m.postCopyWindowMs = report.postCopyWindowMs;
-      m.postCopyRateRatio = ratio(beatRate(p.beats, p.resumedAtS, p.resumedAtS + report.postCopyWindowMs / 1000), p.beforeRate);
+      m.postCopyRateRatio = ratio(beatRate(p.beats, resumedS, resumedS + report.postCopyWindowMs / 1000), p.normalRate);
     }
     return m;
   } finally {
@@ -377,6 +381,7 @@ async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<R
     const fromBeat = parseBeats(beatsOf(log1)).length;
     const tx0 = await txBytes(ctx);
     const t0 = performance.now();
+    const startedS = Date.now() / 1000;
     await podmanAt(ctx, 1, ['container', 'checkpoint', `--export=${join(src, 'checkpoint.tar')}`, '--compress', 'none', c1]);
     await copyDir(ctx, src, dst, port);
     await podmanAt(ctx, 2, ['container', 'restore', `--import=${join(dst, 'checkpoint.tar')}`, '--name', c2]);
@@ -384,7 +389,7 @@ async function podmanRun(ctx: BenchContext, w: Workload, tag: string): Promise<R
     const wireBytes = (await txBytes(ctx)) - tx0;
     await sleep(300);
     const log2 = await podmanAt(ctx, 2, ['container', 'inspect', c2, '--format', '{{.HostConfig.LogConfig.Path}}']);
-    const p = pauseAfter(`${beatsOf(log1)}\n${beatsOf(log2)}`, fromBeat);
+    const p = pauseAfter(`${beatsOf(log1)}\n${beatsOf(log2)}`, fromBeat, startedS);
     const d = disk.stop();
     return { pauseMs: p.pauseMs, totalMs, wireBytes, peakDiskSrcMiB: d.src, peakDiskDstMiB: d.dst };
   } finally {

@@ -53,6 +53,8 @@ export interface MigrationReport {
   startedAt: string;
   phasesMs: Partial<Record<Phase, number>>;
   blackoutMs?: number;
+  /** Wall-clock time the destination resumed the task (to line the report up with logs). */
+  resumedAt?: string;
   totalMs: number;
   /** Post-copy: from resume on the destination until every page was local there. */
   postCopyWindowMs?: number;
@@ -950,7 +952,9 @@ export class OutgoingMigration {
     this.resumedAt = performance.now() - (resumedAgoMs ?? 0);
     // The blackout runs from CRIU's freeze (its pre-dump hook) until the destination runs the task.
     const froze = await this.hold!.freezingAt();
-    this.report.blackoutMs = Math.round(froze !== undefined ? Date.now() - (resumedAgoMs ?? 0) - froze : this.resumedAt - this.frozenAt!);
+    const resumedWall = Date.now() - (resumedAgoMs ?? 0);
+    this.report.resumedAt = new Date(resumedWall).toISOString();
+    this.report.blackoutMs = Math.round(froze !== undefined ? resumedWall - froze : this.resumedAt - this.frozenAt!);
     await faultPoint(this.ctx.self, 'resumed');
     if (this.alone) await this.closeLazyHere().catch((e: Error) => this.endWithoutLazy(e));
     else if (this.pagesThere) await this.connectLazy((this.lazyStream = this.lazyRequest())).catch((e: Error) => this.endWithoutLazy(e));
