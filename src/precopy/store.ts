@@ -28,6 +28,7 @@ const ABSENT = -2;
  * A page dropped from the store keeps its slot for when it comes again (auto's post-copy drops
  * the last delta and then stores it as it arrives): -(slot + 3), absent to every reader. With a
  * new slot each time, the file outgrew the task by the residue (1.6 GiB for a 1 GiB task).
+ * Its own inverse: it also turns a reserved entry back into its slot.
  */
 const reserved = (slot: number) => -(slot + 3);
 const isAbsent = (v: number) => v <= ABSENT;
@@ -227,12 +228,12 @@ export class PageStore {
     const first = vaddr / PAGE;
     for (let i = 0; i < n; i++) {
       const c = this.chunk(vpid, first + i, false);
-      const had = c?.[(first + i) % INDEX_PAGES] ?? ABSENT;
-      if (!isAbsent(had)) {
-        c![(first + i) % INDEX_PAGES] = had >= 0 ? reserved(had) : ABSENT;
-        c![INDEX_PAGES]!--;
-        this.count--;
-      }
+      if (!c) continue;
+      const had = c[(first + i) % INDEX_PAGES]!;
+      if (isAbsent(had)) continue;
+      c[(first + i) % INDEX_PAGES] = had >= 0 ? reserved(had) : ABSENT;
+      c[INDEX_PAGES]!--;
+      this.count--;
     }
   }
 
